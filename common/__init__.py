@@ -1,0 +1,1 @@
+"""Shared code of the SharedLLM serving system: config, model loading, the engine, kernels, stores."""

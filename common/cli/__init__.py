@@ -1,0 +1,50 @@
+"""The `sharedllm` command line: one parser, subcommands registered by their modules.
+
+Every expected failure is printed as one line and a non-zero exit; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from common.errors import SharedLLMError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.cli import embedded
+    from common.data.cli import add_data_commands
+
+    parser = argparse.ArgumentParser(
+        prog="sharedllm",
+        description="Answer questions about documents far longer than the model's window.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    embedded.add_commands(sub)
+    add_data_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except SharedLLMError as exc:
+        print(f"sharedllm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"sharedllm: error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sharedllm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,148 @@
+"""`sharedllm ask` and `sharedllm summarize`: the whole pipeline in one process, no Redis."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common.engine.decoder import Finished
+from common.engine.engine import SUMMARY_INSTRUCTION, Engine, Limits
+from common.engine.sampling import SamplingParams
+from common.errors import InvalidInput
+
+MAX_DOCUMENT_BYTES = 64 << 20
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--adapter", help="adapter .safetensors (default: the shipped adapter for the default model)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--max-document-tokens", type=int, default=Limits().max_document_tokens)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--no-retrieval", action="store_true", help="always expand the most recent half")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    ask = sub.add_parser("ask", help="answer a question about a document (embedded mode)")
+    ask.add_argument("document", type=Path)
+    ask.add_argument("question")
+    summarize = sub.add_parser("summarize", help="summarise a document (embedded mode)")
+    summarize.add_argument("document", type=Path)
+    for parser in (ask, summarize):
+        add_model_arguments(parser)
+        add_sampling_arguments(parser)
+        parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+        parser.set_defaults(handler=run_ask)
+
+
+def read_document(path: Path) -> str:
+    """Read a UTF-8 text file; binary or oversized files are refused with the reason."""
+    size = path.stat().st_size
+    if size > MAX_DOCUMENT_BYTES:
+        raise InvalidInput(f"{path} is {size} bytes; the limit is {MAX_DOCUMENT_BYTES}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    if "\x00" in text:
+        raise InvalidInput(f"{path} contains NUL bytes; it looks binary, not text")
+    if not text.strip():
+        raise InvalidInput(f"{path} is empty")
+    return text
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    text = read_document(args.document)
+    question = getattr(args, "question", None) or SUMMARY_INSTRUCTION
+    params = sampling_params(args)
+    engine = Engine.load(args.model, args.adapter, args.device, Limits(max_document_tokens=args.max_document_tokens))
+    params.validate(engine.window)
+    engine.prompt_ids(question)
+    if not engine.trained:
+        print(
+            "sharedllm: warning: the adapter is untrained, so the answer ignores the document "
+            "(train one with `sharedllm train`)",
+            file=sys.stderr,
+        )
+    ids = engine.tokenize_document(text)
+    with tqdm(
+        total=-(-len(ids) // engine.adapter.config.chunk_size),
+        desc="compress",
+        unit="chunk",
+        disable=args.json or None,
+        file=sys.stderr,
+    ) as bar:
+        compressed = engine.compress(ids, lambda done, total: bar.update(done - bar.n))
+    tree = compressed.tree
+    started = time.perf_counter()
+    answer = []
+    finished: Finished | None = None
+    for event in engine.generate(tree, question, params, retrieval=not args.no_retrieval):
+        if isinstance(event, Finished):
+            finished = event
+        else:
+            answer.append(event.text)
+            if not args.json:
+                print(event.text, end="", flush=True)
+    total = time.perf_counter() - started
+    assert finished is not None
+    entries = tree.n_chunks * engine.adapter.config.selected_per_chunk * engine.adapter.config.pool_size
+    decode_s = finished.timings.get("decode_s", 0.0)
+    report = {
+        "answer": "".join(answer),
+        "finish_reason": finished.reason,
+        "document_tokens": compressed.n_tokens,
+        "chunks": tree.n_chunks,
+        "stored_bytes": tree.nbytes,
+        "compression_ratio": round(compressed.n_tokens / max(1, min(entries, compressed.n_tokens)), 2),
+        "compression_s": round(compressed.seconds, 3),
+        "time_to_first_token_s": round(
+            finished.timings.get("time_to_first_token_s", 0.0) + finished.timings.get("prepare_s", 0.0), 3
+        ),
+        "tokens_per_s": round(max(finished.completion_tokens - 1, 0) / decode_s, 2) if decode_s > 0 else None,
+        "prompt_tokens": finished.prompt_tokens,
+        "completion_tokens": finished.completion_tokens,
+        "generate_s": round(total, 3),
+        "adapter_trained": engine.trained,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print()
+        print(
+            f"\n[document {report['document_tokens']} tokens in {report['chunks']} chunks | "
+            f"compression {report['compression_s']} s | stored {report['stored_bytes'] / 1e6:.1f} MB | "
+            f"ratio {report['compression_ratio']}x | first token {report['time_to_first_token_s']} s | "
+            f"{report['tokens_per_s']} tokens/s | finish: {report['finish_reason']}]",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,95 @@
+"""Configuration of a context tree and of the injection adapter.
+
+One frozen dataclass, because the compressor and the decoder must agree on every field:
+it travels inside the adapter's sidecar and inside every stored context's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Encoding = Literal["single_pass", "per_node"]
+Pooling = Literal["last", "mean"]
+Positions = Literal["chunk", "none"]
+
+ENCODINGS: tuple[str, ...] = ("single_pass", "per_node")
+POOLINGS: tuple[str, ...] = ("last", "mean")
+POSITIONS: tuple[str, ...] = ("chunk", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """How documents are compressed and how the decoder reads them (method.md §2-4).
+
+    n_layers:   M, the number of bottom layers that compress (lower model) and inject (upper).
+    chunk_size: C, tokens per chunk; each chunk is the root of one context tree.
+    depth:      D, levels below the root; level l holds 2**l nodes.
+    pool_size:  P, entries kept per node and layer after pooling.
+    encoding:   `single_pass` encodes a chunk once and cuts nodes out of it; `per_node`
+                encodes every node as its own sequence (positions restart at 0).
+    pooling:    `last` keeps the last entry of each block (it has seen the whole block under
+                causal attention); `mean` averages the block.
+    positions:  `chunk` rotates the keys of chunk j by RoPE position j and the injection
+                queries by the number of chunks; `none` applies no chunk-level rotation.
+    """
+
+    n_layers: int = 4
+    chunk_size: int = 1024
+    depth: int = 3
+    pool_size: int = 32
+    encoding: Encoding = "single_pass"
+    pooling: Pooling = "last"
+    positions: Positions = "chunk"
+
+    def __post_init__(self) -> None:
+        if self.n_layers < 1:
+            raise ConfigError(f"n_layers must be >= 1, got {self.n_layers}")
+        if self.depth < 1 or self.depth > 8:
+            raise ConfigError(f"depth must be in [1, 8], got {self.depth}")
+        if self.chunk_size < 2**self.depth:
+            raise ConfigError(f"chunk_size ({self.chunk_size}) must be at least 2**depth ({2**self.depth})")
+        if self.pool_size < 1:
+            raise ConfigError(f"pool_size must be >= 1, got {self.pool_size}")
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+
+    @property
+    def nodes_per_chunk(self) -> int:
+        """Stored nodes per chunk: levels 1..D (the root is never selected, so never stored)."""
+        return 2 ** (self.depth + 1) - 2
+
+    @property
+    def selected_per_chunk(self) -> int:
+        """Nodes one question reads per chunk: one kept node per level plus two leaves."""
+        return self.depth + 1
+
+    @property
+    def compression_ratio(self) -> float:
+        """Document tokens per injected entry for a full chunk."""
+        return self.chunk_size / (self.selected_per_chunk * self.pool_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TreeConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown tree config fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def node_index(level: int, position: int) -> int:
+    """Index of node `position` of `level` (1-based levels) in a chunk's flat node table."""
+    return (2**level - 2) + position

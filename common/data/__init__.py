@@ -1,0 +1,1 @@
+"""Training and evaluation data: corpora from installed packages, token shards, synthetic tasks."""

@@ -1,0 +1,1 @@
+"""The engine: lower model, context trees, retrieval, injection and generation. No gRPC here."""

@@ -1,0 +1,182 @@
+"""The upper model: query-aware selection, injection in layers 0..M-1, and the decode loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from common.engine.adapter import InjectionAdapter
+from common.engine.llama import LlamaBody, rms_normalise
+from common.engine.retrieval import select_nodes
+from common.engine.sampling import Sampler, SamplingParams
+from common.engine.streaming import TextStream
+from common.engine.tree import ContextSource
+from common.kernels import gather_injection
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What the cross-attention blocks read for one request, fixed for every step.
+
+    keys/values: [M, n_kv, E, Dh] (keys already carry chunk-level RoPE); mask: [E];
+    n_chunks: the RoPE position of the queries.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
+    n_chunks: int
+    selection: torch.Tensor
+
+    @property
+    def entries(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Text that became final; token_id is None when only held-back text is released."""
+
+    token_id: int | None
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (stop string), "eos", or "length"
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Decoder:
+    def __init__(self, body: LlamaBody, adapter: InjectionAdapter, eos_ids: set[int]) -> None:
+        self.body = body
+        self.adapter = adapter
+        self.eos_ids = eos_ids
+
+    @torch.inference_mode()
+    def query_vector(self, query_ids: list[int]) -> torch.Tensor:
+        """Layer-0 state at the last token of the question, normalised like the retrieval keys.
+
+        Only the question's own tokens are used, never tokens after it, so training cannot
+        leak the answer into retrieval (bug 5 of the reference code).
+        """
+        ids = torch.tensor([query_ids], dtype=torch.long, device=self.body.device)
+        positions = torch.arange(len(query_ids), device=ids.device).unsqueeze(0)
+        h = self.body.forward_layers(self.body.embed(ids), positions, range(0, 1))
+        return rms_normalise(h[0, -1], self.body.rms_eps)
+
+    def prepare(self, source: ContextSource, query: torch.Tensor | None) -> tuple[Injection, dict[str, float]]:
+        """Select nodes per chunk, fetch only those, and lay them out for cross-attention."""
+        cfg = self.adapter.config
+        if source.config != cfg:
+            raise ValueError(f"context built with {source.config}, adapter expects {cfg}")
+        t0 = time.perf_counter()
+        selection = select_nodes(source.retrieval_keys, query, cfg.depth)
+        t1 = time.perf_counter()
+        nodes = source.fetch(selection)
+        t2 = time.perf_counter()
+        device = self.body.device
+        n_chunks = selection.shape[0]
+        cos = sin = None
+        if cfg.positions == "chunk":
+            cos, sin = self.body.rope(torch.arange(n_chunks, device=device).unsqueeze(0))
+            cos, sin = cos[0], sin[0]
+        keys, values, mask = gather_injection(
+            nodes.keys.to(device=device, dtype=self.body.dtype),
+            nodes.values.to(device=device, dtype=self.body.dtype),
+            nodes.counts.to(device),
+            torch.arange(nodes.counts.shape[0], device=device),
+            nodes.chunk_of_row.to(device),
+            cos,
+            sin,
+        )
+        injection = Injection(keys, values, mask, n_chunks, selection)
+        return injection, {"selection_s": t1 - t0, "context_load_s": t2 - t1}
+
+    def _hook(self, injection: Injection | None, length: int):
+        if injection is None:
+            return None
+        m = self.adapter.config.n_layers
+        rope = None
+        if self.adapter.config.positions == "chunk":
+            rope = self.body.rope(torch.full((1, length), injection.n_chunks, device=self.body.device))
+
+        def inject(i: int, h: torch.Tensor) -> torch.Tensor | None:
+            if i >= m:
+                return None
+            block = self.adapter.blocks[i]
+            return block(h, injection.keys[i].unsqueeze(0), injection.values[i].unsqueeze(0), injection.mask, rope)
+
+        return inject
+
+    def forward(self, ids: torch.Tensor, start: int, cache, injection: Injection | None) -> torch.Tensor:
+        """Hidden states of tokens ids [1, L] at positions start.. (after the final norm's input)."""
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        h = self.body.forward_layers(
+            self.body.embed(ids), positions, range(self.body.n_layers), cache, self._hook(injection, ids.shape[1])
+        )
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        return h
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        injection: Injection | None,
+        params: SamplingParams,
+        decode_text,
+    ) -> Iterator[TokenDelta | Finished]:
+        """Prefill the prompt, then yield tokens as they are produced; a Finished comes last."""
+        device = self.body.device
+        started = time.perf_counter()
+        cache = self.body.new_cache(len(prompt_ids) + params.max_new_tokens)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        seen = ids[0].clone()
+        sampler = Sampler(params, device)
+        stream = TextStream(decode_text, params.stop)
+        h = self.forward(ids, 0, cache, injection)
+        prefill_done = time.perf_counter()
+        generated: list[int] = []
+        reason = "length"
+        first_token_at = None
+        for step in range(params.max_new_tokens):
+            logits = self.body.logits(h[0, -1:])[0]
+            token = sampler(logits, seen)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            if token in self.eos_ids:
+                reason = "eos"
+                break
+            generated.append(token)
+            delta = stream.push(token)
+            yield TokenDelta(token, delta)
+            if stream.stopped:
+                reason = "stop"
+                break
+            if step + 1 == params.max_new_tokens:
+                break
+            seen = torch.cat([seen, torch.tensor([token], device=device)])
+            h = self.forward(torch.tensor([[token]], device=device), cache.length, cache, injection)
+        tail = stream.flush()
+        if tail:
+            yield TokenDelta(None, tail)
+        end = time.perf_counter()
+        first = first_token_at or end
+        yield Finished(
+            reason=reason,
+            text=stream.text,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(generated),
+            timings={
+                "prefill_s": prefill_done - started,
+                "time_to_first_token_s": first - started,
+                "decode_s": end - first,
+            },
+        )

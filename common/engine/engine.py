@@ -1,0 +1,191 @@
+"""The engine facade: one object that compresses documents and answers questions.
+
+Everything a front end needs (the command line, the gRPC services, batch jobs) goes through
+here; it speaks in token ids, text and engine types, never in protobuf or gRPC.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import TreeConfig
+from common.engine.adapter import InjectionAdapter
+from common.engine.compressor import Compressor, ProgressFn
+from common.engine.decoder import Decoder, Finished, TokenDelta
+from common.engine.llama import LlamaBody
+from common.engine.sampling import SamplingParams
+from common.engine.tree import ContextSource, ContextTree
+from common.errors import InvalidInput
+from common.model_loading import LoadedModel, load_model
+
+DEFAULT_MAX_DOCUMENT_TOKENS = 131_072
+SUMMARY_INSTRUCTION = "Summarize the document in a few sentences."
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Documented limits every front end enforces through the engine."""
+
+    max_document_tokens: int = DEFAULT_MAX_DOCUMENT_TOKENS
+    max_prompt_chars: int = 32_768
+
+
+@dataclass(frozen=True)
+class Compressed:
+    tree: ContextTree
+    n_tokens: int
+    seconds: float
+
+
+def default_adapter_path() -> Path:
+    """The shipped default adapter for the default model (may not exist yet)."""
+    return Path(__file__).resolve().parent.parent / "adapters" / "default" / "adapter.safetensors"
+
+
+class Engine:
+    """A base model, its injection adapter, and the operations on them."""
+
+    def __init__(self, loaded: LoadedModel, adapter: InjectionAdapter, limits: Limits | None = None) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.body = LlamaBody(loaded.model)
+        self.adapter = adapter
+        self.limits = limits or Limits()
+        self.compressor = Compressor(self.body, adapter.config)
+        self.decoder = Decoder(self.body, adapter, self._eos_ids())
+
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        adapter: str | Path | None = None,
+        device: str | None = None,
+        limits: Limits | None = None,
+        tree_config: TreeConfig | None = None,
+    ) -> Engine:
+        """Load the model and an adapter: `adapter`, else the shipped default for the default
+        model, else a freshly initialised (untrained) one with `tree_config`."""
+        loaded = load_model(model, device)
+        body = LlamaBody(loaded.model)
+        path = Path(adapter) if adapter else None
+        if path is None and model in (None, "", "default") and default_adapter_path().is_file():
+            path = default_adapter_path()
+        if path is not None:
+            inj = InjectionAdapter.load(path, body, loaded.fingerprint)
+        else:
+            inj = InjectionAdapter.initialise(body, tree_config or TreeConfig())
+            inj.base_fingerprint = loaded.fingerprint
+        return cls(loaded, inj, limits)
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.adapter.provenance.get("trained"))
+
+    @property
+    def window(self) -> int:
+        return self.body.window
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        configured = getattr(self.loaded.model.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(int(i) for i in configured)
+        return ids
+
+    # ---- documents -------------------------------------------------------------------
+
+    def tokenize_document(self, text: str) -> list[int]:
+        if not text.strip():
+            raise InvalidInput("document is empty")
+        if "\x00" in text:
+            raise InvalidInput("document contains NUL bytes; it looks binary, not text")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.check_document_tokens(len(ids))
+        return ids
+
+    def check_document_tokens(self, n: int) -> None:
+        if n == 0:
+            raise InvalidInput("document is empty")
+        if n > self.limits.max_document_tokens:
+            raise InvalidInput(f"document has {n} tokens; the limit is {self.limits.max_document_tokens}")
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        vocab = self.body.embed.num_embeddings
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise InvalidInput(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        self.check_document_tokens(len(ids))
+
+    def compress(self, token_ids: list[int], progress: ProgressFn | None = None) -> Compressed:
+        start = time.perf_counter()
+        tree = self.compressor.compress(token_ids, progress)
+        return Compressed(tree, len(token_ids), time.perf_counter() - start)
+
+    # ---- questions -------------------------------------------------------------------
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The question in the model's chat template, ready for the assistant's answer."""
+        if not question.strip():
+            raise InvalidInput("prompt is empty")
+        if len(question) > self.limits.max_prompt_chars:
+            raise InvalidInput(f"prompt has {len(question)} characters; the limit is {self.limits.max_prompt_chars}")
+        messages = [{"role": "user", "content": question}]
+        if self.tokenizer.chat_template:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(out["input_ids"] if hasattr(out, "keys") else out)
+        return self.tokenizer(question)["input_ids"]
+
+    def generate(
+        self,
+        source: ContextSource | None,
+        question: str,
+        params: SamplingParams,
+        retrieval: bool = True,
+    ) -> Iterator[TokenDelta | Finished]:
+        """Answer `question` about the compressed context `source` (None: no document)."""
+        prompt = self.prompt_ids(question)
+        params.validate(self.window)
+        if len(prompt) + params.max_new_tokens > self.window:
+            raise InvalidInput(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the model's window of {self.window} tokens"
+            )
+        timings: dict[str, float] = {}
+        injection = None
+        if source is not None:
+            t0 = time.perf_counter()
+            query = None
+            if retrieval:
+                question_ids = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+                query = self.decoder.query_vector(question_ids)
+            injection, prep = self.decoder.prepare(source, query)
+            timings.update(prep)
+            timings["prepare_s"] = time.perf_counter() - t0
+        for event in self.decoder.generate(prompt, injection, params, self._decode):
+            if isinstance(event, Finished):
+                timings.update(event.timings)
+                yield Finished(event.reason, event.text, event.prompt_tokens, event.completion_tokens, timings)
+            else:
+                yield event
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def logits(self, prompt_ids: list[int], source: ContextSource | None = None, query_ids: list[int] | None = None):
+        """Full-sequence logits [L, V] (tests and evaluation): same path as generation."""
+        injection = None
+        if source is not None:
+            query = self.decoder.query_vector(query_ids) if query_ids else None
+            injection, _ = self.decoder.prepare(source, query)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.body.device)
+        return self.body.logits(self.decoder.forward(ids, 0, None, injection))[0]
