@@ -48,9 +48,7 @@ def _require_triton_device() -> str:
     return device
 
 
-def make_plan(
-    nodes: list[list[tuple[int, int, int]]], pool: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_plan(nodes: list[list[tuple[int, int, int]]], pool: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """seq, start, end for nodes[b][n] = (sequence, s, e): the span [s, e) of n = e - s tokens is
     cut into E = min(n, P) blocks [s + floor(b n / E), s + floor((b + 1) n / E)), slots b >= E empty."""
     b, n = len(nodes), len(nodes[0])
@@ -83,9 +81,7 @@ def tree_nodes(n_seq: int, length: int, depth: int) -> list[list[tuple[int, int,
     return nodes
 
 
-def random_nodes(
-    gen: torch.Generator, n_seq: int, length: int, b: int, n: int
-) -> list[list[tuple[int, int, int]]]:
+def random_nodes(gen: torch.Generator, n_seq: int, length: int, b: int, n: int) -> list[list[tuple[int, int, int]]]:
     """Arbitrary spans: long, short (fewer tokens than P), single-token and empty nodes."""
     nodes = []
     for _ in range(b):
@@ -123,11 +119,11 @@ POOL_SHAPES = [
 def _pool_case(shape: tuple, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
     g, s, h, length, dh, pool, layout, contiguous = shape
     gen = torch.Generator().manual_seed(zlib.crc32(repr(shape).encode()))
-    if layout == "random":
-        nodes = random_nodes(gen, s, length, 2, 3)
-    else:
-        nodes = tree_nodes(s, length, int(layout[-1]))
+    tree = layout.startswith("tree")
+    nodes = tree_nodes(s, length, int(layout[-1])) if tree else random_nodes(gen, s, length, 2, 3)
     seq, start, end = make_plan(nodes, pool)
+    if tree:  # as the compressor builds it: one sequence per chunk, broadcast over its nodes
+        seq = seq[:, :1].expand_as(seq)
     x = random_x(gen, (g, s, h, length, dh), dtype, contiguous)
     return tuple(t.to(device) for t in (x, seq, start, end))
 
@@ -169,7 +165,8 @@ def _gather_case(shape: tuple, dtype: torch.dtype, device: str) -> tuple[torch.T
     chunk_of_row = torch.sort(torch.randint(0, 7, (s,), generator=gen)).values
     cos = torch.randn((7, dh), generator=gen) if rotate else None
     sin = torch.randn((7, dh), generator=gen) if rotate else None
-    return tuple(None if x is None else x.to(device) for x in (keys, values, counts, rows, chunk_of_row, cos, sin))
+    tensors = (keys, values, counts, rows, chunk_of_row, cos, sin)
+    return tuple(None if x is None else x.to(device) for x in tensors)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -190,7 +187,8 @@ def test_triton_gather_injection_matches_reference(shape: tuple, dtype: torch.dt
 def test_triton_kernels_handle_empty_batches() -> None:
     device = _require_triton_device()
     x = torch.randn(2, 1, 2, 5, 8, device=device)
-    seq, start, end = (torch.zeros(0, 3, *extra, dtype=torch.int64, device=device) for extra in ((), (4,), (4,)))
+    seq = torch.zeros(0, 3, dtype=torch.int64, device=device)
+    start = end = torch.zeros(0, 3, 4, dtype=torch.int64, device=device)
     assert triton_kernels.pool_nodes(x, seq, start, end, "mean").shape == (2, 0, 3, 4, 2, 8)
     keys = torch.randn(1, 3, 4, 2, 8, device=device)
     none = torch.zeros(0, dtype=torch.int64, device=device)
@@ -258,7 +256,8 @@ def test_switch_defaults_to_auto_and_cpu_uses_reference() -> None:
     assert dispatch.requested_backend() == "auto"
     assert dispatch.backend_for(torch.device("cpu")) == "torch"
     x, seq, start, end = _pool_case(POOL_SHAPES[0], torch.float32, "cpu")
-    assert torch.equal(dispatch.pool_nodes(x, seq, start, end, "mean"), reference.pool_nodes(x, seq, start, end, "mean"))
+    want = reference.pool_nodes(x, seq, start, end, "mean")
+    assert torch.equal(dispatch.pool_nodes(x, seq, start, end, "mean"), want)
     args = _gather_case(GATHER_SHAPES[0], torch.float32, "cpu")
     for got, want in zip(dispatch.gather_injection(*args), reference.gather_injection(*args), strict=True):
         assert torch.equal(got, want)
@@ -323,13 +322,12 @@ def _compile_for_hopper(kernel: object, pointers: dict[str, str], constexprs: di
     names = inspect.signature(kernel.fn).parameters
     signature = {n: pointers.get(n) or ("constexpr" if n in constexprs else "i64") for n in names}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=triton_kernels._COMPILE_OPTIONS).asm["cubin"]
+    options = triton_kernels._COMPILE_OPTIONS
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
 @pytest.mark.parametrize("variant", [True, False], ids=["mean-rope", "last-plain"])
-def test_compiled_kernels_lower_to_cubin(
-    variant: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_compiled_kernels_lower_to_cubin(variant: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The interpreter accepts code the compiler rejects; compile for a real GPU target too."""
     if triton_kernels.interpreter_enabled() or not triton_kernels.triton_available():
         pytest.skip("needs Triton, compiled rather than interpreted")
@@ -338,7 +336,8 @@ def test_compiled_kernels_lower_to_cubin(
     if "nvidia" not in triton.backends.backends:
         pytest.skip("Triton's NVIDIA backend is not installed")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    pool_pointers = {"x_ptr": "*bf16", "out_ptr": "*bf16", "seq_ptr": "*i64", "start_ptr": "*i64", "end_ptr": "*i64"}
+    indices = dict.fromkeys(("seq_ptr", "start_ptr", "end_ptr"), "*i64")
+    pool_pointers = {"x_ptr": "*bf16", "out_ptr": "*bf16", **indices}
     pool = {"MEAN": variant, "BLOCK_P": 32, "BLOCK_D": 128}
     assert _compile_for_hopper(triton_kernels._pool_nodes_kernel, pool_pointers, pool)
     gather_pointers = {

@@ -19,6 +19,7 @@ EXIT_INTERRUPTED = 130
 def build_parser() -> argparse.ArgumentParser:
     from common.cli import embedded
     from common.data.cli import add_data_commands
+    from common.training.cli import add_train_commands
 
     parser = argparse.ArgumentParser(
         prog="sharedllm",
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     embedded.add_commands(sub)
     add_data_commands(sub)
+    add_train_commands(sub)
     return parser
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,6 +13,8 @@ from common.engine.decoder import Finished
 from common.engine.engine import SUMMARY_INSTRUCTION, Engine, Limits
 from common.engine.sampling import SamplingParams
 from common.errors import InvalidInput
+from common.runtime import ContextRuntime, GenerateOutcome
+from common.store import open_store
 
 MAX_DOCUMENT_BYTES = 64 << 20
 
@@ -94,44 +95,39 @@ def run_ask(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     ids = engine.tokenize_document(text)
-    with tqdm(
-        total=-(-len(ids) // engine.adapter.config.chunk_size),
-        desc="compress",
-        unit="chunk",
-        disable=args.json or None,
-        file=sys.stderr,
-    ) as bar:
-        compressed = engine.compress(ids, lambda done, total: bar.update(done - bar.n))
-    tree = compressed.tree
-    started = time.perf_counter()
-    answer = []
+    runtime = ContextRuntime(engine, open_store("memory://"), default_ttl_s=None)
+    chunks = -(-len(ids) // engine.adapter.config.chunk_size)
+    with tqdm(total=chunks, desc="compress", unit="chunk", disable=args.json or None, file=sys.stderr) as bar:
+        compressed = runtime.compress_ids(ids, progress=lambda done, total: bar.update(done - bar.n))
+    answer: list[str] = []
     finished: Finished | None = None
-    for event in engine.generate(tree, question, params, retrieval=not args.no_retrieval):
+    outcome: GenerateOutcome | None = None
+    for event in runtime.generate(compressed.context_id, question, params, retrieval=not args.no_retrieval):
         if isinstance(event, Finished):
             finished = event
+        elif isinstance(event, GenerateOutcome):
+            outcome = event
         else:
             answer.append(event.text)
             if not args.json:
                 print(event.text, end="", flush=True)
-    total = time.perf_counter() - started
-    assert finished is not None
-    entries = tree.n_chunks * engine.adapter.config.selected_per_chunk * engine.adapter.config.pool_size
+    assert finished is not None and outcome is not None
     decode_s = finished.timings.get("decode_s", 0.0)
     report = {
         "answer": "".join(answer),
         "finish_reason": finished.reason,
         "document_tokens": compressed.n_tokens,
-        "chunks": tree.n_chunks,
-        "stored_bytes": tree.nbytes,
-        "compression_ratio": round(compressed.n_tokens / max(1, min(entries, compressed.n_tokens)), 2),
-        "compression_s": round(compressed.seconds, 3),
-        "time_to_first_token_s": round(
-            finished.timings.get("time_to_first_token_s", 0.0) + finished.timings.get("prepare_s", 0.0), 3
-        ),
+        "chunks": compressed.chunks,
+        "stored_bytes": compressed.stored_bytes,
+        "bytes_per_token": round(compressed.bytes_per_token, 1),
+        "kv_cache_ratio": round(compressed.kv_cache_ratio, 4),
+        "compression_ratio": round(compressed.compression_ratio, 2),
+        "bytes_read": outcome.bytes_read,
+        "compression_s": round(compressed.timings["compress_s"], 3),
+        "time_to_first_token_s": round(finished.timings["time_to_first_token_s"], 3),
         "tokens_per_s": round(max(finished.completion_tokens - 1, 0) / decode_s, 2) if decode_s > 0 else None,
         "prompt_tokens": finished.prompt_tokens,
         "completion_tokens": finished.completion_tokens,
-        "generate_s": round(total, 3),
         "adapter_trained": engine.trained,
     }
     if args.json:

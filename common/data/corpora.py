@@ -214,7 +214,9 @@ def read_stdlib() -> Iterator[Document]:
             continue
         module = ".".join((*dirs, rel.stem)).removesuffix(".__init__")
         with tokenize.open(path) as source:  # honours PEP 263 encoding declarations
-            yield Document(name=module, corpus="stdlib", text=source.read())
+            text = source.read()
+        if text.strip():  # empty package markers carry nothing to learn
+            yield Document(name=module, corpus="stdlib", text=text)
 
 
 def read_pydocs() -> Iterator[Document]:
@@ -350,9 +352,7 @@ def read_manifest(data_dir: str | os.PathLike[str]) -> tuple[ManifestEntry, ...]
     except FileNotFoundError:
         raise InvalidInput(f"no corpus manifest at {path}; run `sharedllm data fetch` first") from None
     if manifest.get("version") != MANIFEST_VERSION:
-        raise InvalidInput(
-            f"{path} has manifest version {manifest.get('version')}, expected {MANIFEST_VERSION}"
-        )
+        raise InvalidInput(f"{path} has manifest version {manifest.get('version')}, expected {MANIFEST_VERSION}")
     return tuple(ManifestEntry(**entry) for entry in manifest["documents"])
 
 
@@ -370,7 +370,5 @@ def load_text(data_dir: str | os.PathLike[str], entry: ManifestEntry) -> str:
     """A fetched document's text, verified against the manifest's hash."""
     data = (Path(data_dir) / entry.path).read_bytes()
     if hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise DataCorruption(
-            f"{entry.path} does not match its manifest hash; run `sharedllm data fetch` again"
-        )
+        raise DataCorruption(f"{entry.path} does not match its manifest hash; run `sharedllm data fetch` again")
     return data.decode("utf-8")

@@ -23,9 +23,7 @@ from common.data.corpora import SPLITS, ManifestEntry, find_entry, load_text, re
 from common.errors import InvalidInput
 
 INDEX_VERSION = 1
-_BATCH_CHARS = (
-    4_000_000  # characters per tokenizer call: enough for a fast tokenizer's threads, bounded memory
-)
+_BATCH_CHARS = 4_000_000  # characters per tokenizer call: enough for a fast tokenizer's threads, bounded memory
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -65,9 +63,7 @@ class TokenShards:
         self.documents: tuple[ShardDocument, ...] = tuple(
             ShardDocument(**d) for index in indexes for d in index["documents"]
         )
-        self._arrays = {
-            index["corpus"]: np.load(directory / index["file"], mmap_mode="r") for index in indexes
-        }
+        self._arrays = {index["corpus"]: np.load(directory / index["file"], mmap_mode="r") for index in indexes}
 
     @property
     def n_tokens(self) -> int:
@@ -147,9 +143,7 @@ def load_shards(
     if split not in SPLITS:
         raise InvalidInput(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     root = Path(data_dir)
-    entries = [
-        e for e in read_manifest(root) if e.split == split and (corpora is None or e.corpus in corpora)
-    ]
+    entries = [e for e in read_manifest(root) if e.split == split and (corpora is None or e.corpus in corpora)]
     if not entries:
         raise InvalidInput(f"the {split} split of {root} has no documents of corpora {corpora}")
     directory = root / "shards" / tokenizer_fingerprint(tokenizer)
@@ -158,11 +152,7 @@ def load_shards(
         members = [e for e in entries if e.corpus == corpus]
         path = directory / f"{split}-{corpus}.json"
         index = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if (
-            index is None
-            or index.get("version") != INDEX_VERSION
-            or index["sources"] != _sources_digest(members)
-        ):
+        if index is None or index.get("version") != INDEX_VERSION or index["sources"] != _sources_digest(members):
             index = _build(directory, root, split, corpus, members, tokenizer)
         indexes.append(index)
     return TokenShards(directory, split, indexes)
@@ -186,9 +176,7 @@ class SpanSampler:
     the same seed gives the same stream of batches.
     """
 
-    def __init__(
-        self, shards: TokenShards, length: int, seed: int, corpora: Sequence[str] | None = None
-    ) -> None:
+    def __init__(self, shards: TokenShards, length: int, seed: int, corpora: Sequence[str] | None = None) -> None:
         if length < 1:
             raise InvalidInput(f"span length must be >= 1, got {length}")
         self._shards = shards

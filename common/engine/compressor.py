@@ -91,7 +91,7 @@ class Compressor:
         kv = torch.stack([r.keys for r in record] + [r.values for r in record])
         return kv, first
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: training reads trees inside autograd
     def compress(
         self,
         token_ids: Sequence[int],

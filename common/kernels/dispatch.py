@@ -15,8 +15,7 @@ import os
 
 import torch
 
-from common.kernels import reference
-from common.kernels import triton_kernels
+from common.kernels import reference, triton_kernels
 from common.kernels.triton_kernels import TritonUnavailable
 
 ENV_VAR = "SHAREDLLM_KERNELS"
@@ -57,15 +56,13 @@ def backend_for(device: torch.device) -> str:
         raise TritonUnavailable(f"{ENV_VAR}/set_kernel_backend forces 'triton' but Triton is not installed")
     if device.type != "cuda" and not triton_kernels.interpreter_enabled():
         raise TritonUnavailable(
-            f"'triton' is forced for {device.type} tensors; set TRITON_INTERPRET=1 before the kernels are first "
-            "imported to run the kernels through its interpreter, or use 'auto' or 'torch'"
+            f"'triton' is forced for {device.type} tensors; set TRITON_INTERPRET=1 before the kernels "
+            "are first imported to run them through Triton's interpreter, or use 'auto' or 'torch'"
         )
     return "triton"
 
 
-def pool_nodes(
-    x: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, end: torch.Tensor, mode: str
-) -> torch.Tensor:
+def pool_nodes(x: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, end: torch.Tensor, mode: str) -> torch.Tensor:
     """Pool every level of every chunk into node slots; see `reference.pool_nodes`."""
     impl = triton_kernels if backend_for(x.device) == "triton" else reference
     return impl.pool_nodes(x, seq, start, end, mode)

@@ -5,8 +5,8 @@ They reproduce `common.kernels.reference` exactly ("last" pooling, gathers) or t
 every chunk and every layer at once, and the gather moves keys and values together, so the
 cost is one pass over the bytes instead of one small launch per level, layer or tensor.
 
-Triton is imported lazily: the module imports where Triton is missing (CPU-only installs), and
-the launch wrappers raise `TritonUnavailable` if called there. On a CPU the kernels run only
+Triton is imported under a guard: the module imports where Triton is missing (CPU-only
+installs), and the launch wrappers raise `TritonUnavailable` if called there. On a CPU the kernels run only
 under Triton's interpreter, which must be switched on (`TRITON_INTERPRET=1`) before this module
 is first imported, because `triton.jit` chooses between compiling and interpreting when it
 decorates a function.
@@ -233,9 +233,7 @@ if triton is not None:
         tl.store(k_out_ptr + dst, k, mask=tile_ok)
 
 
-def pool_nodes(
-    x: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, end: torch.Tensor, mode: str
-) -> torch.Tensor:
+def pool_nodes(x: torch.Tensor, seq: torch.Tensor, start: torch.Tensor, end: torch.Tensor, mode: str) -> torch.Tensor:
     """Triton `pool_nodes`: same arguments and result as `reference.pool_nodes`, one launch."""
     if mode not in ("last", "mean"):
         raise ValueError(f"unknown pooling mode {mode!r}; expected 'last' or 'mean'")
@@ -298,8 +296,7 @@ def gather_injection(
     _require_triton(keys, values, counts, rows, chunk_of_row, *tables)
     if keys.shape != values.shape or keys.dtype != values.dtype:
         raise ValueError(
-            f"keys and values must match; got {tuple(keys.shape)} {keys.dtype} "
-            f"and {tuple(values.shape)} {values.dtype}"
+            f"keys and values must match; got {tuple(keys.shape)} {keys.dtype} and {tuple(values.shape)} {values.dtype}"
         )
     m, _, p, h, dh = keys.shape
     s = rows.shape[0]

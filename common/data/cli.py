@@ -1,0 +1,71 @@
+"""`sharedllm data fetch` and `sharedllm data demo`: the corpora and the demo document on disk."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from collections import defaultdict
+from pathlib import Path
+
+from common.data.corpora import CORPORA, SPLITS, fetch
+from common.data.demo import DEMO_QUESTION, demo_document
+
+
+def default_data_dir() -> Path:
+    """$SHAREDLLM_DATA_DIR, else ./data (ignored by git: the texts are not committed)."""
+    return Path(os.environ.get("SHAREDLLM_DATA_DIR") or "data")
+
+
+def add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `data fetch` and `data demo` on the `sharedllm` parser's subcommands."""
+    data = sub.add_parser("data", help="training and evaluation data")
+    commands = data.add_subparsers(dest="data_command", required=True)
+    fetch_parser = commands.add_parser(
+        "fetch", help="write the corpora and their train/held-out manifest into the data directory"
+    )
+    fetch_parser.add_argument(
+        "--corpus",
+        action="append",
+        choices=CORPORA,
+        help="fetch only this corpus (repeatable; default: all)",
+    )
+    fetch_parser.set_defaults(handler=run_fetch)
+    demo_parser = commands.add_parser("demo", help="write the demo document (needs only pip packages)")
+    demo_parser.add_argument("--path-only", action="store_true", help="print only the document's path")
+    demo_parser.set_defaults(handler=run_demo)
+    for parser in (fetch_parser, demo_parser):
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            default=default_data_dir(),
+            help="data directory (default: $SHAREDLLM_DATA_DIR or ./data)",
+        )
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    """Fetch, then print documents and characters per corpus and split."""
+    report = fetch(args.data_dir, tuple(args.corpus or CORPORA))
+    documents: dict[tuple[str, str], int] = defaultdict(int)
+    chars: dict[tuple[str, str], int] = defaultdict(int)
+    for entry in report.entries:
+        documents[entry.corpus, entry.split] += 1
+        chars[entry.corpus, entry.split] += entry.chars
+    print(f"{'corpus':<8} {'split':<8} {'documents':>9} {'characters':>12}")
+    for corpus in CORPORA:
+        for split in SPLITS:
+            if documents[corpus, split]:
+                print(f"{corpus:<8} {split:<8} {documents[corpus, split]:>9,} {chars[corpus, split]:>12,}")
+    print(f"{'total':<17} {sum(documents.values()):>9,} {sum(chars.values()):>12,}")
+    print(f"{args.data_dir}: {report.written} written, {report.unchanged} unchanged, {report.removed} removed")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Write the demo document and show the command that asks the demo question about it."""
+    path = demo_document(args.data_dir)
+    print(path)
+    if args.path_only:
+        return 0
+    print(f"try: sharedllm ask {shlex.quote(str(path))} {shlex.quote(DEMO_QUESTION)}")
+    return 0

@@ -1,0 +1,141 @@
+"""Compress-then-generate over a store: what the CLI, the gRPC services and batch jobs call.
+
+It joins the engine (tensors) and a store (bytes) and speaks only in ids, text, token ids
+and numbers, so the front ends above it never see a tensor or a protobuf payload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.engine.decoder import Finished, TokenDelta
+from common.engine.engine import Engine
+from common.engine.sampling import SamplingParams
+from common.store import DEFAULT_TENANT, ContextStore, Fingerprints, encode, new_context_id, storage_report
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CompressOutcome:
+    context_id: str
+    n_tokens: int
+    chunks: int
+    stored_bytes: int
+    bytes_per_token: float
+    kv_cache_ratio: float  # stored bytes / the base model's full KV cache for the same tokens
+    compression_ratio: float  # document tokens per entry one question injects
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerateOutcome:
+    """Appended to Finished by the runtime: what the request read from the store."""
+
+    bytes_read: int
+    context_tokens: int
+    chunks: int
+
+
+def source_digest(token_ids: list[int]) -> bytes:
+    """SHA-256 over the canonical bytes of the document (its token ids, little-endian uint32)."""
+    return hashlib.sha256(np.asarray(token_ids, dtype="<u4").tobytes()).digest()
+
+
+class ContextRuntime:
+    """One engine and one store; safe to share across requests that hold `engine_lock`."""
+
+    def __init__(self, engine: Engine, store: ContextStore, default_ttl_s: float | None = 24 * 3600) -> None:
+        self.engine = engine
+        self.store = store
+        self.default_ttl_s = default_ttl_s
+        self.fingerprints = Fingerprints(model=engine.loaded.fingerprint, adapter=engine.adapter.fingerprint())
+
+    def compress_text(self, text: str, **kwargs) -> CompressOutcome:
+        started = time.perf_counter()
+        ids = self.engine.tokenize_document(text)
+        outcome = self.compress_ids(ids, **kwargs)
+        outcome.timings["tokenize_s"] = outcome.timings["total_s"] - (time.perf_counter() - started)
+        return outcome
+
+    def compress_ids(
+        self,
+        token_ids: list[int],
+        *,
+        tenant: str = DEFAULT_TENANT,
+        context_id: str | None = None,
+        ttl_s: float | None = -1.0,
+        progress: ProgressFn | None = None,
+    ) -> CompressOutcome:
+        """Compress and store; ttl_s=-1 means the server default, None means no expiry (pinned)."""
+        started = time.perf_counter()
+        self.engine.check_token_ids(token_ids)
+        compressed = self.engine.compress(token_ids, progress)
+        t_store = time.perf_counter()
+        encoded = encode(
+            compressed.tree,
+            fingerprints=self.fingerprints,
+            base_n_layers=self.engine.body.n_layers,
+            tenant=tenant,
+            source_sha256=source_digest(token_ids),
+            ttl_s=self.default_ttl_s if ttl_s == -1.0 else ttl_s,
+        )
+        context_id = context_id or new_context_id()
+        self.store.put(context_id, encoded)
+        done = time.perf_counter()
+        report = storage_report(encoded.manifest, encoded.nbytes)
+        cfg = self.engine.adapter.config
+        entries = compressed.tree.n_chunks * cfg.selected_per_chunk * cfg.pool_size
+        return CompressOutcome(
+            context_id=context_id,
+            n_tokens=len(token_ids),
+            chunks=compressed.tree.n_chunks,
+            stored_bytes=encoded.nbytes,
+            bytes_per_token=report.bytes_per_token,
+            kv_cache_ratio=report.kv_cache_ratio,
+            compression_ratio=len(token_ids) / max(1, min(entries, len(token_ids))),
+            timings={"compress_s": compressed.seconds, "store_s": done - t_store, "total_s": done - started},
+        )
+
+    def generate(
+        self,
+        context_id: str | None,
+        question: str,
+        params: SamplingParams,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        retrieval: bool = True,
+    ) -> Iterator[TokenDelta | Finished | GenerateOutcome]:
+        """Stream the answer; a GenerateOutcome follows the Finished event.
+
+        The manifest and retrieval keys are read first; only the nodes the question selects
+        are fetched (by the decoder, through the StoredContext).
+        """
+        started = time.perf_counter()
+        source = None
+        if context_id is not None:
+            source = self.store.open(context_id, self.fingerprints, tenant=tenant)
+        opened = time.perf_counter() - started
+        first_token_s: float | None = None
+        for event in self.engine.generate(source, question, params, retrieval=retrieval):
+            if isinstance(event, TokenDelta):
+                if first_token_s is None:
+                    first_token_s = time.perf_counter() - started
+                yield event
+                continue
+            # Times as the caller meets them: from the request's start, store reads included.
+            timings = {**event.timings, "context_open_s": opened}
+            if first_token_s is None:  # the first token was EOS: nothing streamed before the end
+                first_token_s = time.perf_counter() - started
+            timings["time_to_first_token_s"] = first_token_s
+            yield Finished(event.reason, event.text, event.prompt_tokens, event.completion_tokens, timings)
+            yield GenerateOutcome(
+                bytes_read=source.bytes_read if source is not None else 0,
+                context_tokens=sum(source.chunk_lengths) if source is not None else 0,
+                chunks=len(source.chunk_lengths) if source is not None else 0,
+            )

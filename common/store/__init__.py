@@ -1,0 +1,63 @@
+"""Where compressed contexts live: their stored format (codec), the stores, and their cost.
+
+store = open_store("memory://?max_bytes=1073741824")   # in-process LRU, the embedded default
+store = open_store("redis://:password@host:6379/0")    # shared by replicas; rediss:// for TLS
+
+encoded = encode(tree, fingerprints=..., base_n_layers=..., tenant=..., source_sha256=..., ttl_s=...)
+store.put(context_id, encoded)
+source = store.open(context_id, fingerprints, tenant=...)    # a ContextSource for the decoder
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+from common.errors import InvalidInput
+from common.store.accounting import StorageReport, full_kv_cache_bytes, storage_report
+from common.store.base import (
+    DEFAULT_TENANT,
+    ContextInfo,
+    ContextStore,
+    StoreCounters,
+    StoredContext,
+    StoreStats,
+    content_context_id,
+    new_context_id,
+    validate_name,
+)
+from common.store.codec import EncodedContext, Fingerprints, decode, encode
+from common.store.memory import MemoryStore
+from common.store.redis_store import RedisStore
+
+
+def open_store(url: str = "memory://") -> ContextStore:
+    """A store from its URL: memory://[?max_bytes=N], redis://..., rediss://... (TLS)."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme == "memory":
+        return MemoryStore.from_url(url)
+    if scheme in ("redis", "rediss"):
+        return RedisStore(url)
+    raise InvalidInput(f"store URL must start with memory://, redis:// or rediss://, got scheme {scheme!r}")
+
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "ContextInfo",
+    "ContextStore",
+    "EncodedContext",
+    "Fingerprints",
+    "MemoryStore",
+    "RedisStore",
+    "StorageReport",
+    "StoreCounters",
+    "StoreStats",
+    "StoredContext",
+    "content_context_id",
+    "decode",
+    "encode",
+    "full_kv_cache_bytes",
+    "new_context_id",
+    "open_store",
+    "storage_report",
+    "validate_name",
+]

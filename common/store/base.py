@@ -1,0 +1,308 @@
+"""The one small interface every context store implements, and the reading logic they share.
+
+Why one interface: the decoder reads a context through `ContextSource` whether it lives in this
+process (embedded mode) or in a Redis shared by every replica. A store only moves bytes; this
+module verifies them (codec), so every store gives the same guarantees: a context is read whole
+or not at all, a corrupted part raises DataCorruption, never a wrong tensor.
+
+Context ids are namespaced per tenant inside every store, so another tenant's id is simply
+ContextNotFound, which reveals nothing about whether it exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import re
+import secrets
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Self
+
+import torch
+
+from common.config import TreeConfig
+from common.engine.tree import SelectedNodes
+from common.errors import ContextNotFound, DataCorruption, InvalidInput
+from common.generated.sharedllm.v1 import context_pb2 as pb
+from common.store import codec
+from common.store.codec import EncodedContext, Fingerprints
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+DEFAULT_TENANT = "default"
+_CONTENT_ID_DOMAIN = b"sharedllm.v1 content context id\0"
+
+
+def validate_name(value: object, what: str) -> str:
+    """A context id or tenant: 1-128 characters of [A-Za-z0-9_-], safe inside any store key."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        shown = repr(value)[:80]
+        raise InvalidInput(f"{what} must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'; got {shown}")
+    return value
+
+
+def new_context_id() -> str:
+    """An unguessable id: 192 random bits, 32 characters."""
+    return secrets.token_urlsafe(24)
+
+
+def content_context_id(tenant: str, canonical: bytes) -> str:
+    """A reproducible id for `canonical` bytes (e.g. model + adapter fingerprints + token ids).
+
+    Salted by tenant, so the same document gives different ids to different tenants and an id
+    says nothing across tenants. SHA-256, never Python's `hash()`, which changes per process.
+    """
+    validate_name(tenant, "tenant")
+    return hashlib.sha256(_CONTENT_ID_DOMAIN + tenant.encode() + b"\0" + canonical).hexdigest()
+
+
+@dataclass(frozen=True)
+class ContextKey:
+    """Where a context lives: its tenant and its id, both validated."""
+
+    tenant: str
+    context_id: str
+
+    @classmethod
+    def of(cls, tenant: str, context_id: str) -> ContextKey:
+        return cls(validate_name(tenant, "tenant"), validate_name(context_id, "context id"))
+
+    def not_found(self, detail: str = "never stored, expired or deleted") -> ContextNotFound:
+        return ContextNotFound(f"context {self.context_id!r} not found ({detail})")
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    """What a store knows about one context without reading its payloads."""
+
+    context_id: str
+    manifest: pb.ContextManifest
+    stored_bytes: int  # every stored byte, manifest included
+    expires_in_s: float | None  # None: no expiry (pinned or stored without one)
+
+
+@dataclass
+class StoreCounters:
+    """Totals since this store object was created, in this process."""
+
+    bytes_written: int = 0
+    bytes_read: int = 0
+    integrity_failures: int = 0
+    evictions: int = 0  # contexts dropped to stay within a capacity (the memory store's LRU)
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    url: str  # without password
+    contexts: int | None  # None where counting would need a scan of the whole store (Redis)
+    stored_bytes: int | None
+    capacity_bytes: int | None
+    counters: StoreCounters
+
+
+class _Counters:
+    """Thread-safe StoreCounters shared by a store and the contexts it opened."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = StoreCounters()
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self._values, name, getattr(self._values, name) + delta)
+
+    def snapshot(self) -> StoreCounters:
+        with self._lock:
+            return dataclasses.replace(self._values)
+
+    @contextlib.contextmanager
+    def integrity(self) -> Iterator[None]:
+        """Count every DataCorruption that passes through (the integrity-failure metric)."""
+        try:
+            yield
+        except DataCorruption:
+            self.add(integrity_failures=1)
+            raise
+
+
+class PartReader(Protocol):
+    """One stored version of a context, as its store reads it after the manifest."""
+
+    def read_retrieval_keys(self, manifest: pb.ContextManifest) -> bytes:
+        """The retrieval-keys payload; reading it counts as a use and restarts the expiry."""
+        ...
+
+    def read_nodes(self, manifest: pb.ContextManifest, indices: Sequence[int]) -> list[bytes]:
+        """The payloads of nodes `indices` (chunk * N + node), in one round trip."""
+        ...
+
+
+class StoredContext:
+    """A context opened from a store: a ContextSource that reads only the nodes it is asked for.
+
+    Opening read the manifest and the retrieval keys; `fetch` reads the selected nodes and
+    verifies each one. `bytes_read` counts every byte this object read, for per-request reports.
+    """
+
+    def __init__(
+        self,
+        context_id: str,
+        manifest: pb.ContextManifest,
+        retrieval_keys: torch.Tensor,
+        reader: PartReader,
+        counters: _Counters,
+        bytes_read: int,
+    ) -> None:
+        self.context_id = context_id
+        self.manifest = manifest
+        self._config = codec.tree_config(manifest)
+        self._retrieval_keys = retrieval_keys
+        self._counts = codec.node_counts(manifest)
+        self._reader = reader
+        self._counters = counters
+        self.bytes_read = bytes_read
+
+    @property
+    def config(self) -> TreeConfig:
+        return self._config
+
+    @property
+    def chunk_lengths(self) -> tuple[int, ...]:
+        return tuple(self.manifest.chunk_lengths)
+
+    @property
+    def retrieval_keys(self) -> torch.Tensor:
+        return self._retrieval_keys
+
+    def fetch(self, selection: torch.Tensor) -> SelectedNodes:
+        """Read nodes `selection[b, k]` of every chunk b, laid out as ContextTree.fetch does."""
+        n_chunks, n_nodes = self.manifest.n_chunks, self.manifest.nodes_per_chunk
+        if (
+            selection.dim() != 2
+            or selection.shape[0] != n_chunks
+            or selection.shape[1] < 1
+            or selection.is_floating_point()
+            or selection.is_complex()
+        ):
+            raise InvalidInput(
+                f"selection must be an integer tensor [{n_chunks}, K>=1], got {selection.dtype} "
+                f"{tuple(selection.shape)}"
+            )
+        selection = selection.to("cpu", torch.long)
+        if int(selection.min()) < 0 or int(selection.max()) >= n_nodes:
+            raise InvalidInput(f"selected node indices must lie in [0, {n_nodes})")
+        rows = (torch.arange(n_chunks).unsqueeze(1) * n_nodes + selection).flatten()
+        order = rows.tolist()
+        wanted = list(dict.fromkeys(order))  # each node read once, even if selected twice
+        with self._counters.integrity():
+            payloads = self._reader.read_nodes(self.manifest, wanted)
+            nodes = {i: codec.decode_node(self.manifest, i, p) for i, p in zip(wanted, payloads, strict=True)}
+        read = sum(map(len, payloads))
+        self.bytes_read += read
+        self._counters.add(bytes_read=read)
+        return SelectedNodes(
+            keys=torch.stack([nodes[i][0] for i in order], dim=1),
+            values=torch.stack([nodes[i][1] for i in order], dim=1),
+            counts=self._counts[rows],
+            chunk_of_row=rows // n_nodes,
+        )
+
+
+class ContextStore(ABC):
+    """Put, open, expire, pin and delete compressed contexts.
+
+    A context's lifetime comes from its manifest (`codec.encode(ttl_s=...)`): it expires that
+    long after its last use, and every `open` is a use. `touch(pin=True)` removes the expiry.
+    """
+
+    url: str  # for messages and metrics; never contains a password
+
+    def __init__(self) -> None:
+        self._counters = _Counters()
+
+    def put(self, context_id: str, encoded: EncodedContext) -> None:
+        """Store (or atomically replace) a context under the tenant named in its manifest."""
+        key = ContextKey.of(encoded.manifest.tenant, context_id)
+        self._put(key, encoded)
+        self._counters.add(bytes_written=encoded.nbytes)
+
+    def open(self, context_id: str, expected: Fingerprints, *, tenant: str = DEFAULT_TENANT) -> StoredContext:
+        """Read and verify the manifest and retrieval keys; nodes are read later by `fetch`.
+
+        Raises ContextNotFound, IncompatibleContext (other model, adapter or format version),
+        DataCorruption, StoreUnavailable.
+        """
+        key = ContextKey.of(tenant, context_id)
+        with self._counters.integrity():
+            frame, reader = self._open(key)
+            manifest = self._verified_manifest(key, frame, expected)
+            payload = reader.read_retrieval_keys(manifest)
+            retrieval_keys = codec.decode_retrieval_keys(manifest, payload)
+        read = len(frame) + len(payload)
+        self._counters.add(bytes_read=read)
+        return StoredContext(context_id, manifest, retrieval_keys, reader, self._counters, read)
+
+    def info(self, context_id: str, *, tenant: str = DEFAULT_TENANT) -> ContextInfo:
+        """The verified manifest, stored size and current expiry; not a use (no refresh)."""
+        key = ContextKey.of(tenant, context_id)
+        with self._counters.integrity():
+            frame, expires_in_s = self._info(key)
+            manifest = self._verified_manifest(key, frame, None)
+        return ContextInfo(context_id, manifest, manifest.stored_bytes + len(frame), expires_in_s)
+
+    def touch(self, context_id: str, *, tenant: str = DEFAULT_TENANT, pin: bool = False) -> None:
+        """Restart the expiry of every part (no-op when pinned), or with `pin` remove it for good."""
+        with self._counters.integrity():
+            self._touch(ContextKey.of(tenant, context_id), pin)
+
+    def delete(self, context_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:
+        """Remove every part; False if there was no such context."""
+        return self._delete(ContextKey.of(tenant, context_id))
+
+    @abstractmethod
+    def stats(self) -> StoreStats: ...
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise StoreUnavailable if the store cannot answer now (health checks)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _verified_manifest(key: ContextKey, frame: bytes, expected: Fingerprints | None) -> pb.ContextManifest:
+        manifest = codec.decode_manifest(frame, expected)
+        if manifest.tenant != key.tenant:
+            raise DataCorruption(
+                f"context {key.context_id!r} is stored under tenant {key.tenant!r} "
+                f"but its manifest names tenant {manifest.tenant!r}"
+            )
+        return manifest
+
+    @abstractmethod
+    def _put(self, key: ContextKey, encoded: EncodedContext) -> None: ...
+
+    @abstractmethod
+    def _open(self, key: ContextKey) -> tuple[bytes, PartReader]:
+        """The framed manifest of the current version and a reader for its parts."""
+
+    @abstractmethod
+    def _info(self, key: ContextKey) -> tuple[bytes, float | None]:
+        """The framed manifest and the seconds left before expiry (None: no expiry)."""
+
+    @abstractmethod
+    def _touch(self, key: ContextKey, pin: bool) -> None: ...
+
+    @abstractmethod
+    def _delete(self, key: ContextKey) -> bool: ...

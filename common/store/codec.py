@@ -1,0 +1,326 @@
+"""The stored form of a context tree: a protobuf manifest and safetensors payloads.
+
+Why this shape: the decoder first needs only the manifest and the retrieval keys, then a
+handful of nodes per chunk, so every node is its own payload with its own checksum in the
+manifest. The manifest is framed as `sha256(body) || body` and verified before it is parsed,
+so a flipped byte anywhere is reported as corruption, never misread as another version or
+another model. Nothing is pickled: tensors are safetensors, metadata is protobuf.
+
+Errors: format version or fingerprints that do not match -> IncompatibleContext; a checksum,
+length, shape or dtype mismatch or unparsable bytes -> DataCorruption.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from dataclasses import dataclass
+
+import safetensors.torch
+import torch
+from google.protobuf.message import DecodeError
+
+from common.config import ConfigError, TreeConfig
+from common.engine.tree import ContextTree
+from common.errors import DataCorruption, IncompatibleContext, InvalidInput
+from common.generated.sharedllm.v1 import context_pb2 as pb
+
+FORMAT_VERSION = 1
+DIGEST_BYTES = 32
+
+DTYPES: dict[torch.dtype, int] = {
+    torch.float32: pb.TENSOR_DTYPE_FLOAT32,
+    torch.float16: pb.TENSOR_DTYPE_FLOAT16,
+    torch.bfloat16: pb.TENSOR_DTYPE_BFLOAT16,
+}
+_TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+_ENCODINGS = {"single_pass": pb.ENCODING_SINGLE_PASS, "per_node": pb.ENCODING_PER_NODE}
+_POOLINGS = {"last": pb.POOLING_LAST, "mean": pb.POOLING_MEAN}
+_POSITIONS = {"chunk": pb.POSITIONS_CHUNK, "none": pb.POSITIONS_NONE}
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """The base model and adapter a context is built for; a reader must present the same pair."""
+
+    model: str
+    adapter: str
+
+
+@dataclass(frozen=True)
+class EncodedContext:
+    """One context ready for a store: the framed manifest and the payloads it checksums.
+
+    nodes are in chunk-major order: payload of (chunk b, node n) is `nodes[b * N + n]`.
+    """
+
+    manifest_frame: bytes
+    retrieval_keys: bytes
+    nodes: tuple[bytes, ...]
+
+    @functools.cached_property
+    def manifest(self) -> pb.ContextManifest:
+        return decode_manifest(self.manifest_frame)
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte a store keeps for this context, manifest included."""
+        return len(self.manifest_frame) + len(self.retrieval_keys) + sum(map(len, self.nodes))
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def frame_manifest(manifest: pb.ContextManifest) -> bytes:
+    """Serialise a manifest behind its own digest, so no byte of it is trusted unverified."""
+    body = manifest.SerializeToString(deterministic=True)
+    return sha256(body) + body
+
+
+def lifetime_ms(manifest: pb.ContextManifest) -> int | None:
+    """How long the context lives after each use; None: it never expires."""
+    if manifest.expires_unix_ms == 0:
+        return None
+    return manifest.expires_unix_ms - manifest.created_unix_ms
+
+
+def tree_config(manifest: pb.ContextManifest) -> TreeConfig:
+    """The TreeConfig of a verified manifest."""
+    cfg = manifest.tree_config
+    return TreeConfig(
+        n_layers=cfg.n_layers,
+        chunk_size=cfg.chunk_size,
+        depth=cfg.depth,
+        pool_size=cfg.pool_size,
+        encoding=_lookup(_ENCODINGS, cfg.encoding, "encoding"),
+        pooling=_lookup(_POOLINGS, cfg.pooling, "pooling"),
+        positions=_lookup(_POSITIONS, cfg.positions, "positions"),
+    )
+
+
+def torch_dtype(manifest: pb.ContextManifest) -> torch.dtype:
+    if manifest.dtype not in _TORCH_DTYPES:
+        raise DataCorruption(f"manifest names an unknown dtype {manifest.dtype}")
+    return _TORCH_DTYPES[manifest.dtype]
+
+
+def encode(
+    tree: ContextTree,
+    *,
+    fingerprints: Fingerprints,
+    base_n_layers: int,
+    tenant: str,
+    source_sha256: bytes,
+    ttl_s: float | None,
+    now_ms: int | None = None,
+) -> EncodedContext:
+    """Turn a tree into the parts a store keeps.
+
+    base_n_layers: layers of the whole base model (for the storage accounting).
+    source_sha256: sha256 of the document's UTF-8 text.
+    ttl_s: lifetime after each use; None: never expires (the store may still evict it).
+    """
+    _check_encodable(tree, fingerprints, base_n_layers, source_sha256, ttl_s)
+    _, b, n, _, kv, hd = tree.keys.shape
+    created = int(time.time() * 1000) if now_ms is None else now_ms
+    rkeys = safetensors.torch.save({"retrieval_keys": _contiguous(tree.retrieval_keys)})
+    nodes = tuple(
+        safetensors.torch.save({"keys": _contiguous(tree.keys[:, c, i]), "values": _contiguous(tree.values[:, c, i])})
+        for c in range(b)
+        for i in range(n)
+    )
+    cfg = tree.config
+    manifest = pb.ContextManifest(
+        format_version=FORMAT_VERSION,
+        model_fingerprint=fingerprints.model,
+        adapter_fingerprint=fingerprints.adapter,
+        tree_config=pb.TreeConfig(
+            n_layers=cfg.n_layers,
+            chunk_size=cfg.chunk_size,
+            depth=cfg.depth,
+            pool_size=cfg.pool_size,
+            encoding=_ENCODINGS[cfg.encoding],
+            pooling=_POOLINGS[cfg.pooling],
+            positions=_POSITIONS[cfg.positions],
+        ),
+        n_chunks=b,
+        chunk_lengths=tree.chunk_lengths,
+        nodes_per_chunk=n,
+        dtype=DTYPES[tree.keys.dtype],
+        shapes=pb.TensorShapes(
+            n_kv_heads=kv, head_dim=hd, hidden=tree.retrieval_keys.shape[2], base_n_layers=base_n_layers
+        ),
+        node_entry_counts=tree.counts.flatten().tolist(),
+        node_sha256=[sha256(payload) for payload in nodes],
+        retrieval_keys_sha256=sha256(rkeys),
+        source_sha256=source_sha256,
+        n_tokens=tree.n_tokens,
+        tenant=tenant,
+        created_unix_ms=created,
+        expires_unix_ms=0 if ttl_s is None else created + max(1, round(ttl_s * 1000)),
+        stored_bytes=len(rkeys) + sum(map(len, nodes)),
+    )
+    return EncodedContext(frame_manifest(manifest), rkeys, nodes)
+
+
+def decode_manifest(frame: bytes, expected: Fingerprints | None = None) -> pb.ContextManifest:
+    """Verify and parse a framed manifest; check fingerprints when `expected` is given."""
+    if len(frame) <= DIGEST_BYTES or sha256(frame[DIGEST_BYTES:]) != frame[:DIGEST_BYTES]:
+        raise DataCorruption("context manifest fails its checksum (corrupted or truncated)")
+    try:
+        manifest = pb.ContextManifest.FromString(frame[DIGEST_BYTES:])
+    except DecodeError as exc:
+        raise DataCorruption(f"context manifest does not parse: {exc}") from exc
+    if manifest.format_version != FORMAT_VERSION:
+        raise IncompatibleContext(
+            f"context was stored in format version {manifest.format_version}; this build reads version {FORMAT_VERSION}"
+        )
+    _check_consistent(manifest)
+    if expected is not None:
+        stored = Fingerprints(manifest.model_fingerprint, manifest.adapter_fingerprint)
+        if stored != expected:
+            raise IncompatibleContext(
+                f"context was built for model {stored.model!r} with adapter {stored.adapter!r}; "
+                f"this server runs model {expected.model!r} with adapter {expected.adapter!r}"
+            )
+    return manifest
+
+
+def decode_retrieval_keys(manifest: pb.ContextManifest, payload: bytes) -> torch.Tensor:
+    """The verified retrieval keys [B, N, hidden] float32."""
+    shape = (manifest.n_chunks, manifest.nodes_per_chunk, manifest.shapes.hidden)
+    tensors = _load(payload, manifest.retrieval_keys_sha256, "retrieval keys")
+    return _expect(tensors, "retrieval keys", {"retrieval_keys": (shape, torch.float32)})["retrieval_keys"]
+
+
+def decode_node(manifest: pb.ContextManifest, index: int, payload: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verified keys and values [M, P, kv, hd] of node `index` (chunk * N + node)."""
+    chunk, node = divmod(index, manifest.nodes_per_chunk)
+    what = f"node {node} of chunk {chunk}"
+    cfg, shapes = manifest.tree_config, manifest.shapes
+    spec = ((cfg.n_layers, cfg.pool_size, shapes.n_kv_heads, shapes.head_dim), torch_dtype(manifest))
+    tensors = _expect(_load(payload, manifest.node_sha256[index], what), what, {"keys": spec, "values": spec})
+    return tensors["keys"], tensors["values"]
+
+
+def decode(encoded: EncodedContext, expected: Fingerprints | None = None) -> ContextTree:
+    """The whole verified tree (tests, migration, embedded use); the decoder reads nodes lazily."""
+    manifest = decode_manifest(encoded.manifest_frame, expected)
+    if len(encoded.nodes) != len(manifest.node_sha256):
+        raise DataCorruption(
+            f"context has {len(encoded.nodes)} node payloads, manifest lists {len(manifest.node_sha256)}"
+        )
+    nodes = [decode_node(manifest, i, payload) for i, payload in enumerate(encoded.nodes)]
+    b, n = manifest.n_chunks, manifest.nodes_per_chunk
+
+    def gather(part: int) -> torch.Tensor:
+        stacked = torch.stack([node[part] for node in nodes], dim=1)  # [M, B*N, P, kv, hd]
+        return stacked.unflatten(1, (b, n))
+
+    return ContextTree(
+        config=tree_config(manifest),
+        chunk_lengths=tuple(manifest.chunk_lengths),
+        keys=gather(0),
+        values=gather(1),
+        counts=node_counts(manifest).reshape(b, n),
+        retrieval_keys=decode_retrieval_keys(manifest, encoded.retrieval_keys),
+    )
+
+
+def node_counts(manifest: pb.ContextManifest) -> torch.Tensor:
+    """Valid entries per node, flat chunk-major, int32 as in ContextTree.counts."""
+    return torch.tensor(manifest.node_entry_counts, dtype=torch.int32)
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """A dense copy: safetensors needs contiguous tensors that share no storage."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _lookup(table: dict[str, int], value: int, field: str) -> str:
+    for name, number in table.items():
+        if number == value:
+            return name
+    raise DataCorruption(f"manifest tree_config.{field} has an unknown value {value}")
+
+
+def _load(payload: bytes, digest: bytes, what: str) -> dict[str, torch.Tensor]:
+    if sha256(payload) != digest:
+        raise DataCorruption(f"{what} fails its checksum (corrupted or truncated)")
+    try:
+        return safetensors.torch.load(payload)
+    except Exception as exc:  # the parser is third-party: any failure on stored bytes is corruption
+        raise DataCorruption(f"{what} is not a readable safetensors payload: {exc}") from exc
+
+
+def _expect(
+    tensors: dict[str, torch.Tensor], what: str, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]
+) -> dict[str, torch.Tensor]:
+    if set(tensors) != set(spec):
+        raise DataCorruption(f"{what} holds tensors {sorted(tensors)}, expected {sorted(spec)}")
+    for name, (shape, dtype) in spec.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise DataCorruption(f"{what}: {name} is {t.dtype} {tuple(t.shape)}, manifest says {dtype} {shape}")
+    return tensors
+
+
+def _check_encodable(
+    tree: ContextTree,
+    fingerprints: Fingerprints,
+    base_n_layers: int,
+    source_sha256: bytes,
+    ttl_s: float | None,
+) -> None:
+    problems = []
+    if not fingerprints.model or not fingerprints.adapter:
+        problems.append("model and adapter fingerprints must be non-empty")
+    if tree.keys.dtype not in DTYPES or tree.values.dtype != tree.keys.dtype:
+        problems.append(f"keys/values must share one of {list(DTYPES)}, got {tree.keys.dtype}/{tree.values.dtype}")
+    if tree.retrieval_keys.dtype != torch.float32:
+        problems.append(f"retrieval keys must be float32, got {tree.retrieval_keys.dtype}")
+    if tree.n_chunks < 1 or not all(1 <= n <= tree.config.chunk_size for n in tree.chunk_lengths):
+        problems.append(f"need >= 1 chunk of 1..{tree.config.chunk_size} tokens, got {tree.chunk_lengths}")
+    if tree.counts.numel() and not 0 <= int(tree.counts.min()) <= int(tree.counts.max()) <= tree.config.pool_size:
+        problems.append(f"node entry counts must lie in [0, {tree.config.pool_size}]")
+    if base_n_layers < tree.config.n_layers:
+        problems.append(f"base_n_layers ({base_n_layers}) is below the tree's n_layers ({tree.config.n_layers})")
+    if len(source_sha256) != DIGEST_BYTES:
+        problems.append(f"source_sha256 must be {DIGEST_BYTES} bytes, got {len(source_sha256)}")
+    if ttl_s is not None and not ttl_s > 0:
+        problems.append(f"ttl_s must be > 0 or None (no expiry), got {ttl_s}")
+    if problems:
+        raise InvalidInput("cannot encode context tree: " + "; ".join(problems))
+
+
+def _check_consistent(m: pb.ContextManifest) -> None:
+    """Cross-check the manifest's fields, so a reader never indexes out of bounds or misshapes."""
+    try:
+        cfg = tree_config(m)
+    except ConfigError as exc:
+        raise DataCorruption(f"manifest tree config is invalid: {exc}") from exc
+    n_nodes = m.n_chunks * m.nodes_per_chunk
+    digests = (*m.node_sha256, m.retrieval_keys_sha256, m.source_sha256)
+    shapes = m.shapes
+    problems = [
+        text
+        for ok, text in (
+            (m.n_chunks >= 1 and len(m.chunk_lengths) == m.n_chunks, "chunk count"),
+            (all(1 <= n <= cfg.chunk_size for n in m.chunk_lengths), "chunk lengths"),
+            (m.n_tokens == sum(m.chunk_lengths), "token count"),
+            (m.nodes_per_chunk == cfg.nodes_per_chunk, "nodes per chunk"),
+            (len(m.node_entry_counts) == n_nodes and len(m.node_sha256) == n_nodes, "node table size"),
+            (all(c <= cfg.pool_size for c in m.node_entry_counts), "node entry counts"),
+            (all(len(d) == DIGEST_BYTES for d in digests), "digest lengths"),
+            (min(shapes.n_kv_heads, shapes.head_dim, shapes.hidden) >= 1, "tensor shapes"),
+            (shapes.base_n_layers >= cfg.n_layers, "base model layers"),
+            (m.model_fingerprint != "" and m.adapter_fingerprint != "", "fingerprints"),
+            (m.expires_unix_ms == 0 or m.expires_unix_ms > m.created_unix_ms, "expiry"),
+        )
+        if not ok
+    ]
+    if problems:
+        raise DataCorruption(f"context manifest is inconsistent: {', '.join(problems)}")
+    torch_dtype(m)

@@ -1,0 +1,332 @@
+"""Context store on Redis: shared by every replica, durable with Redis persistence.
+
+Layout, one hash tag per context so that a Redis Cluster keeps all of it in one slot:
+
+    sllm:{<tenant>:<id>}:manifest                      hash: gen -> current generation,
+                                                       manifest -> framed manifest
+    sllm:{<tenant>:<id>}:<gen>:rkeys                   retrieval-keys payload
+    sllm:{<tenant>:<id>}:<gen>:node:<chunk>:<node>     one node payload
+    sllm:{<tenant>:<id>}:retired                       hash: replaced generation -> its manifest
+
+Why generations: a writer stages every part under a fresh random generation, then one Lua
+script checks that they all exist and points the manifest key at them. Readers follow that
+pointer, so they never see a partly written tree, and two writers of one id never mix: the
+last to publish wins whole. The replaced generation expires after a grace period, so a reader
+that already holds its manifest can still fetch its nodes; `delete` removes it at once.
+
+Expiry: the manifest key expires after the context's lifetime and its parts PART_MARGIN_MS
+later, so parts exist whenever the manifest does; every use restarts all of them in one script,
+and pinning removes the expiry of all of them. Run Redis with `maxmemory-policy noeviction`:
+an evicted part is lost data, which reads then report as DataCorruption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import secrets
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from common.errors import (
+    DataCorruption,
+    IncompatibleContext,
+    InvalidInput,
+    ResourceExhausted,
+    StoreUnavailable,
+)
+from common.generated.sharedllm.v1 import context_pb2 as pb
+from common.store import codec
+from common.store.base import ContextKey, ContextStore, PartReader, StoreStats
+from common.store.codec import EncodedContext
+
+log = logging.getLogger(__name__)
+
+STAGING_TTL_MS = 3_600_000  # parts of a generation whose writer died before publishing
+PART_MARGIN_MS = 60_000  # parts outlive their manifest key by this much
+GRACE_MS = 60_000  # a replaced generation stays readable this long
+_GENERATION = re.compile(rb"[0-9a-f]{16}")
+_INCOMPLETE = "SLLM_INCOMPLETE"
+
+# Connection defaults; options in the URL's query string take precedence.
+_POOL_DEFAULTS = {
+    "socket_connect_timeout": 2.0,
+    "socket_timeout": 10.0,
+    "health_check_interval": 30,
+    "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+}
+
+# KEYS[1] manifest key, KEYS[2] retired-generations hash, KEYS[3..] parts; ARGV: generation,
+# manifest frame, lifetime ms (0: none), part margin ms, grace ms. Records the replaced
+# generation as retired and returns its {generation, manifest frame} (nils if there was none).
+_PUBLISH = f"""
+for i = 3, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    return redis.error_reply('{_INCOMPLETE} ' .. KEYS[i])
+  end
+end
+local old = redis.call('HMGET', KEYS[1], 'gen', 'manifest')
+redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'manifest', ARGV[2])
+if old[1] and old[1] ~= ARGV[1] then
+  redis.call('HSET', KEYS[2], old[1], old[2] or '')
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+local ttl = tonumber(ARGV[3])
+if ttl == 0 then redis.call('PERSIST', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ttl) end
+for i = 3, #KEYS do
+  if ttl == 0 then
+    redis.call('PERSIST', KEYS[i])
+  else
+    redis.call('PEXPIRE', KEYS[i], ttl + tonumber(ARGV[4]))
+  end
+end
+return old
+"""
+
+# KEYS[1] manifest key, KEYS[2] retrieval keys, KEYS[3..] nodes; ARGV: generation,
+# mode ('use' | 'touch' | 'pin'), lifetime ms, part margin ms.
+# Returns {status, retrieval-keys payload ('use' only)}. Status 0: the manifest key no longer
+# points at this generation (deleted, expired or replaced); 1: expiry restarted or removed;
+# 2: no expiry to restart.
+_EXPIRE = """
+local status = 0
+if redis.call('HGET', KEYS[1], 'gen') == ARGV[1] then
+  if ARGV[2] == 'pin' then
+    for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
+    status = 1
+  elseif redis.call('PTTL', KEYS[1]) < 0 then
+    status = 2
+  else
+    local ttl = tonumber(ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], ttl)
+    for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl + tonumber(ARGV[4])) end
+    status = 1
+  end
+end
+if ARGV[2] == 'use' then return {status, redis.call('GET', KEYS[2])} end
+return {status}
+"""
+
+
+def redact(url: str) -> str:
+    """The URL without its password (in messages, logs and metrics)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    with contextlib.suppress(ValueError):
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    if parts.password is not None:
+        host = f"{parts.username or ''}:***@{host}"
+    elif parts.username:
+        host = f"{parts.username}@{host}"
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, "***" if "password" in k.lower() else v) for k, v in query]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, urllib.parse.urlencode(query, safe="*"), ""))
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """Key names of one context."""
+
+    prefix: str
+
+    @classmethod
+    def of(cls, key: ContextKey) -> _Keys:
+        return cls(f"sllm:{{{key.tenant}:{key.context_id}}}")
+
+    @property
+    def head(self) -> str:
+        return f"{self.prefix}:manifest"
+
+    @property
+    def retired(self) -> str:
+        """Hash of replaced generations still in their grace period: generation -> manifest frame."""
+        return f"{self.prefix}:retired"
+
+    def rkeys(self, gen: str) -> str:
+        return f"{self.prefix}:{gen}:rkeys"
+
+    def node(self, gen: str, index: int, nodes_per_chunk: int) -> str:
+        chunk, node = divmod(index, nodes_per_chunk)
+        return f"{self.prefix}:{gen}:node:{chunk}:{node}"
+
+    def parts(self, gen: str, manifest: pb.ContextManifest) -> list[str]:
+        """Every part of a generation: retrieval keys first, then nodes in chunk-major order."""
+        n = manifest.nodes_per_chunk
+        return [self.rkeys(gen), *(self.node(gen, i, n) for i in range(manifest.n_chunks * n))]
+
+
+class RedisStore(ContextStore):
+    """Thread-safe (one connection pool). URL: redis://[[user]:password@]host[:port][/db][?opts],
+    rediss:// for TLS (e.g. ?ssl_ca_certs=/path/ca.pem); options are redis-py's."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        try:
+            pool = redis.ConnectionPool.from_url(url, **_POOL_DEFAULTS)
+        except ValueError as exc:  # redis-py's messages name the bad part, never the password
+            raise InvalidInput(f"invalid Redis URL: {exc}") from exc
+        self.url = redact(url)
+        self._redis = redis.Redis(connection_pool=pool)
+        self._publish = self._redis.register_script(_PUBLISH)
+        self._expire = self._redis.register_script(_EXPIRE)
+
+    def ping(self) -> None:
+        with self._errors():
+            self._redis.ping()
+
+    def close(self) -> None:
+        self._redis.close()
+        self._redis.connection_pool.disconnect()
+
+    def stats(self) -> StoreStats:
+        return StoreStats(self.url, None, None, None, self._counters.snapshot())
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn redis-py's exceptions into the product's error vocabulary."""
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError) as exc:
+            raise StoreUnavailable(f"Redis at {self.url} is unavailable ({type(exc).__name__}: {exc})") from exc
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise ResourceExhausted(f"Redis at {self.url} is out of memory: {exc}") from exc
+        except redis.ResponseError as exc:
+            if _INCOMPLETE in str(exc):
+                raise DataCorruption(
+                    f"staged parts vanished before publishing ({exc}); is Redis evicting keys? "
+                    "It must run with maxmemory-policy noeviction"
+                ) from exc
+            if "WRONGTYPE" in str(exc):
+                raise DataCorruption(f"a context key in Redis at {self.url} has the wrong type: {exc}") from exc
+            raise
+
+    def _put(self, key: ContextKey, encoded: EncodedContext) -> None:
+        keys, manifest, gen = _Keys.of(key), encoded.manifest, secrets.token_hex(8)
+        parts = keys.parts(gen, manifest)
+        with self._errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for name, payload in zip(parts, (encoded.retrieval_keys, *encoded.nodes), strict=True):
+                pipe.set(name, payload, px=STAGING_TTL_MS)
+            pipe.execute()
+            old_gen, old_frame = self._publish(
+                keys=[keys.head, keys.retired, *parts],
+                args=[gen, encoded.manifest_frame, codec.lifetime_ms(manifest) or 0, PART_MARGIN_MS, GRACE_MS],
+            )
+            if old_gen is not None and old_gen != gen.encode():
+                pipe = self._redis.pipeline(transaction=False)
+                for name in self._parts_of(keys, old_gen, old_frame):
+                    pipe.pexpire(name, GRACE_MS)
+                pipe.execute()
+
+    def _open(self, key: ContextKey) -> tuple[bytes, PartReader]:
+        keys = _Keys.of(key)
+        with self._errors():
+            head = self._redis.hgetall(keys.head)
+        gen, frame = _current(key, head)
+        return frame, _Generation(self, key, keys, gen)
+
+    def _info(self, key: ContextKey) -> tuple[bytes, float | None]:
+        keys = _Keys.of(key)
+        with self._errors():
+            pipe = self._redis.pipeline(transaction=True)
+            head, pttl = pipe.hgetall(keys.head).pttl(keys.head).execute()
+        _, frame = _current(key, head)
+        return frame, None if pttl < 0 else pttl / 1000
+
+    def _touch(self, key: ContextKey, pin: bool) -> None:
+        keys = _Keys.of(key)
+        for _ in range(3):  # a concurrent writer may replace the generation between the two calls
+            with self._errors():
+                head = self._redis.hgetall(keys.head)
+            gen, frame = _current(key, head)
+            manifest = codec.decode_manifest(frame)
+            status, *_ = self._expire_script(keys, gen, manifest, "pin" if pin else "touch")
+            if status:
+                return
+        raise StoreUnavailable(f"context {key.context_id!r} is being rewritten concurrently; retry")
+
+    def _delete(self, key: ContextKey) -> bool:
+        """Remove the current generation and any replaced one still in its grace period."""
+        keys = _Keys.of(key)
+        with self._errors():
+            pipe = self._redis.pipeline(transaction=True)
+            head, retired, _ = pipe.hgetall(keys.head).hgetall(keys.retired).unlink(keys.head, keys.retired).execute()
+            generations = [(head.get(b"gen"), head.get(b"manifest"))] if head else []
+            parts = [
+                part for gen, frame in [*generations, *retired.items()] for part in self._parts_of(keys, gen, frame)
+            ]
+            if parts:
+                self._redis.unlink(*parts)
+        return bool(head)
+
+    def _expire_script(self, keys: _Keys, gen: str, manifest: pb.ContextManifest, mode: str) -> list:
+        with self._errors():
+            return self._expire(
+                keys=[keys.head, *keys.parts(gen, manifest)],
+                args=[gen, mode, codec.lifetime_ms(manifest) or 0, PART_MARGIN_MS],
+            )
+
+    def _parts_of(self, keys: _Keys, gen: bytes | None, frame: bytes | None) -> list[str]:
+        """The parts of a generation that is no longer current, to expire or delete them.
+
+        Its manifest names them; if that manifest is unreadable, they are found by name with a
+        SCAN (a walk over the whole keyspace, acceptable only in this rare case).
+        """
+        if gen is None or not _GENERATION.fullmatch(gen):
+            log.warning("context %s has no valid generation; its parts are left to expire", keys.prefix)
+            return []
+        try:
+            return keys.parts(gen.decode(), codec.decode_manifest(frame or b""))
+        except (DataCorruption, IncompatibleContext):
+            return [k.decode() for k in self._redis.scan_iter(match=f"{keys.prefix}:{gen.decode()}:*", count=1000)]
+
+
+def _current(key: ContextKey, head: dict[bytes, bytes]) -> tuple[str, bytes]:
+    """The generation and framed manifest of a manifest key's fields."""
+    if not head:
+        raise key.not_found()
+    gen, frame = head.get(b"gen"), head.get(b"manifest")
+    if gen is None or frame is None or not _GENERATION.fullmatch(gen):
+        raise DataCorruption(f"manifest key of context {key.context_id!r} is damaged (fields {sorted(head)})")
+    return gen.decode(), frame
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """The parts of the generation a reader opened."""
+
+    store: RedisStore
+    key: ContextKey
+    keys: _Keys
+    gen: str
+
+    def read_retrieval_keys(self, manifest: pb.ContextManifest) -> bytes:
+        status, payload = self.store._expire_script(self.keys, self.gen, manifest, "use")
+        if payload is None:
+            if status == 0:
+                raise self.key.not_found("deleted or expired while being opened")
+            raise DataCorruption(f"retrieval keys of context {self.key.context_id!r} are missing")
+        return payload
+
+    def read_nodes(self, manifest: pb.ContextManifest, indices: Sequence[int]) -> list[bytes]:
+        names = [self.keys.node(self.gen, i, manifest.nodes_per_chunk) for i in indices]
+        with self.store._errors():
+            pipe = self.store._redis.pipeline(transaction=False)
+            payloads, current = pipe.mget(names).hget(self.keys.head, "gen").execute()
+        missing = [name for name, payload in zip(names, payloads, strict=True) if payload is None]
+        if missing:
+            if current != self.gen.encode():
+                raise self.key.not_found("deleted, expired or replaced after it was opened")
+            raise DataCorruption(
+                f"{len(missing)} node payload(s) of context {self.key.context_id!r} are missing, e.g. {missing[0]}"
+            )
+        return payloads

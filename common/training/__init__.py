@@ -1,0 +1,1 @@
+"""Training the injection adapter (method.md §6)."""

@@ -1,0 +1,129 @@
+"""`sharedllm train`: train an injection adapter on the fetched corpora (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from common.config import TreeConfig
+from common.data.corpora import read_manifest
+from common.data.shards import SpanSampler, load_shards
+from common.engine.engine import Engine
+from common.errors import InvalidInput
+from common.training.examples import LanguageModelling, SyntheticQuestions, fixed_lm_examples
+from common.training.trainer import FINAL_ADAPTER, Trainer, TrainSettings
+
+TRAIN_CORPORA = ("austen", "bible", "stdlib", "pydocs")
+
+
+def add_tree_arguments(parser: argparse.ArgumentParser, defaults: TreeConfig) -> None:
+    parser.add_argument("--layers", type=int, default=defaults.n_layers, help="M")
+    parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size, help="C")
+    parser.add_argument("--depth", type=int, default=defaults.depth, help="D")
+    parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="P")
+    parser.add_argument("--encoding", choices=("single_pass", "per_node"), default=defaults.encoding)
+    parser.add_argument("--pooling", choices=("last", "mean"), default=defaults.pooling)
+    parser.add_argument("--positions", choices=("chunk", "none"), default=defaults.positions)
+
+
+def tree_config(args: argparse.Namespace) -> TreeConfig:
+    return TreeConfig(
+        args.layers, args.chunk_size, args.depth, args.pool_size, args.encoding, args.pooling, args.positions
+    )
+
+
+def add_train_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train an injection adapter (resumes from --run-dir)")
+    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, log.jsonl and the final adapter")
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SHAREDLLM_DATA_DIR", "data")))
+    p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device")
+    p.add_argument("--out", type=Path, help="also write the final adapter here")
+    add_tree_arguments(p, TreeConfig(chunk_size=512, pool_size=16))
+    p.add_argument("--context-chunks", type=int, default=4, help="chunks compressed per training example")
+    p.add_argument("--decoder-tokens", type=int, default=256)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--synthetic-fraction", type=float, default=0.25)
+    p.add_argument("--no-split-noise", action="store_true")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-examples", type=int, default=16)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpora", nargs="+", default=list(TRAIN_CORPORA))
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if not (0 <= args.synthetic_fraction <= 1):
+        raise InvalidInput(f"--synthetic-fraction must be in [0, 1], got {args.synthetic_fraction}")
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = args.device
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    config = tree_config(args)
+    engine = Engine.load(args.model, None, device, tree_config=config)
+    read_manifest(args.data_dir)  # a clear error when `sharedllm data fetch` has not run
+    context_tokens = args.context_chunks * config.chunk_size
+    span = context_tokens + args.decoder_tokens
+    if span > engine.window:
+        raise InvalidInput(f"context + decoder tokens ({span}) exceed the model window ({engine.window})")
+    tokenizer = engine.tokenizer
+    available = {e.corpus for e in read_manifest(args.data_dir)}
+    corpora = [c for c in args.corpora if c in available]
+    train = load_shards(args.data_dir, "train", tokenizer, corpora)
+    heldout = load_shards(args.data_dir, "heldout", tokenizer, corpora)
+    lm = LanguageModelling(SpanSampler(train, span, seed=args.seed + 17 * rank), context_tokens)
+    synthetic = None
+    if args.synthetic_fraction > 0:
+        filler_doc = max(train.documents, key=lambda d: d.length if d.corpus in ("austen", "bible") else 0)
+        filler_text = tokenizer.decode(train.tokens(filler_doc)[:200_000].tolist())
+        eos = (
+            tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if "<|im_end|>" in tokenizer.get_vocab()
+            else (tokenizer.eos_token_id)
+        )
+        synthetic = SyntheticQuestions(
+            tokenizer, filler_text, context_tokens, engine.prompt_ids, eos, seed=args.seed + rank
+        )
+    eval_set = fixed_lm_examples(SpanSampler(heldout, span, seed=12345), context_tokens, args.eval_examples)
+    settings = TrainSettings(
+        steps=args.steps,
+        lr=args.lr,
+        warmup=args.warmup,
+        accumulate=args.accumulate,
+        synthetic_fraction=args.synthetic_fraction,
+        split_noise=not args.no_split_noise,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    provenance = {
+        "corpora": corpora,
+        "context_tokens": context_tokens,
+        "decoder_tokens": args.decoder_tokens,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "device": str(engine.body.device),
+        "dtype": str(engine.body.dtype),
+    }
+    trainer = Trainer(engine, settings, args.run_dir, (lm, synthetic), eval_set, provenance)
+    final = trainer.train()
+    command = "sharedllm " + shlex.join(sys.argv[1:])
+    trainer.export(args.run_dir / FINAL_ADAPTER, command, final)
+    if args.out and rank == 0:
+        trainer.export(args.out, command, final)
+    if rank == 0:
+        print(f"trained {trainer.step} steps; held-out loss: {final}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

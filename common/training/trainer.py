@@ -1,0 +1,230 @@
+"""The training loop: AdamW, warm-up + cosine, accumulation, checkpoints, held-out evaluation.
+
+Only the adapter's parameters train; the base model (and so the lower model, which is the
+same tensors) is frozen and context trees are built without gradients. Data parallelism
+across processes (torchrun) averages gradients with an all-reduce after each step's
+backward passes, which is what DistributedDataParallel does for a module it wraps; the
+adapter's blocks run from hooks inside the engine's layer loop, so they are reduced directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from common.engine.engine import Engine
+from common.training.examples import Example
+
+CHECKPOINT_ADAPTER = "checkpoint-adapter.safetensors"
+CHECKPOINT_STATE = "checkpoint-state.pt"
+LOG_FILE = "log.jsonl"
+FINAL_ADAPTER = "adapter.safetensors"
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    accumulate: int = 1
+    synthetic_fraction: float = 0.25
+    split_noise: bool = True
+    eval_every: int = 100
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+def example_loss(
+    engine: Engine,
+    example: Example,
+    inject: bool = True,
+    full_context: bool = False,
+    noise: torch.Generator | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the scored decoder tokens, and how many were scored.
+
+    inject=False is the window-alone baseline; full_context=True puts the document in the
+    base model's window instead (the full-attention baseline); both score the same tokens.
+    """
+    decoder = engine.decoder
+    injection = None
+    prefix: list[int] = []
+    if full_context:
+        prefix = example.document
+    elif inject:
+        tree = engine.compressor.compress(example.document, split_noise=noise)
+        query = decoder.query_vector(example.query) if example.query else None
+        injection, _ = decoder.prepare(tree, query)
+    ids = torch.tensor([prefix + example.decoder], device=engine.body.device)
+    h = decoder.forward(ids, 0, None, injection)
+    first = len(prefix) + example.scored_from  # index of the first scored token
+    logits = engine.body.logits(h[0, first - 1 : -1]).float()
+    targets = ids[0, first:]
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+
+
+def mean_loss(engine: Engine, examples: list[Example], **mode) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            loss, n = example_loss(engine, example, **mode)
+            total += float(loss)
+            count += n
+    return total / max(count, 1)
+
+
+class Trainer:
+    def __init__(
+        self, engine: Engine, settings: TrainSettings, run_dir: Path, sources, heldout: list[Example], provenance: dict
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.sources = sources  # (language_modelling, synthetic or None)
+        self.heldout = heldout
+        self.provenance = provenance
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.params = [p for p in engine.adapter.parameters()]
+        engine.adapter.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        self.step = 0
+        self.baselines: dict[str, float] = {}
+
+    def lr_at(self, step: int) -> float:
+        s = self.settings
+        if step < s.warmup:
+            return s.lr * (step + 1) / s.warmup
+        progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+        return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    # ---- checkpoints ---------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.engine.adapter.state_dict().items()}
+        tmp = self.run_dir / (CHECKPOINT_ADAPTER + ".tmp")
+        save_file(tensors, str(tmp))
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "baselines": self.baselines}
+        tmp_state = self.run_dir / (CHECKPOINT_STATE + ".tmp")
+        torch.save(state, tmp_state)
+        os.replace(tmp, self.run_dir / CHECKPOINT_ADAPTER)
+        os.replace(tmp_state, self.run_dir / CHECKPOINT_STATE)
+
+    def try_resume(self) -> bool:
+        adapter_path = self.run_dir / CHECKPOINT_ADAPTER
+        state_path = self.run_dir / CHECKPOINT_STATE
+        if not (adapter_path.is_file() and state_path.is_file()):
+            return False
+        self.engine.adapter.load_state_dict(load_file(str(adapter_path), device=str(self.engine.body.device)))
+        state = torch.load(state_path, weights_only=True, map_location=self.engine.body.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.baselines = dict(state.get("baselines", {}))
+        return True
+
+    def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # ---- evaluation ----------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss of SharedLLM beside the window-alone and full-attention baselines."""
+        if not self.baselines and self.heldout:
+            self.baselines = {
+                "window_alone": mean_loss(self.engine, self.heldout, inject=False),
+                "full_attention": mean_loss(self.engine, self.heldout, full_context=True),
+            }
+        result = dict(self.baselines)
+        if self.heldout:
+            result["sharedllm"] = mean_loss(self.engine, self.heldout)
+            gap = result["window_alone"] - result["full_attention"]
+            result["gap_closed"] = (result["window_alone"] - result["sharedllm"]) / gap if gap > 0 else float("nan")
+        return result
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def train(self) -> dict:
+        s = self.settings
+        resumed = self.try_resume()
+        rng = random.Random(s.seed * 1_000_003 + self.step * 7919 + self.rank)
+        noise = torch.Generator().manual_seed(s.seed + self.step + 1000 * self.rank)
+        language_modelling, synthetic = self.sources
+        self.log({"event": "start", "resumed": resumed, "step": self.step, "settings": asdict(s)})
+        bar = tqdm(total=s.steps, initial=self.step, desc="train", disable=self.rank != 0, file=sys.stderr)
+        started = time.perf_counter()
+        last_eval: dict[str, float] = {}
+        while self.step < s.steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.step)
+            total_loss, total_tokens = 0.0, 0
+            for _ in range(s.accumulate):
+                use_synthetic = synthetic is not None and rng.random() < s.synthetic_fraction
+                example = synthetic() if use_synthetic else language_modelling()
+                loss, n = example_loss(self.engine, example, noise=noise if s.split_noise else None)
+                (loss / max(n, 1) / s.accumulate).backward()
+                total_loss += float(loss.detach())
+                total_tokens += n
+            if self.world > 1:
+                for p in self.params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= self.world
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, 1.0))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            record = {
+                "step": self.step,
+                "loss": total_loss / max(total_tokens, 1),
+                "lr": self.lr_at(self.step - 1),
+                "grad_norm": grad_norm,
+                "elapsed_s": time.perf_counter() - started,
+            }
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if s.eval_every and (self.step % s.eval_every == 0 or self.step == s.steps) and self.rank == 0:
+                last_eval = self.evaluate()
+                record["eval"] = last_eval
+            self.log(record)
+            if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        if not last_eval and self.rank == 0 and self.heldout:
+            last_eval = self.evaluate()
+        return last_eval
+
+    def export(self, path: Path, command: str, final_eval: dict) -> None:
+        """Write the trained adapter with its provenance (rank 0 only)."""
+        if self.rank != 0:
+            return
+        adapter = self.engine.adapter
+        adapter.provenance = {
+            **self.provenance,
+            "trained": True,
+            "steps": self.step,
+            "settings": asdict(self.settings),
+            "heldout_eval": final_eval,
+            "command": command,
+        }
+        adapter.save(path, self.engine.loaded.fingerprint)

@@ -1,0 +1,80 @@
+"""Shared fixtures: the tiny random model and the real default model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from tiny_model import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The real default model (SmolLM2-135M-Instruct), loaded once for the whole session."""
+    from common.model_loading import load_model
+
+    return load_model(None, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server shared by the session; tests use their own context ids or tenants."""
+    from redis_server import RedisServer
+
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def make_redis_server(tmp_path):
+    """Start private redis-servers that a test may stop, kill or restart; all stopped afterwards."""
+    from redis_server import RedisServer
+
+    servers = []
+
+    def make(**options):
+        directory = tmp_path / f"redis-{len(servers)}"
+        directory.mkdir()
+        servers.append(RedisServer(directory, **options))
+        return servers[-1].start()
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def make_tree():
+    """Build small random ContextTrees (no model): (dtype, n_chunks, seed) -> ContextTree.
+
+    Two full chunks plus a partial one, with some short nodes, and NaN, infinities and -0.0
+    among the entries, so byte-exact round trips are really tested.
+    """
+    import torch
+
+    from common.config import TreeConfig
+    from common.engine.tree import ContextTree
+
+    config = TreeConfig(n_layers=2, chunk_size=16, depth=2, pool_size=4)
+
+    def make(dtype=torch.float32, n_chunks=3, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        m, n, p, kv, hd, hidden = config.n_layers, config.nodes_per_chunk, config.pool_size, 2, 8, 12
+        shape = (m, n_chunks, n, p, kv, hd)
+        counts = torch.randint(1, p + 1, (n_chunks, n), generator=g, dtype=torch.int32)
+        valid = (torch.arange(p).view(1, 1, p) < counts.unsqueeze(-1)).view(1, n_chunks, n, p, 1, 1)
+        keys = torch.randn(shape, generator=g).to(dtype) * valid
+        values = torch.randn(shape, generator=g).to(dtype) * valid
+        keys.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0], dtype=dtype)
+        lengths = (config.chunk_size,) * (n_chunks - 1) + (7,)
+        return ContextTree(config, lengths, keys, values, counts, torch.randn(n_chunks, n, hidden, generator=g))
+
+    return make

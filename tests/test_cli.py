@@ -1,0 +1,64 @@
+"""The `sharedllm` command line as a user runs it: a subprocess, real files, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def sharedllm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "No such file"),
+        (b"", "is empty"),
+        (b"  \n\t ", "is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not UTF-8 text"),
+        (b"text with a NUL \x00 byte", "NUL bytes"),
+    ],
+)
+def test_bad_documents_give_one_line_and_exit_2(tmp_path: Path, content, message):
+    path = tmp_path / "doc.txt"
+    if content is not None:
+        path.write_bytes(content)
+    result = sharedllm("ask", str(path), "What?")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.model
+def test_limits_give_one_line_errors(tmp_path: Path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The cat sat on the mat. " * 200)
+    over = sharedllm("ask", str(doc), "What?", "--max-document-tokens", "100")
+    assert over.returncode == 2 and "the limit is 100" in over.stderr and "Traceback" not in over.stderr
+    window = sharedllm("ask", str(doc), "What?", "--max-new-tokens", "9000")
+    assert window.returncode == 2 and "max_new_tokens" in window.stderr and "Traceback" not in window.stderr
+
+
+@pytest.mark.model
+def test_ask_on_a_document_longer_than_the_window(tmp_path: Path):
+    demo = sharedllm("data", "demo", "--data-dir", str(tmp_path), "--path-only")
+    assert demo.returncode == 0, demo.stderr
+    path = Path(demo.stdout.strip().splitlines()[-1])
+    result = sharedllm("ask", str(path), "Who is Naomi?", "--max-new-tokens", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["document_tokens"] > 8192  # longer than the model's window
+    assert report["chunks"] >= 8
+    assert report["completion_tokens"] >= 1 and report["answer"]
+    assert report["compression_ratio"] > 1 and report["stored_bytes"] > 0

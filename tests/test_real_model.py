@@ -1,0 +1,51 @@
+"""End-to-end checks on the real default model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.config import TreeConfig
+from common.engine.adapter import InjectionAdapter
+from common.engine.decoder import Finished, TokenDelta
+from common.engine.engine import Engine
+from common.engine.llama import LlamaBody
+from common.engine.sampling import SamplingParams
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def engine(real_model) -> Engine:
+    config = TreeConfig(n_layers=4, chunk_size=256, depth=3, pool_size=8)
+    return Engine(real_model, InjectionAdapter.initialise(LlamaBody(real_model.model), config))
+
+
+def test_untrained_adapter_matches_hf_logits(engine, real_model):
+    import argparse
+    from pathlib import Path
+
+    text = Path(argparse.__file__).read_text(encoding="utf-8")[:12_000]
+    tree = engine.compress(engine.tokenize_document(text)).tree
+    prompt = engine.prompt_ids("What does the ArgumentParser class do?")
+    reference = real_model.model(torch.tensor([prompt])).logits[0]
+    assert (engine.logits(prompt) - reference).abs().max().item() <= 1e-5
+    assert (engine.logits(prompt, tree, query_ids=prompt[-8:]) - reference).abs().max().item() <= 1e-5
+
+
+def test_greedy_matches_hf_generate(engine, real_model):
+    question = "What is the capital of France?"
+    prompt = engine.prompt_ids(question)
+    hf = real_model.model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+    ours = [
+        e.token_id
+        for e in engine.generate(None, question, SamplingParams(max_new_tokens=16))
+        if isinstance(e, TokenDelta) and e.token_id is not None
+    ]
+    expected = hf[0, len(prompt) :].tolist()
+    expected = expected[: expected.index(2)] if 2 in expected else expected
+    assert ours == expected
+    finished = [
+        e for e in engine.generate(None, question, SamplingParams(max_new_tokens=16)) if isinstance(e, Finished)
+    ]
+    assert finished[0].reason == "eos"

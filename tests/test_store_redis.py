@@ -1,0 +1,289 @@
+"""The Redis store against a real redis-server: the store contract, the key layout and its
+expiry, atomic publishing under concurrent writers, corruption fuzzing, persistence across a
+crash, and outages."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+
+import pytest
+import redis
+import torch
+from redis.crc import key_slot
+from redis_server import TlsFiles
+from test_codec import FP, damage, encode_tree
+from test_store_memory import ALL_NODES, StoreContract, assert_same_nodes, fetch_tree, same_nodes
+
+from common.errors import ContextNotFound, DataCorruption, InvalidInput, ResourceExhausted, StoreUnavailable
+from common.store import RedisStore, new_context_id, open_store
+from common.store.redis_store import GRACE_MS, PART_MARGIN_MS, STAGING_TTL_MS, redact
+
+
+@pytest.fixture
+def store(redis_server):
+    with RedisStore(redis_server.url) as store:
+        yield store
+
+
+@pytest.fixture
+def client(redis_server):
+    with redis_server.client() as client:
+        yield client
+
+
+def context_keys(client, tenant: str) -> dict[str, int]:
+    """Every key of a tenant, with its remaining time to live in ms (-1: none)."""
+    names = [k.decode() for k in client.scan_iter(match=f"sllm:{{{tenant}:*", count=1000)]
+    return {name: client.pttl(name) for name in names}
+
+
+class TestRedisStoreContract(StoreContract):
+    @pytest.fixture
+    def elapse(self):
+        return time.sleep
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"t-{new_context_id()}"
+
+
+def test_one_hash_tag_per_context_and_a_ttl_on_every_key(store, client, tenant, make_tree):
+    store.put("doc-1", encode_tree(make_tree(), tenant=tenant, ttl_s=30))
+    keys = context_keys(client, tenant)
+    assert len(keys) == 2 + 3 * 6  # manifest, retrieval keys, 18 nodes
+    assert {key_slot(name.encode()) for name in keys} == {key_slot(f"{{{tenant}:doc-1}}".encode())}
+    head = f"sllm:{{{tenant}:doc-1}}:manifest"
+    assert 29_000 < keys.pop(head) <= 30_000
+    assert all(29_000 + PART_MARGIN_MS < ttl <= 30_000 + PART_MARGIN_MS for ttl in keys.values())
+
+
+def test_a_use_restarts_the_expiry_of_every_key_together(store, client, tenant, make_tree):
+    store.put("doc-1", encode_tree(make_tree(), tenant=tenant, ttl_s=30))
+    for name in context_keys(client, tenant):
+        client.pexpire(name, 5_000)
+    store.open("doc-1", FP, tenant=tenant)
+    ttls = context_keys(client, tenant)
+    assert min(ttls.values()) > 29_000 and ttls[f"sllm:{{{tenant}:doc-1}}:manifest"] <= 30_000
+
+
+def test_pin_persists_and_delete_removes_every_key(store, client, tenant, make_tree):
+    store.put("doc-1", encode_tree(make_tree(seed=1), tenant=tenant, ttl_s=30))
+    store.put("doc-1", encode_tree(make_tree(seed=2), tenant=tenant, ttl_s=30))  # retires the first
+    store.touch("doc-1", tenant=tenant, pin=True)
+    keys = context_keys(client, tenant)
+    current = {name: ttl for name, ttl in keys.items() if ttl == -1}
+    assert len(current) == 20
+    assert all(0 < ttl <= GRACE_MS for name, ttl in keys.items() if name not in current)  # retired generation
+    assert store.delete("doc-1", tenant=tenant) is True
+    assert context_keys(client, tenant) == {}
+
+
+def test_two_writers_of_one_id_never_leave_a_mixed_tree(redis_server, tenant, make_tree):
+    trees = [make_tree(seed=seed) for seed in range(2)]
+    encoded = [encode_tree(tree, tenant=tenant) for tree in trees]
+    expected = [tree.fetch(ALL_NODES) for tree in trees]
+    stores = [RedisStore(redis_server.url) for _ in range(3)]
+    done, errors, reads = threading.Event(), [], []
+
+    def write(i: int) -> None:
+        for _ in range(25):
+            stores[i].put("doc-1", encoded[i])
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                _, nodes = fetch_tree(stores[2], "doc-1", tenant)
+            except ContextNotFound:
+                continue  # not yet published
+            except Exception as exc:
+                errors.append(exc)
+                return
+            reads.append(sum(same_nodes(nodes, e) for e in expected))
+
+    writers = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+    reader = threading.Thread(target=read)
+    for t in [reader, *writers]:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    reader.join()
+    assert errors == []
+    assert reads and set(reads) == {1}, "every read must be exactly one writer's tree"
+    _, nodes = fetch_tree(stores[2], "doc-1", tenant)
+    assert sum(same_nodes(nodes, e) for e in expected) == 1
+    for s in stores:
+        s.close()
+
+
+def test_a_writer_that_dies_before_publishing_leaves_nothing_visible(store, client, tenant, make_tree, monkeypatch):
+    old = make_tree(seed=1)
+    store.put("doc-1", encode_tree(old, tenant=tenant))
+
+    def die(**_: object) -> None:
+        raise redis.ConnectionError("the writer's connection dropped after staging its parts")
+
+    monkeypatch.setattr(store, "_publish", die)
+    for context_id in ("doc-1", "doc-2"):
+        with pytest.raises(StoreUnavailable):
+            store.put(context_id, encode_tree(make_tree(seed=2), tenant=tenant))
+    monkeypatch.undo()
+    _, nodes = fetch_tree(store, "doc-1", tenant)
+    assert_same_nodes(nodes, old.fetch(ALL_NODES))
+    with pytest.raises(ContextNotFound):
+        store.open("doc-2", FP, tenant=tenant)
+    staged = {name: ttl for name, ttl in context_keys(client, tenant).items() if "doc-1}:manifest" not in name}
+    assert len(staged) == 3 * 19 and all(0 < ttl <= STAGING_TTL_MS + PART_MARGIN_MS for ttl in staged.values())
+
+
+def test_a_full_redis_refuses_the_write_and_keeps_the_previous_version(make_redis_server, tenant, make_tree):
+    server = make_redis_server()
+    old, new = make_tree(seed=1), make_tree(seed=2)
+    with RedisStore(server.url) as store, server.client() as client:
+        store.put("doc-1", encode_tree(old, tenant=tenant))
+        used = client.info("memory")["used_memory"]
+        client.config_set("maxmemory", used + 4096)  # room for a few parts, not for the whole tree
+        with pytest.raises(ResourceExhausted, match="out of memory"):
+            store.put("doc-1", encode_tree(new, tenant=tenant))
+        client.config_set("maxmemory", 0)
+        _, nodes = fetch_tree(store, "doc-1", tenant)
+        assert_same_nodes(nodes, old.fetch(ALL_NODES))
+
+
+def _damage_cases(store, client, tenant: str):
+    """(description, how to damage, how to restore) for every kind of key of one stored context."""
+    head = f"sllm:{{{tenant}:doc-1}}:manifest"
+    gen = client.hget(head, "gen").decode()
+    rkeys = f"sllm:{{{tenant}:doc-1}}:{gen}:rkeys"
+    nodes = [f"sllm:{{{tenant}:doc-1}}:{gen}:node:{c}:{n}" for c in range(3) for n in range(6)]
+
+    def field(name: str):
+        original = client.hget(head, name)
+        return lambda value: client.hset(head, name, value), lambda: client.hset(head, name, original)
+
+    def key(name: str):
+        original = client.get(name)
+        return lambda value: client.set(name, value, keepttl=True), lambda: client.set(name, original, keepttl=True)
+
+    return (
+        {
+            "manifest": (client.hget(head, "manifest"), *field("manifest")),
+            "generation": (gen.encode(), *field("gen")),
+            "retrieval keys": (client.get(rkeys), *key(rkeys)),
+            **{f"node {i}": (client.get(name), *key(name)) for i, name in enumerate(nodes)},
+        },
+        head,
+        rkeys,
+        nodes,
+    )
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["flipped byte", "truncated"])
+def test_corruption_fuzzing_every_kind_of_key(store, client, tenant, make_tree, truncate):
+    store.put("doc-1", encode_tree(make_tree(torch.bfloat16), tenant=tenant))
+    cases, *_ = _damage_cases(store, client, tenant)
+    rng = random.Random(int(truncate))
+    failures = store.stats().counters.integrity_failures
+    tries = 0
+    for name, (original, write, restore) in cases.items():
+        for _ in range(4 if name.startswith("node") else 25):
+            write(damage(original, rng, truncate))
+            with pytest.raises(DataCorruption):
+                fetch_tree(store, "doc-1", tenant)
+            restore()
+            tries += 1
+    assert store.stats().counters.integrity_failures == failures + tries
+    fetch_tree(store, "doc-1", tenant)  # undamaged again: reads fine
+
+
+def test_missing_parts_are_data_loss_and_a_missing_manifest_is_not_found(store, client, tenant, make_tree):
+    store.put("doc-1", encode_tree(make_tree(), tenant=tenant))
+    _, head, rkeys, nodes = _damage_cases(store, client, tenant)
+    client.delete(nodes[10])
+    with pytest.raises(DataCorruption, match="missing"):
+        fetch_tree(store, "doc-1", tenant)
+    client.delete(rkeys)
+    with pytest.raises(DataCorruption, match="missing"):
+        store.open("doc-1", FP, tenant=tenant)
+    client.hdel(head, "gen")
+    with pytest.raises(DataCorruption, match="damaged"):
+        store.open("doc-1", FP, tenant=tenant)
+    client.delete(head)
+    with pytest.raises(ContextNotFound):
+        store.open("doc-1", FP, tenant=tenant)
+
+
+def test_a_reader_of_a_deleted_context_gets_not_found(store, tenant, make_tree):
+    store.put("doc-1", encode_tree(make_tree(), tenant=tenant))
+    source = store.open("doc-1", FP, tenant=tenant)
+    store.delete("doc-1", tenant=tenant)
+    with pytest.raises(ContextNotFound, match="after it was opened"):
+        source.fetch(ALL_NODES)
+
+
+def test_a_crash_with_append_only_persistence_loses_no_published_context(make_redis_server, tenant, make_tree):
+    server = make_redis_server(appendonly=True)
+    trees = {"expiring": make_tree(seed=1), "pinned": make_tree(torch.float16, seed=2)}
+    with RedisStore(server.url) as store:
+        store.put("expiring", encode_tree(trees["expiring"], tenant=tenant, ttl_s=3600))
+        store.put("pinned", encode_tree(trees["pinned"], tenant=tenant, ttl_s=None))
+        server.restart(kill=True)  # SIGKILL: no shutdown, only what the append-only file holds
+        for name, tree in trees.items():
+            _, nodes = fetch_tree(store, name, tenant)
+            assert_same_nodes(nodes, tree.fetch(ALL_NODES))
+        assert store.info("expiring", tenant=tenant).expires_in_s > 3500
+        assert store.info("pinned", tenant=tenant).expires_in_s is None
+
+
+def test_a_redis_that_is_down_is_unavailable_and_the_store_recovers(make_redis_server, tenant, make_tree):
+    server = make_redis_server(appendonly=True, password="pw-s3cret")
+    tree = make_tree()
+    with RedisStore(server.url) as store:
+        store.put("doc-1", encode_tree(tree, tenant=tenant))
+        server.stop()
+        calls = [
+            lambda: store.open("doc-1", FP, tenant=tenant),
+            lambda: store.put("doc-2", encode_tree(tree, tenant=tenant)),
+            lambda: store.info("doc-1", tenant=tenant),
+            lambda: store.touch("doc-1", tenant=tenant),
+            lambda: store.delete("doc-1", tenant=tenant),
+            store.ping,
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable, match="unavailable") as caught:
+                call()
+            assert f"127.0.0.1:{server.port}" in str(caught.value) and "pw-s3cret" not in str(caught.value)
+        server.start()
+        store.ping()
+        _, nodes = fetch_tree(store, "doc-1", tenant)
+        assert_same_nodes(nodes, tree.fetch(ALL_NODES))
+
+
+def test_a_wrong_password_is_unavailable_without_revealing_it(make_redis_server):
+    server = make_redis_server(password="right")
+    with RedisStore(server.url.replace(":right@", ":wrong-pw@")) as store, pytest.raises(StoreUnavailable) as caught:
+        store.ping()
+    assert "wrong-pw" not in str(caught.value) and ":***@" in str(caught.value)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls(make_redis_server, tmp_path, tenant, make_tree):
+    server = make_redis_server(tls=TlsFiles.create(tmp_path))
+    tree = make_tree()
+    with open_store(server.url) as store:
+        assert server.url.startswith("rediss://")
+        store.put("doc-1", encode_tree(tree, tenant=tenant))
+        _, nodes = fetch_tree(store, "doc-1", tenant)
+        assert_same_nodes(nodes, tree.fetch(ALL_NODES))
+
+
+def test_urls():
+    assert redact("redis://user:pw@host:7000/2?password=pw&db=2") == "redis://user:***@host:7000/2?password=***&db=2"
+    assert redact("rediss://:pw@[::1]:6380") == "rediss://:***@[::1]:6380"
+    assert redact("redis://localhost") == "redis://localhost"
+    with pytest.raises(InvalidInput):
+        RedisStore("redis://localhost?socket_timeout=soon")
