@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from common.errors import ModelUnavailable
 
@@ -144,17 +145,31 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model(spec: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load a base model for the engine; errors say what to run, never a hub traceback."""
+def load_model(
+    spec: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    lower_layers: int | None = None,
+) -> LoadedModel:
+    """Load a base model for the engine; errors say what to run, never a hub traceback.
+
+    lower_layers=M loads only the embeddings and layers 0..M-1 (the compressor's share: for a
+    7B base with M = 4 about an eighth of the weights); the other tensors are never read.
+    """
     path = resolve_model_path(spec)
     dev = pick_device(device)
+    overrides = {} if lower_layers is None else {"num_hidden_layers": lower_layers}
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the skipped upper layers are reported as "unexpected"
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype or default_dtype(dev), local_files_only=True
+            str(path), dtype=dtype or default_dtype(dev), local_files_only=True, **overrides
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"cannot load model from {path}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(previous)
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise ModelUnavailable(f"{path} is not a Llama-family causal LM (no model.layers)")
     model.to(dev).eval()

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny random model and the real default model."""
+"""Shared fixtures: the tiny random model, the real default model, real redis-servers and small
+random context trees."""
 
 from __future__ import annotations
 
@@ -49,6 +50,14 @@ def make_redis_server(tmp_path):
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A fresh tenant, so tests sharing one store (or one redis-server) never see each other's contexts."""
+    from common.store import new_context_id
+
+    return f"t-{new_context_id()}"
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,8 @@ class RedisServer:
             args += ["--tls-ca-cert-file", str(self.tls.cert)]
         else:
             args += ["--port", str(self.port)]
-        self._process = subprocess.Popen(args, cwd=self.directory, preexec_fn=_die_with_parent)
+        on_linux = sys.platform.startswith("linux")
+        self._process = subprocess.Popen(args, cwd=self.directory, preexec_fn=_die_with_parent if on_linux else None)
         self._wait_ready(timeout_s)
         return self
 

@@ -49,3 +49,14 @@ def test_greedy_matches_hf_generate(engine, real_model):
         e for e in engine.generate(None, question, SamplingParams(max_new_tokens=16)) if isinstance(e, Finished)
     ]
     assert finished[0].reason == "eos"
+
+
+def test_lower_only_compressor_builds_the_same_tree(engine):
+    lower = Engine.load(lower_only=True, tree_config=engine.adapter.config, device="cpu")
+    assert lower.body.n_layers == engine.adapter.config.n_layers < engine.body.n_layers
+    ids = engine.tokenize_document("The quick brown fox jumps over the lazy dog. " * 60)
+    full_tree, lower_tree = engine.compress(ids).tree, lower.compress(ids).tree
+    assert torch.equal(full_tree.keys, lower_tree.keys) and torch.equal(full_tree.values, lower_tree.values)
+    assert torch.equal(full_tree.retrieval_keys, lower_tree.retrieval_keys)
+    with pytest.raises(RuntimeError, match="cannot generate"):
+        list(lower.generate(None, "Hi", SamplingParams(max_new_tokens=2)))

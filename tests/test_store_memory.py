@@ -46,10 +46,6 @@ class StoreContract:
     """What every ContextStore guarantees. Subclasses provide the fixtures `store` and
     `elapse(seconds)` (a fake clock or real sleeping)."""
 
-    @pytest.fixture
-    def tenant(self) -> str:
-        return f"t-{new_context_id()}"
-
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
     def test_round_trip_reads_only_the_selected_nodes(self, store, tenant, make_tree, dtype):
         tree = make_tree(dtype)

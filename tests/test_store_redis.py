@@ -8,6 +8,7 @@ import random
 import shutil
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -18,7 +19,7 @@ from test_codec import FP, damage, encode_tree
 from test_store_memory import ALL_NODES, StoreContract, assert_same_nodes, fetch_tree, same_nodes
 
 from common.errors import ContextNotFound, DataCorruption, InvalidInput, ResourceExhausted, StoreUnavailable
-from common.store import RedisStore, new_context_id, open_store
+from common.store import RedisStore, open_store
 from common.store.redis_store import GRACE_MS, PART_MARGIN_MS, STAGING_TTL_MS, redact
 
 
@@ -44,11 +45,6 @@ class TestRedisStoreContract(StoreContract):
     @pytest.fixture
     def elapse(self):
         return time.sleep
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"t-{new_context_id()}"
 
 
 def test_one_hash_tag_per_context_and_a_ttl_on_every_key(store, client, tenant, make_tree):
@@ -154,47 +150,44 @@ def test_a_full_redis_refuses_the_write_and_keeps_the_previous_version(make_redi
         assert_same_nodes(nodes, old.fetch(ALL_NODES))
 
 
-def _damage_cases(store, client, tenant: str):
-    """(description, how to damage, how to restore) for every kind of key of one stored context."""
-    head = f"sllm:{{{tenant}:doc-1}}:manifest"
-    gen = client.hget(head, "gen").decode()
-    rkeys = f"sllm:{{{tenant}:doc-1}}:{gen}:rkeys"
-    nodes = [f"sllm:{{{tenant}:doc-1}}:{gen}:node:{c}:{n}" for c in range(3) for n in range(6)]
+def stored_keys(client, tenant: str) -> tuple[str, str, list[str]]:
+    """The manifest key, the retrieval-keys key and the node keys of doc-1's current generation."""
+    prefix = f"sllm:{{{tenant}:doc-1}}"
+    gen = client.hget(f"{prefix}:manifest", "gen").decode()
+    nodes = [f"{prefix}:{gen}:node:{c}:{n}" for c in range(3) for n in range(6)]
+    return f"{prefix}:manifest", f"{prefix}:{gen}:rkeys", nodes
+
+
+def stored_values(client, tenant: str) -> dict[str, tuple[bytes, Callable[[bytes], object]]]:
+    """Every kind of value stored for doc-1: name -> (its bytes, how to overwrite them)."""
+    head, rkeys, nodes = stored_keys(client, tenant)
 
     def field(name: str):
-        original = client.hget(head, name)
-        return lambda value: client.hset(head, name, value), lambda: client.hset(head, name, original)
+        return client.hget(head, name), lambda value: client.hset(head, name, value)
 
-    def key(name: str):
-        original = client.get(name)
-        return lambda value: client.set(name, value, keepttl=True), lambda: client.set(name, original, keepttl=True)
+    def string(key: str):
+        return client.get(key), lambda value: client.set(key, value, keepttl=True)
 
-    return (
-        {
-            "manifest": (client.hget(head, "manifest"), *field("manifest")),
-            "generation": (gen.encode(), *field("gen")),
-            "retrieval keys": (client.get(rkeys), *key(rkeys)),
-            **{f"node {i}": (client.get(name), *key(name)) for i, name in enumerate(nodes)},
-        },
-        head,
-        rkeys,
-        nodes,
-    )
+    return {
+        "manifest": field("manifest"),
+        "generation": field("gen"),
+        "retrieval keys": string(rkeys),
+        **{f"node {i}": string(name) for i, name in enumerate(nodes)},
+    }
 
 
 @pytest.mark.parametrize("truncate", [False, True], ids=["flipped byte", "truncated"])
 def test_corruption_fuzzing_every_kind_of_key(store, client, tenant, make_tree, truncate):
     store.put("doc-1", encode_tree(make_tree(torch.bfloat16), tenant=tenant))
-    cases, *_ = _damage_cases(store, client, tenant)
     rng = random.Random(int(truncate))
     failures = store.stats().counters.integrity_failures
     tries = 0
-    for name, (original, write, restore) in cases.items():
+    for name, (original, write) in stored_values(client, tenant).items():
         for _ in range(4 if name.startswith("node") else 25):
             write(damage(original, rng, truncate))
             with pytest.raises(DataCorruption):
                 fetch_tree(store, "doc-1", tenant)
-            restore()
+            write(original)
             tries += 1
     assert store.stats().counters.integrity_failures == failures + tries
     fetch_tree(store, "doc-1", tenant)  # undamaged again: reads fine
@@ -202,7 +195,7 @@ def test_corruption_fuzzing_every_kind_of_key(store, client, tenant, make_tree, 
 
 def test_missing_parts_are_data_loss_and_a_missing_manifest_is_not_found(store, client, tenant, make_tree):
     store.put("doc-1", encode_tree(make_tree(), tenant=tenant))
-    _, head, rkeys, nodes = _damage_cases(store, client, tenant)
+    head, rkeys, nodes = stored_keys(client, tenant)
     client.delete(nodes[10])
     with pytest.raises(DataCorruption, match="missing"):
         fetch_tree(store, "doc-1", tenant)

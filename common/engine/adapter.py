@@ -124,15 +124,7 @@ class InjectionAdapter(nn.Module):
     def load(cls, path: Path, body: LlamaBody, base_fingerprint: str) -> InjectionAdapter:
         """Load onto `body`; refuses an adapter trained for another base model."""
         path = Path(path)
-        side = sidecar_path(path)
-        if not path.is_file() or not side.is_file():
-            raise ModelUnavailable(f"adapter {path} or its sidecar {side.name} is missing")
-        try:
-            meta = json.loads(side.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelUnavailable(f"adapter sidecar {side} is not valid JSON: {exc}") from exc
-        if meta.get("format") != ADAPTER_FORMAT:
-            raise ModelUnavailable(f"adapter {path} has format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+        meta = read_sidecar(path)
         if meta.get("base_model_fingerprint") != base_fingerprint:
             raise ModelUnavailable(
                 f"adapter {path} was trained for base model {meta.get('base_model_fingerprint')!r}, "
@@ -151,3 +143,23 @@ class InjectionAdapter(nn.Module):
 
 def sidecar_path(path: Path) -> Path:
     return Path(str(path) + ".json")
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    """The adapter's JSON sidecar, validated enough to trust its format and config."""
+    path = Path(path)
+    side = sidecar_path(path)
+    if not path.is_file() or not side.is_file():
+        raise ModelUnavailable(f"adapter {path} or its sidecar {side.name} is missing")
+    try:
+        meta = json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelUnavailable(f"adapter sidecar {side} is not valid JSON: {exc}") from exc
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ModelUnavailable(f"adapter {path} has format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    return meta
+
+
+def read_adapter_config(path: Path) -> TreeConfig:
+    """The tree config an adapter was trained with (read before the model is loaded)."""
+    return TreeConfig.from_dict(read_sidecar(path)["tree_config"])

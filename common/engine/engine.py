@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from common.config import TreeConfig
-from common.engine.adapter import InjectionAdapter
+from common.engine.adapter import InjectionAdapter, read_adapter_config
 from common.engine.compressor import Compressor, ProgressFn
 from common.engine.decoder import Decoder, Finished, TokenDelta
 from common.engine.llama import LlamaBody
@@ -58,6 +58,7 @@ class Engine:
         self.limits = limits or Limits()
         self.compressor = Compressor(self.body, adapter.config)
         self.decoder = Decoder(self.body, adapter, self._eos_ids())
+        self.lower_only = False
 
     @classmethod
     def load(
@@ -67,20 +68,32 @@ class Engine:
         device: str | None = None,
         limits: Limits | None = None,
         tree_config: TreeConfig | None = None,
+        lower_only: bool = False,
     ) -> Engine:
-        """Load the model and an adapter: `adapter`, else the shipped default for the default
-        model, else a freshly initialised (untrained) one with `tree_config`."""
-        loaded = load_model(model, device)
-        body = LlamaBody(loaded.model)
-        path = Path(adapter) if adapter else None
-        if path is None and model in (None, "", "default") and default_adapter_path().is_file():
+        """Load the model and its adapter.
+
+        adapter: a trained adapter file. tree_config: a fresh, untrained adapter with this
+        config (for training and tests). Neither: the shipped default adapter when the model
+        is the default one and the file exists, else an untrained adapter with the default
+        config. lower_only loads just the layers the compressor runs; such an engine can
+        compress but not generate.
+        """
+        if adapter is not None and tree_config is not None:
+            raise ValueError("pass an adapter or a tree_config for a fresh adapter, not both")
+        path = Path(adapter) if adapter is not None else None
+        if path is None and tree_config is None and model in (None, "", "default") and default_adapter_path().is_file():
             path = default_adapter_path()
+        config = tree_config or (read_adapter_config(path) if path is not None else TreeConfig())
+        loaded = load_model(model, device, lower_layers=config.n_layers if lower_only else None)
+        body = LlamaBody(loaded.model)
         if path is not None:
             inj = InjectionAdapter.load(path, body, loaded.fingerprint)
         else:
-            inj = InjectionAdapter.initialise(body, tree_config or TreeConfig())
+            inj = InjectionAdapter.initialise(body, config)
             inj.base_fingerprint = loaded.fingerprint
-        return cls(loaded, inj, limits)
+        engine = cls(loaded, inj, limits)
+        engine.lower_only = lower_only
+        return engine
 
     @property
     def trained(self) -> bool:
@@ -152,6 +165,8 @@ class Engine:
         retrieval: bool = True,
     ) -> Iterator[TokenDelta | Finished]:
         """Answer `question` about the compressed context `source` (None: no document)."""
+        if self.lower_only:
+            raise RuntimeError("this engine holds only the lower layers (a compressor); it cannot generate")
         prompt = self.prompt_ids(question)
         params.validate(self.window)
         if len(prompt) + params.max_new_tokens > self.window:

@@ -125,9 +125,10 @@ def encode(
     _check_encodable(tree, fingerprints, base_n_layers, source_sha256, ttl_s)
     _, b, n, _, kv, hd = tree.keys.shape
     created = int(time.time() * 1000) if now_ms is None else now_ms
-    rkeys = safetensors.torch.save({"retrieval_keys": _contiguous(tree.retrieval_keys)})
+    keys, values = tree.keys.detach().cpu(), tree.values.detach().cpu()  # one device copy, not one per node
+    rkeys = safetensors.torch.save({"retrieval_keys": _contiguous(tree.retrieval_keys.detach().cpu())})
     nodes = tuple(
-        safetensors.torch.save({"keys": _contiguous(tree.keys[:, c, i]), "values": _contiguous(tree.values[:, c, i])})
+        safetensors.torch.save({"keys": _contiguous(keys[:, c, i]), "values": _contiguous(values[:, c, i])})
         for c in range(b)
         for i in range(n)
     )

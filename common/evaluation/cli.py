@@ -1,0 +1,154 @@
+"""`sharedllm eval ppl` and `sharedllm eval needle`: the evaluation protocols of evaluation.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
+from common.config import TreeConfig
+from common.data.cli import default_data_dir
+from common.data.synthetic import Filler
+from common.engine.engine import Engine
+from common.evaluation import needle, ppl
+from common.evaluation.heldout import heldout_book_text, heldout_documents
+from common.training.cli import add_tree_arguments, tree_config
+
+# The training command's defaults, so an untrained adapter is evaluated as `train` would build it.
+TREE_DEFAULTS = TreeConfig(chunk_size=512, pool_size=16)
+
+
+def _add_shared(parser: argparse.ArgumentParser, methods: tuple[str, ...], default_methods: tuple[str, ...]) -> None:
+    parser.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--adapter", type=Path, help="trained adapter (default: the shipped one, else untrained)")
+    parser.add_argument("--device")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="fetched corpora")
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=list(ppl.DEFAULT_LENGTHS), help="context lengths in tokens"
+    )
+    parser.add_argument("--methods", nargs="+", choices=methods, default=list(default_methods))
+    parser.add_argument(
+        "--streaming-recent",
+        type=int,
+        help=f"StreamingLLM's recent window R (default: the model window minus the {DEFAULT_SINKS} sinks)",
+    )
+    parser.add_argument("--json", type=Path, help="write the full report here")
+    parser.add_argument("--plot", type=Path, help="write the figure(s) here (PNG)")
+    group = parser.add_argument_group("tree configuration of an untrained adapter (ignored with an adapter)")
+    add_tree_arguments(group, TREE_DEFAULTS)
+
+
+def add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `eval ppl` and `eval needle` on the `sharedllm` parser's subcommands."""
+    evaluate = sub.add_parser("eval", help="perplexity against context length; needle and passkey retrieval")
+    commands = evaluate.add_subparsers(dest="eval_command", required=True)
+
+    p = commands.add_parser("ppl", help="perplexity of the last W tokens against context length, with baselines")
+    _add_shared(p, ppl.METHODS, ppl.METHODS)
+    p.add_argument("--windows", type=int, default=2, help="scored windows per document and length")
+    p.add_argument("--scored-tokens", type=int, default=256, help="W, tokens scored per window")
+    p.add_argument(
+        "--decoder-tokens", type=int, default=256, help="context tokens the decoder reads before the scored ones"
+    )
+    p.set_defaults(handler=run_ppl)
+
+    n = commands.add_parser("needle", help="passkey and needle retrieval accuracy per length x depth")
+    _add_shared(n, needle.METHODS, needle.DEFAULT_METHODS)
+    n.add_argument("--depths", type=float, nargs="+", default=list(needle.DEFAULT_DEPTHS), help="in [0, 1]")
+    n.add_argument("--tasks", nargs="+", choices=needle.TASKS, default=list(needle.TASKS))
+    n.add_argument("--per-cell", type=int, default=1, help="seeded tasks per length x depth")
+    n.add_argument("--max-new-tokens", type=int, default=16)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--no-retrieval", action="store_true", help="SharedLLM always expands the most recent child")
+    n.set_defaults(handler=run_needle)
+
+
+def _load(args: argparse.Namespace) -> tuple[Engine, StreamingLLM | None, dict[str, Any]]:
+    """The engine, the streaming baseline when asked for, and a description of both for the report."""
+    engine = Engine.load(args.model, args.adapter, args.device, tree_config=tree_config(args))
+    streaming = None
+    if "streaming" in args.methods:
+        streaming = StreamingLLM(engine.body, args.streaming_recent or engine.window - DEFAULT_SINKS)
+    setup = {
+        "model": args.model or "default",
+        "adapter": str(args.adapter) if args.adapter else ("shipped default" if engine.trained else "untrained"),
+        "adapter_trained": engine.trained,
+        "tree_config": engine.adapter.config.to_dict(),
+        "device": str(engine.body.device),
+        "dtype": str(engine.body.dtype),
+        "streaming": None
+        if streaming is None
+        else {"sinks": streaming.sinks, "recent": streaming.recent, "piece": streaming.piece},
+    }
+    return engine, streaming, setup
+
+
+def _title(setup: dict[str, Any]) -> str:
+    c = setup["tree_config"]
+    return (
+        f"{setup['model']}, adapter: {setup['adapter']} "
+        f"(M={c['n_layers']} C={c['chunk_size']} D={c['depth']} P={c['pool_size']} {c['encoding']})"
+    )
+
+
+def _finish(report: dict[str, Any], table: str, setup: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print the table and notes; write the JSON report."""
+    notes = []
+    if not setup["adapter_trained"] and "sharedllm" in args.methods:
+        notes.append("the adapter is untrained: its o_proj is zero, so sharedllm equals window alone by construction")
+    report = {"setup": setup, **report, "notes": notes}
+    print(_title(setup))
+    print(table)
+    for note in notes:
+        print(f"note: {note}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    engine, streaming, setup = _load(args)
+    settings = ppl.PplSettings(
+        tuple(args.lengths), args.windows, args.scored_tokens, args.decoder_tokens, tuple(args.methods)
+    )
+    settings.validate(engine.window)
+    documents = heldout_documents(args.data_dir, engine.tokenizer)
+    report = ppl.evaluate_perplexity(engine, documents, settings, streaming)
+    _finish(report, ppl.format_table(report), setup, args)
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        ppl.plot_perplexity(report, args.plot, _title(setup))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def run_needle(args: argparse.Namespace) -> int:
+    engine, streaming, setup = _load(args)
+    settings = needle.NeedleSettings(
+        tuple(args.lengths),
+        tuple(args.depths),
+        tuple(args.tasks),
+        tuple(args.methods),
+        args.per_cell,
+        args.max_new_tokens,
+        not args.no_retrieval,
+        args.seed,
+    )
+    settings.validate()
+    fillers = {}
+    if "passkey" in settings.tasks:
+        fillers["passkey"] = Filler(engine.tokenizer)
+    if "needle" in settings.tasks:
+        haystack, text = heldout_book_text(args.data_dir)
+        fillers["needle"] = Filler(engine.tokenizer, text)
+        setup["needle_haystack"] = haystack
+    report = needle.evaluate_needles(engine, fillers, settings, streaming)
+    _finish(report, needle.format_table(report), setup, args)
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        for path in needle.plot_heatmaps(report, args.plot, _title(setup)):
+            print(f"wrote {path}")
+    return 0

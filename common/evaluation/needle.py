@@ -1,0 +1,237 @@
+"""Needle and passkey retrieval (evaluation.md): accuracy per length x depth, greedy decoding.
+
+Tasks come from `common.data.synthetic`: the classic passkey in repetitive filler, and
+RULER's single needle with a held-out book as the haystack, both fitted to the length by
+counting tokens and seeded per cell. Every method answers the same chat-formatted question
+followed by the task's answer prefix ("The pass key is"), so only the way the document
+reaches the model differs:
+- sharedllm: the document is compressed and injected (query-aware retrieval unless disabled);
+- window: no document at all (the floor: what the question alone gives);
+- truncation: the last document tokens that fit the window, before the question (the layout
+  of the trainer's full-attention baseline);
+- full: the whole document, only where it fits; there it is the truncation run;
+- streaming: document and question streamed through a StreamingLLM sink cache.
+Passkey is scored by exact match of the first number in the answer; the needle by whether
+its value appears in the answer (RULER).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from common.baselines.streaming import StreamingLLM
+from common.data.synthetic import Filler, Task, generate_tasks
+from common.engine.decoder import Finished, Injection
+from common.engine.engine import Engine
+from common.engine.sampling import SamplingParams
+from common.errors import InvalidInput
+
+TASKS: tuple[str, ...] = ("passkey", "needle")
+METHODS: tuple[str, ...] = ("sharedllm", "window", "full", "truncation", "streaming")
+DEFAULT_METHODS: tuple[str, ...] = ("sharedllm", "full", "truncation", "streaming")
+DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+SCORING = "passkey: the first number of the answer equals the key; needle: every asked value appears in the answer"
+
+
+@dataclass(frozen=True)
+class NeedleSettings:
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...] = DEFAULT_DEPTHS
+    tasks: tuple[str, ...] = TASKS
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    per_cell: int = 1
+    max_new_tokens: int = 16
+    retrieval: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.lengths or not self.depths or self.per_cell < 1 or self.max_new_tokens < 1:
+            raise InvalidInput("needle needs lengths, depths, --per-cell >= 1 and --max-new-tokens >= 1")
+        if not set(self.tasks) <= set(TASKS) or not self.tasks:
+            raise InvalidInput(f"tasks must be a non-empty subset of {', '.join(TASKS)}, got {self.tasks}")
+        if not set(self.methods) <= set(METHODS) or not self.methods:
+            raise InvalidInput(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {self.methods}")
+
+
+def is_correct(kind: str, answers: Sequence[str], output: str) -> bool:
+    """Passkey: the first number of the output is the key. Needle: every asked value appears."""
+    if kind == "passkey":
+        return re.findall(r"\d+", output)[:1] == list(answers)
+    return all(answer in output for answer in answers)
+
+
+class Answerer:
+    """Runs one task through every requested method and returns each method's answer text."""
+
+    def __init__(self, engine: Engine, streaming: StreamingLLM | None, settings: NeedleSettings) -> None:
+        self.engine = engine
+        self.streaming = streaming
+        self.settings = settings
+        self.params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0)
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _greedy(self, prompt: list[int], injection: Injection | None) -> str:
+        events = self.engine.decoder.generate(prompt, injection, self.params, self._decode)
+        return next(e.text for e in events if isinstance(e, Finished))
+
+    def __call__(self, task: Task) -> dict[str, str]:
+        """Answer text per method; `full` only where the whole document fits the window."""
+        engine, wanted = self.engine, set(self.settings.methods)
+        document = self._tokens(task.document)
+        prompt = engine.prompt_ids(task.question) + self._tokens(task.metadata["answer_prefix"])
+        budget = engine.window - len(prompt) - self.settings.max_new_tokens
+        if budget < 0:
+            raise InvalidInput(f"the question and answer ({len(prompt)} + max-new-tokens) exceed the window")
+        answers: dict[str, str] = {}
+        with torch.inference_mode():
+            if "sharedllm" in wanted:
+                tree = engine.compressor.compress(document)
+                query = engine.decoder.query_vector(self._tokens(task.question)) if self.settings.retrieval else None
+                injection, _ = engine.decoder.prepare(tree, query)
+                answers["sharedllm"] = self._greedy(prompt, injection)
+            if "window" in wanted:
+                answers["window"] = self._greedy(prompt, None)
+            fits = len(document) <= budget
+            if "truncation" in wanted or ("full" in wanted and fits):
+                base = self._greedy(document[len(document) - min(budget, len(document)) :] + prompt, None)
+                answers.update({m: base for m in ("truncation", "full") if m in wanted and (m == "truncation" or fits)})
+            if self.streaming is not None:
+                out = self.streaming.generate_greedy(
+                    document + prompt, self.settings.max_new_tokens, engine.decoder.eos_ids
+                )
+                answers["streaming"] = self._decode(out)
+        return answers
+
+
+def evaluate_needles(
+    engine: Engine, fillers: dict[str, Filler], settings: NeedleSettings, streaming: StreamingLLM | None
+) -> dict[str, Any]:
+    """Every task kind at every length x depth (`per_cell` seeded tasks each); the JSON-ready report."""
+    settings.validate()
+    if ("streaming" in settings.methods) != (streaming is not None):
+        raise ValueError("pass a StreamingLLM exactly when the streaming method is asked for")
+    answer = Answerer(engine, streaming, settings)
+    total = len(settings.tasks) * len(settings.lengths) * len(settings.depths) * settings.per_cell
+    bar = tqdm(total=total, desc="needle tasks", file=sys.stderr)
+    samples: list[dict[str, Any]] = []
+    for kind in settings.tasks:
+        tasks = generate_tasks(kind, fillers[kind], settings.lengths, settings.depths, settings.per_cell, settings.seed)
+        for task in tasks:
+            expected = task.metadata["answers"]
+            for method, output in answer(task).items():
+                samples.append(
+                    {
+                        "task": kind,
+                        "length": task.metadata["length"],
+                        "depth": task.depth,
+                        "seed": task.metadata["seed"],
+                        "tokens": task.metadata["tokens"],
+                        "method": method,
+                        "expected": expected,
+                        "output": output,
+                        "correct": is_correct(kind, expected, output),
+                    }
+                )
+            bar.update(1)
+    bar.close()
+    cells = []
+    for kind in settings.tasks:
+        for method in (m for m in METHODS if m in settings.methods):
+            for length in settings.lengths:
+                for depth in settings.depths:
+                    hits = [
+                        s["correct"]
+                        for s in samples
+                        if (s["task"], s["method"], s["length"], s["depth"]) == (kind, method, length, depth)
+                    ]
+                    accuracy = sum(hits) / len(hits) if hits else None
+                    cells.append(
+                        {
+                            "task": kind,
+                            "method": method,
+                            "length": length,
+                            "depth": depth,
+                            "n": len(hits),
+                            "accuracy": accuracy,
+                        }
+                    )
+    return {
+        "protocol": {**dataclasses.asdict(settings), "window": engine.window, "scoring": SCORING},
+        "cells": cells,
+        "samples": samples,
+    }
+
+
+def _grid(report: dict[str, Any], kind: str, method: str) -> list[list[float | None]]:
+    """Accuracy [depth][length] of one task and method (None: not run, e.g. full beyond the window)."""
+    by_cell = {
+        (c["length"], c["depth"]): c["accuracy"] for c in report["cells"] if (c["task"], c["method"]) == (kind, method)
+    }
+    protocol = report["protocol"]
+    return [[by_cell[length, depth] for length in protocol["lengths"]] for depth in protocol["depths"]]
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """One block per task and method: rows are depths, columns lengths, cells accuracy."""
+    protocol = report["protocol"]
+    lines: list[str] = []
+    for kind in protocol["tasks"]:
+        for method in (m for m in METHODS if m in protocol["methods"]):
+            lines.append(f"{kind} / {method}  (accuracy, {protocol['per_cell']} per cell)")
+            lines.append(f"{'depth':>6} " + " ".join(f"{length:>7}" for length in protocol["lengths"]))
+            for depth, row in zip(protocol["depths"], _grid(report, kind, method), strict=True):
+                cells = ["n/a" if a is None else f"{a:.2f}" for a in row]
+                lines.append(f"{depth:>6.2f} " + " ".join(f"{c:>7}" for c in cells))
+            lines.append("")
+    if "full" in protocol["methods"]:
+        lines.append("full: the whole document in the window; the truncation run where it fits, n/a beyond.")
+    return "\n".join(lines).rstrip()
+
+
+def heatmap_paths(path: Path, methods: Sequence[str]) -> dict[str, Path]:
+    """One PNG per method next to `path`: results.png -> results-sharedllm.png, ..."""
+    return {m: path.with_name(f"{path.stem}-{m}{path.suffix or '.png'}") for m in methods}
+
+
+def plot_heatmaps(report: dict[str, Any], path: Path, title: str) -> list[Path]:
+    """A heat map of accuracy (depth x length) per method, one panel per task; returns the files written."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    protocol = report["protocol"]
+    lengths, depths, kinds = protocol["lengths"], protocol["depths"], protocol["tasks"]
+    written = []
+    for method, target in heatmap_paths(path, [m for m in METHODS if m in protocol["methods"]]).items():
+        fig = Figure(figsize=(2 + 1.1 * len(lengths) * len(kinds), 2 + 0.45 * len(depths)), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+        for ax, kind in zip(axes, kinds, strict=True):
+            grid = [[float("nan") if a is None else a for a in row] for row in _grid(report, kind, method)]
+            image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+            for i, row in enumerate(grid):
+                for j, value in enumerate(row):
+                    ax.text(j, i, "n/a" if value != value else f"{value:.2f}", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+            ax.set_xlabel("length (tokens)")
+            ax.set_ylabel("depth")
+            ax.set_title(f"{kind}: {method}", fontsize=9)
+        fig.colorbar(image, ax=list(axes), label="accuracy")
+        fig.suptitle(title, fontsize=8)
+        fig.savefig(target, dpi=110)
+        written.append(target)
+    return written

@@ -1,0 +1,243 @@
+"""Perplexity against context length (evaluation.md): SharedLLM and its baselines on the same tokens.
+
+For each held-out document and length L, a window is L tokens of preceding context and then
+W scored tokens. Within a document every length scores the *same* windows (placed where the
+longest length that fits has its whole context), so a change across lengths comes from the
+context alone, never from easier or harder scored text. The methods:
+- sharedllm: all but the last `decoder_tokens` of the context are compressed; the decoder reads
+  the rest of the context and the scored tokens;
+- window: the same decoder segment, no earlier text;
+- truncation: the last tokens of the context that fit the base window with the scored ones;
+- full: the whole context in the base window. It exists only where L + W fits the window,
+  and there it *is* truncation (nothing is cut), so it is computed once and reported as such;
+- streaming: the whole context streamed through a StreamingLLM sink cache.
+The first three share `example_loss` with training, so they score exactly the tokens the
+trainer's held-out evaluation would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from common.baselines.streaming import StreamingLLM
+from common.engine.engine import Engine
+from common.errors import InvalidInput
+from common.evaluation.heldout import HeldoutDocument
+from common.training.examples import Example
+from common.training.trainer import example_loss
+
+METHODS: tuple[str, ...] = ("sharedllm", "window", "full", "truncation", "streaming")
+DEFAULT_LENGTHS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
+FULL_NOT_FITTING = "context + scored tokens exceed the base window"
+
+
+@dataclass(frozen=True)
+class PplSettings:
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS
+    windows: int = 2  # per document and length
+    scored: int = 256  # W
+    decoder_tokens: int = 256  # context tokens the decoder reads before the scored ones
+    methods: tuple[str, ...] = METHODS
+
+    def validate(self, window: int) -> None:
+        if not self.lengths or self.windows < 1 or self.scored < 1:
+            raise InvalidInput("perplexity needs at least one length, --windows >= 1 and --scored-tokens >= 1")
+        if not 1 <= self.decoder_tokens < min(self.lengths):
+            raise InvalidInput(
+                f"--decoder-tokens must be in [1, {min(self.lengths)}) (below the shortest length), "
+                f"got {self.decoder_tokens}"
+            )
+        if self.decoder_tokens + self.scored > window:
+            raise InvalidInput(
+                f"the decoder segment ({self.decoder_tokens} + {self.scored} scored tokens) exceeds the window of {window}"
+            )
+        unknown = set(self.methods) - set(METHODS)
+        if unknown or not self.methods:
+            raise InvalidInput(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {sorted(unknown)}")
+
+
+def window_starts(n_tokens: int, lengths: Sequence[int], scored: int, windows: int) -> tuple[list[int], list[int]]:
+    """The lengths a document of `n_tokens` can serve, and the starts of its scored windows.
+
+    Starts are spread evenly from the longest usable length to the document's end; one
+    window is the published protocol's: the document's last W tokens.
+    """
+    usable = [length for length in lengths if length + scored <= n_tokens]
+    if not usable:
+        return [], []
+    low, high = max(usable), n_tokens - scored
+    if windows == 1:
+        return usable, [high]
+    return usable, sorted({low + (high - low) * k // (windows - 1) for k in range(windows)})
+
+
+def fit_window(example: Example, window: int) -> Example:
+    """The example with its document cut to the last tokens that fit the window before the decoder segment."""
+    keep = max(0, window - len(example.decoder))
+    return dataclasses.replace(example, document=example.document[max(0, len(example.document) - keep) :])
+
+
+def window_nll(
+    engine: Engine,
+    streaming: StreamingLLM | None,
+    context: list[int],
+    scored: list[int],
+    settings: PplSettings,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Summed NLL of the scored tokens per method (full only where it fits), and seconds per method."""
+    d = settings.decoder_tokens
+    example = Example(context[:-d], context[-d:] + scored, d, None)
+    fitted = fit_window(example, engine.window)
+    fits = len(fitted.document) == len(example.document)
+    wanted = set(settings.methods)
+    runs: dict[str, Callable[[], float]] = {}
+    if "sharedllm" in wanted:
+        runs["sharedllm"] = lambda: float(example_loss(engine, example)[0])
+    if "window" in wanted:
+        runs["window"] = lambda: float(example_loss(engine, example, inject=False)[0])
+    if "truncation" in wanted or ("full" in wanted and fits):
+        runs["base"] = lambda: float(example_loss(engine, fitted, full_context=True)[0])
+    if streaming is not None:
+        runs["streaming"] = lambda: streaming.score(context + scored, len(context))[0]
+    nll: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    with torch.inference_mode():
+        for method, run in runs.items():
+            start = time.perf_counter()
+            nll[method] = run()
+            seconds[method] = time.perf_counter() - start
+    if "base" in nll:  # one base-window run serves truncation, and full where nothing was cut
+        base = nll.pop("base"), seconds.pop("base")
+        for method in ("truncation", "full"):
+            if method in wanted and (method == "truncation" or fits):
+                nll[method], seconds[method] = base
+    return nll, seconds
+
+
+def evaluate_perplexity(
+    engine: Engine,
+    documents: Sequence[HeldoutDocument],
+    settings: PplSettings,
+    streaming: StreamingLLM | None,
+) -> dict[str, Any]:
+    """Every window of every document at every length; returns the JSON-ready report."""
+    settings.validate(engine.window)
+    if ("streaming" in settings.methods) != (streaming is not None):
+        raise ValueError("pass a StreamingLLM exactly when the streaming method is asked for")
+    plan = [
+        (doc, *window_starts(len(doc.tokens), settings.lengths, settings.scored, settings.windows)) for doc in documents
+    ]
+    bar = tqdm(total=sum(len(u) * len(s) for _, u, s in plan), desc="ppl windows", file=sys.stderr)
+    totals: dict[int, dict[str, list[float]]] = {length: {} for length in settings.lengths}
+    docs: dict[int, set[str]] = {length: set() for length in settings.lengths}
+    windows: list[dict[str, Any]] = []
+    for doc, usable, starts in plan:
+        for start in starts:
+            scored = doc.tokens[start : start + settings.scored].tolist()
+            for length in usable:
+                context = doc.tokens[start - length : start].tolist()
+                nll, seconds = window_nll(engine, streaming, context, scored, settings)
+                for method, value in nll.items():
+                    acc = totals[length].setdefault(method, [0.0, 0, 0.0])
+                    acc[0] += value
+                    acc[1] += len(scored)
+                    acc[2] += seconds[method]
+                docs[length].add(doc.name)
+                windows.append({"document": doc.name, "start": start, "length": length, "nll": nll})
+                bar.update(1)
+    bar.close()
+    rows = []
+    for length in settings.lengths:
+        methods: dict[str, dict[str, Any]] = {}
+        for method in (m for m in METHODS if m in settings.methods):
+            if method in totals[length]:
+                total, tokens, seconds = totals[length][method]
+                methods[method] = {
+                    "ppl": math.exp(total / tokens),
+                    "mean_nll": total / tokens,
+                    "tokens": tokens,
+                    "seconds": seconds,
+                }
+            elif method == "full" and docs[length]:
+                methods[method] = {"ppl": None, "note": FULL_NOT_FITTING}
+        if "full" in methods and methods["full"]["ppl"] is not None and "truncation" in methods:
+            methods["full"] = {"same_as": "truncation", **methods["truncation"]}
+        n_windows = sum(1 for w in windows if w["length"] == length)
+        rows.append({"length": length, "documents": len(docs[length]), "windows": n_windows, "methods": methods})
+    return {
+        "protocol": {
+            **dataclasses.asdict(settings),
+            "window": engine.window,
+            "perplexity": "exp of the mean next-token NLL over all scored tokens of a length",
+            "documents": {doc.name: len(doc.tokens) for doc in documents},
+        },
+        "lengths": rows,
+        "windows": windows,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Mean perplexity per length and method, with the number of documents and windows."""
+    methods = [m for m in METHODS if m in report["protocol"]["methods"]]
+    lines = [f"{'length':>7} {'docs':>5} {'windows':>8} " + " ".join(f"{m:>11}" for m in methods)]
+    for row in report["lengths"]:
+        cells = []
+        for method in methods:
+            entry = row["methods"].get(method)
+            if entry is None:
+                cells.append("-")
+            elif "same_as" in entry:
+                cells.append("=" + entry["same_as"][:5])
+            elif entry["ppl"] is None:
+                cells.append("n/a")
+            else:
+                cells.append(f"{entry['ppl']:.3f}")
+        lines.append(
+            f"{row['length']:>7} {row['documents']:>5} {row['windows']:>8} " + " ".join(f"{c:>11}" for c in cells)
+        )
+    if "full" in methods:
+        lines.append(
+            "full: the whole context in the base window; where it fits it is the same run as truncation "
+            f"(=trunc), elsewhere n/a ({FULL_NOT_FITTING})."
+        )
+    return "\n".join(lines)
+
+
+def plot_perplexity(report: dict[str, Any], path: Path, title: str) -> None:
+    """Perplexity against context length, one line per method (full only where it fits)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for method in (m for m in METHODS if m in report["protocol"]["methods"]):
+        points = [
+            (row["length"], row["methods"][method]["ppl"])
+            for row in report["lengths"]
+            if row["methods"].get(method, {}).get("ppl") is not None
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            style = {"linestyle": "--", "marker": "s", "markersize": 9, "fillstyle": "none"} if method == "full" else {}
+            ax.plot(xs, ys, marker=style.pop("marker", "o"), label=method, **style)
+    lengths = [row["length"] for row in report["lengths"]]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(f"perplexity of the last {report['protocol']['scored']} tokens")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
