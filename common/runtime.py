@@ -19,6 +19,7 @@ from common.engine.sampling import SamplingParams
 from common.store import DEFAULT_TENANT, ContextStore, Fingerprints, encode, new_context_id, storage_report
 
 ProgressFn = Callable[[int, int], None]
+WARM_UP_TEXT = "A short text that runs every part of the model once before the first request."
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,15 @@ class ContextRuntime:
         self.store = store
         self.default_ttl_s = default_ttl_s
         self.fingerprints = Fingerprints(model=engine.loaded.fingerprint, adapter=engine.adapter.fingerprint())
+
+    def warm_up(self) -> None:
+        """Compress (and answer, unless the engine holds only the compressor's layers) once without
+        storing anything, so a server's first request pays no one-time costs (lazy initialisation,
+        first allocations)."""
+        tree = self.engine.compress(self.engine.tokenize_document(WARM_UP_TEXT)).tree
+        if not self.engine.lower_only:
+            for _ in self.engine.generate(tree, WARM_UP_TEXT, SamplingParams(max_new_tokens=1)):
+                pass
 
     def compress_text(self, text: str, **kwargs) -> CompressOutcome:
         started = time.perf_counter()

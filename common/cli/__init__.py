@@ -19,6 +19,8 @@ EXIT_INTERRUPTED = 130
 def build_parser() -> argparse.ArgumentParser:
     from common.cli import embedded
     from common.data.cli import add_data_commands
+    from common.evaluation.cli import add_eval_commands
+    from common.rpc.cli import add_rpc_commands
     from common.training.cli import add_train_commands
 
     parser = argparse.ArgumentParser(
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     embedded.add_commands(sub)
     add_data_commands(sub)
     add_train_commands(sub)
+    add_eval_commands(sub)
+    add_rpc_commands(sub)
     return parser
 
 

@@ -12,15 +12,21 @@ from common.config import TreeConfig
 from common.data.cli import default_data_dir
 from common.data.synthetic import Filler
 from common.engine.engine import Engine
+from common.errors import InvalidInput
 from common.evaluation import needle, ppl
 from common.evaluation.heldout import heldout_book_text, heldout_documents
+from common.evaluation.methods import METHODS
 from common.training.cli import add_tree_arguments, tree_config
 
-# The training command's defaults, so an untrained adapter is evaluated as `train` would build it.
-TREE_DEFAULTS = TreeConfig(chunk_size=512, pool_size=16)
+
+def _tree_defaults() -> dict[str, Any]:
+    """The tree flags and the values an untrained adapter takes for those not given (TreeConfig's)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_tree_arguments(parser, TreeConfig())
+    return vars(parser.parse_args([]))
 
 
-def _add_shared(parser: argparse.ArgumentParser, methods: tuple[str, ...], default_methods: tuple[str, ...]) -> None:
+def _add_shared(parser: argparse.ArgumentParser, default_methods: tuple[str, ...]) -> None:
     parser.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", type=Path, help="trained adapter (default: the shipped one, else untrained)")
     parser.add_argument("--device")
@@ -28,7 +34,7 @@ def _add_shared(parser: argparse.ArgumentParser, methods: tuple[str, ...], defau
     parser.add_argument(
         "--lengths", type=int, nargs="+", default=list(ppl.DEFAULT_LENGTHS), help="context lengths in tokens"
     )
-    parser.add_argument("--methods", nargs="+", choices=methods, default=list(default_methods))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(default_methods))
     parser.add_argument(
         "--streaming-recent",
         type=int,
@@ -36,8 +42,23 @@ def _add_shared(parser: argparse.ArgumentParser, methods: tuple[str, ...], defau
     )
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("--plot", type=Path, help="write the figure(s) here (PNG)")
-    group = parser.add_argument_group("tree configuration of an untrained adapter (ignored with an adapter)")
-    add_tree_arguments(group, TREE_DEFAULTS)
+    group = parser.add_argument_group(
+        "tree configuration of an untrained adapter (any of these: evaluate an untrained adapter built so, "
+        "unset fields as TreeConfig's defaults; none: the shipped adapter, else an untrained default one)"
+    )
+    add_tree_arguments(group, TreeConfig())
+    # None marks "not given", so that no tree flag leaves the choice of adapter to Engine.load.
+    parser.set_defaults(**dict.fromkeys(_tree_defaults(), None))
+
+
+def _tree_config(args: argparse.Namespace) -> TreeConfig | None:
+    """The untrained adapter's config when any tree flag was given, else None."""
+    given = {name: getattr(args, name) for name in _tree_defaults() if getattr(args, name) is not None}
+    if not given:
+        return None
+    if args.adapter is not None:
+        raise InvalidInput("the tree flags build an untrained adapter; a trained --adapter carries its own config")
+    return tree_config(argparse.Namespace(**{**_tree_defaults(), **given}))
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +67,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     commands = evaluate.add_subparsers(dest="eval_command", required=True)
 
     p = commands.add_parser("ppl", help="perplexity of the last W tokens against context length, with baselines")
-    _add_shared(p, ppl.METHODS, ppl.METHODS)
+    _add_shared(p, METHODS)
     p.add_argument("--windows", type=int, default=2, help="scored windows per document and length")
     p.add_argument("--scored-tokens", type=int, default=256, help="W, tokens scored per window")
     p.add_argument(
@@ -55,7 +76,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_ppl)
 
     n = commands.add_parser("needle", help="passkey and needle retrieval accuracy per length x depth")
-    _add_shared(n, needle.METHODS, needle.DEFAULT_METHODS)
+    _add_shared(n, needle.DEFAULT_METHODS)
     n.add_argument("--depths", type=float, nargs="+", default=list(needle.DEFAULT_DEPTHS), help="in [0, 1]")
     n.add_argument("--tasks", nargs="+", choices=needle.TASKS, default=list(needle.TASKS))
     n.add_argument("--per-cell", type=int, default=1, help="seeded tasks per length x depth")
@@ -67,7 +88,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Engine, StreamingLLM | None, dict[str, Any]]:
     """The engine, the streaming baseline when asked for, and a description of both for the report."""
-    engine = Engine.load(args.model, args.adapter, args.device, tree_config=tree_config(args))
+    engine = Engine.load(args.model, args.adapter, args.device, tree_config=_tree_config(args))
     streaming = None
     if "streaming" in args.methods:
         streaming = StreamingLLM(engine.body, args.streaming_recent or engine.window - DEFAULT_SINKS)

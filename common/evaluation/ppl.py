@@ -33,12 +33,17 @@ from common.baselines.streaming import StreamingLLM
 from common.engine.engine import Engine
 from common.errors import InvalidInput
 from common.evaluation.heldout import HeldoutDocument
+from common.evaluation.methods import METHODS, base_window_methods
 from common.training.examples import Example
 from common.training.trainer import example_loss
 
-METHODS: tuple[str, ...] = ("sharedllm", "window", "full", "truncation", "streaming")
 DEFAULT_LENGTHS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
 FULL_NOT_FITTING = "context + scored tokens exceed the base window"
+# full overlaps truncation wherever it exists, and an untrained sharedllm overlaps window: keep both visible.
+_STYLES: dict[str, dict[str, Any]] = {
+    "full": {"linestyle": "--", "marker": "s", "markersize": 9, "fillstyle": "none"},
+    "window": {"linestyle": ":", "marker": "x", "markersize": 8},
+}
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ class PplSettings:
             )
         if self.decoder_tokens + self.scored > window:
             raise InvalidInput(
-                f"the decoder segment ({self.decoder_tokens} + {self.scored} scored tokens) exceeds the window of {window}"
+                f"the decoder segment ({self.decoder_tokens} + {self.scored} scored tokens) "
+                f"exceeds the window of {window}"
             )
         unknown = set(self.methods) - set(METHODS)
         if unknown or not self.methods:
@@ -98,14 +104,13 @@ def window_nll(
     d = settings.decoder_tokens
     example = Example(context[:-d], context[-d:] + scored, d, None)
     fitted = fit_window(example, engine.window)
-    fits = len(fitted.document) == len(example.document)
-    wanted = set(settings.methods)
+    served = base_window_methods(settings.methods, len(fitted.document) == len(example.document))
     runs: dict[str, Callable[[], float]] = {}
-    if "sharedllm" in wanted:
+    if "sharedllm" in settings.methods:
         runs["sharedllm"] = lambda: float(example_loss(engine, example)[0])
-    if "window" in wanted:
+    if "window" in settings.methods:
         runs["window"] = lambda: float(example_loss(engine, example, inject=False)[0])
-    if "truncation" in wanted or ("full" in wanted and fits):
+    if served:
         runs["base"] = lambda: float(example_loss(engine, fitted, full_context=True)[0])
     if streaming is not None:
         runs["streaming"] = lambda: streaming.score(context + scored, len(context))[0]
@@ -116,11 +121,10 @@ def window_nll(
             start = time.perf_counter()
             nll[method] = run()
             seconds[method] = time.perf_counter() - start
-    if "base" in nll:  # one base-window run serves truncation, and full where nothing was cut
+    if served:
         base = nll.pop("base"), seconds.pop("base")
-        for method in ("truncation", "full"):
-            if method in wanted and (method == "truncation" or fits):
-                nll[method], seconds[method] = base
+        for method in served:
+            nll[method], seconds[method] = base
     return nll, seconds
 
 
@@ -229,8 +233,7 @@ def plot_perplexity(report: dict[str, Any], path: Path, title: str) -> None:
         ]
         if points:
             xs, ys = zip(*points, strict=True)
-            style = {"linestyle": "--", "marker": "s", "markersize": 9, "fillstyle": "none"} if method == "full" else {}
-            ax.plot(xs, ys, marker=style.pop("marker", "o"), label=method, **style)
+            ax.plot(xs, ys, label=method, **_STYLES.get(method, {"marker": "o"}))
     lengths = [row["length"] for row in report["lengths"]]
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])

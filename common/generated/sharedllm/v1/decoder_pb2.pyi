@@ -1,0 +1,140 @@
+from common.generated.sharedllm.v1 import context_pb2 as _context_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_EOS: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_EOS: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_STOP: FinishReason
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("context_id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "disable_retrieval")
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    context_id: str
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    disable_retrieval: bool
+    def __init__(self, context_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., disable_retrieval: _Optional[bool] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "context_tokens", "context_chunks", "context_bytes_read")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    context_tokens: int
+    context_chunks: int
+    context_bytes_read: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., context_chunks: _Optional[int] = ..., context_bytes_read: _Optional[int] = ...) -> None: ...
+
+class GenerateTimings(_message.Message):
+    __slots__ = ("context_load_seconds", "selection_seconds", "prefill_seconds", "time_to_first_token_seconds", "decode_seconds")
+    CONTEXT_LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    context_load_seconds: float
+    selection_seconds: float
+    prefill_seconds: float
+    time_to_first_token_seconds: float
+    decode_seconds: float
+    def __init__(self, context_load_seconds: _Optional[float] = ..., selection_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timings")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: FinishReason
+    usage: Usage
+    timings: GenerateTimings
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("window_tokens", "max_document_tokens", "max_prompt_chars", "max_stop_strings", "max_stop_chars", "max_message_bytes", "max_concurrent_requests")
+    WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    window_tokens: int
+    max_document_tokens: int
+    max_prompt_chars: int
+    max_stop_strings: int
+    max_stop_chars: int
+    max_message_bytes: int
+    max_concurrent_requests: int
+    def __init__(self, window_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ...) -> None: ...
+
+class ServerStats(_message.Message):
+    __slots__ = ("active_requests", "requests_total", "generated_tokens_total")
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    active_requests: int
+    requests_total: int
+    generated_tokens_total: int
+    def __init__(self, active_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ...) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("model_name", "model_fingerprint", "adapter_fingerprint", "adapter_trained", "tree_config", "limits", "stats", "store_url")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    TREE_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    STORE_URL_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_fingerprint: str
+    adapter_fingerprint: str
+    adapter_trained: bool
+    tree_config: _context_pb2.TreeConfig
+    limits: ServerLimits
+    stats: ServerStats
+    store_url: str
+    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., adapter_fingerprint: _Optional[str] = ..., adapter_trained: _Optional[bool] = ..., tree_config: _Optional[_Union[_context_pb2.TreeConfig, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., store_url: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,156 @@
+"""Start-up and shutdown of a service: one bootstrap for the compressor and the decoder.
+
+Order of events. The port opens first with health NOT_SERVING, so orchestrators see a live
+process that is not ready yet (the model takes seconds to minutes to load). The runtime is
+loaded and warmed in a thread; from then on health follows the store. On SIGTERM or SIGINT:
+health goes NOT_SERVING, new calls are still accepted for `drain_delay_s` (load balancers
+need a moment to notice), then the server refuses new calls and waits up to
+`shutdown_grace_s` for the calls in flight, then cancels what is left and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.engine.engine import Engine
+from common.rpc.config import ServerConfig
+from common.rpc.errors import ServiceUnavailable
+from common.rpc.health import NOT_SERVING, Health
+from common.rpc.interceptor import ServiceInterceptor
+from common.rpc.workers import WorkerPool
+from common.runtime import ContextRuntime
+from common.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+class ServerState:
+    """What a servicer shares with the bootstrap: config, worker pool, and the runtime once loaded."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.workers = WorkerPool(config.max_concurrent)
+        self.loaded: ContextRuntime | None = None
+
+    @property
+    def runtime(self) -> ContextRuntime:
+        if self.loaded is None:
+            raise ServiceUnavailable("the model is still loading; retry shortly")
+        return self.loaded
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What a service package hands to the bootstrap."""
+
+    name: str  # `sharedllm serve <name>`
+    full_name: str  # protobuf service name, for health, reflection and the interceptor
+    default_port: int
+    register: Callable[[ServerState, grpc.aio.Server], None]  # make the servicer and add it
+    lower_only: bool  # needs only the compressor's layers of the model
+
+
+_LOADING = threading.Lock()
+
+
+def load_runtime(config: ServerConfig, lower_only: bool = False) -> ContextRuntime:
+    """Model, adapter and store as configured, warmed so the first request pays no one-time costs.
+
+    lower_only: load just the layers the compressor runs. Loads in one process take turns:
+    transformers' from_pretrained patches global state while it builds the model.
+    """
+    with _LOADING:
+        engine = Engine.load(
+            config.model, config.adapter, config.device, config.limits, config.tree_config, lower_only=lower_only
+        )
+    runtime = ContextRuntime(engine, open_store(config.store_url), default_ttl_s=config.default_ttl_s)
+    runtime.warm_up()
+    return runtime
+
+
+class RpcServer:
+    """One service on one port; `start` returns once the port is open (the model loads after)."""
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        config: ServerConfig,
+        load: Callable[[ServerConfig, bool], ContextRuntime] = load_runtime,
+    ) -> None:
+        self.spec = spec
+        self.config = config
+        self.state = ServerState(config)
+        self.health = Health([spec.full_name], config.health_interval_s)
+        self.stopped = asyncio.Event()  # set when the server should stop: a signal or a failed start
+        self.failure: BaseException | None = None
+        self._load = load
+        self._server: grpc.aio.Server | None = None
+        self._supervisor: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Open the port (NOT_SERVING), start loading the model; returns the bound port."""
+        limit = self.config.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor([self.spec.full_name], self.config.api_keys)],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        self.spec.register(self.state, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        reflection.enable_server_reflection([self.spec.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{self.config.host}:{self.config.port}"
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await self.health.set(NOT_SERVING)
+        await server.start()
+        self._server = server
+        self._supervisor = asyncio.create_task(self._become_ready())
+        log.info("%s listening on %s:%d; loading the model", self.spec.name, self.config.host, port)
+        return port
+
+    async def _become_ready(self) -> None:
+        try:
+            self.state.loaded = await asyncio.to_thread(self._load, self.config, self.spec.lower_only)
+        except Exception as exc:
+            log.exception("%s could not start", self.spec.name)
+            self.failure = exc
+            self.stopped.set()
+            return
+        log.info("%s ready: model %s", self.spec.name, self.state.loaded.engine.loaded.name)
+        await self.health.follow(self.state.loaded.store)
+
+    async def stop(self) -> None:
+        """Drain and stop (see the module docstring); safe to call once the server has started."""
+        assert self._server is not None, "stop() before start()"
+        await self.health.shut_down()
+        if self.config.drain_delay_s > 0:
+            await asyncio.sleep(self.config.drain_delay_s)
+        log.info("%s draining: waiting up to %.0f s for calls in flight", self.spec.name, self.config.shutdown_grace_s)
+        await self._server.stop(self.config.shutdown_grace_s)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        self.state.workers.shutdown()
+        if self.state.loaded is not None:
+            self.state.loaded.store.close()
+        log.info("%s stopped", self.spec.name)
+
+
+async def serve(spec: ServiceSpec, config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT (exit 0 after draining) or a failed start (exit 1)."""
+    server = RpcServer(spec, config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stopped.set)
+    await server.stopped.wait()
+    await server.stop()
+    return 1 if server.failure is not None else 0

@@ -1,0 +1,206 @@
+"""CompressorService: protobuf in, ContextRuntime calls, protobuf out. Nothing else.
+
+Errors are raised as common.errors classes and turned into status codes by the shared
+interceptor; the tenant comes from the caller's API key, never from the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import grpc
+
+from common.config import node_index
+from common.errors import ContextNotFound, InvalidInput
+from common.generated.sharedllm.v1 import compressor_pb2 as pb
+from common.generated.sharedllm.v1 import compressor_pb2_grpc as pb_grpc
+from common.rpc.interceptor import current_tenant
+from common.rpc.server import ServerState
+from common.rpc.workers import ShouldStop, Stopped
+from common.runtime import CompressOutcome
+from common.store import ContextInfo
+
+MAX_TTL_S = 366 * 24 * 3600.0
+SERVER_DEFAULT_TTL = -1.0  # ContextRuntime.compress_ids: "use the server's default lifetime"
+
+
+class DocumentUpload:
+    """A document gathered from one message or many, refused as soon as it grows past a limit."""
+
+    def __init__(self, max_bytes: int, max_tokens: int) -> None:
+        self._max_bytes = max_bytes
+        self._max_tokens = max_tokens
+        self._kind: str | None = None
+        self._text = bytearray()
+        self._ids: list[int] = []
+
+    def add(self, message: pb.CompressRequest | pb.CompressStreamRequest, oneof: str) -> None:
+        kind = message.WhichOneof(oneof)
+        if kind is None:
+            return
+        if self._kind not in (None, kind):
+            raise InvalidInput(f"a document is sent as text or as token_ids, not both (got {self._kind}, then {kind})")
+        self._kind = kind
+        if kind == "text":
+            self._text += message.text
+            if len(self._text) > self._max_bytes:
+                raise InvalidInput(f"document has at least {len(self._text)} bytes; the limit is {self._max_bytes}")
+        else:
+            self._ids += message.token_ids.ids
+            if len(self._ids) > self._max_tokens:
+                raise InvalidInput(f"document has at least {len(self._ids)} tokens; the limit is {self._max_tokens}")
+
+    def document(self) -> str | list[int]:
+        """The UTF-8 decoded text, or the token ids."""
+        if self._kind is None:
+            raise InvalidInput("document is empty: send text or token_ids")
+        if self._kind == "token_ids":
+            return self._ids
+        try:
+            return self._text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"document is not valid UTF-8 (invalid byte at offset {exc.start})") from None
+
+
+def lifetime(options: pb.CompressOptions) -> float | None:
+    """ttl_s for the runtime: seconds, SERVER_DEFAULT_TTL, or None for a pinned context."""
+    if options.pin:
+        if options.HasField("ttl_seconds"):
+            raise InvalidInput("set ttl_seconds or pin, not both")
+        return None
+    if not options.HasField("ttl_seconds"):
+        return SERVER_DEFAULT_TTL
+    ttl = options.ttl_seconds
+    if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL_S):
+        raise InvalidInput(f"ttl_seconds must be in (0, {MAX_TTL_S:.0f}], got {ttl!r}")
+    return ttl
+
+
+def expires_in(info: ContextInfo) -> dict[str, float]:
+    """The optional expires_in_seconds field: absent when the context does not expire."""
+    return {} if info.expires_in_s is None else {"expires_in_seconds": info.expires_in_s}
+
+
+def compressed_context(outcome: CompressOutcome, total_s: float) -> pb.CompressedContext:
+    t = outcome.timings
+    return pb.CompressedContext(
+        context_id=outcome.context_id,
+        document_tokens=outcome.n_tokens,
+        chunks=outcome.chunks,
+        stored_bytes=outcome.stored_bytes,
+        compression_ratio=outcome.compression_ratio,
+        bytes_per_token=outcome.bytes_per_token,
+        kv_cache_ratio=outcome.kv_cache_ratio,
+        timings=pb.CompressTimings(
+            tokenize_seconds=t.get("tokenize_s", 0.0),
+            compress_seconds=t["compress_s"],
+            store_seconds=t["store_s"],
+            total_seconds=total_s,
+        ),
+    )
+
+
+def tree_levels(info: ContextInfo) -> list[pb.TreeLevel]:
+    """Nodes and stored entries of each level, over all chunks (the tree's outline)."""
+    m = info.manifest
+    counts, per_chunk = m.node_entry_counts, m.nodes_per_chunk
+    return [
+        pb.TreeLevel(
+            level=level,
+            nodes=m.n_chunks * 2**level,
+            entries=sum(
+                counts[chunk * per_chunk + node_index(level, position)]
+                for chunk in range(m.n_chunks)
+                for position in range(2**level)
+            ),
+        )
+        for level in range(1, m.tree_config.depth + 1)
+    ]
+
+
+class CompressorServicer(pb_grpc.CompressorServiceServicer):
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+
+    def _upload(self) -> DocumentUpload:
+        return DocumentUpload(self._state.config.max_document_bytes, self._state.config.limits.max_document_tokens)
+
+    async def Compress(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
+        started = time.perf_counter()
+        upload = self._upload()
+        upload.add(request, "document")
+        return pb.CompressResponse(context=await self._compress(upload.document(), request.options, started))
+
+    async def CompressStream(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.CompressStreamResponse:
+        started = time.perf_counter()
+        upload = self._upload()
+        options: pb.CompressOptions | None = None
+        async for message in request_iterator:
+            if options is None:
+                options = message.options
+            elif message.HasField("options"):
+                raise InvalidInput("options belong in the first message of the stream only")
+            upload.add(message, "piece")
+        document = upload.document()
+        return pb.CompressStreamResponse(context=await self._compress(document, options, started))
+
+    async def _compress(
+        self, document: str | list[int], options: pb.CompressOptions, started: float
+    ) -> pb.CompressedContext:
+        runtime = self._state.runtime
+        kwargs = {
+            "tenant": current_tenant(),
+            "context_id": options.context_id if options.HasField("context_id") else None,
+            "ttl_s": lifetime(options),
+        }
+
+        def work(should_stop: ShouldStop) -> CompressOutcome:
+            def progress(done: int, total: int) -> None:
+                if should_stop():
+                    raise Stopped(f"compression abandoned after {done} of {total} chunks: the caller left")
+
+            if isinstance(document, str):
+                return runtime.compress_text(document, progress=progress, **kwargs)
+            return runtime.compress_ids(document, progress=progress, **kwargs)
+
+        outcome = await self._state.workers.call(work)
+        return compressed_context(outcome, time.perf_counter() - started)
+
+    async def GetContext(
+        self, request: pb.GetContextRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetContextResponse:
+        runtime = self._state.runtime
+        info = await asyncio.to_thread(runtime.store.info, request.context_id, tenant=current_tenant())
+        m = info.manifest
+        return pb.GetContextResponse(
+            context_id=info.context_id,
+            model_fingerprint=m.model_fingerprint,
+            adapter_fingerprint=m.adapter_fingerprint,
+            compatible=(m.model_fingerprint, m.adapter_fingerprint)
+            == (runtime.fingerprints.model, runtime.fingerprints.adapter),
+            tree_config=m.tree_config,
+            document_tokens=m.n_tokens,
+            chunk_lengths=m.chunk_lengths,
+            levels=tree_levels(info),
+            stored_bytes=info.stored_bytes,
+            created_unix_ms=m.created_unix_ms,
+            **expires_in(info),
+        )
+
+    async def DeleteContext(
+        self, request: pb.DeleteContextRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteContextResponse:
+        store = self._state.runtime.store
+        if not await asyncio.to_thread(store.delete, request.context_id, tenant=current_tenant()):
+            raise ContextNotFound(f"context {request.context_id!r} not found (never stored, expired or deleted)")
+        return pb.DeleteContextResponse()
+
+    async def TouchContext(
+        self, request: pb.TouchContextRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TouchContextResponse:
+        store, tenant = self._state.runtime.store, current_tenant()
+        await asyncio.to_thread(store.touch, request.context_id, tenant=tenant, pin=request.pin)
+        info = await asyncio.to_thread(store.info, request.context_id, tenant=tenant)
+        return pb.TouchContextResponse(**expires_in(info))

@@ -1,0 +1,22 @@
+"""The decoder service as the shared bootstrap (common.rpc.server) starts it."""
+
+from __future__ import annotations
+
+import grpc
+
+from common.generated.sharedllm.v1 import decoder_pb2, decoder_pb2_grpc
+from common.rpc.server import ServerState, ServiceSpec
+from decoder_service.servicer import DecoderServicer
+
+
+def register(state: ServerState, server: grpc.aio.Server) -> None:
+    decoder_pb2_grpc.add_DecoderServiceServicer_to_server(DecoderServicer(state), server)
+
+
+SPEC = ServiceSpec(
+    name="decoder",
+    full_name=decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name,
+    default_port=50052,
+    register=register,
+    lower_only=False,
+)

@@ -1,0 +1,142 @@
+"""DecoderService: protobuf in, ContextRuntime.generate in a worker thread, protobuf deltas out.
+
+Generation runs one token per step in a worker (common.rpc.workers); when the client cancels
+or its deadline passes, the worker stops before the next token. Tokens are counted where they
+are produced, so GetServerInfo shows that decoding really stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from common.config import TreeConfig
+from common.engine.decoder import Finished, TokenDelta
+from common.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
+from common.generated.sharedllm.v1 import context_pb2
+from common.generated.sharedllm.v1 import decoder_pb2 as pb
+from common.generated.sharedllm.v1 import decoder_pb2_grpc as pb_grpc
+from common.rpc.interceptor import current_tenant
+from common.rpc.server import ServerState
+from common.runtime import GenerateOutcome
+
+# GenerateRequest fields named as SamplingParams's; unset ones keep SamplingParams's defaults.
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+FINISH_REASONS = {
+    "eos": pb.FINISH_REASON_EOS,
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop": pb.FINISH_REASON_STOP,
+}
+
+
+def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
+    """Validation happens in the engine, which knows the window (InvalidInput names the field)."""
+    fields = {name: getattr(request, name) for name in SAMPLING_FIELDS if request.HasField(name)}
+    return SamplingParams(**fields, stop=tuple(request.stop))
+
+
+def tree_config_message(config: TreeConfig) -> context_pb2.TreeConfig:
+    return context_pb2.TreeConfig(
+        n_layers=config.n_layers,
+        chunk_size=config.chunk_size,
+        depth=config.depth,
+        pool_size=config.pool_size,
+        encoding=context_pb2.Encoding.Value(f"ENCODING_{config.encoding.upper()}"),
+        pooling=context_pb2.Pooling.Value(f"POOLING_{config.pooling.upper()}"),
+        positions=context_pb2.Positions.Value(f"POSITIONS_{config.positions.upper()}"),
+    )
+
+
+def last_message(finished: Finished, outcome: GenerateOutcome) -> pb.GenerateResponse:
+    t = finished.timings
+    return pb.GenerateResponse(
+        finish_reason=FINISH_REASONS[finished.reason],
+        usage=pb.Usage(
+            prompt_tokens=finished.prompt_tokens,
+            completion_tokens=finished.completion_tokens,
+            context_tokens=outcome.context_tokens,
+            context_chunks=outcome.chunks,
+            context_bytes_read=outcome.bytes_read,
+        ),
+        timings=pb.GenerateTimings(
+            context_load_seconds=t.get("context_open_s", 0.0) + t.get("context_load_s", 0.0),
+            selection_seconds=t.get("selection_s", 0.0),
+            prefill_seconds=t["prefill_s"],
+            time_to_first_token_seconds=t["time_to_first_token_s"],
+            decode_seconds=t["decode_s"],
+        ),
+    )
+
+
+class TokenCounter:
+    """Tokens produced by every worker thread together."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+
+
+class DecoderServicer(pb_grpc.DecoderServiceServicer):
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+        self._tokens = TokenCounter()
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        runtime = self._state.runtime
+        params = sampling_params(request)
+        tenant = current_tenant()
+
+        def events() -> Iterator[TokenDelta | Finished | GenerateOutcome]:  # runs in a worker thread
+            for event in runtime.generate(
+                request.context_id, request.prompt, params, tenant=tenant, retrieval=not request.disable_retrieval
+            ):
+                if isinstance(event, TokenDelta) and event.token_id is not None:
+                    self._tokens.add(1)
+                yield event
+
+        finished: Finished | None = None
+        async for event in self._state.workers.iterate(events):
+            if isinstance(event, TokenDelta):
+                ids = [] if event.token_id is None else [event.token_id]
+                yield pb.GenerateResponse(text=event.text, token_ids=ids)
+            elif isinstance(event, Finished):
+                finished = event
+            else:
+                assert finished is not None, "the runtime yields Finished before GenerateOutcome"
+                yield last_message(finished, event)
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        runtime, config, workers = self._state.runtime, self._state.config, self._state.workers
+        engine = runtime.engine
+        return pb.GetServerInfoResponse(
+            model_name=engine.loaded.name,
+            model_fingerprint=runtime.fingerprints.model,
+            adapter_fingerprint=runtime.fingerprints.adapter,
+            adapter_trained=engine.trained,
+            tree_config=tree_config_message(engine.adapter.config),
+            limits=pb.ServerLimits(
+                window_tokens=engine.window,
+                max_document_tokens=engine.limits.max_document_tokens,
+                max_prompt_chars=engine.limits.max_prompt_chars,
+                max_stop_strings=MAX_STOP_STRINGS,
+                max_stop_chars=MAX_STOP_CHARS,
+                max_message_bytes=config.max_message_bytes,
+                max_concurrent_requests=workers.limit,
+            ),
+            stats=pb.ServerStats(
+                active_requests=workers.active,
+                requests_total=workers.started_total,
+                generated_tokens_total=self._tokens.total,
+            ),
+            store_url=runtime.store.url,
+        )

@@ -1,0 +1,212 @@
+"""The StreamingLLM baseline's correctness, and `eval ppl` / `eval needle` end to end on the tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.baselines.streaming import StreamingLLM
+from common.config import TreeConfig
+from common.data.corpora import fetch
+from common.engine.decoder import TokenDelta
+from common.engine.engine import Engine
+from common.engine.llama import apply_rope
+from common.engine.sampling import SamplingParams
+from common.errors import InvalidInput
+from common.evaluation.cli import add_eval_commands
+from common.evaluation.ppl import window_starts
+
+TREE = ["--layers", "2", "--chunk-size", "64", "--depth", "2", "--pool-size", "8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The two cores are shared with other jobs; one torch thread avoids oversubscription stalls (~5x here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Engine:
+    return Engine.load(
+        model=str(tiny_model_dir), tree_config=TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=8)
+    )
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("data")
+    fetch(directory, corpora=("bible",))
+    return directory
+
+
+def _ids(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _plain_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    body = engine.body
+    with torch.inference_mode():
+        positions = torch.arange(len(ids)).unsqueeze(0)
+        h = body.forward_layers(body.embed(torch.tensor([ids])), positions, range(body.n_layers))
+        return body.logits(h)[0].float()
+
+
+def test_streaming_equals_the_plain_model_when_nothing_is_evicted(engine):
+    ids = _ids(150)
+    stream = StreamingLLM(engine.body, recent=200, piece=37)  # several prefill pieces, no eviction
+    got = torch.stack(list(stream.stream_logits(ids, 60)))
+    want = _plain_logits(engine, ids)[59:-1]
+    assert (got - want).abs().max() <= 1e-4
+    nll, n = stream.score(ids, 60)
+    assert n == 90
+    assert nll == pytest.approx(float(F.cross_entropy(want, torch.tensor(ids[60:]), reduction="sum")), rel=1e-5)
+
+    prompt = ids[:40]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    plain = [
+        e.token_id
+        for e in engine.decoder.generate(prompt, None, params, engine.tokenizer.decode)
+        if isinstance(e, TokenDelta)
+    ]
+    assert stream.generate_greedy(prompt, 12, engine.decoder.eos_ids) == plain
+
+
+def test_eviction_keeps_exactly_the_sinks_and_the_most_recent_tokens(engine):
+    stream = StreamingLLM(engine.body, recent=16, sinks=4, piece=5)
+    cache = stream.new_cache()
+    stream.feed(cache, _ids(15))
+    assert cache.cached_tokens == list(range(15))  # under capacity: nothing evicted
+    stream.feed(cache, _ids(32, seed=1))
+    assert cache.cached_tokens == [0, 1, 2, 3, *range(31, 47)]
+    stream.feed(cache, [7])
+    assert cache.cached_tokens == [0, 1, 2, 3, *range(32, 48)]
+    assert cache.length == cache.capacity == 20
+
+
+def test_keys_are_stored_before_rope_and_read_at_cache_positions(engine):
+    body = engine.body
+    ids = _ids(41)
+    stream = StreamingLLM(body, recent=16, sinks=4, piece=8)
+    cache = stream.new_cache()
+    stream.feed(cache, ids[:40])
+    cache.make_room(1)
+    n = cache.length
+    kept = cache.cached_tokens
+    assert kept == [0, 1, 2, 3, *range(25, 40)]
+
+    # Layer 0's keys depend on the token alone: stored keys must be the raw projections, unrotated.
+    attn, norm = body.layers[0].self_attn, body.layers[0].input_layernorm
+    with torch.inference_mode():
+        raw = attn.k_proj(norm(body.embed(torch.tensor([[ids[i] for i in kept]]))))
+    raw = raw.view(1, n, body.n_kv, body.head_dim).transpose(1, 2)
+    assert torch.allclose(cache.keys[0, :, :, :n], raw, atol=1e-6)
+
+    def reference(positions: list[int], query_position: int) -> torch.Tensor:
+        """The engine's own attention over the kept entries rotated to `positions`."""
+        ref = body.new_cache(n + 1)
+        cos, sin = body.rope(torch.tensor([positions]))
+        ref.keys[:, :, :, :n] = apply_rope(cache.keys[:, 0, :, :n], cos, sin).unsqueeze(1)
+        ref.values[:, :, :, :n] = cache.values[:, :, :, :n]
+        ref.length = n
+        with torch.inference_mode():
+            h = body.forward_layers(
+                body.embed(torch.tensor([[ids[40]]])), torch.tensor([[query_position]]), range(body.n_layers), ref
+            )
+            return body.logits(h)[0, -1].float()
+
+    got = body.logits(stream.feed(cache, [ids[40]])).float()
+    assert (got - reference(list(range(n)), n)).abs().max() <= 1e-4
+    # Document positions give other logits (the sinks sit at another distance), so the check has teeth.
+    assert (got - reference(kept, 40)).abs().max() > 1e-3
+
+
+def test_windows_score_the_same_tokens_at_every_length():
+    assert window_starts(1000, [100, 200, 2000], 50, 3) == ([100, 200], [200, 575, 950])
+    assert window_starts(1000, [100], 50, 1) == ([100], [950])  # the published protocol: the last W tokens
+    assert window_starts(100, [100], 50, 2) == ([], [])
+
+
+def _run(*argv: str) -> None:
+    parser = argparse.ArgumentParser()
+    add_eval_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    assert args.handler(args) == 0
+
+
+def test_tree_flags_and_a_trained_adapter_exclude_each_other():
+    with pytest.raises(InvalidInput, match="carries its own config"):
+        _run("eval", "ppl", "--adapter", "adapter.safetensors", "--depth", "2")
+
+
+def test_eval_commands_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
+    shared = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--streaming-recent", "128", *TREE]
+    _run(
+        "eval",
+        "ppl",
+        *shared,
+        "--lengths",
+        "256",
+        "1024",
+        "--windows",
+        "2",
+        "--scored-tokens",
+        "32",
+        "--decoder-tokens",
+        "64",
+        "--json",
+        str(tmp_path / "ppl.json"),
+        "--plot",
+        str(tmp_path / "ppl.png"),
+    )
+    report = json.loads((tmp_path / "ppl.json").read_text())
+    assert report["setup"]["tree_config"]["chunk_size"] == 64 and report["setup"]["adapter"] == "untrained"
+    short, long = report["lengths"]
+    assert (short["length"], short["documents"], short["windows"]) == (256, 1, 2)
+    assert set(short["methods"]) == {"sharedllm", "window", "full", "truncation", "streaming"}
+    assert short["methods"]["full"]["same_as"] == "truncation"  # 256 + 32 fits the 1,024-token window
+    assert long["methods"]["full"]["ppl"] is None  # 1,024 + 32 does not
+    assert long["methods"]["truncation"]["ppl"] < float("inf")
+    # An untrained adapter leaves the model unchanged, and every length scores the same tokens.
+    assert short["methods"]["sharedllm"]["ppl"] == pytest.approx(short["methods"]["window"]["ppl"], rel=1e-5)
+    assert short["methods"]["window"]["ppl"] == pytest.approx(long["methods"]["window"]["ppl"], rel=1e-5)
+    assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "=trunc" in table and "n/a" in table and "untrained" in table
+
+    _run(
+        "eval",
+        "needle",
+        *shared,
+        "--lengths",
+        "256",
+        "1000",
+        "--depths",
+        "0",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--methods",
+        "sharedllm",
+        "full",
+        "truncation",
+        "streaming",
+        "--json",
+        str(tmp_path / "needle.json"),
+        "--plot",
+        str(tmp_path / "needle.png"),
+    )
+    report = json.loads((tmp_path / "needle.json").read_text())
+    assert len(report["cells"]) == 2 * 4 * 2 * 2  # tasks x methods x lengths x depths
+    full = {c["length"]: c["accuracy"] for c in report["cells"] if c["method"] == "full"}
+    assert full[1000] is None and full[256] is not None  # full only where the document fits the window
+    assert all(isinstance(s["output"], str) and s["expected"] for s in report["samples"])
+    for method in ("sharedllm", "full", "truncation", "streaming"):
+        assert (tmp_path / f"needle-{method}.png").read_bytes()[:4] == b"\x89PNG"

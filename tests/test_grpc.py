@@ -1,0 +1,479 @@
+"""The gRPC services end to end: real servers on loopback, a real redis-server, real clients.
+
+The tiny random model serves the status-code table, cancellation, deadlines, the concurrency
+limit, health and SIGTERM; one test on the real default model checks that Compress then
+Generate over gRPC and Redis streams exactly what embedded mode produces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_stack import (
+    NOT_SERVING,
+    SERVING,
+    TINY_TREE_FLAGS,
+    EventLoopThread,
+    InProcessServer,
+    health,
+    server_config,
+    status_of,
+    wait_for_health,
+    wait_until,
+)
+from redis_server import free_port
+
+from common.config import TreeConfig
+from common.engine.decoder import Finished, TokenDelta
+from common.engine.engine import Engine
+from common.engine.sampling import SamplingParams
+from common.generated.sharedllm.v1 import compressor_pb2 as cpb
+from common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
+from common.generated.sharedllm.v1 import decoder_pb2 as dpb
+from common.rpc.config import ServerConfig, add_server_arguments
+from common.rpc.server import load_runtime
+from common.runtime import ContextRuntime
+from common.store import DEFAULT_TENANT, open_store
+from compressor_service.server import SPEC as COMPRESSOR
+from decoder_service.server import SPEC as DECODER
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TREE = TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=4)
+KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
+DOCUMENT = "The cat sat on the mat. The dog lay by the door. " * 40  # about 550 tokens, 9 chunks
+LONG_ANSWER = 900  # tokens; the tiny model never stops early on LONG_PROMPT (greedy), so cut short means stopped
+LONG_PROMPT = "Tell me a story"
+MAX_DOCUMENT_TOKENS = 4096
+MAX_DOCUMENT_BYTES = 128 << 10
+MAX_MESSAGE_BYTES = 256 << 10
+
+
+def auth(tenant: str | None = "alice", key: str | None = None) -> list[tuple[str, str]]:
+    key = key if key is not None else KEYS.get(tenant or "")
+    return [("authorization", f"Bearer {key}")] if key else []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One thread: the CI machine has two cores and a training job may hold one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = EventLoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir) -> Engine:
+    """The tiny model as the servers load it, for contexts made (or compared) on the test's side."""
+    return Engine.load(model=str(tiny_model_dir), tree_config=TINY_TREE)
+
+
+@dataclass
+class Stack:
+    compressor: compressor_pb2_grpc.CompressorServiceStub
+    decoder: decoder_pb2_grpc.DecoderServiceStub
+    compressor_target: str
+    decoder_target: str
+
+    def compress(self, text: str = DOCUMENT, tenant: str = "alice", **options) -> str:
+        request = cpb.CompressRequest(text=text.encode(), options=cpb.CompressOptions(**options))
+        return self.compressor.Compress(request, metadata=auth(tenant)).context.context_id
+
+    def generate(self, context_id: str, prompt: str = "Where is the cat?", tenant: str = "alice", **fields):
+        request = dpb.GenerateRequest(context_id=context_id, prompt=prompt, **fields)
+        return list(self.decoder.Generate(request, metadata=auth(tenant)))
+
+    def stats(self) -> dpb.ServerStats:
+        return self.decoder.GetServerInfo(dpb.GetServerInfoRequest(), metadata=auth()).stats
+
+
+@pytest.fixture(scope="module")
+def stack(loop, tiny_model_dir, redis_server, tmp_path_factory):
+    keys_file = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys_file.write_text("# tenant key\n" + "".join(f"{t} {k}\n" for t, k in KEYS.items()))
+    config = server_config(
+        "--model", str(tiny_model_dir), *TINY_TREE_FLAGS,
+        "--store-url", redis_server.url,
+        "--api-keys-file", str(keys_file),
+        "--max-document-tokens", str(MAX_DOCUMENT_TOKENS),
+        "--max-document-bytes", str(MAX_DOCUMENT_BYTES),
+        "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+        "--max-concurrent", "2",
+        "--health-interval-s", "0.2",
+    )  # fmt: skip
+    with InProcessServer(loop, COMPRESSOR, config) as compressor, InProcessServer(loop, DECODER, config) as decoder:
+        for server in (compressor, decoder):
+            wait_for_health(server.target, SERVING)
+        with grpc.insecure_channel(compressor.target) as c, grpc.insecure_channel(decoder.target) as d:
+            yield Stack(
+                compressor_pb2_grpc.CompressorServiceStub(c),
+                decoder_pb2_grpc.DecoderServiceStub(d),
+                compressor.target,
+                decoder.target,
+            )
+
+
+def text_and_ids(responses) -> tuple[str, list[int]]:
+    return "".join(r.text for r in responses), [i for r in responses for i in r.token_ids]
+
+
+def embedded_answer(
+    runtime: ContextRuntime, context_id: str, prompt: str, params: SamplingParams, tenant: str = DEFAULT_TENANT
+):
+    """Text, token ids and Finished of embedded mode (the same runtime the services call)."""
+    events = list(runtime.generate(context_id, prompt, params, tenant=tenant))
+    deltas = [e for e in events if isinstance(e, TokenDelta)]
+    finished = next(e for e in events if isinstance(e, Finished))
+    return "".join(d.text for d in deltas), [d.token_id for d in deltas if d.token_id is not None], finished
+
+
+def test_flags_fall_back_to_the_environment(monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("SHAREDLLM_STORE_URL", "memory://")
+    monkeypatch.setenv("SHAREDLLM_MAX_CONCURRENT", "7")
+    monkeypatch.setenv("SHAREDLLM_CHUNK_SIZE", "128")
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser, default_port=1234)
+    config = ServerConfig.from_args(parser.parse_args(["--max-concurrent", "3"]))
+    assert (config.store_url, config.max_concurrent, config.tree_config.chunk_size, config.port) == (
+        "memory://",
+        3,  # a flag wins over the environment
+        128,
+        1234,
+    )
+    monkeypatch.setenv("SHAREDLLM_MAX_CONCURRENT", "many")
+    with pytest.raises(SystemExit):
+        add_server_arguments(argparse.ArgumentParser(), default_port=1)
+
+
+def test_compress_manage_and_generate_like_embedded(stack, tiny_engine, redis_server):
+    # The same document as one message and as a stream cut inside a multi-byte character.
+    text = "Ünïcödé " + DOCUMENT
+    data = text.encode()
+    unary = stack.compressor.Compress(cpb.CompressRequest(text=data), metadata=auth()).context
+    pieces = [cpb.CompressStreamRequest(options=cpb.CompressOptions(context_id="streamed-doc"))]
+    cuts = [0, 1, *range(1001, len(data), 1001), len(data)]  # the first cut splits "Ü" in two
+    pieces += [cpb.CompressStreamRequest(text=data[a:b]) for a, b in itertools.pairwise(cuts)]
+    with pytest.raises(UnicodeDecodeError):
+        data[:1].decode()
+    streamed = stack.compressor.CompressStream(iter(pieces), metadata=auth()).context
+    assert streamed.context_id == "streamed-doc"
+    assert streamed.document_tokens == unary.document_tokens > 500
+    assert streamed.chunks == math.ceil(unary.document_tokens / TINY_TREE.chunk_size)
+    assert unary.stored_bytes > 0 and unary.compression_ratio > 1 and unary.timings.total_seconds > 0
+
+    info = stack.compressor.GetContext(cpb.GetContextRequest(context_id=unary.context_id), metadata=auth())
+    assert info.compatible and info.document_tokens == unary.document_tokens
+    assert [(lv.level, lv.nodes) for lv in info.levels] == [(1, 2 * unary.chunks), (2, 4 * unary.chunks)]
+    assert info.HasField("expires_in_seconds") and 0 < info.expires_in_seconds <= 24 * 3600
+    touched = stack.compressor.TouchContext(
+        cpb.TouchContextRequest(context_id=unary.context_id, pin=True), metadata=auth()
+    )
+    assert not touched.HasField("expires_in_seconds")
+
+    # Same seed, same answer as embedded mode reading the same stored context.
+    embedded = ContextRuntime(tiny_engine, open_store(redis_server.url))
+    params = {"max_new_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 1234}
+    responses = stack.generate(unary.context_id, **params)
+    text_, ids = text_and_ids(responses)
+    expected_text, expected_ids, finished = embedded_answer(
+        embedded, unary.context_id, "Where is the cat?", SamplingParams(**params), tenant="alice"
+    )
+    assert (text_, ids) == (expected_text, expected_ids) and len(ids) > 0
+    last = responses[-1]
+    assert (
+        last.finish_reason
+        == dpb.FINISH_REASON_LENGTH
+        == dpb.FinishReason.Value(f"FINISH_REASON_{finished.reason.upper()}")
+    )
+    assert last.usage.completion_tokens == len(ids) and last.usage.context_chunks == unary.chunks
+    assert 0 < last.usage.context_bytes_read < unary.stored_bytes  # only the selected nodes were read
+    assert last.timings.time_to_first_token_seconds > 0 and last.timings.prefill_seconds > 0
+
+    stack.compressor.DeleteContext(cpb.DeleteContextRequest(context_id="streamed-doc"), metadata=auth())
+    server = stack.decoder.GetServerInfo(dpb.GetServerInfoRequest(), metadata=auth())
+    assert server.adapter_fingerprint == embedded.fingerprints.adapter
+    assert server.tree_config.chunk_size == 64 and server.limits.max_document_tokens == MAX_DOCUMENT_TOKENS
+    assert server.limits.window_tokens == 1024 and server.limits.max_concurrent_requests == 2
+
+    with grpc.insecure_channel(stack.decoder_target) as channel:
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (answer,) = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([request]))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"sharedllm.v1.DecoderService", "grpc.health.v1.Health"} <= names
+
+
+def test_bad_requests_get_their_status_codes(stack, tiny_engine, redis_server):
+    code = grpc.StatusCode
+    ok = stack.compress()
+    expired = stack.compress(ttl_seconds=0.2)
+    deleted = stack.compress()
+    stack.compressor.DeleteContext(cpb.DeleteContextRequest(context_id=deleted), metadata=auth())
+    corrupted = stack.compress()
+    with redis_server.client() as client:
+        nodes = list(client.scan_iter(match=f"sllm:{{alice:{corrupted}}}:*:node:*"))
+        assert nodes
+        for key in nodes:
+            client.set(key, b"not a safetensors payload", keepttl=True)
+    other_adapter = (
+        ContextRuntime(
+            Engine(tiny_engine.loaded, type(tiny_engine.adapter).initialise(tiny_engine.body, TreeConfig(2, 64, 2, 2))),
+            open_store(redis_server.url),
+        )
+        .compress_text(DOCUMENT, tenant="alice")
+        .context_id
+    )
+    time.sleep(0.4)  # `expired` is gone by now
+
+    def compress(tenant: str | None = "alice", key: str | None = None, **fields) -> Callable[[], object]:
+        return lambda: stack.compressor.Compress(cpb.CompressRequest(**fields), metadata=auth(tenant, key))
+
+    def stream(*messages: cpb.CompressStreamRequest) -> Callable[[], object]:
+        return lambda: stack.compressor.CompressStream(iter(messages), metadata=auth())
+
+    def generate(context_id: str = ok, tenant: str | None = "alice", key: str | None = None, **fields):
+        request = dpb.GenerateRequest(context_id=context_id, prompt=fields.pop("prompt", "Where?"), **fields)
+        return lambda: list(stack.decoder.Generate(request, metadata=auth(tenant, key)))
+
+    def manage(rpc: str, context_id: str, tenant: str = "alice") -> Callable[[], object]:
+        request = getattr(cpb, f"{rpc}Request")(context_id=context_id)
+        return lambda: getattr(stack.compressor, rpc)(request, metadata=auth(tenant))
+
+    text, options, invalid = cpb.CompressStreamRequest, cpb.CompressOptions, code.INVALID_ARGUMENT
+    table: list[tuple[str, Callable[[], object], grpc.StatusCode]] = [
+        ("no document", compress(), invalid),
+        ("empty document", compress(text=b""), invalid),
+        ("blank document", compress(text=b" \n\t "), invalid),
+        ("binary document (NUL)", compress(text=b"abc\x00def"), invalid),
+        ("invalid UTF-8", compress(text=b"caf\xc3 \xff\xfe"), invalid),
+        ("too many tokens (text)", compress(text=b"The cat sat. " * 2000), invalid),
+        ("too many tokens (ids)", compress(token_ids=cpb.TokenIds(ids=[42] * 5000)), invalid),
+        ("token id outside vocabulary", compress(token_ids=cpb.TokenIds(ids=[1, 10**9])), invalid),
+        ("message over the size limit", compress(text=b"a" * (MAX_MESSAGE_BYTES + 1)), code.RESOURCE_EXHAUSTED),
+        ("stream over the byte limit", stream(*[text(text=b"b " * 25_000)] * 3), invalid),
+        ("stream mixing text and ids", stream(text(text=b"x"), text(token_ids=cpb.TokenIds(ids=[1]))), invalid),
+        ("options after the first piece", stream(text(text=b"x"), text(options=options(pin=True))), invalid),
+        ("empty stream", stream(), invalid),
+        ("bad context id", compress(text=b"hi", options=options(context_id="../etc")), invalid),
+        ("negative ttl", compress(text=b"hi", options=options(ttl_seconds=-1)), invalid),
+        ("NaN ttl", compress(text=b"hi", options=options(ttl_seconds=math.nan)), invalid),
+        ("ttl and pin", compress(text=b"hi", options=options(ttl_seconds=5, pin=True)), invalid),
+        ("compress without API key", compress(text=b"hi", tenant=None), code.UNAUTHENTICATED),
+        ("compress with a wrong API key", compress(text=b"hi", key="not-a-key-0123456789"), code.UNAUTHENTICATED),
+        ("generate without API key", generate(tenant=None), code.UNAUTHENTICATED),
+        ("generate with a wrong API key", generate(key="not-a-key-0123456789"), code.UNAUTHENTICATED),
+        ("unknown context", generate("no-such-context"), code.NOT_FOUND),
+        ("empty context id", generate(""), invalid),
+        ("expired context", generate(expired), code.NOT_FOUND),
+        ("deleted context", generate(deleted), code.NOT_FOUND),
+        ("deleting twice", manage("DeleteContext", deleted), code.NOT_FOUND),
+        ("another tenant's context", generate(ok, tenant="bob"), code.NOT_FOUND),
+        ("another tenant's metadata", manage("GetContext", ok, tenant="bob"), code.NOT_FOUND),
+        ("deleting another tenant's context", manage("DeleteContext", ok, tenant="bob"), code.NOT_FOUND),
+        ("touching another tenant's context", manage("TouchContext", ok, tenant="bob"), code.NOT_FOUND),
+        ("empty prompt", generate(prompt=" "), invalid),
+        ("negative max_new_tokens", generate(max_new_tokens=-1), invalid),
+        ("zero max_new_tokens", generate(max_new_tokens=0), invalid),
+        ("absurd max_new_tokens", generate(max_new_tokens=10**9), invalid),
+        ("prompt + max_new_tokens over the window", generate(max_new_tokens=1020), invalid),
+        ("temperature NaN", generate(temperature=math.nan), invalid),
+        ("negative temperature", generate(temperature=-0.5), invalid),
+        ("top_p zero", generate(top_p=0.0), invalid),
+        ("top_p above one", generate(top_p=1.5), invalid),
+        ("negative top_k", generate(top_k=-3), invalid),
+        ("too many stop strings", generate(stop=[f"s{i}" for i in range(17)]), invalid),
+        ("empty stop string", generate(stop=[""]), invalid),
+        ("context built with another adapter", generate(other_adapter), code.FAILED_PRECONDITION),
+        ("corrupted stored node", generate(corrupted), code.DATA_LOSS),
+    ]  # fmt: skip
+    failures = [(name, got, want) for name, call, want in table if (got := status_of(call)) != want]
+    assert not failures, "\n".join(f"{name}: got {got.name}, expected {want.name}" for name, got, want in failures)
+
+    # After the whole table the servers still serve, and bob's calls left alice's context alone.
+    answer = stack.generate(ok, max_new_tokens=4)
+    assert answer[-1].finish_reason == dpb.FINISH_REASON_LENGTH and answer[-1].usage.completion_tokens == 4
+    assert stack.compress(tenant="bob")
+    assert stack.stats().active_requests == 0
+
+
+def test_cancelling_a_stream_stops_decoding(stack):
+    context_id = stack.compress()
+    before = stack.stats().generated_tokens_total
+    request = dpb.GenerateRequest(context_id=context_id, prompt=LONG_PROMPT, max_new_tokens=LONG_ANSWER)
+    call = stack.decoder.Generate(request, metadata=auth())
+    for _ in range(3):
+        next(call)
+    call.cancel()
+    wait_until(lambda: stack.stats().active_requests == 0, what="the worker to stop")
+    stopped_at = stack.stats().generated_tokens_total
+    time.sleep(0.5)
+    assert stack.stats().generated_tokens_total == stopped_at  # no longer growing
+    assert 3 <= stopped_at - before < LONG_ANSWER // 2
+
+
+def test_a_short_deadline_gives_deadline_exceeded(stack):
+    context_id = stack.compress()
+    request = dpb.GenerateRequest(context_id=context_id, prompt=LONG_PROMPT, max_new_tokens=LONG_ANSWER)
+    before = stack.stats().generated_tokens_total
+    with pytest.raises(grpc.RpcError) as failure:
+        list(stack.decoder.Generate(request, metadata=auth(), timeout=0.5))
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: stack.stats().active_requests == 0, what="the worker to stop")
+    assert stack.stats().generated_tokens_total - before < LONG_ANSWER // 2
+
+
+def test_requests_over_the_concurrency_limit_are_refused(stack):
+    context_id = stack.compress()
+    request = dpb.GenerateRequest(context_id=context_id, prompt=LONG_PROMPT, max_new_tokens=LONG_ANSWER)
+    calls = [stack.decoder.Generate(request, metadata=auth()) for _ in range(2)]  # the limit is 2
+    for call in calls:
+        next(call)
+    try:
+        third = status_of(lambda: list(stack.decoder.Generate(request, metadata=auth())))
+        assert third == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for call in calls:
+            call.cancel()
+        wait_until(lambda: stack.stats().active_requests == 0, what="the workers to stop")
+
+
+def test_health_follows_loading_and_redis(loop, tiny_model_dir, make_redis_server):
+    redis = make_redis_server()
+    loading = threading.Event()
+
+    def slow_load(config: ServerConfig, lower_only: bool) -> ContextRuntime:
+        loading.wait(60)
+        return load_runtime(config, lower_only)
+
+    config = server_config(
+        "--model", str(tiny_model_dir), *TINY_TREE_FLAGS, "--store-url", redis.url, "--health-interval-s", "0.1"
+    )  # fmt: skip
+    with InProcessServer(loop, COMPRESSOR, config, load=slow_load) as server:
+        stub = compressor_pb2_grpc.CompressorServiceStub(grpc.insecure_channel(server.target))
+
+        def compress_status() -> grpc.StatusCode:
+            return status_of(lambda: stub.Compress(cpb.CompressRequest(text=DOCUMENT.encode())))
+
+        assert health(server.target) == NOT_SERVING  # listening, model not loaded
+        assert health(server.target, COMPRESSOR.full_name) == NOT_SERVING
+        assert compress_status() == grpc.StatusCode.UNAVAILABLE
+        loading.set()
+        wait_for_health(server.target, SERVING, service=COMPRESSOR.full_name)
+        assert compress_status() == grpc.StatusCode.OK
+        redis.stop()
+        wait_for_health(server.target, NOT_SERVING, timeout=15)
+        assert compress_status() == grpc.StatusCode.UNAVAILABLE
+        redis.start()
+        wait_for_health(server.target, SERVING, timeout=15)
+        assert compress_status() == grpc.StatusCode.OK
+
+
+def test_sigterm_drains_an_in_flight_stream(tiny_engine, tiny_model_dir, redis_server, tmp_path):
+    context_id = ContextRuntime(tiny_engine, open_store(redis_server.url)).compress_text(DOCUMENT).context_id
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "decoder_service", "--host", "127.0.0.1", "--port", str(port),
+        "--model", str(tiny_model_dir), *TINY_TREE_FLAGS, "--store-url", redis_server.url,
+        "--torch-threads", "1", "--drain-delay-s", "1", "--health-interval-s", "0.2",
+    ]  # fmt: skip
+    log = (tmp_path / "decoder.log").open("w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_health(target, SERVING, timeout=180)
+        with grpc.insecure_channel(target) as channel:
+            request = dpb.GenerateRequest(context_id=context_id, prompt=LONG_PROMPT, max_new_tokens=300)
+            call = decoder_pb2_grpc.DecoderServiceStub(channel).Generate(request)
+            first = next(call)
+            process.send_signal(signal.SIGTERM)
+            wait_for_health(target, NOT_SERVING, timeout=5)  # during the drain delay
+            rest = list(call)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    assert rest[-1].finish_reason == dpb.FINISH_REASON_LENGTH, (tmp_path / "decoder.log").read_text()[-3000:]
+    assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 300 == rest[-1].usage.completion_tokens
+
+
+@pytest.mark.model
+def test_real_model_over_grpc_and_redis_matches_embedded(loop, redis_server, tmp_path, capsys):
+    from common.cli import main
+    from common.data.demo import demo_document
+
+    tree = TreeConfig(chunk_size=512, pool_size=16)
+    config = server_config("--store-url", redis_server.url, "--chunk-size", "512", "--pool-size", "16")
+    path = demo_document(tmp_path)
+    embedded = ContextRuntime(Engine.load(adapter=None, tree_config=tree), open_store("memory://"))
+    with InProcessServer(loop, COMPRESSOR, config) as compressor, InProcessServer(loop, DECODER, config) as decoder:
+        for server in (compressor, decoder):
+            wait_for_health(server.target, SERVING, timeout=300)
+        capsys.readouterr()
+        assert main(["compress", "--target", compressor.target, str(path), "--json"]) == 0
+        remote = json.loads(capsys.readouterr().out)
+        local = embedded.compress_text(path.read_text(encoding="utf-8"))
+        assert int(remote["document_tokens"]) == local.n_tokens > 8192  # longer than the model's window
+        assert remote["chunks"] == local.chunks and int(remote["stored_bytes"]) == local.stored_bytes
+
+        questions = [
+            ("What name did the women give to the son of Ruth and Boaz?", {}),
+            ("Who is Naomi?", {"temperature": 0.8, "seed": 7}),
+            ("Summarize the story of Hannah.", {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 11}),
+        ]
+        with grpc.insecure_channel(decoder.target) as channel:
+            stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+            for prompt, sampling in questions:
+                params = {"max_new_tokens": 24, **sampling}
+                started = time.perf_counter()
+                responses, client_ttft = [], None
+                request = dpb.GenerateRequest(context_id=remote["context_id"], prompt=prompt, **params)
+                for response in stub.Generate(request):
+                    client_ttft = client_ttft or (time.perf_counter() - started if response.token_ids else None)
+                    responses.append(response)
+                expected_text, expected_ids, finished = embedded_answer(
+                    embedded, local.context_id, prompt, SamplingParams(**params)
+                )
+                assert text_and_ids(responses) == (expected_text, expected_ids), prompt
+                server_ttft = responses[-1].timings.time_to_first_token_seconds
+                with capsys.disabled():  # a measurement to read, not a pass/fail criterion
+                    print(
+                        f"\n{prompt[:40]!r}: time to first token over gRPC+Redis {client_ttft:.3f} s "
+                        f"(server {server_ttft:.3f} s), embedded {finished.timings['time_to_first_token_s']:.3f} s"
+                    )
+
+        # The command-line client streams the same answer.
+        capsys.readouterr()
+        prompt, _ = questions[0]
+        argv = ["generate", "--target", decoder.target, "--context", remote["context_id"], prompt]
+        assert main([*argv, "--max-new-tokens", "24", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (
+            report["answer"]
+            == embedded_answer(embedded, local.context_id, prompt, SamplingParams(max_new_tokens=24))[0]
+        )
+        assert report["usage"]["context_chunks"] == local.chunks
