@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from common.errors import ModelUnavailable
@@ -43,6 +43,7 @@ class LoadedModel:
     fingerprint: str
     name: str
     path: Path
+    base_n_layers: int  # of the whole model, also when only the lower layers were loaded
 
 
 def cache_dir() -> Path:
@@ -175,4 +176,5 @@ def load_model(
     model.to(dev).eval()
     model.requires_grad_(False)
     name = spec if spec not in (None, "", DEFAULT_MODEL) else "SmolLM2-135M-Instruct"
-    return LoadedModel(model, tokenizer, _directory_fingerprint(path), str(name), path)
+    base_n_layers = AutoConfig.from_pretrained(str(path), local_files_only=True).num_hidden_layers
+    return LoadedModel(model, tokenizer, _directory_fingerprint(path), str(name), path, base_n_layers)

@@ -90,7 +90,7 @@ class ContextRuntime:
         encoded = encode(
             compressed.tree,
             fingerprints=self.fingerprints,
-            base_n_layers=self.engine.body.n_layers,
+            base_n_layers=self.engine.loaded.base_n_layers,
             tenant=tenant,
             source_sha256=source_digest(token_ids),
             ttl_s=self.default_ttl_s if ttl_s == -1.0 else ttl_s,

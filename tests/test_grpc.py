@@ -7,6 +7,7 @@ Generate over gRPC and Redis streams exactly what embedded mode produces.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -39,12 +40,15 @@ from grpc_stack import (
 from redis_server import free_port
 
 from common.config import TreeConfig
+from common.engine.adapter import InjectionAdapter
 from common.engine.decoder import Finished, TokenDelta
 from common.engine.engine import Engine
+from common.engine.llama import LlamaBody
 from common.engine.sampling import SamplingParams
 from common.generated.sharedllm.v1 import compressor_pb2 as cpb
 from common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
 from common.generated.sharedllm.v1 import decoder_pb2 as dpb
+from common.model_loading import load_model
 from common.rpc.config import ServerConfig, add_server_arguments
 from common.rpc.server import load_runtime
 from common.runtime import ContextRuntime
@@ -55,6 +59,7 @@ from decoder_service.server import SPEC as DECODER
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TREE = TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=4)
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
+QUESTION = "Where is the cat?"
 DOCUMENT = "The cat sat on the mat. The dog lay by the door. " * 40  # about 550 tokens, 9 chunks
 LONG_ANSWER = 900  # tokens; the tiny model never stops early on LONG_PROMPT (greedy), so cut short means stopped
 LONG_PROMPT = "Tell me a story"
@@ -85,9 +90,23 @@ def loop():
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir) -> Engine:
+def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """An adapter whose injection changes the output (o_proj not zero), so that an answer equal to
+    embedded mode's shows the service read the right context, not merely that it ignored it."""
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    adapter = InjectionAdapter.initialise(LlamaBody(loaded.model), TINY_TREE)
+    generator = torch.Generator().manual_seed(0)
+    for block in adapter.blocks:
+        block.o_proj.weight.copy_(torch.randn(block.o_proj.weight.shape, generator=generator) * 0.05)
+    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
+    adapter.save(path, loaded.fingerprint)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir, tiny_adapter) -> Engine:
     """The tiny model as the servers load it, for contexts made (or compared) on the test's side."""
-    return Engine.load(model=str(tiny_model_dir), tree_config=TINY_TREE)
+    return Engine.load(model=str(tiny_model_dir), adapter=tiny_adapter)
 
 
 @dataclass
@@ -101,7 +120,7 @@ class Stack:
         request = cpb.CompressRequest(text=text.encode(), options=cpb.CompressOptions(**options))
         return self.compressor.Compress(request, metadata=auth(tenant)).context.context_id
 
-    def generate(self, context_id: str, prompt: str = "Where is the cat?", tenant: str = "alice", **fields):
+    def generate(self, context_id: str, prompt: str = QUESTION, tenant: str = "alice", **fields):
         request = dpb.GenerateRequest(context_id=context_id, prompt=prompt, **fields)
         return list(self.decoder.Generate(request, metadata=auth(tenant)))
 
@@ -110,11 +129,11 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(loop, tiny_model_dir, redis_server, tmp_path_factory):
+def stack(loop, tiny_model_dir, tiny_adapter, redis_server, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("keys") / "api-keys"
     keys_file.write_text("# tenant key\n" + "".join(f"{t} {k}\n" for t, k in KEYS.items()))
     config = server_config(
-        "--model", str(tiny_model_dir), *TINY_TREE_FLAGS,
+        "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter),
         "--store-url", redis_server.url,
         "--api-keys-file", str(keys_file),
         "--max-document-tokens", str(MAX_DOCUMENT_TOKENS),
@@ -140,7 +159,7 @@ def text_and_ids(responses) -> tuple[str, list[int]]:
 
 
 def embedded_answer(
-    runtime: ContextRuntime, context_id: str, prompt: str, params: SamplingParams, tenant: str = DEFAULT_TENANT
+    runtime: ContextRuntime, context_id: str | None, prompt: str, params: SamplingParams, tenant: str = DEFAULT_TENANT
 ):
     """Text, token ids and Finished of embedded mode (the same runtime the services call)."""
     events = list(runtime.generate(context_id, prompt, params, tenant=tenant))
@@ -150,8 +169,6 @@ def embedded_answer(
 
 
 def test_flags_fall_back_to_the_environment(monkeypatch):
-    import argparse
-
     monkeypatch.setenv("SHAREDLLM_STORE_URL", "memory://")
     monkeypatch.setenv("SHAREDLLM_MAX_CONCURRENT", "7")
     monkeypatch.setenv("SHAREDLLM_CHUNK_SIZE", "128")
@@ -198,17 +215,15 @@ def test_compress_manage_and_generate_like_embedded(stack, tiny_engine, redis_se
     embedded = ContextRuntime(tiny_engine, open_store(redis_server.url))
     params = {"max_new_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 1234}
     responses = stack.generate(unary.context_id, **params)
-    text_, ids = text_and_ids(responses)
+    answer, ids = text_and_ids(responses)
     expected_text, expected_ids, finished = embedded_answer(
-        embedded, unary.context_id, "Where is the cat?", SamplingParams(**params), tenant="alice"
+        embedded, unary.context_id, QUESTION, SamplingParams(**params), tenant="alice"
     )
-    assert (text_, ids) == (expected_text, expected_ids) and len(ids) > 0
+    assert (answer, ids) == (expected_text, expected_ids) and len(ids) > 0
+    without_context = embedded_answer(embedded, None, QUESTION, SamplingParams(**params))
+    assert without_context[1] != ids  # the context shapes the answer, so equal answers mean the same nodes
     last = responses[-1]
-    assert (
-        last.finish_reason
-        == dpb.FINISH_REASON_LENGTH
-        == dpb.FinishReason.Value(f"FINISH_REASON_{finished.reason.upper()}")
-    )
+    assert finished.reason == "length" and last.finish_reason == dpb.FINISH_REASON_LENGTH
     assert last.usage.completion_tokens == len(ids) and last.usage.context_chunks == unary.chunks
     assert 0 < last.usage.context_bytes_read < unary.stored_bytes  # only the selected nodes were read
     assert last.timings.time_to_first_token_seconds > 0 and last.timings.prefill_seconds > 0
@@ -240,7 +255,7 @@ def test_bad_requests_get_their_status_codes(stack, tiny_engine, redis_server):
             client.set(key, b"not a safetensors payload", keepttl=True)
     other_adapter = (
         ContextRuntime(
-            Engine(tiny_engine.loaded, type(tiny_engine.adapter).initialise(tiny_engine.body, TreeConfig(2, 64, 2, 2))),
+            Engine(tiny_engine.loaded, InjectionAdapter.initialise(tiny_engine.body, TreeConfig(2, 64, 2, 2))),
             open_store(redis_server.url),
         )
         .compress_text(DOCUMENT, tenant="alice")
@@ -391,13 +406,13 @@ def test_health_follows_loading_and_redis(loop, tiny_model_dir, make_redis_serve
         assert compress_status() == grpc.StatusCode.OK
 
 
-def test_sigterm_drains_an_in_flight_stream(tiny_engine, tiny_model_dir, redis_server, tmp_path):
+def test_sigterm_drains_an_in_flight_stream(tiny_engine, tiny_model_dir, tiny_adapter, redis_server, tmp_path):
     context_id = ContextRuntime(tiny_engine, open_store(redis_server.url)).compress_text(DOCUMENT).context_id
     port = free_port()
     target = f"127.0.0.1:{port}"
     command = [
         sys.executable, "-m", "decoder_service", "--host", "127.0.0.1", "--port", str(port),
-        "--model", str(tiny_model_dir), *TINY_TREE_FLAGS, "--store-url", redis_server.url,
+        "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--store-url", redis_server.url,
         "--torch-threads", "1", "--drain-delay-s", "1", "--health-interval-s", "0.2",
     ]  # fmt: skip
     log = (tmp_path / "decoder.log").open("w")

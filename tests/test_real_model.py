@@ -54,6 +54,7 @@ def test_greedy_matches_hf_generate(engine, real_model):
 def test_lower_only_compressor_builds_the_same_tree(engine):
     lower = Engine.load(lower_only=True, tree_config=engine.adapter.config, device="cpu")
     assert lower.body.n_layers == engine.adapter.config.n_layers < engine.body.n_layers
+    assert lower.loaded.base_n_layers == engine.body.n_layers  # storage accounting uses the whole model
     ids = engine.tokenize_document("The quick brown fox jumps over the lazy dog. " * 60)
     full_tree, lower_tree = engine.compress(ids).tree, lower.compress(ids).tree
     assert torch.equal(full_tree.keys, lower_tree.keys) and torch.equal(full_tree.values, lower_tree.values)

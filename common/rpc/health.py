@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 from grpc_health.v1 import health, health_pb2
 
-from common.errors import StoreUnavailable
 from common.store import ContextStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class Health:
     async def _store_answers(self, store: ContextStore) -> bool:
         try:
             await asyncio.wait_for(asyncio.to_thread(store.ping), timeout=max(self._interval_s, 1.0))
-        except (StoreUnavailable, TimeoutError) as exc:
+        except Exception as exc:  # whatever stops the store from answering means it is not serving
             if self._status != NOT_SERVING:
                 log.warning("store %s does not answer: %s", store.url, exc)
             return False

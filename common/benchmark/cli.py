@@ -1,0 +1,85 @@
+"""`sharedllm bench`: SharedLLM against full attention and StreamingLLM, in one run.
+
+sharedllm bench --json bench/results/serving.json --plot-dir bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.benchmark.cell import LOCAL_METHODS
+from common.benchmark.report import format_table, write_json, write_plots
+from common.benchmark.runner import BenchConfig, run_benchmark
+from common.engine.engine import Limits
+from common.errors import InvalidInput
+
+DEFAULT_LENGTHS: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
+LENGTH_128K = 131072
+
+
+def add_bench_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="speed and memory against full attention and StreamingLLM (medians, same-run ratios, targets)",
+    )
+    p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", help="adapter .safetensors (default: the shipped one, else untrained)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="document tokens")
+    p.add_argument("--with-128k", action="store_true", help=f"also measure {LENGTH_128K} tokens")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions of every cell")
+    p.add_argument("--methods", nargs="+", choices=LOCAL_METHODS, default=list(LOCAL_METHODS))
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (decode speed)")
+    p.add_argument(
+        "--baselines-up-to",
+        type=int,
+        help="measure full attention and StreamingLLM only up to this many tokens (they grow fastest)",
+    )
+    p.add_argument(
+        "--grpc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure SharedLLM through the gRPC services and a private redis-server",
+    )
+    p.add_argument("--threads", type=int, help="torch threads in every cell and service (default: torch's choice)")
+    p.add_argument("--json", type=Path, help="write the full report here")
+    p.add_argument("--plot-dir", type=Path, help="write ttft.png and memory.png here")
+    p.set_defaults(handler=run_bench)
+
+
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    lengths = sorted({*args.lengths, *([LENGTH_128K] if args.with_128k else [])})
+    limit = Limits().max_document_tokens
+    if not all(1 <= n <= limit for n in lengths):
+        raise InvalidInput(f"--lengths must be in [1, {limit}] tokens, got {lengths}")
+    for flag, value in (("--repeats", args.repeats), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise InvalidInput(f"{flag} must be >= 1, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise InvalidInput(f"--threads must be >= 1, got {args.threads}")
+    return BenchConfig(
+        lengths=tuple(lengths),
+        methods=tuple(dict.fromkeys(args.methods)),
+        repeats=args.repeats,
+        max_new_tokens=args.max_new_tokens,
+        model=args.model,
+        adapter=args.adapter,
+        device=args.device,
+        threads=args.threads,
+        grpc=args.grpc,
+        baselines_up_to=args.baselines_up_to,
+    )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    report = run_benchmark(bench_config(args), lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.plot_dir:
+        for path in write_plots(report, args.plot_dir):
+            print(f"wrote {path}")
+    return 0

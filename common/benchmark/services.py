@@ -1,0 +1,123 @@
+"""The gRPC + Redis stack the `grpc` cells talk to: a private redis-server and both services.
+
+They run as the production commands (`sharedllm serve compressor|decoder`) in their own
+processes, started once per benchmark and shared by its cells: starting them per cell would
+time model loading, which no request pays. Anything that keeps the stack from becoming ready
+is raised as GrpcUnavailable with the reason, and the report says so instead of a number.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+READY_TIMEOUT_S = 600.0  # both services load the model at once; the default one takes minutes on 2 cores
+
+
+class GrpcUnavailable(RuntimeError):
+    """The gRPC + Redis stack could not be started; the message says why."""
+
+
+@dataclass(frozen=True)
+class GrpcTargets:
+    compressor: str
+    decoder: str
+    store_url: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _process(args: Sequence[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process whose output goes to `log`; terminated (then killed) on exit."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _tail(log: Path) -> str:
+    lines = log.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "(no output)"
+
+
+def _wait_ready(process: subprocess.Popen[bytes], log: Path, ready, what: str, deadline: float) -> None:
+    while not ready():
+        if process.poll() is not None:
+            raise GrpcUnavailable(f"{what} exited with status {process.returncode}: {_tail(log)}")
+        if time.monotonic() > deadline:
+            raise GrpcUnavailable(f"{what} was not ready within {READY_TIMEOUT_S:.0f} s: {_tail(log)}")
+        time.sleep(0.2)
+
+
+def _redis_ready(port: int) -> bool:
+    import redis
+
+    try:
+        with redis.Redis(port=port, socket_connect_timeout=1) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        except grpc.RpcError:
+            return False
+    return status == health_pb2.HealthCheckResponse.SERVING
+
+
+@contextmanager
+def grpc_stack(workdir: Path, model_flags: Sequence[str], threads: int | None) -> Iterator[GrpcTargets]:
+    """Start redis-server and both services on free loopback ports; stop them all on exit.
+
+    model_flags: the `--model/--adapter/--device` flags the cells get, so both paths run the same
+    model and adapter.
+    """
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise GrpcUnavailable("redis-server is not installed")
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with ExitStack() as stack:
+        port = _free_port()
+        redis_args = [redis_server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir)]
+        redis_args += ["--save", "", "--appendonly", "no"]  # a benchmark store: nothing to persist
+        redis_log = workdir / "redis.log"
+        redis_process = stack.enter_context(_process(redis_args, redis_log))
+        _wait_ready(redis_process, redis_log, lambda: _redis_ready(port), "redis-server", deadline)
+        store_url = f"redis://127.0.0.1:{port}/0"
+        targets = {}
+        for service in ("compressor", "decoder"):
+            service_port = _free_port()
+            args = [sys.executable, "-m", "common.cli", "serve", service, "--host", "127.0.0.1"]
+            args += ["--port", str(service_port), "--store-url", store_url, "--log-level", "WARNING", *model_flags]
+            if threads:
+                args += ["--torch-threads", str(threads)]
+            log = workdir / f"{service}.log"
+            targets[service] = (f"127.0.0.1:{service_port}", stack.enter_context(_process(args, log)), log)
+        for service, (target, process, log) in targets.items():
+            _wait_ready(process, log, lambda target=target: _serving(target), f"the {service} service", deadline)
+        yield GrpcTargets(targets["compressor"][0], targets["decoder"][0], store_url)
