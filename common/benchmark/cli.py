@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.benchmark.cell import LOCAL_METHODS
+from common.benchmark.cell import GRPC_METHOD, LOCAL_METHODS
 from common.benchmark.report import format_table, write_json, write_plots
 from common.benchmark.runner import BenchConfig, run_benchmark
 from common.engine.engine import Limits
@@ -27,15 +27,21 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="adapter .safetensors (default: the shipped one, else untrained)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="document tokens")
-    p.add_argument("--with-128k", action="store_true", help=f"also measure {LENGTH_128K} tokens")
-    p.add_argument("--repeats", type=int, default=3, help="repetitions of every cell")
-    p.add_argument("--methods", nargs="+", choices=LOCAL_METHODS, default=list(LOCAL_METHODS))
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (decode speed)")
     p.add_argument(
-        "--baselines-up-to",
-        type=int,
-        help="measure full attention and StreamingLLM only up to this many tokens (they grow fastest)",
+        "--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="document tokens (default: %(default)s)"
+    )
+    p.add_argument("--with-128k", action="store_true", help=f"also measure {LENGTH_128K} tokens")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions of every cell (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", choices=LOCAL_METHODS, default=list(LOCAL_METHODS))
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default: %(default)s)")
+    p.add_argument(
+        "--up-to",
+        type=_up_to,
+        action="append",
+        default=[],
+        metavar="METHOD=TOKENS",
+        help="measure METHOD (one of --methods, or grpc) only on documents up to TOKENS long; repeatable. "
+        "Full attention grows quadratically: on 2 CPU cores it alone takes minutes at 32K tokens",
     )
     p.add_argument(
         "--grpc",
@@ -43,10 +49,22 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="also measure SharedLLM through the gRPC services and a private redis-server",
     )
-    p.add_argument("--threads", type=int, help="torch threads in every cell and service (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads in every cell and service (default: torch's choice). Where other jobs share the "
+        "cores, 1 is far faster: oversubscribed threads slow the many small ops of decoding many times over",
+    )
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--plot-dir", type=Path, help="write ttft.png and memory.png here")
     p.set_defaults(handler=run_bench)
+
+
+def _up_to(text: str) -> tuple[str, int]:
+    method, _, tokens = text.partition("=")
+    if method not in (*LOCAL_METHODS, GRPC_METHOD) or not tokens.isdigit():
+        raise argparse.ArgumentTypeError(f"expected METHOD=TOKENS with METHOD in {(*LOCAL_METHODS, GRPC_METHOD)}")
+    return method, int(tokens)
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
@@ -69,7 +87,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         device=args.device,
         threads=args.threads,
         grpc=args.grpc,
-        baselines_up_to=args.baselines_up_to,
+        up_to=dict(args.up_to),
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from transformers.utils import logging as hf_logging
 
 from common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
 from common.benchmark.cell import WARM_UP_TOKENS, Answer, Method, Stored, measure, warm_up
@@ -187,6 +188,7 @@ def measure_local(args: argparse.Namespace, tokens: list[int]) -> dict[str, Any]
     SharedLLM's cell also times the bare lower-layer forward, before the compressor on even
     repetitions and after it on odd ones, so neither always runs on a warmer machine.
     """
+    hf_logging.disable_progress_bar()  # weight-loading bars would bury a failing cell's error line
     engine = Engine.load(args.model, args.adapter, args.device)
     method = METHODS[args.method](engine, args.max_new_tokens)
     with_floor = args.method == "sharedllm"

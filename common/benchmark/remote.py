@@ -3,7 +3,8 @@
 The document goes up as token ids (the same ids the embedded cell compresses, so the two paths
 do the same work); times are wall-clock on the client: the Compress call, and from sending a
 Generate request to the first streamed token. Contexts are pinned while the cell runs (no
-expiry mid-measurement) and deleted at the end, so Redis does not fill up across cells.
+expiry mid-measurement) and deleted at the end, so Redis does not fill up across cells. No
+peak memory here: the services' processes serve every cell, so their peaks are not a cell's.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class RemoteSharedLLM:
     def __enter__(self) -> RemoteSharedLLM:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        for context_id in self.context_ids:
-            self.compressor.DeleteContext(compressor_pb2.DeleteContextRequest(context_id=context_id))
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:  # after a failure the services may be gone; their error is the one to report
+            for context_id in self.context_ids:
+                self.compressor.DeleteContext(compressor_pb2.DeleteContextRequest(context_id=context_id))
         for channel in self.channels:
             channel.close()

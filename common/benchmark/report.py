@@ -45,15 +45,20 @@ def _header(report: dict[str, Any]) -> list[str]:
     ]
     if engine:
         tree = engine["tree_config"]
+        trained = "trained" if engine["adapter_trained"] else "untrained"
         lines.append(
-            f"model: {engine['model']} on {engine['device']} ({engine['dtype']}, {engine['torch_threads']} torch "
-            f"threads); adapter {'trained' if engine['adapter_trained'] else 'untrained'}, M={tree['n_layers']} "
+            f"model: {engine['model']} on {engine['device']} ({engine['dtype']}, "
+            f"torch threads: {engine['torch_threads']}); adapter {trained}, M={tree['n_layers']} "
             f"C={tree['chunk_size']} D={tree['depth']} P={tree['pool_size']} {tree['encoding']}"
         )
-    if engine.get("streaming"):
-        st = engine["streaming"]
-        lines.append(f"StreamingLLM: {st['sinks']} sinks + {st['recent']} recent tokens, fed {st['piece']} at a time")
+        if "streaming" in engine:
+            st = engine["streaming"]
+            lines.append(
+                f"StreamingLLM: {st['sinks']} sinks + {st['recent']} recent tokens, fed {st['piece']} at a time"
+            )
+        lines.append(f"full attention past the model's {engine['window']}-token window is timed for its cost only")
     lines.append(f"gRPC + Redis: {s['grpc']}")
+    lines.append("peak memory: the whole process (weights included), from the end of the warm-up")
     lines.append(
         f"{s['repeats']} repetition(s), methods alternating; medians; ratios are medians of same-repetition ratios; "
         f"greedy decoding of up to {s['max_new_tokens']} tokens"
@@ -94,7 +99,8 @@ def _targets(report: dict[str, Any]) -> list[str]:
     for t in report["targets"]:
         status = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         value = f": {_number(t['value'])}x" if t["value"] is not None else ""
-        lines.append(f"  [{status}] {t['text']} at {t['length']} tokens{value}")
+        where = f" at {t['length']} tokens" if t["length"] else ""
+        lines.append(f"  [{status}] {t['text']}{where}{value}")
     return lines
 
 
@@ -102,7 +108,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [*_header(report), "", *_medians_table(report), "", *_ratios_table(report), "", "targets:"]
     lines += _targets(report)
     for skipped in report["setup"]["skipped"]:
-        lines.append(f"skipped: {skipped} (over --baselines-up-to)")
+        lines.append(f"skipped: {skipped}")
     for cell in report["cells"]:
         if "error" in cell:
             lines.append(
@@ -116,13 +122,21 @@ def write_json(report: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
 
+def _length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def _series(report: dict[str, Any], method: str, metric: str) -> tuple[list[int], list[float]]:
     points = [(r["length"], r[metric]) for r in report["medians"] if r["method"] == method and metric in r]
     return [p[0] for p in points], [p[1] for p in points]
 
 
 def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
-    """ttft.png (first and repeat question against length, per method) and memory.png (peak memory)."""
+    """ttft.png (first and repeat question against length, per method) and memory.png (peak memory).
+
+    Time goes on a log axis (methods differ by orders of magnitude); memory on a linear axis
+    from zero, so that a flat curve looks flat.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,12 +144,13 @@ def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
 
     directory.mkdir(parents=True, exist_ok=True)
     methods = [m for m in METHOD_LABELS if any(r["method"] == m for r in report["medians"])]
+    lengths = report["setup"]["lengths"]
     memory_kind = "GPU allocated" if report["machine"]["gpu"] else "CPU resident"
     figures = (
         (
             "ttft.png",
             "time to first token (s)",
-            (("first_ttft_s", "-", "first question"), ("repeat_ttft_s", "--", "repeat")),
+            (("first_ttft_s", "-", ", first question"), ("repeat_ttft_s", "--", ", repeat")),
         ),
         ("memory.png", f"peak memory, {memory_kind} (MiB)", (("peak_memory_bytes", "-", ""),)),
     )
@@ -143,22 +158,25 @@ def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
     for name, ylabel, curves in figures:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for index, method in enumerate(methods):
-            for metric, style, label in curves:
+            for metric, style, suffix in curves:
                 x, y = _series(report, method, metric)
+                scale = MIB if metric.endswith("_bytes") else 1.0
                 if x:
-                    scale = MIB if metric.endswith("_bytes") else 1.0
-                    text = METHOD_LABELS[method] + (f", {label}" if label else "")
-                    ax.plot(x, [v / scale for v in y], style, marker="o", color=f"C{index}", label=text)
+                    label = METHOD_LABELS[method] + suffix
+                    ax.plot(x, [v / scale for v in y], style, marker="o", color=f"C{index}", label=label)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+        if name == "ttft.png":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, ax.dataLim.ymax * 1.15)
         ax.set_xlabel("document tokens")
         ax.set_ylabel(ylabel)
         ax.set_title(f"medians of {report['setup']['repeats']} repetition(s); {report['machine']['cpu']}", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = directory / name
-        fig.savefig(path, dpi=120)
+        fig.savefig(directory / name, dpi=120)
         plt.close(fig)
-        written.append(path)
+        written.append(directory / name)
     return written

@@ -8,6 +8,7 @@ is raised as GrpcUnavailable with the reason, and the report says so instead of 
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,16 @@ class GrpcUnavailable(RuntimeError):
 class GrpcTargets:
     compressor: str
     decoder: str
-    store_url: str
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    """The environment of cells and services: this checkout first on the path (a script run from a
+    checkout measures its own code), and the torch thread count when one was asked for."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
 
 
 def _free_port() -> int:
@@ -42,10 +52,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _process(args: Sequence[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _process(args: Sequence[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     """A child process whose output goes to `log`; terminated (then killed) on exit."""
     with log.open("wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         yield process
     finally:
@@ -101,12 +111,13 @@ def grpc_stack(workdir: Path, model_flags: Sequence[str], threads: int | None) -
     if redis_server is None:
         raise GrpcUnavailable("redis-server is not installed")
     deadline = time.monotonic() + READY_TIMEOUT_S
+    env = child_env(threads)
     with ExitStack() as stack:
         port = _free_port()
         redis_args = [redis_server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir)]
         redis_args += ["--save", "", "--appendonly", "no"]  # a benchmark store: nothing to persist
         redis_log = workdir / "redis.log"
-        redis_process = stack.enter_context(_process(redis_args, redis_log))
+        redis_process = stack.enter_context(_process(redis_args, redis_log, env))
         _wait_ready(redis_process, redis_log, lambda: _redis_ready(port), "redis-server", deadline)
         store_url = f"redis://127.0.0.1:{port}/0"
         targets = {}
@@ -117,7 +128,7 @@ def grpc_stack(workdir: Path, model_flags: Sequence[str], threads: int | None) -
             if threads:
                 args += ["--torch-threads", str(threads)]
             log = workdir / f"{service}.log"
-            targets[service] = (f"127.0.0.1:{service_port}", stack.enter_context(_process(args, log)), log)
+            targets[service] = (f"127.0.0.1:{service_port}", stack.enter_context(_process(args, log, env)), log)
         for service, (target, process, log) in targets.items():
             _wait_ready(process, log, lambda target=target: _serving(target), f"the {service} service", deadline)
-        yield GrpcTargets(targets["compressor"][0], targets["decoder"][0], store_url)
+        yield GrpcTargets(targets["compressor"][0], targets["decoder"][0])

@@ -8,7 +8,6 @@ the number of decoded tokens) ordinary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from itertools import dropwhile
 
 from common.data.corpora import HELDOUT_BIBLE, read_bible
@@ -21,15 +20,11 @@ QUESTIONS: tuple[str, str] = (
 )
 
 
-def _books_from_heldout() -> Iterator[str]:
-    yield from (book.text for book in dropwhile(lambda b: b.name != HELDOUT_BIBLE[0], read_bible()))
-
-
 def document_tokens(tokenizer, n_tokens: int) -> list[int]:
     """The first `n_tokens` token ids of the document (books are tokenized only as far as needed)."""
     ids: list[int] = []
-    for text in _books_from_heldout():
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    for book in dropwhile(lambda b: b.name != HELDOUT_BIBLE[0], read_bible()):
+        ids += tokenizer(book.text, add_special_tokens=False)["input_ids"]
         if len(ids) >= n_tokens:
             return ids[:n_tokens]
     raise InvalidInput(f"the benchmark document has only {len(ids)} tokens; {n_tokens} were asked for")

@@ -18,6 +18,7 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     from common.cli import embedded
+    from common.benchmark.cli import add_bench_commands
     from common.data.cli import add_data_commands
     from common.evaluation.cli import add_eval_commands
     from common.rpc.cli import add_rpc_commands
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_train_commands(sub)
     add_eval_commands(sub)
+    add_bench_commands(sub)
     add_rpc_commands(sub)
     return parser
 
