@@ -17,8 +17,8 @@ EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common.cli import embedded
     from common.benchmark.cli import add_bench_commands
+    from common.cli import embedded
     from common.data.cli import add_data_commands
     from common.evaluation.cli import add_eval_commands
     from common.rpc.cli import add_rpc_commands
