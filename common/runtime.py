@@ -16,7 +16,15 @@ import numpy as np
 from common.engine.decoder import Finished, TokenDelta
 from common.engine.engine import Engine
 from common.engine.sampling import SamplingParams
-from common.store import DEFAULT_TENANT, ContextStore, Fingerprints, encode, new_context_id, storage_report
+from common.store import (
+    DEFAULT_TENANT,
+    ContextStore,
+    Fingerprints,
+    encode,
+    new_context_id,
+    storage_report,
+    validate_name,
+)
 
 ProgressFn = Callable[[int, int], None]
 WARM_UP_TEXT = "A short text that runs every part of the model once before the first request."
@@ -49,7 +57,11 @@ def source_digest(token_ids: list[int]) -> bytes:
 
 
 class ContextRuntime:
-    """One engine and one store; safe to share across requests that hold `engine_lock`."""
+    """One engine and one store, shared by concurrent requests.
+
+    Forward passes keep no state in the model (each request has its own KV cache and
+    injection), so requests may run in parallel threads; how many is the server's limit.
+    """
 
     def __init__(self, engine: Engine, store: ContextStore, default_ttl_s: float | None = 24 * 3600) -> None:
         self.engine = engine
@@ -69,8 +81,10 @@ class ContextRuntime:
     def compress_text(self, text: str, **kwargs) -> CompressOutcome:
         started = time.perf_counter()
         ids = self.engine.tokenize_document(text)
+        tokenized = time.perf_counter() - started
         outcome = self.compress_ids(ids, **kwargs)
-        outcome.timings["tokenize_s"] = outcome.timings["total_s"] - (time.perf_counter() - started)
+        outcome.timings["tokenize_s"] = tokenized
+        outcome.timings["total_s"] += tokenized
         return outcome
 
     def compress_ids(
@@ -84,6 +98,10 @@ class ContextRuntime:
     ) -> CompressOutcome:
         """Compress and store; ttl_s=-1 means the server default, None means no expiry (pinned)."""
         started = time.perf_counter()
+        # Names first: a malformed id must not cost a whole compression before it is refused.
+        validate_name(tenant, "tenant")
+        if context_id is not None:
+            validate_name(context_id, "context id")
         self.engine.check_token_ids(token_ids)
         compressed = self.engine.compress(token_ids, progress)
         t_store = time.perf_counter()
@@ -127,6 +145,7 @@ class ContextRuntime:
         are fetched (by the decoder, through the StoredContext).
         """
         started = time.perf_counter()
+        self.engine.check_request(question, params)  # before any store read or TTL refresh
         source = None
         if context_id is not None:
             source = self.store.open(context_id, self.fingerprints, tenant=tenant)

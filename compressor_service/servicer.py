@@ -125,7 +125,9 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
         self._state = state
 
     def _upload(self) -> DocumentUpload:
-        return DocumentUpload(self._state.config.max_document_bytes, self._state.config.limits.max_document_tokens)
+        return DocumentUpload(
+            self._state.config.max_document_bytes, self._state.runtime.engine.limits.max_document_tokens
+        )
 
     async def Compress(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         started = time.perf_counter()

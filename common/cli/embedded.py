@@ -23,7 +23,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", help="adapter .safetensors (default: the shipped adapter for the default model)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--max-document-tokens", type=int, default=Limits().max_document_tokens)
+    parser.add_argument(
+        "--max-document-tokens",
+        type=int,
+        help="refuse longer documents (default: 131072, or fewer where chunk positions would pass the window)",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +89,8 @@ def run_ask(args: argparse.Namespace) -> int:
     text = read_document(args.document)
     question = getattr(args, "question", None) or SUMMARY_INSTRUCTION
     params = sampling_params(args)
-    engine = Engine.load(args.model, args.adapter, args.device, Limits(max_document_tokens=args.max_document_tokens))
+    limits = None if args.max_document_tokens is None else Limits(max_document_tokens=args.max_document_tokens)
+    engine = Engine.load(args.model, args.adapter, args.device, limits)
     params.validate(engine.window)
     engine.prompt_ids(question)
     if not engine.trained:

@@ -190,6 +190,10 @@ class SpanSampler:
         self._weights = starts / starts.sum()
         self._rng = np.random.default_rng(seed)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the stream from another seed (a resumed run must not replay its first spans)."""
+        self._rng = np.random.default_rng(seed)
+
     def sample(self, batch_size: int) -> np.ndarray:
         """A (batch_size, length) int64 array of token ids."""
         out = np.empty((batch_size, self.length), dtype=np.int64)

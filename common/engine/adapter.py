@@ -74,6 +74,7 @@ class InjectionAdapter(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.provenance = dict(provenance or {})
         self.base_fingerprint = ""
+        self.recorded_fingerprint = ""  # set by `load` from the sidecar and by `save`
 
     @classmethod
     def initialise(cls, body: LlamaBody, config: TreeConfig) -> InjectionAdapter:
@@ -98,11 +99,19 @@ class InjectionAdapter(nn.Module):
         return adapter
 
     def fingerprint(self) -> str:
-        """Content hash of the parameters and config: contexts record which adapter built them."""
+        """Identity of the adapter; contexts record it so a decoder never reads a tree built
+        for other injection weights.
+
+        A loaded adapter keeps the fingerprint its sidecar recorded at save time, so a compressor
+        in fp32 on a CPU and a decoder in bf16 on a GPU agree. Otherwise it is a content hash of
+        the parameters rounded to bf16, which is the same for the fp32 and bf16 copies.
+        """
+        if self.recorded_fingerprint:
+            return self.recorded_fingerprint
         digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            digest.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.int16).contiguous().numpy().tobytes())
         return f"adapter-sha256:{digest.hexdigest()[:32]}"
 
     def save(self, path: Path, base_fingerprint: str) -> None:
@@ -111,6 +120,8 @@ class InjectionAdapter(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(path))
+        self.recorded_fingerprint = ""
+        self.recorded_fingerprint = self.fingerprint()
         sidecar = {
             "format": ADAPTER_FORMAT,
             "tree_config": self.config.to_dict(),
@@ -138,6 +149,7 @@ class InjectionAdapter(nn.Module):
         adapter.to(device=body.device, dtype=body.dtype)
         adapter.provenance = dict(meta.get("provenance", {}))
         adapter.base_fingerprint = base_fingerprint
+        adapter.recorded_fingerprint = str(meta.get("adapter_fingerprint") or "")
         return adapter
 
 

@@ -14,6 +14,7 @@ from common.engine.retrieval import select_nodes
 from common.engine.sampling import Sampler, SamplingParams
 from common.engine.streaming import TextStream
 from common.engine.tree import ContextSource
+from common.errors import IncompatibleContext
 from common.kernels import gather_injection
 
 
@@ -29,11 +30,6 @@ class Injection:
     values: torch.Tensor
     mask: torch.Tensor
     n_chunks: int
-    selection: torch.Tensor
-
-    @property
-    def entries(self) -> int:
-        return int(self.mask.sum())
 
 
 @dataclass(frozen=True)
@@ -75,7 +71,7 @@ class Decoder:
         """Select nodes per chunk, fetch only those, and lay them out for cross-attention."""
         cfg = self.adapter.config
         if source.config != cfg:
-            raise ValueError(f"context built with {source.config}, adapter expects {cfg}")
+            raise IncompatibleContext(f"context built with {source.config}, the adapter expects {cfg}")
         t0 = time.perf_counter()
         selection = select_nodes(source.retrieval_keys, query, cfg.depth)
         t1 = time.perf_counter()
@@ -96,7 +92,7 @@ class Decoder:
             cos,
             sin,
         )
-        injection = Injection(keys, values, mask, n_chunks, selection)
+        injection = Injection(keys, values, mask, n_chunks)
         return injection, {"selection_s": t1 - t0, "context_load_s": t2 - t1}
 
     def _hook(self, injection: Injection | None, length: int):
@@ -116,7 +112,7 @@ class Decoder:
         return inject
 
     def forward(self, ids: torch.Tensor, start: int, cache, injection: Injection | None) -> torch.Tensor:
-        """Hidden states of tokens ids [1, L] at positions start.. (after the final norm's input)."""
+        """Residual stream after the last layer (before the final norm) for ids [1, L] at positions start.."""
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
         h = self.body.forward_layers(
             self.body.embed(ids), positions, range(self.body.n_layers), cache, self._hook(injection, ids.shape[1])

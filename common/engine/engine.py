@@ -55,10 +55,25 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.body = LlamaBody(loaded.model)
         self.adapter = adapter
-        self.limits = limits or Limits()
+        # By default, as many tokens as chunk positions allow (never more than the product's 128K).
+        position_bound = adapter.config.chunk_size * self.body.window
+        self.limits = limits or Limits(max_document_tokens=min(DEFAULT_MAX_DOCUMENT_TOKENS, position_bound))
+        self._check_positions(adapter.config)
         self.compressor = Compressor(self.body, adapter.config)
         self.decoder = Decoder(self.body, adapter, self._eos_ids())
         self.lower_only = False
+
+    def _check_positions(self, config: TreeConfig) -> None:
+        """Nothing may sit at a position the base model was not trained on (method.md §1):
+        token positions inside a chunk, and the chunk-level position of the queries."""
+        if config.chunk_size > self.body.window:
+            raise InvalidInput(f"chunk_size {config.chunk_size} exceeds the model's window of {self.body.window}")
+        max_chunks = -(-self.limits.max_document_tokens // config.chunk_size)
+        if config.positions == "chunk" and max_chunks > self.body.window:
+            raise InvalidInput(
+                f"max_document_tokens {self.limits.max_document_tokens} makes {max_chunks} chunks of "
+                f"{config.chunk_size}; chunk positions must stay within the window of {self.body.window}"
+            )
 
     @classmethod
     def load(
@@ -157,14 +172,11 @@ class Engine:
             return list(out["input_ids"] if hasattr(out, "keys") else out)
         return self.tokenizer(question)["input_ids"]
 
-    def generate(
-        self,
-        source: ContextSource | None,
-        question: str,
-        params: SamplingParams,
-        retrieval: bool = True,
-    ) -> Iterator[TokenDelta | Finished]:
-        """Answer `question` about the compressed context `source` (None: no document)."""
+    def check_request(self, question: str, params: SamplingParams) -> list[int]:
+        """Validate a question and its parameters; returns the prompt's token ids.
+
+        Callers run it before any store read, so a bad request costs nothing and touches nothing.
+        """
         if self.lower_only:
             raise RuntimeError("this engine holds only the lower layers (a compressor); it cannot generate")
         prompt = self.prompt_ids(question)
@@ -174,6 +186,17 @@ class Engine:
                 f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                 f"the model's window of {self.window} tokens"
             )
+        return prompt
+
+    def generate(
+        self,
+        source: ContextSource | None,
+        question: str,
+        params: SamplingParams,
+        retrieval: bool = True,
+    ) -> Iterator[TokenDelta | Finished]:
+        """Answer `question` about the compressed context `source` (None: no document)."""
+        prompt = self.check_request(question, params)
         timings: dict[str, float] = {}
         injection = None
         if source is not None:

@@ -13,7 +13,7 @@ import torch
 from common.config import node_index
 
 
-def leaf_start(level: int, position: int, depth: int) -> int:
+def leaf_start(level: int, position, depth: int):
     """First leaf (in level-D units) a node covers; orders nodes of mixed levels by text."""
     return position * 2 ** (depth - level)
 
@@ -30,6 +30,8 @@ def select_nodes(retrieval_keys: torch.Tensor, query: torch.Tensor | None, depth
     else:
         keys = torch.nn.functional.normalize(retrieval_keys.float(), dim=-1)
         sims = keys @ torch.nn.functional.normalize(query.float().to(keys.device), dim=0)  # [B, N]
+        # Empty nodes (a short tail chunk) have zero keys; never spend detail on them.
+        sims = sims.masked_fill(retrieval_keys.abs().sum(-1) == 0, float("-inf"))
     position = torch.zeros(n_chunks, dtype=torch.long)
     kept: list[torch.Tensor] = []  # per level: node index kept at that level
     starts: list[torch.Tensor] = []
@@ -46,11 +48,11 @@ def select_nodes(retrieval_keys: torch.Tensor, query: torch.Tensor | None, depth
         if level < depth:
             other_pos = torch.where(go_right, left_pos, left_pos + 1)
             kept.append(node_index(level, 0) + other_pos)
-            starts.append(other_pos * 2 ** (depth - level))
+            starts.append(leaf_start(level, other_pos, depth))
             position = torch.where(go_right, left_pos + 1, left_pos)
         else:
             kept += [left, right]
-            starts += [left_pos, left_pos + 1]
+            starts += [leaf_start(level, left_pos, depth), leaf_start(level, left_pos + 1, depth)]
     nodes = torch.stack(kept, dim=1)
     order = torch.stack(starts, dim=1).argsort(dim=1)
     return nodes.gather(1, order)

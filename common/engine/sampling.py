@@ -83,6 +83,7 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+            probs = probs / probs.sum()  # top-p below measures mass of what min-p kept
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # Keep the smallest prefix whose mass reaches top_p (always at least one token).

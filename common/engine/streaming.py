@@ -34,7 +34,12 @@ class TextStream:
         """Release everything left (end of generation without a stop string)."""
         if self.stopped:
             return ""
-        return self._release(self._decode(self._ids))
+        full = self._decode(self._ids)
+        cut = self._first_stop(full)
+        if cut is not None:
+            self.stopped = True
+            return self._release(full[:cut])
+        return self._release(full)
 
     def _release(self, final: str) -> str:
         delta = final[self._emitted :]

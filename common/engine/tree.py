@@ -93,10 +93,6 @@ class ContextTree:
         """Bytes of every tensor the tree holds (what a store keeps, before framing)."""
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.counts, self.retrieval_keys))
 
-    def node(self, chunk: int, node: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One node's keys and values [M, P, kv, hd] and its valid entry count."""
-        return self.keys[:, chunk, node], self.values[:, chunk, node], int(self.counts[chunk, node])
-
     def fetch(self, selection: torch.Tensor) -> SelectedNodes:
         b, k = selection.shape
         chunk = torch.arange(b, device=selection.device).unsqueeze(1).expand(b, k)

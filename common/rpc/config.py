@@ -35,7 +35,7 @@ class ServerConfig:
     adapter: str | None
     device: str | None
     tree_config: TreeConfig | None  # a fresh, untrained adapter with this config instead of an adapter file
-    limits: Limits
+    limits: Limits | None  # None: the engine's default for the model and tree config
     max_document_bytes: int
     max_message_bytes: int
     max_concurrent: int
@@ -49,7 +49,7 @@ class ServerConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
         for name in ("max_document_bytes", "max_message_bytes", "max_concurrent", "max_document_tokens"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise InvalidInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         tree = {name: getattr(args, name) for name in TREE_FLAGS if getattr(args, name) is not None}
         if tree and args.adapter:
@@ -66,7 +66,7 @@ class ServerConfig:
             adapter=args.adapter,
             device=args.device,
             tree_config=tree_config(argparse.Namespace(**{**_tree_defaults(), **tree})) if tree else None,
-            limits=Limits(max_document_tokens=args.max_document_tokens),
+            limits=None if args.max_document_tokens is None else Limits(max_document_tokens=args.max_document_tokens),
             max_document_bytes=args.max_document_bytes,
             max_message_bytes=args.max_message_bytes,
             max_concurrent=args.max_concurrent,

@@ -15,6 +15,7 @@ asyncio.CancelledError, whose `finally` raises the flag.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -96,13 +97,21 @@ class WorkerPool:
     def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         if self.active >= self.limit:
             raise ResourceExhausted(f"the server is at its limit of {self.limit} concurrent requests; retry later")
-        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        loop = asyncio.get_running_loop()
+        work = self._executor.submit(fn, *args)
         self.active += 1
         self.started_total += 1
-        future.add_done_callback(self._release)
-        return future
 
-    def _release(self, _future: asyncio.Future) -> None:
+        def finished(_work: object) -> None:
+            # Released when the thread is done, not when the awaiting task is cancelled: a
+            # cancelled call may still be finishing its current step.
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody counts any more
+                loop.call_soon_threadsafe(self._release)
+
+        work.add_done_callback(finished)
+        return asyncio.wrap_future(work, loop=loop)
+
+    def _release(self) -> None:
         self.active -= 1
 
     def shutdown(self) -> None:

@@ -119,7 +119,7 @@ def encode(
     """Turn a tree into the parts a store keeps.
 
     base_n_layers: layers of the whole base model (for the storage accounting).
-    source_sha256: sha256 of the document's UTF-8 text.
+    source_sha256: sha256 of the document's canonical bytes (its token ids as little-endian uint32).
     ttl_s: lifetime after each use; None: never expires (the store may still evict it).
     """
     _check_encodable(tree, fingerprints, base_n_layers, source_sha256, ttl_s)

@@ -31,6 +31,9 @@ class LanguageModelling:
         self.sampler = sampler
         self.context_tokens = context_tokens
 
+    def reseed(self, seed: int) -> None:
+        self.sampler.reseed(seed)
+
     def __call__(self) -> Example:
         span = self.sampler.sample(1)[0].tolist()
         return Example(span[: self.context_tokens], span[self.context_tokens :], 1, None)
@@ -45,6 +48,9 @@ class SyntheticQuestions:
         self.context_tokens = context_tokens
         self.prompt_ids = prompt_ids
         self.eos_id = eos_id
+        self.rng = random.Random(seed)
+
+    def reseed(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
     def __call__(self) -> Example:

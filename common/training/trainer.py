@@ -9,6 +9,7 @@ adapter's blocks run from hooks inside the engine's layer loop, so they are redu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,14 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from common.engine.engine import Engine
+from common.errors import InvalidInput
 from common.training.examples import Example
 
-CHECKPOINT_ADAPTER = "checkpoint-adapter.safetensors"
-CHECKPOINT_STATE = "checkpoint-state.pt"
+CHECKPOINT = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
 FINAL_ADAPTER = "adapter.safetensors"
 
@@ -98,11 +98,21 @@ class Trainer:
         self.provenance = provenance
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.params = [p for p in engine.adapter.parameters()]
+        if engine.body.dtype != torch.float32:
+            # fp32 master weights: bf16 cannot represent small AdamW updates; autocast runs
+            # the arithmetic in the model's dtype (see `precision`).
+            engine.adapter.float()
+        self.params = list(engine.adapter.parameters())
         engine.adapter.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.95))
         self.step = 0
         self.baselines: dict[str, float] = {}
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        body = self.engine.body
+        if body.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(body.device.type, dtype=body.dtype)
 
     def lr_at(self, step: int) -> float:
         s = self.settings
@@ -114,25 +124,32 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        """One file, replaced atomically: adapter, optimizer and step can never disagree."""
         if self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.engine.adapter.state_dict().items()}
-        tmp = self.run_dir / (CHECKPOINT_ADAPTER + ".tmp")
-        save_file(tensors, str(tmp))
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "baselines": self.baselines}
-        tmp_state = self.run_dir / (CHECKPOINT_STATE + ".tmp")
-        torch.save(state, tmp_state)
-        os.replace(tmp, self.run_dir / CHECKPOINT_ADAPTER)
-        os.replace(tmp_state, self.run_dir / CHECKPOINT_STATE)
+        state = {
+            "step": self.step,
+            "tree_config": self.engine.adapter.config.to_dict(),
+            "adapter": {k: v.detach().cpu() for k, v in self.engine.adapter.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "baselines": self.baselines,
+        }
+        tmp = self.run_dir / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.run_dir / CHECKPOINT)
 
     def try_resume(self) -> bool:
-        adapter_path = self.run_dir / CHECKPOINT_ADAPTER
-        state_path = self.run_dir / CHECKPOINT_STATE
-        if not (adapter_path.is_file() and state_path.is_file()):
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
             return False
-        self.engine.adapter.load_state_dict(load_file(str(adapter_path), device=str(self.engine.body.device)))
-        state = torch.load(state_path, weights_only=True, map_location=self.engine.body.device)
+        state = torch.load(path, weights_only=True, map_location=self.engine.body.device)
+        if state["tree_config"] != self.engine.adapter.config.to_dict():
+            raise InvalidInput(
+                f"{path} was trained with tree config {state['tree_config']}, this run asks for "
+                f"{self.engine.adapter.config.to_dict()}; use another --run-dir"
+            )
+        self.engine.adapter.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.baselines = dict(state.get("baselines", {}))
@@ -149,6 +166,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss of SharedLLM beside the window-alone and full-attention baselines."""
+        with self.precision():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         if not self.baselines and self.heldout:
             self.baselines = {
                 "window_alone": mean_loss(self.engine, self.heldout, inject=False),
@@ -161,6 +182,17 @@ class Trainer:
             result["gap_closed"] = (result["window_alone"] - result["sharedllm"]) / gap if gap > 0 else float("nan")
         return result
 
+    def average_gradients(self) -> None:
+        """One all-reduce of every gradient, zeros where a rank has none, so no rank waits alone."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
     # ---- the loop --------------------------------------------------------------------
 
     def train(self) -> dict:
@@ -169,6 +201,9 @@ class Trainer:
         rng = random.Random(s.seed * 1_000_003 + self.step * 7919 + self.rank)
         noise = torch.Generator().manual_seed(s.seed + self.step + 1000 * self.rank)
         language_modelling, synthetic = self.sources
+        for source in (language_modelling, synthetic):
+            if hasattr(source, "reseed"):  # fresh data after a resume, distinct per rank
+                source.reseed(s.seed * 1_000_003 + self.step * 7919 + self.rank * 104_729)
         self.log({"event": "start", "resumed": resumed, "step": self.step, "settings": asdict(s)})
         bar = tqdm(total=s.steps, initial=self.step, desc="train", disable=self.rank != 0, file=sys.stderr)
         started = time.perf_counter()
@@ -180,15 +215,13 @@ class Trainer:
             for _ in range(s.accumulate):
                 use_synthetic = synthetic is not None and rng.random() < s.synthetic_fraction
                 example = synthetic() if use_synthetic else language_modelling()
-                loss, n = example_loss(self.engine, example, noise=noise if s.split_noise else None)
+                with self.precision():
+                    loss, n = example_loss(self.engine, example, noise=noise if s.split_noise else None)
                 (loss / max(n, 1) / s.accumulate).backward()
                 total_loss += float(loss.detach())
                 total_tokens += n
             if self.world > 1:
-                for p in self.params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= self.world
+                self.average_gradients()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, 1.0))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
