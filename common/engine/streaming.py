@@ -2,6 +2,10 @@
 
 Text is released only when it can no longer change: not while the last token ends inside
 a multi-byte character, and not while the tail could still grow into a stop string.
+
+Each step decodes only a short window of tokens: the tokens since the last complete piece of
+text plus the few before them (`_prefix`..`_read`), which give the tokenizer the context it
+needs for spacing; decoding everything generated so far at every step would cost O(n^2).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ class TextStream:
         self._decode = decode
         self._stop = tuple(stop)
         self._ids: list[int] = []
+        self._prefix = 0  # window start: context tokens already turned into text
+        self._read = 0  # tokens before this index are in `_full`
+        self._full = ""  # text of ids[:_read]
         self._emitted = 0
         self.text = ""
         self.stopped = False
@@ -21,25 +28,30 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add a token; return the text that became final (possibly empty)."""
         self._ids.append(token_id)
-        full = self._decode(self._ids)
-        if full.endswith("\ufffd"):
-            return ""
-        cut = self._first_stop(full)
-        if cut is not None:
-            self.stopped = True
-            return self._release(full[:cut])
-        return self._release(full[: len(full) - self._holdback(full)])
+        before = self._decode(self._ids[self._prefix : self._read])
+        window = self._decode(self._ids[self._prefix :])
+        if window.endswith("\ufffd") or len(window) <= len(before):
+            return ""  # inside a multi-byte character, or nothing printable yet
+        self._full += window[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._settle(final=False)
 
     def flush(self) -> str:
-        """Release everything left (end of generation without a stop string)."""
+        """Release everything left (end of generation), still cutting at a stop string."""
         if self.stopped:
             return ""
-        full = self._decode(self._ids)
-        cut = self._first_stop(full)
+        before = self._decode(self._ids[self._prefix : self._read])
+        self._full += self._decode(self._ids[self._prefix :])[len(before) :]
+        self._read = len(self._ids)
+        return self._settle(final=True)
+
+    def _settle(self, final: bool) -> str:
+        cut = self._first_stop(self._full)
         if cut is not None:
             self.stopped = True
-            return self._release(full[:cut])
-        return self._release(full)
+            return self._release(self._full[:cut])
+        keep = 0 if final else self._holdback(self._full)
+        return self._release(self._full[: len(self._full) - keep])
 
     def _release(self, final: str) -> str:
         delta = final[self._emitted :]
