@@ -12,15 +12,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
-from common.config import TreeConfig
 from common.engine.decoder import Finished, TokenDelta
 from common.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
-from common.generated.sharedllm.v1 import context_pb2
 from common.generated.sharedllm.v1 import decoder_pb2 as pb
 from common.generated.sharedllm.v1 import decoder_pb2_grpc as pb_grpc
 from common.rpc.interceptor import current_tenant
 from common.rpc.server import ServerState
 from common.runtime import GenerateOutcome
+from common.store.codec import tree_config_message
 
 # GenerateRequest fields named as SamplingParams's; unset ones keep SamplingParams's defaults.
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
@@ -35,18 +34,6 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     """Validation happens in the engine, which knows the window (InvalidInput names the field)."""
     fields = {name: getattr(request, name) for name in SAMPLING_FIELDS if request.HasField(name)}
     return SamplingParams(**fields, stop=tuple(request.stop))
-
-
-def tree_config_message(config: TreeConfig) -> context_pb2.TreeConfig:
-    return context_pb2.TreeConfig(
-        n_layers=config.n_layers,
-        chunk_size=config.chunk_size,
-        depth=config.depth,
-        pool_size=config.pool_size,
-        encoding=context_pb2.Encoding.Value(f"ENCODING_{config.encoding.upper()}"),
-        pooling=context_pb2.Pooling.Value(f"POOLING_{config.pooling.upper()}"),
-        positions=context_pb2.Positions.Value(f"POSITIONS_{config.positions.upper()}"),
-    )
 
 
 def last_message(finished: Finished, outcome: GenerateOutcome) -> pb.GenerateResponse:

@@ -86,6 +86,19 @@ def lifetime_ms(manifest: pb.ContextManifest) -> int | None:
     return manifest.expires_unix_ms - manifest.created_unix_ms
 
 
+def tree_config_message(cfg: TreeConfig) -> pb.TreeConfig:
+    """The protobuf form of a tree config (manifests, and the decoder's GetServerInfo)."""
+    return pb.TreeConfig(
+        n_layers=cfg.n_layers,
+        chunk_size=cfg.chunk_size,
+        depth=cfg.depth,
+        pool_size=cfg.pool_size,
+        encoding=_ENCODINGS[cfg.encoding],
+        pooling=_POOLINGS[cfg.pooling],
+        positions=_POSITIONS[cfg.positions],
+    )
+
+
 def tree_config(manifest: pb.ContextManifest) -> TreeConfig:
     """The TreeConfig of a verified manifest."""
     cfg = manifest.tree_config
@@ -132,20 +145,11 @@ def encode(
         for c in range(b)
         for i in range(n)
     )
-    cfg = tree.config
     manifest = pb.ContextManifest(
         format_version=FORMAT_VERSION,
         model_fingerprint=fingerprints.model,
         adapter_fingerprint=fingerprints.adapter,
-        tree_config=pb.TreeConfig(
-            n_layers=cfg.n_layers,
-            chunk_size=cfg.chunk_size,
-            depth=cfg.depth,
-            pool_size=cfg.pool_size,
-            encoding=_ENCODINGS[cfg.encoding],
-            pooling=_POOLINGS[cfg.pooling],
-            positions=_POSITIONS[cfg.positions],
-        ),
+        tree_config=tree_config_message(tree.config),
         n_chunks=b,
         chunk_lengths=tree.chunk_lengths,
         nodes_per_chunk=n,
