@@ -66,7 +66,7 @@ class TreeConfig:
     @property
     def nodes_per_chunk(self) -> int:
         """Stored nodes per chunk: levels 1..D (the root is never selected, so never stored)."""
-        return 2 ** (self.depth + 1) - 2
+        return node_count(self.depth)
 
     @property
     def selected_per_chunk(self) -> int:
@@ -88,6 +88,11 @@ class TreeConfig:
         if unknown:
             raise ConfigError(f"unknown tree config fields: {sorted(unknown)}")
         return cls(**data)
+
+
+def node_count(depth: int) -> int:
+    """Nodes of levels 1..depth in one chunk's tree."""
+    return 2 ** (depth + 1) - 2
 
 
 def node_index(level: int, position: int) -> int:

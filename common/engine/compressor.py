@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from common.config import TreeConfig
+from common.config import TreeConfig, node_count, node_index
 from common.engine.llama import LayerOutput, LlamaBody, rms_normalise
 from common.engine.tree import ContextTree
 from common.kernels import pool_nodes
@@ -25,7 +25,7 @@ def node_spans(length: int, depth: int, noise: torch.Generator | None = None) ->
     moves by a Gaussian offset with sigma = child length / 5, so the model does not overfit
     exact halves. Children always partition their parent; spans may be empty for tiny chunks.
     """
-    spans = torch.zeros(2 ** (depth + 1) - 2, 2, dtype=torch.long)
+    spans = torch.zeros(node_count(depth), 2, dtype=torch.long)
     parents = [(0, length)]
     for level in range(1, depth + 1):
         children = []
@@ -36,7 +36,7 @@ def node_spans(length: int, depth: int, noise: torch.Generator | None = None) ->
                 offset = round(float(torch.randn((), generator=noise)) * sigma)
                 mid = min(max(mid + offset, start + 1), end - 1)
             children += [(start, mid), (mid, end)]
-        base = 2**level - 2
+        base = node_index(level, 0)
         spans[base : base + len(children)] = torch.tensor(children, dtype=torch.long)
         parents = children
     return spans
@@ -136,7 +136,7 @@ class Compressor:
         # per_node: each level's nodes are their own sequences, positions restarting at 0.
         pooled, counts, rkeys = [], [], []
         for level in range(1, cfg.depth + 1):
-            base, width = 2**level - 2, 2**level
+            base, width = node_index(level, 0), 2**level
             level_spans = spans[:, base : base + width]  # [b, w, 2]
             seqs = [chunk[s:e] or [0] for chunk, row in zip(chunks, level_spans, strict=True) for s, e in row.tolist()]
             local = level_spans - level_spans[..., :1]  # spans inside their own sequence

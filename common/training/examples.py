@@ -12,8 +12,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import numpy as np
-
 from common.data.shards import SpanSampler
 from common.data.synthetic import Filler, needle_task, passkey_task, records_task
 
@@ -35,8 +33,7 @@ class LanguageModelling:
         self.sampler.reseed(seed)
 
     def __call__(self) -> Example:
-        span = self.sampler.sample(1)[0].tolist()
-        return Example(span[: self.context_tokens], span[self.context_tokens :], 1, None)
+        return lm_example(self.sampler.sample(1)[0].tolist(), self.context_tokens)
 
 
 class SyntheticQuestions:
@@ -64,7 +61,11 @@ class SyntheticQuestions:
         return Example(document, prompt + answer, len(prompt), query)
 
 
+def lm_example(span: list[int], context_tokens: int) -> Example:
+    """The first context_tokens are compressed; every next token of the rest is scored; no query."""
+    return Example(span[:context_tokens], span[context_tokens:], 1, None)
+
+
 def fixed_lm_examples(sampler: SpanSampler, context_tokens: int, count: int) -> list[Example]:
     """A fixed held-out evaluation set (the sampler is seeded)."""
-    spans: np.ndarray = sampler.sample(count)
-    return [Example(s[:context_tokens].tolist(), s[context_tokens:].tolist(), 1, None) for s in spans]
+    return [lm_example(span.tolist(), context_tokens) for span in sampler.sample(count)]
