@@ -105,19 +105,35 @@ def _converted_dir(gguf: Path, expected_sha256: str | None) -> Path:
 
 
 def _directory_fingerprint(path: Path) -> str:
-    """A stable identity for a local HF directory: its config and the hashes of its weights."""
+    """A stable identity for a local HF directory: its config and the hashes of its weights.
+
+    Hashing a 7B model's weights takes tens of seconds, so the result is cached per directory
+    and reused while every weight file keeps its size and modification time.
+    """
     recorded = path / FINGERPRINT_FILE
     if recorded.is_file():
         return json.loads(recorded.read_text())["fingerprint"]
-    digest = hashlib.sha256()
-    digest.update((path / "config.json").read_bytes())
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not weights:
         raise ModelUnavailable(f"{path} holds no weights (*.safetensors or *.bin)")
+    files = [path / "config.json", *weights]
+    stats = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cached = cache_dir() / "fingerprints" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]}.json"
+    if cached.is_file():
+        entry = json.loads(cached.read_text())
+        if entry.get("stats") == stats:
+            return entry["fingerprint"]
+    digest = hashlib.sha256()
+    digest.update((path / "config.json").read_bytes())
     for weight in weights:
         digest.update(weight.name.encode())
         digest.update(sha256_file(weight).encode())
-    return f"dir-sha256:{digest.hexdigest()}"
+    fingerprint = f"dir-sha256:{digest.hexdigest()}"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"stats": stats, "fingerprint": fingerprint}))
+    os.replace(tmp, cached)
+    return fingerprint
 
 
 def resolve_model_path(spec: str | None) -> Path:
@@ -176,5 +192,7 @@ def load_model(
     model.to(dev).eval()
     model.requires_grad_(False)
     name = spec if spec not in (None, "", DEFAULT_MODEL) else "SmolLM2-135M-Instruct"
-    base_n_layers = AutoConfig.from_pretrained(str(path), local_files_only=True).num_hidden_layers
+    base_n_layers = model.config.num_hidden_layers
+    if lower_layers is not None:  # the loaded config was cut to M layers; ask the file
+        base_n_layers = AutoConfig.from_pretrained(str(path), local_files_only=True).num_hidden_layers
     return LoadedModel(model, tokenizer, _directory_fingerprint(path), str(name), path, base_n_layers)

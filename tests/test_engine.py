@@ -3,6 +3,8 @@ retrieval, chunk positions, sampling and adapters."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -275,3 +277,20 @@ def test_lower_model_shares_the_base_weights(tiny):
     assert (
         engine.compressor.body.layers[0].self_attn.q_proj.weight is tiny.model.model.layers[0].self_attn.q_proj.weight
     )
+
+
+def test_directory_fingerprint_is_cached_and_follows_the_weights(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from common.model_loading import _directory_fingerprint, cache_dir
+
+    monkeypatch.setenv("SHAREDLLM_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    first = _directory_fingerprint(model_dir)
+    assert list((cache_dir() / "fingerprints").glob("*.json"))
+    assert _directory_fingerprint(model_dir) == first
+    weights = model_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert _directory_fingerprint(model_dir) != first
