@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from common.engine.llama import LlamaBody, apply_rope
 from common.errors import InvalidInput
@@ -104,34 +103,18 @@ class StreamingLLM:
         return SinkCache(self.body, self.sinks, self.recent)
 
     def _attention(self, index: int, h: torch.Tensor, cache: SinkCache) -> torch.Tensor:
-        """Self-attention of layer `index` for a piece h [1, p, hidden] over the cache plus the piece."""
-        layer = self.body.layers[index]
-        attn = layer.self_attn
-        dh = self.body.head_dim
-        b, p, _ = h.shape
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(b, p, -1, dh).transpose(1, 2)
-        k = attn.k_proj(x).view(b, p, -1, dh).transpose(1, 2)
-        v = attn.v_proj(x).view(b, p, -1, dh).transpose(1, 2)
+        """Self-attention of layer `index` for a piece h [1, p, hidden] over the cache plus the piece.
+
+        Keys are cached before RoPE and rotated by their cache slot here, so positions are
+        positions in the cache, not in the document.
+        """
+        q, k, v = self.body.project(index, h)
         past = cache.length
         keys, values = cache.extend(index, k, v)
-        n = past + p
+        n = past + h.shape[1]
         keys = apply_rope(keys, self.cos[:, :n], self.sin[:, :n])
         q = apply_rope(q, self.cos[:, past:n], self.sin[:, past:n])
-        mask = None
-        if past > 0 and p > 1:
-            # Query i sits in slot past + i and may see slots 0..past + i.
-            mask = torch.ones(p, n, dtype=torch.bool, device=h.device).tril(past)
-        out = F.scaled_dot_product_attention(
-            q,
-            keys,
-            values,
-            attn_mask=mask,
-            is_causal=past == 0 and p > 1,
-            scale=attn.scaling,
-            enable_gqa=self.body.n_heads != self.body.n_kv,
-        )
-        return attn.o_proj(out.transpose(1, 2).reshape(b, p, -1))
+        return self.body.attend(index, q, keys, values, past)
 
     def _forward_piece(self, cache: SinkCache, ids: Sequence[int]) -> torch.Tensor:
         cache.make_room(len(ids))

@@ -99,6 +99,36 @@ class LlamaBody:
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
         return KVCache(self.n_layers, batch, self.n_kv, self.head_dim, capacity, self.dtype, self.device)
 
+    def project(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, heads, L, Dh] of layer `index` for h [B, L, hidden], before RoPE."""
+        layer = self.layers[index]
+        attn = layer.self_attn
+        b, length, _ = h.shape
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int) -> torch.Tensor:
+        """Causal attention of queries q [B, H, L, Dh] sitting after `past` cached entries, then o_proj."""
+        attn = self.layers[index].self_attn
+        b, _, length, _ = q.shape
+        mask = None
+        if past > 0 and length > 1:
+            # Query i sits at position past + i and may see keys 0..past + i.
+            mask = torch.ones(length, past + length, dtype=torch.bool, device=q.device).tril(past)
+        out = F.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=past == 0 and length > 1,
+            scale=attn.scaling,
+            enable_gqa=self.n_heads != self.n_kv,
+        )
+        return attn.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
     def attention(
         self,
         index: int,
@@ -108,31 +138,11 @@ class LlamaBody:
         cache: KVCache | None,
     ) -> tuple[torch.Tensor, LayerOutput]:
         """Causal self-attention of layer `index` over h [B, L, hidden] (plus the cache)."""
-        layer = self.layers[index]
-        attn = layer.self_attn
-        b, length, _ = h.shape
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, length, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(index, h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0 if cache is None else cache.length
         k_all, v_all = (k, v) if cache is None else cache.update(index, k, v)
-        mask = None
-        if past > 0 and length > 1:
-            # Query i sits at position past + i and may see keys 0..past + i.
-            mask = torch.ones(length, past + length, dtype=torch.bool, device=h.device).tril(past)
-        out = F.scaled_dot_product_attention(
-            q,
-            k_all,
-            v_all,
-            attn_mask=mask,
-            is_causal=past == 0 and length > 1,
-            scale=attn.scaling,
-            enable_gqa=self.n_heads != self.n_kv,
-        )
-        out = attn.o_proj(out.transpose(1, 2).reshape(b, length, -1))
-        return out, LayerOutput(k, v)
+        return self.attend(index, q, k_all, v_all, past), LayerOutput(k, v)
 
     def mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
         layer = self.layers[index]
