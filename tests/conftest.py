@@ -87,3 +87,15 @@ def make_tree():
         return ContextTree(config, lengths, keys, values, counts, torch.randn(n_chunks, n, hidden, generator=g))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: the machine has two cores, shared with servers and subprocesses the
+    tests start; oversubscribed torch threads stall (about 5x slower here)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -21,16 +21,9 @@ from common.errors import InvalidInput
 from common.evaluation.cli import add_eval_commands
 from common.evaluation.ppl import window_starts
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TREE = ["--layers", "2", "--chunk-size", "64", "--depth", "2", "--pool-size", "8"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The two cores are shared with other jobs; one torch thread avoids oversubscription stalls (~5x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

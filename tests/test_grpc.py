@@ -56,6 +56,8 @@ from common.store import DEFAULT_TENANT, open_store
 from compressor_service.server import SPEC as COMPRESSOR
 from decoder_service.server import SPEC as DECODER
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TREE = TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=4)
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
@@ -71,15 +73,6 @@ MAX_MESSAGE_BYTES = 256 << 10
 def auth(tenant: str | None = "alice", key: str | None = None) -> list[tuple[str, str]]:
     key = key if key is not None else KEYS.get(tenant or "")
     return [("authorization", f"Bearer {key}")] if key else []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread: the CI machine has two cores and a training job may hold one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

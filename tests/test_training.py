@@ -85,19 +85,24 @@ def test_only_the_adapter_learns_and_loss_falls(tiny_model_dir):
     assert any(block.o_proj.weight.abs().sum() > 0 for block in engine.adapter.blocks)
 
 
-def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
-    run = tmp_path / "run"
-    common = [
+def small_run(model_dir: Path, data_dir: Path, run_dir: Path) -> list[str]:
+    """Arguments of a tiny training run on the Bible corpus."""
+    return [
         "--model",
-        str(tiny_model_dir),
+        str(model_dir),
         "--data-dir",
-        str(bible_data),
+        str(data_dir),
         "--run-dir",
-        str(run),
+        str(run_dir),
         "--corpora",
         "bible",
         *SMALL_RUN,
     ]
+
+
+def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
+    run = tmp_path / "run"
+    common = small_run(tiny_model_dir, bible_data, run)
     run_train(*common, "--steps", "2")
     run_train(*common, "--steps", "4")
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -116,15 +121,7 @@ def test_two_processes_train_one_adapter(tiny_model_dir, bible_data, tmp_path):
     run = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run_train(
-        "--model",
-        str(tiny_model_dir),
-        "--data-dir",
-        str(bible_data),
-        "--run-dir",
-        str(run),
-        "--corpora",
-        "bible",
-        *SMALL_RUN,
+        *small_run(tiny_model_dir, bible_data, run),
         "--steps",
         "2",
         launcher=launcher,
