@@ -25,6 +25,7 @@ from common.store import (
     storage_report,
     validate_name,
 )
+from common.store.decoded_cache import DEFAULT_CACHE_BYTES, DecodedCache
 
 ProgressFn = Callable[[int, int], None]
 WARM_UP_TEXT = "A short text that runs every part of the model once before the first request."
@@ -49,6 +50,7 @@ class GenerateOutcome:
     bytes_read: int
     context_tokens: int
     chunks: int
+    cached_nodes: int  # selected nodes taken from the decoded cache instead of the store
 
 
 def source_digest(token_ids: list[int]) -> bytes:
@@ -61,12 +63,21 @@ class ContextRuntime:
 
     Forward passes keep no state in the model (each request has its own KV cache and
     injection), so requests may run in parallel threads; how many is the server's limit.
+    Verified nodes and retrieval keys stay decoded in a bounded cache (decoded_cache_bytes, 0:
+    none), so repeat questions about a document neither re-read nor re-verify them.
     """
 
-    def __init__(self, engine: Engine, store: ContextStore, default_ttl_s: float | None = 24 * 3600) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        store: ContextStore,
+        default_ttl_s: float | None = 24 * 3600,
+        decoded_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
         self.engine = engine
         self.store = store
         self.default_ttl_s = default_ttl_s
+        self.cache = DecodedCache(decoded_cache_bytes) if decoded_cache_bytes > 0 else None
         self.fingerprints = Fingerprints(model=engine.loaded.fingerprint, adapter=engine.adapter.fingerprint())
 
     def warm_up(self) -> None:
@@ -148,7 +159,7 @@ class ContextRuntime:
         self.engine.check_request(question, params)  # before any store read or TTL refresh
         source = None
         if context_id is not None:
-            source = self.store.open(context_id, self.fingerprints, tenant=tenant)
+            source = self.store.open(context_id, self.fingerprints, tenant=tenant, cache=self.cache)
         opened = time.perf_counter() - started
         first_token_s: float | None = None
         for event in self.engine.generate(source, question, params, retrieval=retrieval):
@@ -167,4 +178,5 @@ class ContextRuntime:
                 bytes_read=source.bytes_read if source is not None else 0,
                 context_tokens=sum(source.chunk_lengths) if source is not None else 0,
                 chunks=len(source.chunk_lengths) if source is not None else 0,
+                cached_nodes=source.cached_nodes if source is not None else 0,
             )

@@ -46,6 +46,7 @@ def last_message(finished: Finished, outcome: GenerateOutcome) -> pb.GenerateRes
             context_tokens=outcome.context_tokens,
             context_chunks=outcome.chunks,
             context_bytes_read=outcome.bytes_read,
+            context_nodes_cached=outcome.cached_nodes,
         ),
         timings=pb.GenerateTimings(
             context_load_seconds=t.get("context_open_s", 0.0) + t.get("context_load_s", 0.0),

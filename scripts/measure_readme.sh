@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every figure the README reports, on this machine, in one go (about 45 minutes on 2 CPU cores).
+# Every figure the README reports, on this machine, in one go (about an hour on 2 CPU cores).
 # Writes JSON, tables and plots under bench/results/. Run after `make setup` and `sharedllm data fetch`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,18 +17,27 @@ text = Path("data/texts/austen/persuasion.txt").read_text(encoding="utf-8")
 ids = tok(text, add_special_tokens=False)["input_ids"][:32768]
 Path("bench/results/persuasion-32k.txt").write_text(tok.decode(ids), encoding="utf-8")
 PY
-$BIN/sharedllm ask "$OUT/persuasion-32k.txt" "Who is Anne Elliot's father?" --max-new-tokens 48 --json \
-  > "$OUT/ask-32k.json"
+for dtype in float32 bfloat16; do
+  $BIN/sharedllm ask "$OUT/persuasion-32k.txt" "Who is Anne Elliot's father?" --max-new-tokens 48 --json \
+    --dtype "$dtype" > "$OUT/ask-32k-$dtype.json"
+done
 
 # 2. Quality: perplexity against context length, and passkey retrieval, with the baselines.
 $BIN/sharedllm eval ppl --lengths 2048 4096 8192 16384 32768 --windows 1 --scored-tokens 256 \
   --methods sharedllm window full truncation streaming --streaming-recent 2044 \
   --json "$OUT/ppl.json" --plot "$OUT/ppl.png" | tee "$OUT/ppl.txt"
+# The bf16 fast path against fp32 with the same (fp32-trained) adapter.
+$BIN/sharedllm eval ppl --lengths 4096 32768 --windows 1 --scored-tokens 256 --methods sharedllm window \
+  --dtype bfloat16 --json "$OUT/ppl-bfloat16.json" | tee "$OUT/ppl-bfloat16.txt"
 $BIN/sharedllm eval needle --tasks passkey --lengths 4096 16384 32768 --depths 0.25 0.75 --per-cell 1 \
   --methods sharedllm truncation streaming --streaming-recent 2044 \
   --json "$OUT/needle.json" --plot "$OUT/needle.png" | tee "$OUT/needle.txt"
 
-# 3. Speed and memory against full attention and streaming, and the gRPC + Redis path.
-$BIN/sharedllm bench --threads 2 --repeats 1 --max-new-tokens 16 \
-  --up-to full=16384 --up-to streaming=32768 \
-  --json "$OUT/serving-2core.json" --plot-dir "$OUT" | tee "$OUT/serving-2core.txt"
+# 3. Speed and memory against full attention and streaming, and the gRPC + Redis path, in fp32
+#    and in bf16 (AMX on this CPU), every method in the same precision within a run.
+for dtype in float32 bfloat16; do
+  mkdir -p "$OUT/$dtype"
+  $BIN/sharedllm bench --threads 2 --repeats 1 --max-new-tokens 16 --dtype "$dtype" \
+    --up-to full=32768 --up-to streaming=32768 \
+    --json "$OUT/$dtype/serving-2core.json" --plot-dir "$OUT/$dtype" | tee "$OUT/$dtype/serving-2core.txt"
+done

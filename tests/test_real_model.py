@@ -61,3 +61,29 @@ def test_lower_only_compressor_builds_the_same_tree(engine):
     assert torch.equal(full_tree.retrieval_keys, lower_tree.retrieval_keys)
     with pytest.raises(RuntimeError, match="cannot generate"):
         list(lower.generate(None, "Hi", SamplingParams(max_new_tokens=2)))
+
+
+def test_bfloat16_engine_agrees_with_float32_and_stores_half_the_bytes():
+    """bf16 is the fast path on CPUs with AMX or AVX-512 bf16 (and the default on GPUs): same
+    trained adapter, same document; its next-token choices must match fp32's almost everywhere."""
+    from pathlib import Path
+
+    from common.runtime import ContextRuntime
+    from common.store import open_store
+
+    text = Path(torch.__file__).parent.joinpath("functional.py").read_text(encoding="utf-8")[:20_000]
+    question = "Which function computes a matrix norm?"
+    logits, stored = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = Engine.load(device="cpu", dtype=dtype)
+        assert engine.body.dtype == dtype and engine.trained
+        runtime = ContextRuntime(engine, open_store("memory://"))
+        outcome = runtime.compress_text(text)
+        stored[dtype] = outcome.stored_bytes
+        source = runtime.store.open(outcome.context_id, runtime.fingerprints)
+        prompt = engine.prompt_ids(question)
+        query = engine.tokenizer(question, add_special_tokens=False)["input_ids"]
+        logits[dtype] = engine.logits(prompt, source, query_ids=query).float()
+    agree = (logits[torch.float32].argmax(-1) == logits[torch.bfloat16].argmax(-1)).float().mean().item()
+    assert agree >= 0.9
+    assert 0.45 < stored[torch.bfloat16] / stored[torch.float32] < 0.55

@@ -21,6 +21,7 @@ from common.store import (
     open_store,
     validate_name,
 )
+from common.store.decoded_cache import DecodedCache
 
 ALL_NODES = torch.arange(6).repeat(3, 1)  # every node of the 3-chunk test trees
 
@@ -157,6 +158,39 @@ class StoreContract:
         for selection in (torch.zeros(2, 3, dtype=torch.long), torch.full((3, 1), 6), torch.zeros(3, 1)):
             with pytest.raises(InvalidInput):
                 source.fetch(selection)
+
+    def test_a_decoded_cache_serves_repeat_reads_and_never_a_stale_version(self, store, elapse, tenant, make_tree):
+        old, new = make_tree(seed=1), make_tree(seed=2)
+        encoded = encode_tree(old, tenant=tenant, ttl_s=1.0)
+        store.put("doc-1", encoded)
+        cache = DecodedCache()
+        first = store.open("doc-1", FP, tenant=tenant, cache=cache)
+        assert_same_nodes(first.fetch(ALL_NODES), old.fetch(ALL_NODES))
+        assert first.bytes_read == encoded.nbytes and first.cached_nodes == 0
+        elapse(0.6)
+        repeat = store.open("doc-1", FP, tenant=tenant, cache=cache)  # still a use: one more second from now
+        assert_same_nodes(repeat.fetch(ALL_NODES), old.fetch(ALL_NODES))
+        assert torch.equal(bits(repeat.retrieval_keys), bits(old.retrieval_keys))
+        assert repeat.bytes_read == len(encoded.manifest_frame) and repeat.cached_nodes == 18
+        elapse(0.6)
+        store.open("doc-1", FP, tenant=tenant, cache=cache)  # alive 1.2 s after it was stored
+        store.put("doc-1", encode_tree(new, tenant=tenant))
+        replaced = store.open("doc-1", FP, tenant=tenant, cache=cache)
+        assert_same_nodes(replaced.fetch(ALL_NODES), new.fetch(ALL_NODES))
+        assert torch.equal(bits(replaced.retrieval_keys), bits(new.retrieval_keys))
+        store.delete("doc-1", tenant=tenant)
+        with pytest.raises(ContextNotFound):
+            store.open("doc-1", FP, tenant=tenant, cache=cache)
+
+    def test_a_cached_node_must_still_fit_the_manifest(self, store, tenant, make_tree):
+        encoded = encode_tree(make_tree(), tenant=tenant)
+        store.put("doc-1", encoded)
+        cache = DecodedCache()
+        digest = encoded.manifest.node_sha256[0]
+        cache.put(digest, (torch.zeros(1), torch.zeros(1)))  # what a bug elsewhere might leave there
+        source = store.open("doc-1", FP, tenant=tenant, cache=cache)
+        with pytest.raises(DataCorruption, match="node 0 of chunk 0"):
+            source.fetch(ALL_NODES)
 
     def test_stats_count_bytes_written_and_read(self, store, tenant, make_tree):
         before = store.stats().counters

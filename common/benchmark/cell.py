@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model")
     parser.add_argument("--adapter")
     parser.add_argument("--device")
+    parser.add_argument("--dtype", default="auto", help="checked where the model loads (model_loading.dtype_from_name)")
     parser.add_argument("--compressor", help="HOST:PORT of the compressor service (--method grpc)")
     parser.add_argument("--decoder", help="HOST:PORT of the decoder service (--method grpc)")
     return parser

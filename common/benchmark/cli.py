@@ -14,6 +14,7 @@ from common.benchmark.report import format_table, write_json, write_plots
 from common.benchmark.runner import BenchConfig, run_benchmark
 from common.engine.engine import Limits
 from common.errors import InvalidInput
+from common.model_loading import add_dtype_argument
 
 DEFAULT_LENGTHS: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
 LENGTH_128K = 131072
@@ -27,6 +28,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="adapter .safetensors (default: the shipped one, else untrained)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_dtype_argument(p)
     p.add_argument(
         "--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="document tokens (default: %(default)s)"
     )
@@ -85,6 +87,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         model=args.model,
         adapter=args.adapter,
         device=args.device,
+        dtype=args.dtype,
         threads=args.threads,
         grpc=args.grpc,
         up_to=dict(args.up_to),

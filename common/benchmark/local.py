@@ -30,6 +30,7 @@ from common.engine.decoder import Finished
 from common.engine.engine import Engine
 from common.engine.llama import LlamaBody
 from common.engine.sampling import SamplingParams
+from common.model_loading import dtype_from_name
 from common.runtime import ContextRuntime
 from common.store import full_kv_cache_bytes, open_store
 
@@ -189,7 +190,7 @@ def measure_local(args: argparse.Namespace, tokens: list[int]) -> dict[str, Any]
     repetitions and after it on odd ones, so neither always runs on a warmer machine.
     """
     hf_logging.disable_progress_bar()  # weight-loading bars would bury a failing cell's error line
-    engine = Engine.load(args.model, args.adapter, args.device)
+    engine = Engine.load(args.model, args.adapter, args.device, dtype=dtype_from_name(args.dtype))
     method = METHODS[args.method](engine, args.max_new_tokens)
     with_floor = args.method == "sharedllm"
     floor_first = args.repeat % 2 == 0

@@ -43,12 +43,14 @@ class BenchConfig:
     model: str | None = None
     adapter: str | None = None
     device: str | None = None
+    dtype: str = "auto"
     threads: int | None = None  # torch threads in every cell and service (None: torch's choice)
     grpc: bool = True
     up_to: dict[str, int] = field(default_factory=dict)  # method -> longest document it is measured on
 
     def model_flags(self) -> list[str]:
         flags = [("--model", self.model), ("--adapter", self.adapter), ("--device", self.device)]
+        flags.append(("--dtype", self.dtype if self.dtype != "auto" else None))
         return [part for flag, value in flags if value for part in (flag, value)]
 
     def runs(self, method: str, length: int) -> bool:

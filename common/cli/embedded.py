@@ -13,6 +13,7 @@ from common.engine.decoder import Finished
 from common.engine.engine import SUMMARY_INSTRUCTION, Engine, Limits
 from common.engine.sampling import SamplingParams
 from common.errors import InvalidInput
+from common.model_loading import add_dtype_argument, dtype_from_name
 from common.runtime import ContextRuntime, GenerateOutcome
 from common.store import open_store
 
@@ -23,6 +24,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", help="adapter .safetensors (default: the shipped adapter for the default model)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_dtype_argument(parser)
     parser.add_argument(
         "--max-document-tokens",
         type=int,
@@ -90,7 +92,7 @@ def run_ask(args: argparse.Namespace) -> int:
     question = getattr(args, "question", None) or SUMMARY_INSTRUCTION
     params = sampling_params(args)
     limits = None if args.max_document_tokens is None else Limits(max_document_tokens=args.max_document_tokens)
-    engine = Engine.load(args.model, args.adapter, args.device, limits)
+    engine = Engine.load(args.model, args.adapter, args.device, limits, dtype=dtype_from_name(args.dtype))
     params.validate(engine.window)
     engine.prompt_ids(question)
     if not engine.trained:

@@ -85,6 +85,7 @@ class Engine:
         limits: Limits | None = None,
         tree_config: TreeConfig | None = None,
         lower_only: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> Engine:
         """Load the model and its adapter.
 
@@ -92,7 +93,7 @@ class Engine:
         config (for training and tests). Neither: the shipped default adapter when the model
         is the default one and the file exists, else an untrained adapter with the default
         config. lower_only loads just the layers the compressor runs; such an engine can
-        compress but not generate.
+        compress but not generate. dtype: None is the device's default (fp32 on CPUs).
         """
         if adapter is not None and tree_config is not None:
             raise ValueError("pass an adapter or a tree_config for a fresh adapter, not both")
@@ -100,7 +101,7 @@ class Engine:
         if path is None and tree_config is None and model in (None, "", "default") and default_adapter_path().is_file():
             path = default_adapter_path()
         config = tree_config or (read_adapter_config(path) if path is not None else TreeConfig())
-        loaded = load_model(model, device, lower_layers=config.n_layers if lower_only else None)
+        loaded = load_model(model, device, dtype, lower_layers=config.n_layers if lower_only else None)
         body = LlamaBody(loaded.model)
         if path is not None:
             inj = InjectionAdapter.load(path, body, loaded.fingerprint)

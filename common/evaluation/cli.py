@@ -16,6 +16,7 @@ from common.errors import InvalidInput
 from common.evaluation import needle, ppl
 from common.evaluation.heldout import heldout_book_text, heldout_documents
 from common.evaluation.methods import METHODS
+from common.model_loading import add_dtype_argument, dtype_from_name
 from common.training.cli import add_tree_arguments, tree_config
 
 
@@ -30,6 +31,7 @@ def _add_shared(parser: argparse.ArgumentParser, default_methods: tuple[str, ...
     parser.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", type=Path, help="trained adapter (default: the shipped one, else untrained)")
     parser.add_argument("--device")
+    add_dtype_argument(parser)
     parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="fetched corpora")
     parser.add_argument(
         "--lengths", type=int, nargs="+", default=list(ppl.DEFAULT_LENGTHS), help="context lengths in tokens"
@@ -88,7 +90,9 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Engine, StreamingLLM | None, dict[str, Any]]:
     """The engine, the streaming baseline when asked for, and a description of both for the report."""
-    engine = Engine.load(args.model, args.adapter, args.device, tree_config=_tree_config(args))
+    engine = Engine.load(
+        args.model, args.adapter, args.device, tree_config=_tree_config(args), dtype=dtype_from_name(args.dtype)
+    )
     streaming = None
     if "streaming" in args.methods:
         streaming = StreamingLLM(engine.body, args.streaming_recent or engine.window - DEFAULT_SINKS)

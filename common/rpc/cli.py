@@ -167,7 +167,8 @@ def run_generate(args: argparse.Namespace) -> int:
         ttft = last.timings.time_to_first_token_seconds
         print(
             f"[finish: {reason} | {last.usage.completion_tokens} tokens | first token {ttft:.3f} s (server) | "
-            f"context {last.usage.context_tokens} tokens, {last.usage.context_bytes_read / 1e6:.2f} MB read]",
+            f"context {last.usage.context_tokens} tokens, {last.usage.context_bytes_read / 1e6:.2f} MB read, "
+            f"{last.usage.context_nodes_cached} nodes cached]",
             file=sys.stderr,
         )
     return 0

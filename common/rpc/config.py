@@ -18,6 +18,7 @@ from common.config import TreeConfig
 from common.engine.engine import Limits
 from common.errors import InvalidInput
 from common.rpc.auth import ApiKeys
+from common.store.decoded_cache import DEFAULT_CACHE_BYTES
 from common.training.cli import add_tree_arguments, tree_config
 
 ENV_PREFIX = "SHAREDLLM_"
@@ -34,12 +35,14 @@ class ServerConfig:
     model: str | None
     adapter: str | None
     device: str | None
+    dtype: str
     tree_config: TreeConfig | None  # a fresh, untrained adapter with this config instead of an adapter file
     limits: Limits | None  # None: the engine's default for the model and tree config
     max_document_bytes: int
     max_message_bytes: int
     max_concurrent: int
     default_ttl_s: float | None  # None: contexts never expire unless the client asks
+    decoded_cache_bytes: int  # verified nodes kept decoded for repeat questions; 0: none
     api_keys: ApiKeys
     shutdown_grace_s: float
     drain_delay_s: float
@@ -51,6 +54,8 @@ class ServerConfig:
         for name in ("max_document_bytes", "max_message_bytes", "max_concurrent", "max_document_tokens"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise InvalidInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.decoded_cache_mib < 0:
+            raise InvalidInput(f"--decoded-cache-mib must be >= 0, got {args.decoded_cache_mib}")
         tree = {name: getattr(args, name) for name in TREE_FLAGS if getattr(args, name) is not None}
         if tree and args.adapter:
             raise InvalidInput(f"--adapter brings its own tree config; drop {', '.join(sorted(tree))}")
@@ -65,12 +70,14 @@ class ServerConfig:
             model=args.model,
             adapter=args.adapter,
             device=args.device,
+            dtype=args.dtype,
             tree_config=tree_config(argparse.Namespace(**{**_tree_defaults(), **tree})) if tree else None,
             limits=None if args.max_document_tokens is None else Limits(max_document_tokens=args.max_document_tokens),
             max_document_bytes=args.max_document_bytes,
             max_message_bytes=args.max_message_bytes,
             max_concurrent=args.max_concurrent,
             default_ttl_s=args.default_ttl_s or None,
+            decoded_cache_bytes=args.decoded_cache_mib * MIB,
             api_keys=ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.disabled(),
             shutdown_grace_s=args.shutdown_grace_s,
             drain_delay_s=args.drain_delay_s,
@@ -95,6 +102,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     store.add_argument("--store-url", default="redis://localhost:6379/0", help="redis://, rediss:// or memory://")
     store.add_argument("--default-ttl-s", type=float, default=24 * 3600.0, help="context lifetime; 0: no expiry")
     store.add_argument("--max-document-bytes", type=int, default=64 * MIB, help="largest streamed document")
+    store.add_argument(
+        "--decoded-cache-mib",
+        type=int,
+        default=DEFAULT_CACHE_BYTES // MIB,
+        help="verified context nodes kept decoded in memory for repeat questions; 0: none",
+    )
     model = parser.add_argument_group("model")
     add_model_arguments(model)
     model.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's choice)")

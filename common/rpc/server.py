@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.engine.engine import Engine
+from common.model_loading import dtype_from_name
 from common.rpc.config import ServerConfig
 from common.rpc.errors import ServiceUnavailable
 from common.rpc.health import NOT_SERVING, Health
@@ -70,9 +71,20 @@ def load_runtime(config: ServerConfig, lower_only: bool = False) -> ContextRunti
     """
     with _LOADING:
         engine = Engine.load(
-            config.model, config.adapter, config.device, config.limits, config.tree_config, lower_only=lower_only
+            config.model,
+            config.adapter,
+            config.device,
+            config.limits,
+            config.tree_config,
+            lower_only=lower_only,
+            dtype=dtype_from_name(config.dtype),
         )
-    runtime = ContextRuntime(engine, open_store(config.store_url), default_ttl_s=config.default_ttl_s)
+    runtime = ContextRuntime(
+        engine,
+        open_store(config.store_url),
+        default_ttl_s=config.default_ttl_s,
+        decoded_cache_bytes=config.decoded_cache_bytes,
+    )
     runtime.warm_up()
     return runtime
 

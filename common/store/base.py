@@ -30,6 +30,7 @@ from common.errors import ContextNotFound, DataCorruption, InvalidInput
 from common.generated.sharedllm.v1 import context_pb2 as pb
 from common.store import codec
 from common.store.codec import EncodedContext, Fingerprints
+from common.store.decoded_cache import DecodedCache
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 DEFAULT_TENANT = "default"
@@ -132,8 +133,11 @@ class _Counters:
 class PartReader(Protocol):
     """One stored version of a context, as its store reads it after the manifest."""
 
-    def read_retrieval_keys(self, manifest: pb.ContextManifest) -> bytes:
-        """The retrieval-keys payload; reading it counts as a use and restarts the expiry."""
+    def use(self, manifest: pb.ContextManifest, *, read_retrieval_keys: bool) -> bytes | None:
+        """Count a use (restart the expiry) and, if asked, return the retrieval-keys payload.
+
+        Raises ContextNotFound if the version opened is no longer the current one.
+        """
         ...
 
     def read_nodes(self, manifest: pb.ContextManifest, indices: Sequence[int]) -> list[bytes]:
@@ -145,7 +149,8 @@ class StoredContext:
     """A context opened from a store: a ContextSource that reads only the nodes it is asked for.
 
     Opening read the manifest and the retrieval keys; `fetch` reads the selected nodes and
-    verifies each one. `bytes_read` counts every byte this object read, for per-request reports.
+    verifies each one, taking those already verified from the decoded cache when there is one.
+    `bytes_read` counts every byte this object read from the store, for per-request reports.
     """
 
     def __init__(
@@ -156,6 +161,7 @@ class StoredContext:
         reader: PartReader,
         counters: _Counters,
         bytes_read: int,
+        cache: DecodedCache | None = None,
     ) -> None:
         self.context_id = context_id
         self.manifest = manifest
@@ -164,7 +170,9 @@ class StoredContext:
         self._counts = codec.node_counts(manifest)
         self._reader = reader
         self._counters = counters
+        self._cache = cache
         self.bytes_read = bytes_read
+        self.cached_nodes = 0  # nodes the last fetches took from the decoded cache
 
     @property
     def config(self) -> TreeConfig:
@@ -197,19 +205,35 @@ class StoredContext:
             raise InvalidInput(f"selected node indices must lie in [0, {n_nodes})")
         rows = (torch.arange(n_chunks).unsqueeze(1) * n_nodes + selection).flatten()
         order = rows.tolist()
-        wanted = list(dict.fromkeys(order))  # each node read once, even if selected twice
-        with self._counters.integrity():
-            payloads = self._reader.read_nodes(self.manifest, wanted)
-            nodes = {i: codec.decode_node(self.manifest, i, p) for i, p in zip(wanted, payloads, strict=True)}
-        read = sum(map(len, payloads))
-        self.bytes_read += read
-        self._counters.add(bytes_read=read)
+        nodes = self._nodes(list(dict.fromkeys(order)))  # each node read once, even if selected twice
         return SelectedNodes(
             keys=torch.stack([nodes[i][0] for i in order], dim=1),
             values=torch.stack([nodes[i][1] for i in order], dim=1),
             counts=self._counts[rows],
             chunk_of_row=rows // n_nodes,
         )
+
+    def _nodes(self, wanted: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Verified keys and values of nodes `wanted`: cached ones, then the rest in one store read."""
+        digests = self.manifest.node_sha256
+        nodes, missing = {}, []
+        with self._counters.integrity():
+            for i in wanted:
+                cached = self._cache.get(digests[i]) if self._cache is not None else None
+                if cached is None:
+                    missing.append(i)
+                else:
+                    nodes[i] = codec.check_node(self.manifest, i, {"keys": cached[0], "values": cached[1]})
+            payloads = self._reader.read_nodes(self.manifest, missing) if missing else []
+            for i, payload in zip(missing, payloads, strict=True):
+                nodes[i] = codec.decode_node(self.manifest, i, payload)
+                if self._cache is not None:
+                    self._cache.put(digests[i], nodes[i])
+        read = sum(map(len, payloads))
+        self.bytes_read += read
+        self.cached_nodes += len(wanted) - len(missing)
+        self._counters.add(bytes_read=read)
+        return nodes
 
 
 class ContextStore(ABC):
@@ -230,9 +254,18 @@ class ContextStore(ABC):
         self._put(key, encoded)
         self._counters.add(bytes_written=encoded.nbytes)
 
-    def open(self, context_id: str, expected: Fingerprints, *, tenant: str = DEFAULT_TENANT) -> StoredContext:
+    def open(
+        self,
+        context_id: str,
+        expected: Fingerprints,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        cache: DecodedCache | None = None,
+    ) -> StoredContext:
         """Read and verify the manifest and retrieval keys; nodes are read later by `fetch`.
 
+        cache: verified payloads already decoded by this process (by digest); what it holds is
+        not read again, and what is read is added to it.
         Raises ContextNotFound, IncompatibleContext (other model, adapter or format version),
         DataCorruption, StoreUnavailable.
         """
@@ -240,11 +273,18 @@ class ContextStore(ABC):
         with self._counters.integrity():
             frame, reader = self._open(key)
             manifest = self._verified_manifest(key, frame, expected)
-            payload = reader.read_retrieval_keys(manifest)
-            retrieval_keys = codec.decode_retrieval_keys(manifest, payload)
-        read = len(frame) + len(payload)
+            digest = manifest.retrieval_keys_sha256
+            cached = cache.get(digest) if cache is not None else None
+            payload = reader.use(manifest, read_retrieval_keys=cached is None)
+            if cached is not None:
+                retrieval_keys = codec.check_retrieval_keys(manifest, {"retrieval_keys": cached[0]})
+            else:
+                retrieval_keys = codec.decode_retrieval_keys(manifest, payload)
+                if cache is not None:
+                    cache.put(digest, (retrieval_keys,))
+        read = len(frame) + len(payload or b"")
         self._counters.add(bytes_read=read)
-        return StoredContext(context_id, manifest, retrieval_keys, reader, self._counters, read)
+        return StoredContext(context_id, manifest, retrieval_keys, reader, self._counters, read, cache)
 
     def info(self, context_id: str, *, tenant: str = DEFAULT_TENANT) -> ContextInfo:
         """The verified manifest, stored size and current expiry; not a use (no refresh)."""

@@ -195,19 +195,33 @@ def decode_manifest(frame: bytes, expected: Fingerprints | None = None) -> pb.Co
 
 def decode_retrieval_keys(manifest: pb.ContextManifest, payload: bytes) -> torch.Tensor:
     """The verified retrieval keys [B, N, hidden] float32."""
+    return check_retrieval_keys(manifest, _load(payload, manifest.retrieval_keys_sha256, "retrieval keys"))
+
+
+def check_retrieval_keys(manifest: pb.ContextManifest, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The retrieval keys of `tensors` if they have the shape and dtype this manifest declares."""
     shape = (manifest.n_chunks, manifest.nodes_per_chunk, manifest.shapes.hidden)
-    tensors = _load(payload, manifest.retrieval_keys_sha256, "retrieval keys")
     return _expect(tensors, "retrieval keys", {"retrieval_keys": (shape, torch.float32)})["retrieval_keys"]
 
 
 def decode_node(manifest: pb.ContextManifest, index: int, payload: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     """The verified keys and values [M, P, kv, hd] of node `index` (chunk * N + node)."""
-    chunk, node = divmod(index, manifest.nodes_per_chunk)
-    what = f"node {node} of chunk {chunk}"
+    return check_node(manifest, index, _load(payload, manifest.node_sha256[index], _node_name(manifest, index)))
+
+
+def check_node(
+    manifest: pb.ContextManifest, index: int, tensors: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of node `index` if they have the shape and dtype this manifest declares."""
     cfg, shapes = manifest.tree_config, manifest.shapes
     spec = ((cfg.n_layers, cfg.pool_size, shapes.n_kv_heads, shapes.head_dim), torch_dtype(manifest))
-    tensors = _expect(_load(payload, manifest.node_sha256[index], what), what, {"keys": spec, "values": spec})
+    tensors = _expect(tensors, _node_name(manifest, index), {"keys": spec, "values": spec})
     return tensors["keys"], tensors["values"]
+
+
+def _node_name(manifest: pb.ContextManifest, index: int) -> str:
+    chunk, node = divmod(index, manifest.nodes_per_chunk)
+    return f"node {node} of chunk {chunk}"
 
 
 def decode(encoded: EncodedContext, expected: Fingerprints | None = None) -> ContextTree:

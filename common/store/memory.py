@@ -42,8 +42,9 @@ class _Snapshot:
 
     encoded: EncodedContext
 
-    def read_retrieval_keys(self, manifest: pb.ContextManifest) -> bytes:
-        return self.encoded.retrieval_keys
+    def use(self, manifest: pb.ContextManifest, *, read_retrieval_keys: bool) -> bytes | None:
+        """Opening already counted the use; a snapshot stays readable after a replace or delete."""
+        return self.encoded.retrieval_keys if read_retrieval_keys else None
 
     def read_nodes(self, manifest: pb.ContextManifest, indices: Sequence[int]) -> list[bytes]:
         return [self.encoded.nodes[i] for i in indices]

@@ -309,13 +309,21 @@ class _Generation:
     keys: _Keys
     gen: str
 
-    def read_retrieval_keys(self, manifest: pb.ContextManifest) -> bytes:
-        status, payload = self.store._expire_script(self.keys, self.gen, manifest, "use")
-        if payload is None:
+    def use(self, manifest: pb.ContextManifest, *, read_retrieval_keys: bool) -> bytes | None:
+        """One script restarts every part's expiry (and reads the retrieval keys if asked).
+
+        A version replaced since it was opened stays readable for its grace period, like a
+        snapshot; only a missing payload is an error.
+        """
+        mode = "use" if read_retrieval_keys else "touch"
+        status, *payload = self.store._expire_script(self.keys, self.gen, manifest, mode)
+        if not read_retrieval_keys:
+            return None
+        if payload[0] is None:
             if status == 0:
                 raise self.key.not_found("deleted or expired while being opened")
             raise DataCorruption(f"retrieval keys of context {self.key.context_id!r} are missing")
-        return payload
+        return payload[0]
 
     def read_nodes(self, manifest: pb.ContextManifest, indices: Sequence[int]) -> list[bytes]:
         names = [self.keys.node(self.gen, i, manifest.nodes_per_chunk) for i in indices]

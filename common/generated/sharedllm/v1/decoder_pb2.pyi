@@ -46,18 +46,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, context_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., disable_retrieval: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "context_tokens", "context_chunks", "context_bytes_read")
+    __slots__ = ("prompt_tokens", "completion_tokens", "context_tokens", "context_chunks", "context_bytes_read", "context_nodes_cached")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_NODES_CACHED_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     context_tokens: int
     context_chunks: int
     context_bytes_read: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., context_chunks: _Optional[int] = ..., context_bytes_read: _Optional[int] = ...) -> None: ...
+    context_nodes_cached: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., context_chunks: _Optional[int] = ..., context_bytes_read: _Optional[int] = ..., context_nodes_cached: _Optional[int] = ...) -> None: ...
 
 class GenerateTimings(_message.Message):
     __slots__ = ("context_load_seconds", "selection_seconds", "prefill_seconds", "time_to_first_token_seconds", "decode_seconds")

@@ -1,0 +1,40 @@
+"""The decoded cache's byte bound, LRU order and counters (its use by stores is in the store contract)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.errors import InvalidInput
+from common.store.decoded_cache import DecodedCache
+
+
+def entry(n_floats: int) -> tuple[torch.Tensor, ...]:
+    return (torch.zeros(n_floats), torch.ones(n_floats))  # 8 bytes per float pair
+
+
+def test_least_recently_used_entries_make_room_within_the_byte_bound():
+    cache = DecodedCache(max_bytes=3 * 8 * 10)
+    for key in (b"a", b"b", b"c"):
+        cache.put(key, entry(10))
+    assert cache.get(b"a") is not None  # now b is the least recently used
+    cache.put(b"d", entry(10))
+    assert cache.get(b"b") is None
+    assert all(cache.get(k) is not None for k in (b"a", b"c", b"d"))
+    stats = cache.stats()
+    assert stats.entries == 3 and stats.bytes == 240 == stats.capacity_bytes
+    assert (stats.hits, stats.misses) == (4, 1)
+
+
+def test_an_entry_larger_than_the_cache_is_not_kept_and_a_replaced_one_is_counted_once():
+    cache = DecodedCache(max_bytes=100)
+    cache.put(b"big", entry(20))
+    assert cache.get(b"big") is None and cache.stats().bytes == 0
+    cache.put(b"a", entry(5))
+    cache.put(b"a", entry(5))
+    assert cache.stats().bytes == 40 and cache.stats().entries == 1
+
+
+def test_size_must_be_positive():
+    with pytest.raises(InvalidInput):
+        DecodedCache(max_bytes=0)
