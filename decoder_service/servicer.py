@@ -20,6 +20,7 @@ from common.rpc.interceptor import current_tenant
 from common.rpc.server import ServerState
 from common.runtime import GenerateOutcome
 from common.store.codec import tree_config_message
+from common.store.decoded_cache import CacheStats
 
 # GenerateRequest fields named as SamplingParams's; unset ones keep SamplingParams's defaults.
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
@@ -56,6 +57,17 @@ def last_message(finished: Finished, outcome: GenerateOutcome) -> pb.GenerateRes
             decode_seconds=t["decode_s"],
         ),
     )
+
+
+def cache_counters(stats: CacheStats | None) -> dict[str, int]:
+    if stats is None:
+        return {}
+    return {
+        "decoded_cache_bytes": stats.bytes,
+        "decoded_cache_capacity_bytes": stats.capacity_bytes,
+        "decoded_cache_hits": stats.hits,
+        "decoded_cache_misses": stats.misses,
+    }
 
 
 class TokenCounter:
@@ -125,6 +137,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 active_requests=workers.active,
                 requests_total=workers.started_total,
                 generated_tokens_total=self._tokens.total,
+                **cache_counters(runtime.cache.stats() if runtime.cache is not None else None),
             ),
             store_url=runtime.store.url,
         )

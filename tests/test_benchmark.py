@@ -128,5 +128,5 @@ def test_plan_alternates_the_order_of_methods():
 
 def test_grpc_stack_without_redis_server_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server on it
-    with pytest.raises(GrpcUnavailable, match="redis-server is not installed"), grpc_stack(tmp_path, [], None):
+    with pytest.raises(GrpcUnavailable, match="redis-server is not installed"), grpc_stack(tmp_path, [], None, []):
         pass

@@ -16,11 +16,11 @@ def entry(n_floats: int) -> tuple[torch.Tensor, ...]:
 def test_least_recently_used_entries_make_room_within_the_byte_bound():
     cache = DecodedCache(max_bytes=3 * 8 * 10)
     for key in (b"a", b"b", b"c"):
-        cache.put(key, entry(10))
-    assert cache.get(b"a") is not None  # now b is the least recently used
-    cache.put(b"d", entry(10))
-    assert cache.get(b"b") is None
-    assert all(cache.get(k) is not None for k in (b"a", b"c", b"d"))
+        cache.put("t", key, entry(10))
+    assert cache.get("t", b"a") is not None  # now b is the least recently used
+    cache.put("t", b"d", entry(10))
+    assert cache.get("t", b"b") is None
+    assert all(cache.get("t", k) is not None for k in (b"a", b"c", b"d"))
     stats = cache.stats()
     assert stats.entries == 3 and stats.bytes == 240 == stats.capacity_bytes
     assert (stats.hits, stats.misses) == (4, 1)
@@ -28,11 +28,21 @@ def test_least_recently_used_entries_make_room_within_the_byte_bound():
 
 def test_an_entry_larger_than_the_cache_is_not_kept_and_a_replaced_one_is_counted_once():
     cache = DecodedCache(max_bytes=100)
-    cache.put(b"big", entry(20))
-    assert cache.get(b"big") is None and cache.stats().bytes == 0
-    cache.put(b"a", entry(5))
-    cache.put(b"a", entry(5))
+    cache.put("t", b"big", entry(20))
+    assert cache.get("t", b"big") is None and cache.stats().bytes == 0
+    cache.put("t", b"a", entry(5))
+    cache.put("t", b"a", entry(5))
     assert cache.stats().bytes == 40 and cache.stats().entries == 1
+    cache.discard("t", b"a")
+    assert cache.stats().bytes == 0 and cache.get("t", b"a") is None
+
+
+def test_entries_are_per_tenant():
+    """The same document has the same digests for every tenant; a hit must not cross tenants."""
+    cache = DecodedCache()
+    cache.put("alice", b"digest", entry(4))
+    assert cache.get("bob", b"digest") is None
+    assert cache.get("alice", b"digest") is not None
 
 
 def test_size_must_be_positive():

@@ -220,6 +220,17 @@ def test_compress_manage_and_generate_like_embedded(stack, tiny_engine, redis_se
     assert last.usage.completion_tokens == len(ids) and last.usage.context_chunks == unary.chunks
     assert 0 < last.usage.context_bytes_read < unary.stored_bytes  # only the selected nodes were read
     assert last.timings.time_to_first_token_seconds > 0 and last.timings.prefill_seconds > 0
+    assert last.usage.context_nodes_cached == 0
+
+    # The same question again: every selected node comes from the decoder's cache, same answer.
+    before = stack.decoder.GetServerInfo(dpb.GetServerInfoRequest(), metadata=auth()).stats
+    again = stack.generate(unary.context_id, **params)
+    assert text_and_ids(again) == (answer, ids)
+    usage = again[-1].usage
+    assert usage.context_nodes_cached > 0 and usage.context_bytes_read < last.usage.context_bytes_read
+    after = stack.decoder.GetServerInfo(dpb.GetServerInfoRequest(), metadata=auth()).stats
+    assert after.decoded_cache_hits - before.decoded_cache_hits == usage.context_nodes_cached + 1  # + the keys
+    assert 0 < after.decoded_cache_bytes <= after.decoded_cache_capacity_bytes
 
     stack.compressor.DeleteContext(cpb.DeleteContextRequest(context_id="streamed-doc"), metadata=auth())
     server = stack.decoder.GetServerInfo(dpb.GetServerInfoRequest(), metadata=auth())

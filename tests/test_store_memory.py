@@ -182,15 +182,27 @@ class StoreContract:
         with pytest.raises(ContextNotFound):
             store.open("doc-1", FP, tenant=tenant, cache=cache)
 
-    def test_a_cached_node_must_still_fit_the_manifest(self, store, tenant, make_tree):
-        encoded = encode_tree(make_tree(), tenant=tenant)
+    def test_a_cached_entry_that_does_not_fit_the_manifest_is_replaced_from_the_store(self, store, tenant, make_tree):
+        tree = make_tree()
+        encoded = encode_tree(tree, tenant=tenant)
         store.put("doc-1", encoded)
         cache = DecodedCache()
-        digest = encoded.manifest.node_sha256[0]
-        cache.put(digest, (torch.zeros(1), torch.zeros(1)))  # what a bug elsewhere might leave there
+        manifest = encoded.manifest
+        cache.put(tenant, manifest.node_sha256[0], (torch.zeros(1), torch.zeros(1)))  # what a bug might leave
+        cache.put(tenant, manifest.retrieval_keys_sha256, (torch.zeros(1), torch.zeros(1)))
         source = store.open("doc-1", FP, tenant=tenant, cache=cache)
-        with pytest.raises(DataCorruption, match="node 0 of chunk 0"):
+        assert torch.equal(bits(source.retrieval_keys), bits(tree.retrieval_keys))
+        assert_same_nodes(source.fetch(ALL_NODES), tree.fetch(ALL_NODES))
+        assert source.cached_nodes == 0
+        assert store.open("doc-1", FP, tenant=tenant, cache=cache).fetch(ALL_NODES) is not None
+
+    def test_the_decoded_cache_is_per_tenant(self, store, tenant, make_tree):
+        tree, cache = make_tree(), DecodedCache()
+        for owner in (tenant, f"{tenant}-other"):
+            store.put("doc-1", encode_tree(tree, tenant=owner))
+            source = store.open("doc-1", FP, tenant=owner, cache=cache)
             source.fetch(ALL_NODES)
+            assert source.cached_nodes == 0  # the other tenant's identical nodes are not shared
 
     def test_stats_count_bytes_written_and_read(self, store, tenant, make_tree):
         before = store.stats().counters

@@ -19,7 +19,9 @@ from test_codec import FP, damage, encode_tree
 from test_store_memory import ALL_NODES, StoreContract, assert_same_nodes, fetch_tree, same_nodes
 
 from common.errors import ContextNotFound, DataCorruption, InvalidInput, ResourceExhausted, StoreUnavailable
-from common.store import RedisStore, open_store
+from common.store import RedisStore, codec, open_store
+from common.store.base import ContextKey
+from common.store.decoded_cache import DecodedCache
 from common.store.redis_store import GRACE_MS, PART_MARGIN_MS, STAGING_TTL_MS, redact
 
 
@@ -216,6 +218,17 @@ def test_a_reader_of_a_deleted_context_gets_not_found(store, tenant, make_tree):
     store.delete("doc-1", tenant=tenant)
     with pytest.raises(ContextNotFound, match="after it was opened"):
         source.fetch(ALL_NODES)
+
+
+def test_a_context_deleted_while_being_opened_is_not_found_even_when_cached(store, tenant, make_tree):
+    store.put("doc-1", encode_tree(make_tree(), tenant=tenant))
+    cache = DecodedCache()
+    store.open("doc-1", FP, tenant=tenant, cache=cache).fetch(ALL_NODES)  # everything is cached now
+    key = ContextKey.of(tenant, "doc-1")
+    frame, reader = store._open(key)  # the manifest is read ...
+    store.delete("doc-1", tenant=tenant)  # ... and the context deleted before the use is counted
+    with pytest.raises(ContextNotFound):
+        reader.use(codec.decode_manifest(frame), read_retrieval_keys=False)
 
 
 def test_a_crash_with_append_only_persistence_loses_no_published_context(make_redis_server, tenant, make_tree):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,7 +86,8 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     if args.method == GRPC_METHOD:
         from common.benchmark.remote import RemoteSharedLLM
 
-        with RemoteSharedLLM(args.compressor, args.decoder, args.max_new_tokens) as remote:
+        api_key = os.environ.get("SHAREDLLM_API_KEY")
+        with RemoteSharedLLM(args.compressor, args.decoder, args.max_new_tokens, api_key) as remote:
             warm_up(remote, tokens)
             cell["metrics"] = measure(remote, tokens)
         return cell

@@ -18,7 +18,8 @@ from common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, d
 
 
 class RemoteSharedLLM:
-    def __init__(self, compressor_target: str, decoder_target: str, max_new_tokens: int) -> None:
+    def __init__(self, compressor_target: str, decoder_target: str, max_new_tokens: int, api_key: str | None) -> None:
+        self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         self.channels = (grpc.insecure_channel(compressor_target), grpc.insecure_channel(decoder_target))
         self.compressor = compressor_pb2_grpc.CompressorServiceStub(self.channels[0])
         self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[1])
@@ -30,7 +31,7 @@ class RemoteSharedLLM:
             token_ids=compressor_pb2.TokenIds(ids=tokens), options=compressor_pb2.CompressOptions(pin=True)
         )
         started = time.perf_counter()
-        context = self.compressor.Compress(request).context
+        context = self.compressor.Compress(request, metadata=self.metadata).context
         seconds = time.perf_counter() - started
         self.context_ids.append(context.context_id)
         timings = context.timings
@@ -45,7 +46,7 @@ class RemoteSharedLLM:
         started = time.perf_counter()
         first: float | None = None
         generated = 0
-        for response in self.decoder.Generate(request):
+        for response in self.decoder.Generate(request, metadata=self.metadata):
             if response.token_ids and first is None:
                 first = time.perf_counter()
             generated += len(response.token_ids)
@@ -59,6 +60,7 @@ class RemoteSharedLLM:
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if exc_type is None:  # after a failure the services may be gone; their error is the one to report
             for context_id in self.context_ids:
-                self.compressor.DeleteContext(compressor_pb2.DeleteContextRequest(context_id=context_id))
+                request = compressor_pb2.DeleteContextRequest(context_id=context_id)
+                self.compressor.DeleteContext(request, metadata=self.metadata)
         for channel in self.channels:
             channel.close()

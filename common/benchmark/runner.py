@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from common.benchmark.cell import GRPC_METHOD
-from common.benchmark.services import GrpcTargets, GrpcUnavailable, child_env, grpc_stack
+from common.benchmark.services import GrpcTargets, GrpcUnavailable, cell_tenant, child_env, grpc_stack
 from common.benchmark.workload import QUESTIONS, document_tokens
 
 METHOD_ORDER: tuple[str, ...] = ("sharedllm", GRPC_METHOD, "full", "streaming")  # rows of the report
@@ -321,10 +321,12 @@ def _run_cell(
     args = [sys.executable, "-m", "common.benchmark.cell", "--method", method, "--length", str(length)]
     args += ["--tokens", str(tokens), "--repeat", str(repeat), "--max-new-tokens", str(config.max_new_tokens)]
     args += config.model_flags()
+    env = child_env(config.threads)
     if method == GRPC_METHOD and grpc is not None:
         args += ["--compressor", grpc.compressor, "--decoder", grpc.decoder]
+        env["SHAREDLLM_API_KEY"] = grpc.api_keys[cell_tenant(repeat, length)]
     started = time.perf_counter()
-    done = subprocess.run(args, capture_output=True, text=True, env=child_env(config.threads))
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         if done.returncode < 0:  # SIGKILL is what the kernel's out-of-memory killer sends
@@ -353,7 +355,8 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None]) -> dict[
         if config.grpc:
             progress("starting redis-server and the gRPC services ...")
             try:
-                grpc = stack.enter_context(grpc_stack(workdir, config.model_flags(), config.threads))
+                tenants = [cell_tenant(r, n) for r, n, m in plan(config, True) if m == GRPC_METHOD]
+                grpc = stack.enter_context(grpc_stack(workdir, config.model_flags(), config.threads, tenants))
                 grpc_status = "measured (private redis-server and both services on loopback)"
             except GrpcUnavailable as exc:
                 grpc_status = f"not available: {exc}"

@@ -9,6 +9,7 @@ is raised as GrpcUnavailable with the reason, and the report says so instead of 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,13 @@ class GrpcUnavailable(RuntimeError):
 class GrpcTargets:
     compressor: str
     decoder: str
+    api_keys: dict[str, str]  # tenant -> its API key
+
+
+def cell_tenant(repeat: int, length: int) -> str:
+    """Every gRPC cell is its own tenant: the decoder's cache is per tenant, so a cell's first question
+    is as cold as a new user's, even though every document is a prefix of the same text."""
+    return f"bench-r{repeat}-n{length}"
 
 
 def child_env(threads: int | None) -> dict[str, str]:
@@ -101,12 +109,18 @@ def _serving(target: str) -> bool:
 
 
 @contextmanager
-def grpc_stack(workdir: Path, model_flags: Sequence[str], threads: int | None) -> Iterator[GrpcTargets]:
+def grpc_stack(
+    workdir: Path, model_flags: Sequence[str], threads: int | None, tenants: Sequence[str]
+) -> Iterator[GrpcTargets]:
     """Start redis-server and both services on free loopback ports; stop them all on exit.
 
-    model_flags: the `--model/--adapter/--device` flags the cells get, so both paths run the same
-    model and adapter.
+    model_flags: the `--model/--adapter/--device/--dtype` flags the cells get, so both paths run
+    the same model, adapter and precision. tenants: one API key is made for each.
     """
+    api_keys = {tenant: secrets.token_urlsafe(24) for tenant in tenants}
+    keys_file = workdir / "api-keys"
+    keys_file.write_text("".join(f"{tenant} {key}\n" for tenant, key in api_keys.items()))
+    keys_file.chmod(0o600)
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         raise GrpcUnavailable("redis-server is not installed")
@@ -125,10 +139,11 @@ def grpc_stack(workdir: Path, model_flags: Sequence[str], threads: int | None) -
             service_port = _free_port()
             args = [sys.executable, "-m", "common.cli", "serve", service, "--host", "127.0.0.1"]
             args += ["--port", str(service_port), "--store-url", store_url, "--log-level", "WARNING", *model_flags]
+            args += ["--api-keys-file", str(keys_file)]
             if threads:
                 args += ["--torch-threads", str(threads)]
             log = workdir / f"{service}.log"
             targets[service] = (f"127.0.0.1:{service_port}", stack.enter_context(_process(args, log, env)), log)
         for service, (target, process, log) in targets.items():
             _wait_ready(process, log, lambda target=target: _serving(target), f"the {service} service", deadline)
-        yield GrpcTargets(targets["compressor"][0], targets["decoder"][0])
+        yield GrpcTargets(targets["compressor"][0], targets["decoder"][0], api_keys)

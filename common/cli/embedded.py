@@ -102,7 +102,8 @@ def run_ask(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     ids = engine.tokenize_document(text)
-    runtime = ContextRuntime(engine, open_store("memory://"), default_ttl_s=None)
+    # One question per run: a decoded cache would only hold a second copy of what it reads.
+    runtime = ContextRuntime(engine, open_store("memory://"), default_ttl_s=None, decoded_cache_bytes=0)
     chunks = -(-len(ids) // engine.adapter.config.chunk_size)
     with tqdm(total=chunks, desc="compress", unit="chunk", disable=args.json or None, file=sys.stderr) as bar:
         compressed = runtime.compress_ids(ids, progress=lambda done, total: bar.update(done - bar.n))

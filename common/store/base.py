@@ -136,7 +136,8 @@ class PartReader(Protocol):
     def use(self, manifest: pb.ContextManifest, *, read_retrieval_keys: bool) -> bytes | None:
         """Count a use (restart the expiry) and, if asked, return the retrieval-keys payload.
 
-        Raises ContextNotFound if the version opened is no longer the current one.
+        Raises ContextNotFound if the version opened was deleted or expired meanwhile; a version
+        replaced meanwhile stays readable (for a grace period in Redis), like a snapshot.
         """
         ...
 
@@ -151,6 +152,8 @@ class StoredContext:
     Opening read the manifest and the retrieval keys; `fetch` reads the selected nodes and
     verifies each one, taking those already verified from the decoded cache when there is one.
     `bytes_read` counts every byte this object read from the store, for per-request reports.
+    Like a snapshot, nodes the cache holds are served even if the context is deleted after it
+    was opened; the open itself checked that it was live.
     """
 
     def __init__(
@@ -215,25 +218,41 @@ class StoredContext:
 
     def _nodes(self, wanted: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Verified keys and values of nodes `wanted`: cached ones, then the rest in one store read."""
-        digests = self.manifest.node_sha256
+        digests, tenant = self.manifest.node_sha256, self.manifest.tenant
         nodes, missing = {}, []
+        for i in wanted:
+            cached = _cached_tensors(self._cache, tenant, digests[i], ("keys", "values"))
+            try:
+                nodes[i] = codec.check_node(self.manifest, i, cached) if cached is not None else None
+            except DataCorruption:  # not this manifest's node after all: read it from the store
+                self._cache.discard(tenant, digests[i])
+                nodes[i] = None
+            if nodes[i] is None:
+                missing.append(i)
         with self._counters.integrity():
-            for i in wanted:
-                cached = self._cache.get(digests[i]) if self._cache is not None else None
-                if cached is None:
-                    missing.append(i)
-                else:
-                    nodes[i] = codec.check_node(self.manifest, i, {"keys": cached[0], "values": cached[1]})
             payloads = self._reader.read_nodes(self.manifest, missing) if missing else []
             for i, payload in zip(missing, payloads, strict=True):
                 nodes[i] = codec.decode_node(self.manifest, i, payload)
                 if self._cache is not None:
-                    self._cache.put(digests[i], nodes[i])
+                    self._cache.put(tenant, digests[i], nodes[i])
         read = sum(map(len, payloads))
         self.bytes_read += read
         self.cached_nodes += len(wanted) - len(missing)
         self._counters.add(bytes_read=read)
         return nodes
+
+
+def _cached_tensors(
+    cache: DecodedCache | None, tenant: str, digest: bytes, names: tuple[str, ...]
+) -> dict[str, torch.Tensor] | None:
+    """A cache entry as the named tensors the codec checks, or None (no cache, no entry)."""
+    cached = cache.get(tenant, digest) if cache is not None else None
+    if cached is None:
+        return None
+    if len(cached) != len(names):
+        cache.discard(tenant, digest)
+        return None
+    return dict(zip(names, cached, strict=True))
 
 
 class ContextStore(ABC):
@@ -274,14 +293,18 @@ class ContextStore(ABC):
             frame, reader = self._open(key)
             manifest = self._verified_manifest(key, frame, expected)
             digest = manifest.retrieval_keys_sha256
-            cached = cache.get(digest) if cache is not None else None
-            payload = reader.use(manifest, read_retrieval_keys=cached is None)
+            retrieval_keys = None
+            cached = _cached_tensors(cache, tenant, digest, ("retrieval_keys",))
             if cached is not None:
-                retrieval_keys = codec.check_retrieval_keys(manifest, {"retrieval_keys": cached[0]})
-            else:
+                try:
+                    retrieval_keys = codec.check_retrieval_keys(manifest, cached)
+                except DataCorruption:  # not this manifest's keys after all: read them from the store
+                    cache.discard(tenant, digest)
+            payload = reader.use(manifest, read_retrieval_keys=retrieval_keys is None)
+            if retrieval_keys is None:
                 retrieval_keys = codec.decode_retrieval_keys(manifest, payload)
                 if cache is not None:
-                    cache.put(digest, (retrieval_keys,))
+                    cache.put(tenant, digest, (retrieval_keys,))
         read = len(frame) + len(payload or b"")
         self._counters.add(bytes_read=read)
         return StoredContext(context_id, manifest, retrieval_keys, reader, self._counters, read, cache)

@@ -7,8 +7,9 @@ one and is pure overhead in both, so the decoder keeps what it already verified.
 Why content addressing: a manifest lists the SHA-256 of every payload, and a manifest is itself
 verified before use, so a digest names exactly one byte string. A cache keyed by digest therefore
 needs no invalidation (a replaced or deleted context has new digests or no manifest at all, and
-reads still start from the store's manifest), serves every store alike, and cannot leak between
-tenants: a reader only asks for digests its own verified manifest lists.
+reads still start from the store's manifest) and serves every store alike. Keys are (tenant,
+digest), never the digest alone: two tenants with the same document have the same digests, and
+a hit on another tenant's entry would tell one that the other recently read that text.
 """
 
 from __future__ import annotations
@@ -52,34 +53,45 @@ class DecodedCache:
         self._hits = 0
         self._misses = 0
 
-    def get(self, digest: bytes) -> Tensors | None:
+    def get(self, tenant: str, digest: bytes) -> Tensors | None:
         with self._lock:
-            value = self._entries.get(digest)
+            value = self._entries.get(_key(tenant, digest))
             if value is None:
                 self._misses += 1
                 return None
-            self._entries.move_to_end(digest)
+            self._entries.move_to_end(_key(tenant, digest))
             self._hits += 1
             return value
 
-    def put(self, digest: bytes, tensors: Tensors) -> None:
+    def put(self, tenant: str, digest: bytes, tensors: Tensors) -> None:
         """Keep `tensors` (already verified against `digest`); the least recently used make room."""
         size = _nbytes(tensors)
         if size > self.max_bytes:
             return
         with self._lock:
-            old = self._entries.pop(digest, None)
-            if old is not None:
-                self._bytes -= _nbytes(old)
+            self._pop(_key(tenant, digest))
             while self._bytes + size > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= _nbytes(evicted)
-            self._entries[digest] = tensors
+                self._pop(next(iter(self._entries)))
+            self._entries[_key(tenant, digest)] = tensors
             self._bytes += size
+
+    def discard(self, tenant: str, digest: bytes) -> None:
+        """Forget an entry (one that no longer fits what a manifest declares)."""
+        with self._lock:
+            self._pop(_key(tenant, digest))
+
+    def _pop(self, key: bytes) -> None:
+        value = self._entries.pop(key, None)
+        if value is not None:
+            self._bytes -= _nbytes(value)
 
     def stats(self) -> CacheStats:
         with self._lock:
             return CacheStats(len(self._entries), self._bytes, self.max_bytes, self._hits, self._misses)
+
+
+def _key(tenant: str, digest: bytes) -> bytes:
+    return tenant.encode() + b"\0" + digest  # tenant names never contain NUL (validate_name)
 
 
 def _nbytes(tensors: Tensors) -> int:

@@ -90,10 +90,10 @@ return old
 """
 
 # KEYS[1] manifest key, KEYS[2] retrieval keys, KEYS[3..] nodes; ARGV: generation,
-# mode ('use' | 'touch' | 'pin'), lifetime ms, part margin ms.
-# Returns {status, retrieval-keys payload ('use' only)}. Status 0: the manifest key no longer
-# points at this generation (deleted, expired or replaced); 1: expiry restarted or removed;
-# 2: no expiry to restart.
+# mode ('use' | 'check' | 'touch' | 'pin'), lifetime ms, part margin ms.
+# Returns {status, retrieval-keys payload ('use') or whether that part exists ('check')}.
+# Status 0: the manifest key no longer points at this generation (deleted, expired or
+# replaced); 1: expiry restarted or removed; 2: no expiry to restart.
 _EXPIRE = """
 local status = 0
 if redis.call('HGET', KEYS[1], 'gen') == ARGV[1] then
@@ -110,6 +110,7 @@ if redis.call('HGET', KEYS[1], 'gen') == ARGV[1] then
   end
 end
 if ARGV[2] == 'use' then return {status, redis.call('GET', KEYS[2])} end
+if ARGV[2] == 'check' then return {status, redis.call('EXISTS', KEYS[2])} end
 return {status}
 """
 
@@ -315,15 +316,13 @@ class _Generation:
         A version replaced since it was opened stays readable for its grace period, like a
         snapshot; only a missing payload is an error.
         """
-        mode = "use" if read_retrieval_keys else "touch"
-        status, *payload = self.store._expire_script(self.keys, self.gen, manifest, mode)
-        if not read_retrieval_keys:
-            return None
-        if payload[0] is None:
+        mode = "use" if read_retrieval_keys else "check"
+        status, part = self.store._expire_script(self.keys, self.gen, manifest, mode)
+        if part is None or part == 0:  # GET found nothing, or EXISTS said 0
             if status == 0:
                 raise self.key.not_found("deleted or expired while being opened")
             raise DataCorruption(f"retrieval keys of context {self.key.context_id!r} are missing")
-        return payload[0]
+        return part if read_retrieval_keys else None
 
     def read_nodes(self, manifest: pb.ContextManifest, indices: Sequence[int]) -> list[bytes]:
         names = [self.keys.node(self.gen, i, manifest.nodes_per_chunk) for i in indices]

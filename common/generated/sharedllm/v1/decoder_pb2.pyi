@@ -112,14 +112,22 @@ class ServerLimits(_message.Message):
     def __init__(self, window_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("active_requests", "requests_total", "generated_tokens_total")
+    __slots__ = ("active_requests", "requests_total", "generated_tokens_total", "decoded_cache_bytes", "decoded_cache_capacity_bytes", "decoded_cache_hits", "decoded_cache_misses")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DECODED_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DECODED_CACHE_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DECODED_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    DECODED_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     requests_total: int
     generated_tokens_total: int
-    def __init__(self, active_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ...) -> None: ...
+    decoded_cache_bytes: int
+    decoded_cache_capacity_bytes: int
+    decoded_cache_hits: int
+    decoded_cache_misses: int
+    def __init__(self, active_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., decoded_cache_bytes: _Optional[int] = ..., decoded_cache_capacity_bytes: _Optional[int] = ..., decoded_cache_hits: _Optional[int] = ..., decoded_cache_misses: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("model_name", "model_fingerprint", "adapter_fingerprint", "adapter_trained", "tree_config", "limits", "stats", "store_url")
