@@ -41,3 +41,9 @@ for dtype in float32 bfloat16; do
     --up-to full=32768 --up-to streaming=32768 \
     --json "$OUT/$dtype/serving-2core.json" --plot-dir "$OUT/$dtype" | tee "$OUT/$dtype/serving-2core.txt"
 done
+
+# 4. Where a question's time goes (in-process store against Redis; cold, then cached).
+for dtype in float32 bfloat16; do
+  $BIN/python bench/profile_question.py "$OUT/persuasion-32k.txt" --dtype "$dtype" \
+    --json "$OUT/$dtype/profile-32k.json" | tee "$OUT/$dtype/profile-32k.txt"
+done

@@ -1,0 +1,114 @@
+"""Where a question's time goes: the runtime's own timings, in-process store against Redis.
+
+    python bench/profile_question.py bench/results/persuasion-32k.txt [--dtype bfloat16] [--json F]
+
+Compresses the document once into each store, then asks the benchmark's first question (every
+node read from the store and verified), its second question (nodes both select come from the
+decoder's cache), and both again several times (medians). Prints each phase, so the README can
+say which part of the time to first token is the model, which the store, which the cache.
+Needs `redis-server` on the PATH (a private one is started on a free port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from common.benchmark.workload import QUESTIONS
+from common.engine.decoder import Finished
+from common.engine.engine import Engine
+from common.engine.sampling import SamplingParams
+from common.model_loading import add_dtype_argument, dtype_from_name
+from common.runtime import ContextRuntime, GenerateOutcome
+from common.store import open_store
+
+PHASES = ("context_open_s", "selection_s", "context_load_s", "prepare_s", "prefill_s", "time_to_first_token_s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ask(runtime: ContextRuntime, context_id: str, question: str) -> dict[str, float]:
+    """One question with one new token: its phases and what it read."""
+    row: dict[str, float] = {}
+    for event in runtime.generate(context_id, question, SamplingParams(max_new_tokens=1)):
+        if isinstance(event, Finished):
+            row.update({k: event.timings.get(k, 0.0) for k in PHASES})
+        elif isinstance(event, GenerateOutcome):
+            row.update(bytes_read=event.bytes_read, cached_nodes=event.cached_nodes)
+    return row
+
+
+def profile(runtime: ContextRuntime, token_ids: list[int], repeats: int) -> dict[str, dict[str, float]]:
+    """The first question (nothing cached), a second question (the nodes both select are cached),
+    and both asked again `repeats` times (medians)."""
+    context_id = runtime.compress_ids(token_ids).context_id
+    first, second = (ask(runtime, context_id, q) for q in QUESTIONS[:2])
+    again = [ask(runtime, context_id, q) for _ in range(repeats) for q in QUESTIONS[:2]]
+    return {
+        "first question": first,
+        "second question": second,
+        "asked again": {k: statistics.median(r[k] for r in again) for k in again[0]},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("document", type=Path)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    add_dtype_argument(parser)
+    args = parser.parse_args()
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        print("profile_question: redis-server is not installed", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    engine = Engine.load(dtype=dtype_from_name(args.dtype))
+    token_ids = engine.tokenize_document(args.document.read_text(encoding="utf-8"))
+    port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", ""]
+        server = subprocess.Popen([*command, "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            runtime = ContextRuntime(engine, open_store("memory://?max_bytes=4294967296"))
+            results = {"memory": profile(runtime, token_ids, args.repeats)}
+            runtime = ContextRuntime(engine, open_store(f"redis://127.0.0.1:{port}/0"))
+            results["redis"] = profile(runtime, token_ids, args.repeats)
+        finally:
+            server.terminate()
+            server.wait()
+    print(f"{len(token_ids)} document tokens, {engine.body.dtype}, {args.threads} threads; medians in ms")
+    print(
+        f"{'store':8} {'question':16}" + "".join(f"{p.removesuffix('_s'):>22}" for p in PHASES) + "   MB read  cached"
+    )
+    for store, by_state in results.items():
+        for state, row in by_state.items():
+            phases = "".join(f"{row[p] * 1e3:22.1f}" for p in PHASES)
+            print(f"{store:8} {state:16}{phases} {row['bytes_read'] / 1e6:9.2f} {row['cached_nodes']:7.0f}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"tokens": len(token_ids), "dtype": str(engine.body.dtype), **results}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
