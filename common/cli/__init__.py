@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from common.cli import embedded
     from common.data.cli import add_data_commands
     from common.evaluation.cli import add_eval_commands
+    from common.random_model import add_model_commands
     from common.rpc.cli import add_rpc_commands
     from common.training.cli import add_train_commands
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     add_bench_commands(sub)
     add_rpc_commands(sub)
+    add_model_commands(sub)
     return parser
 
 

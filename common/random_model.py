@@ -1,0 +1,109 @@
+"""Randomly initialised Llama models of a named shape, saved as Hugging Face directories.
+
+Why: speed and memory depend on a model's shape, not on its training, so a benchmark of a
+Llama-2-7B-shaped model needs no 7B download (the GPU machines have no network). The directory
+holds the default model's tokenizer, so every command that takes `--model DIR` runs on it;
+its answers are noise, its timings are real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from common.errors import InvalidInput
+from common.model_loading import resolve_model_path
+
+# Published architecture hyper-parameters; the vocabulary is the default tokenizer's.
+SHAPES: dict[str, dict[str, int | bool]] = {
+    "llama-2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def write_random_model(
+    target: Path,
+    shape: str,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    init_std: float = 0.02,
+    window: int | None = None,
+) -> Path:
+    """Write a random model of `shape` to `target`; window overrides the shape's context length.
+
+    init_std: the standard deviation of every weight matrix (larger makes a small model's logits
+    less flat, which greedy-decoding tests need).
+    """
+    if shape not in SHAPES:
+        raise InvalidInput(f"unknown model shape {shape!r}; known: {', '.join(SHAPES)}")
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(None)))
+    dims = dict(SHAPES[shape])
+    if window is not None:
+        dims["max_position_embeddings"] = window
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        **dims,
+    )
+    torch.manual_seed(seed)
+    with _default_dtype(dtype), torch.no_grad():  # built in `dtype`: a 7B model never exists in fp32
+        model = LlamaForCausalLM(config)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, init_std)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def add_model_commands(sub) -> None:
+    """`sharedllm model random --shape llama-2-7b --out DIR`."""
+    model = sub.add_parser("model", help="model utilities")
+    commands = model.add_subparsers(dest="model_command", required=True)
+    random = commands.add_parser("random", help="write a randomly initialised model of a named shape (benchmarks)")
+    random.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    random.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
+    random.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    random.add_argument("--seed", type=int, default=0)
+    random.set_defaults(handler=run_random)
+
+
+def run_random(args) -> int:
+    if args.out.exists():
+        raise InvalidInput(f"{args.out} exists; choose a new directory")
+    write_random_model(args.out, args.shape, dtype=getattr(torch, args.dtype), seed=args.seed)
+    print(f"wrote a random {args.shape} model ({args.dtype}) to {args.out}; use it with --model {args.out}")
+    return 0
