@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from common.benchmark.services import GrpcUnavailable, private_redis
 from common.benchmark.workload import QUESTIONS
 from common.engine.decoder import Finished
 from common.engine.engine import Engine
@@ -35,12 +32,6 @@ from common.runtime import ContextRuntime, GenerateOutcome
 from common.store import open_store
 
 PHASES = ("context_open_s", "selection_s", "context_load_s", "prepare_s", "prefill_s", "time_to_first_token_s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ask(runtime: ContextRuntime, context_id: str, question: str) -> dict[str, float]:
@@ -75,26 +66,18 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     add_dtype_argument(parser)
     args = parser.parse_args()
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
-        print("profile_question: redis-server is not installed", file=sys.stderr)
-        return 2
     torch.set_num_threads(args.threads)
     engine = Engine.load(dtype=dtype_from_name(args.dtype))
     token_ids = engine.tokenize_document(args.document.read_text(encoding="utf-8"))
-    port = free_port()
+    runtime = ContextRuntime(engine, open_store("memory://?max_bytes=4294967296"))
+    results = {"memory": profile(runtime, token_ids, args.repeats)}
     with tempfile.TemporaryDirectory() as workdir:
-        command = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", ""]
-        server = subprocess.Popen([*command, "--appendonly", "no"], stdout=subprocess.DEVNULL)
         try:
-            time.sleep(0.5)
-            runtime = ContextRuntime(engine, open_store("memory://?max_bytes=4294967296"))
-            results = {"memory": profile(runtime, token_ids, args.repeats)}
-            runtime = ContextRuntime(engine, open_store(f"redis://127.0.0.1:{port}/0"))
-            results["redis"] = profile(runtime, token_ids, args.repeats)
-        finally:
-            server.terminate()
-            server.wait()
+            with private_redis(Path(workdir)) as url:
+                results["redis"] = profile(ContextRuntime(engine, open_store(url)), token_ids, args.repeats)
+        except GrpcUnavailable as exc:
+            print(f"profile_question: {exc}", file=sys.stderr)
+            return 2
     print(f"{len(token_ids)} document tokens, {engine.body.dtype}, {args.threads} threads; medians in ms")
     print(
         f"{'store':8} {'question':16}" + "".join(f"{p.removesuffix('_s'):>22}" for p in PHASES) + "   MB read  cached"

@@ -8,6 +8,7 @@ its answers are noise, its timings are real.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from common.errors import InvalidInput
-from common.model_loading import resolve_model_path
+from common.model_loading import DTYPE_NAMES, resolve_model_path
 
 # Published architecture hyper-parameters; the vocabulary is the default tokenizer's.
 SHAPES: dict[str, dict[str, int | bool]] = {
@@ -89,21 +90,21 @@ def write_random_model(
     return target
 
 
-def add_model_commands(sub) -> None:
+def add_model_commands(sub: argparse._SubParsersAction) -> None:
     """`sharedllm model random --shape llama-2-7b --out DIR`."""
     model = sub.add_parser("model", help="model utilities")
     commands = model.add_subparsers(dest="model_command", required=True)
     random = commands.add_parser("random", help="write a randomly initialised model of a named shape (benchmarks)")
     random.add_argument("--shape", required=True, choices=sorted(SHAPES))
     random.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
-    random.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    random.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_NAMES))
     random.add_argument("--seed", type=int, default=0)
     random.set_defaults(handler=run_random)
 
 
-def run_random(args) -> int:
+def run_random(args: argparse.Namespace) -> int:
     if args.out.exists():
         raise InvalidInput(f"{args.out} exists; choose a new directory")
-    write_random_model(args.out, args.shape, dtype=getattr(torch, args.dtype), seed=args.seed)
+    write_random_model(args.out, args.shape, dtype=DTYPE_NAMES[args.dtype], seed=args.seed)
     print(f"wrote a random {args.shape} model ({args.dtype}) to {args.out}; use it with --model {args.out}")
     return 0

@@ -9,8 +9,8 @@ from common.errors import InvalidInput
 from common.store.decoded_cache import DecodedCache
 
 
-def entry(n_floats: int) -> tuple[torch.Tensor, ...]:
-    return (torch.zeros(n_floats), torch.ones(n_floats))  # 8 bytes per float pair
+def entry(n_floats: int) -> dict[str, torch.Tensor]:
+    return {"keys": torch.zeros(n_floats), "values": torch.ones(n_floats)}  # 8 bytes per float pair
 
 
 def test_least_recently_used_entries_make_room_within_the_byte_bound():

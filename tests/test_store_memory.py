@@ -188,8 +188,9 @@ class StoreContract:
         store.put("doc-1", encoded)
         cache = DecodedCache()
         manifest = encoded.manifest
-        cache.put(tenant, manifest.node_sha256[0], (torch.zeros(1), torch.zeros(1)))  # what a bug might leave
-        cache.put(tenant, manifest.retrieval_keys_sha256, (torch.zeros(1), torch.zeros(1)))
+        wrong = {"keys": torch.zeros(1), "values": torch.zeros(1)}  # what a bug might leave there
+        cache.put(tenant, manifest.node_sha256[0], wrong)  # wrong shapes
+        cache.put(tenant, manifest.retrieval_keys_sha256, wrong)  # wrong names
         source = store.open("doc-1", FP, tenant=tenant, cache=cache)
         assert torch.equal(bits(source.retrieval_keys), bits(tree.retrieval_keys))
         assert_same_nodes(source.fetch(ALL_NODES), tree.fetch(ALL_NODES))

@@ -109,6 +109,21 @@ def _serving(target: str) -> bool:
 
 
 @contextmanager
+def private_redis(workdir: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A redis-server of its own on a free loopback port, nothing persisted; yields its URL."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise GrpcUnavailable("redis-server is not installed")
+    port = _free_port()
+    args = [redis_server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir)]
+    args += ["--save", "", "--appendonly", "no"]  # a benchmark store: nothing to persist
+    log = workdir / "redis.log"
+    with _process(args, log, env or dict(os.environ)) as process:
+        _wait_ready(process, log, lambda: _redis_ready(port), "redis-server", time.monotonic() + READY_TIMEOUT_S)
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextmanager
 def grpc_stack(
     workdir: Path, model_flags: Sequence[str], threads: int | None, tenants: Sequence[str]
 ) -> Iterator[GrpcTargets]:
@@ -121,19 +136,10 @@ def grpc_stack(
     keys_file = workdir / "api-keys"
     keys_file.write_text("".join(f"{tenant} {key}\n" for tenant, key in api_keys.items()))
     keys_file.chmod(0o600)
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
-        raise GrpcUnavailable("redis-server is not installed")
     deadline = time.monotonic() + READY_TIMEOUT_S
     env = child_env(threads)
     with ExitStack() as stack:
-        port = _free_port()
-        redis_args = [redis_server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir)]
-        redis_args += ["--save", "", "--appendonly", "no"]  # a benchmark store: nothing to persist
-        redis_log = workdir / "redis.log"
-        redis_process = stack.enter_context(_process(redis_args, redis_log, env))
-        _wait_ready(redis_process, redis_log, lambda: _redis_ready(port), "redis-server", deadline)
-        store_url = f"redis://127.0.0.1:{port}/0"
+        store_url = stack.enter_context(private_redis(workdir, env))
         targets = {}
         for service in ("compressor", "decoder"):
             service_port = _free_port()

@@ -18,9 +18,9 @@ import re
 import secrets
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Self
+from typing import Protocol, Self, TypeVar
 
 import torch
 
@@ -32,6 +32,7 @@ from common.store import codec
 from common.store.codec import EncodedContext, Fingerprints
 from common.store.decoded_cache import DecodedCache
 
+T = TypeVar("T")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 DEFAULT_TENANT = "default"
 _CONTENT_ID_DOMAIN = b"sharedllm.v1 content context id\0"
@@ -218,23 +219,21 @@ class StoredContext:
 
     def _nodes(self, wanted: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Verified keys and values of nodes `wanted`: cached ones, then the rest in one store read."""
-        digests, tenant = self.manifest.node_sha256, self.manifest.tenant
+        manifest, digests, cache = self.manifest, self.manifest.node_sha256, self._cache
         nodes, missing = {}, []
         for i in wanted:
-            cached = _cached_tensors(self._cache, tenant, digests[i], ("keys", "values"))
-            try:
-                nodes[i] = codec.check_node(self.manifest, i, cached) if cached is not None else None
-            except DataCorruption:  # not this manifest's node after all: read it from the store
-                self._cache.discard(tenant, digests[i])
-                nodes[i] = None
-            if nodes[i] is None:
+            node = _from_cache(cache, manifest.tenant, digests[i], lambda t, i=i: codec.check_node(manifest, i, t))
+            if node is None:
                 missing.append(i)
+            else:
+                nodes[i] = node
         with self._counters.integrity():
-            payloads = self._reader.read_nodes(self.manifest, missing) if missing else []
+            payloads = self._reader.read_nodes(manifest, missing) if missing else []
             for i, payload in zip(missing, payloads, strict=True):
-                nodes[i] = codec.decode_node(self.manifest, i, payload)
-                if self._cache is not None:
-                    self._cache.put(tenant, digests[i], nodes[i])
+                keys, values = codec.decode_node(manifest, i, payload)
+                nodes[i] = (keys, values)
+                if cache is not None:
+                    cache.put(manifest.tenant, digests[i], {"keys": keys, "values": values})
         read = sum(map(len, payloads))
         self.bytes_read += read
         self.cached_nodes += len(wanted) - len(missing)
@@ -242,17 +241,17 @@ class StoredContext:
         return nodes
 
 
-def _cached_tensors(
-    cache: DecodedCache | None, tenant: str, digest: bytes, names: tuple[str, ...]
-) -> dict[str, torch.Tensor] | None:
-    """A cache entry as the named tensors the codec checks, or None (no cache, no entry)."""
-    cached = cache.get(tenant, digest) if cache is not None else None
-    if cached is None:
+def _from_cache(cache: DecodedCache | None, tenant: str, digest: bytes, check: Callable[[dict], T]) -> T | None:
+    """A cache entry that passes the codec's `check` against this manifest, or None: no cache, no
+    entry, or an entry that does not fit (dropped, so the caller reads the payload from the store)."""
+    entry = cache.get(tenant, digest) if cache is not None else None
+    if entry is None:
         return None
-    if len(cached) != len(names):
+    try:
+        return check(entry)
+    except DataCorruption:
         cache.discard(tenant, digest)
         return None
-    return dict(zip(names, cached, strict=True))
 
 
 class ContextStore(ABC):
@@ -293,18 +292,12 @@ class ContextStore(ABC):
             frame, reader = self._open(key)
             manifest = self._verified_manifest(key, frame, expected)
             digest = manifest.retrieval_keys_sha256
-            retrieval_keys = None
-            cached = _cached_tensors(cache, tenant, digest, ("retrieval_keys",))
-            if cached is not None:
-                try:
-                    retrieval_keys = codec.check_retrieval_keys(manifest, cached)
-                except DataCorruption:  # not this manifest's keys after all: read them from the store
-                    cache.discard(tenant, digest)
+            retrieval_keys = _from_cache(cache, tenant, digest, lambda t: codec.check_retrieval_keys(manifest, t))
             payload = reader.use(manifest, read_retrieval_keys=retrieval_keys is None)
             if retrieval_keys is None:
                 retrieval_keys = codec.decode_retrieval_keys(manifest, payload)
                 if cache is not None:
-                    cache.put(tenant, digest, (retrieval_keys,))
+                    cache.put(tenant, digest, {"retrieval_keys": retrieval_keys})
         read = len(frame) + len(payload or b"")
         self._counters.add(bytes_read=read)
         return StoredContext(context_id, manifest, retrieval_keys, reader, self._counters, read, cache)

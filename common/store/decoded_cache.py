@@ -24,7 +24,7 @@ from common.errors import InvalidInput
 
 DEFAULT_CACHE_BYTES = 512 << 20
 
-Tensors = tuple[torch.Tensor, ...]
+Tensors = dict[str, torch.Tensor]  # named as in the payload, so the codec checks them as it checks payloads
 
 
 @dataclass(frozen=True)
@@ -54,25 +54,26 @@ class DecodedCache:
         self._misses = 0
 
     def get(self, tenant: str, digest: bytes) -> Tensors | None:
+        key = _key(tenant, digest)
         with self._lock:
-            value = self._entries.get(_key(tenant, digest))
+            value = self._entries.get(key)
             if value is None:
                 self._misses += 1
                 return None
-            self._entries.move_to_end(_key(tenant, digest))
+            self._entries.move_to_end(key)
             self._hits += 1
             return value
 
     def put(self, tenant: str, digest: bytes, tensors: Tensors) -> None:
         """Keep `tensors` (already verified against `digest`); the least recently used make room."""
-        size = _nbytes(tensors)
+        key, size = _key(tenant, digest), _nbytes(tensors)
         if size > self.max_bytes:
             return
         with self._lock:
-            self._pop(_key(tenant, digest))
+            self._pop(key)
             while self._bytes + size > self.max_bytes:
                 self._pop(next(iter(self._entries)))
-            self._entries[_key(tenant, digest)] = tensors
+            self._entries[key] = tensors
             self._bytes += size
 
     def discard(self, tenant: str, digest: bytes) -> None:
@@ -95,4 +96,4 @@ def _key(tenant: str, digest: bytes) -> bytes:
 
 
 def _nbytes(tensors: Tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
