@@ -12,14 +12,16 @@ import torch.nn.functional as F
 
 from common.baselines.streaming import StreamingLLM
 from common.config import TreeConfig
-from common.data.corpora import fetch
+from common.data.corpora import fetch, read_manifest
+from common.data.shards import load_document_tokens
 from common.engine.decoder import TokenDelta
 from common.engine.engine import Engine
 from common.engine.llama import apply_rope
 from common.engine.sampling import SamplingParams
 from common.errors import InvalidInput
 from common.evaluation.cli import add_eval_commands
-from common.evaluation.ppl import window_starts
+from common.evaluation.heldout import heldout_documents
+from common.evaluation.ppl import gap_closed, window_starts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -127,6 +129,27 @@ def test_windows_score_the_same_tokens_at_every_length():
     assert window_starts(100, [100], 50, 2) == ([], [])
 
 
+def test_gap_closed_is_the_share_of_the_full_attention_gain():
+    def methods(**nll: float) -> dict:
+        return {m: {"mean_nll": v} for m, v in nll.items()}
+
+    assert gap_closed(methods(window=3.0, sharedllm=2.5, full=2.0)) == pytest.approx(0.5)
+    assert gap_closed(methods(window=3.0, sharedllm=3.2, full=2.0)) == pytest.approx(-0.2)  # worse than nothing
+    assert gap_closed(methods(window=3.0, sharedllm=2.5)) is None  # beyond the window: no full attention
+    assert gap_closed(methods(window=2.0, sharedllm=2.5, full=2.0)) is None  # no gap to close
+
+
+def test_code_and_docs_are_scored_as_their_held_out_files_joined_in_name_order(engine, tmp_path):
+    fetch(tmp_path, corpora=("pydocs",))
+    (document,) = heldout_documents(tmp_path, engine.tokenizer, ["pydocs", "austen"])
+    entries = sorted((e for e in read_manifest(tmp_path) if e.split == "heldout"), key=lambda e: e.name)
+    assert document.name == "pydocs:held-out pages" and len(entries) > 10
+    expected = [load_document_tokens(tmp_path, e.name, engine.tokenizer, "pydocs") for e in entries]
+    assert document.tokens.tolist() == [t for tokens in expected for t in tokens.tolist()]
+    with pytest.raises(InvalidInput, match="sharedllm data fetch --corpus austen"):
+        heldout_documents(tmp_path, engine.tokenizer, ["austen"])
+
+
 def _run(*argv: str) -> None:
     parser = argparse.ArgumentParser()
     add_eval_commands(parser.add_subparsers(dest="command", required=True))
@@ -170,6 +193,11 @@ def test_eval_commands_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     # An untrained adapter leaves the model unchanged, and every length scores the same tokens.
     assert short["methods"]["sharedllm"]["ppl"] == pytest.approx(short["methods"]["window"]["ppl"], rel=1e-5)
     assert short["methods"]["window"]["ppl"] == pytest.approx(long["methods"]["window"]["ppl"], rel=1e-5)
+    # The gap closed exists only where full attention does, overall and per document (one here).
+    assert short["gap_closed"] is None or short["gap_closed"] == pytest.approx(0, abs=1e-4)
+    assert long["gap_closed"] is None
+    (name,) = report["protocol"]["documents"]
+    assert list(short["per_document"]) == [name] and short["per_document"][name]["methods"] == short["methods"]
     assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "=trunc" in table and "n/a" in table and "untrained" in table

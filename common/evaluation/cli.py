@@ -10,6 +10,7 @@ from typing import Any
 from common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
 from common.config import TreeConfig
 from common.data.cli import default_data_dir
+from common.data.corpora import CORPORA
 from common.data.synthetic import Filler
 from common.engine.engine import Engine
 from common.errors import InvalidInput
@@ -74,6 +75,13 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scored-tokens", type=int, default=256, help="W, tokens scored per window")
     p.add_argument(
         "--decoder-tokens", type=int, default=256, help="context tokens the decoder reads before the scored ones"
+    )
+    p.add_argument(
+        "--corpora",
+        nargs="+",
+        choices=CORPORA,
+        default=list(CORPORA),
+        help="whose held-out document to score (those fetched of these)",
     )
     p.set_defaults(handler=run_ppl)
 
@@ -140,7 +148,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         tuple(args.lengths), args.windows, args.scored_tokens, args.decoder_tokens, tuple(args.methods)
     )
     settings.validate(engine.window)
-    documents = heldout_documents(args.data_dir, engine.tokenizer)
+    documents = heldout_documents(args.data_dir, engine.tokenizer, args.corpora)
     report = ppl.evaluate_perplexity(engine, documents, settings, streaming)
     _finish(report, ppl.format_table(report), setup, args)
     if args.plot:

@@ -1,25 +1,41 @@
-"""The held-out long documents every evaluation reads: *Persuasion* and the held-out Bible books.
+"""The held-out long documents every evaluation reads, one per corpus.
 
-The Bible's held-out books (Ruth, 1-2 Samuel, 1-2 Kings) are one contiguous narrative but
-none alone reaches the longest lengths measured (1 Samuel is about 33K tokens), so they are
-always joined, in canonical order, into one document of about 130K tokens.
+- books: *Persuasion*;
+- long plain text: the held-out Bible books (Ruth, 1-2 Samuel, 1-2 Kings), one contiguous
+  narrative of which no single book reaches the longest lengths measured (1 Samuel is about
+  33K tokens), so they are joined in canonical order into one document of about 130K tokens;
+- code and technical prose: the held-out standard-library modules and documentation pages,
+  each a few thousand tokens, joined in name order (so a package's modules sit together) into
+  one document per corpus: the long input a user has when asking about a code base or a manual.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from common.data.corpora import HELDOUT_AUSTEN, HELDOUT_BIBLE, find_entry, load_text, read_manifest
+from common.data.corpora import CORPORA, HELDOUT_AUSTEN, HELDOUT_BIBLE, find_entry, load_text, read_manifest
 from common.data.shards import load_shards
 from common.errors import InvalidInput
 
-# (reported name, corpus, member documents in reading order)
-HELDOUT_DOCUMENTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("persuasion", "austen", tuple(sorted(HELDOUT_AUSTEN))),
-    ("bible:" + "+".join(HELDOUT_BIBLE), "bible", HELDOUT_BIBLE),
+
+@dataclass(frozen=True)
+class HeldoutSource:
+    """How one evaluation document is made from a corpus's held-out split."""
+
+    name: str  # as reported
+    corpus: str
+    members: tuple[str, ...] | None  # in reading order; None: every held-out document, by name
+
+
+HELDOUT_SOURCES: tuple[HeldoutSource, ...] = (
+    HeldoutSource("persuasion", "austen", tuple(sorted(HELDOUT_AUSTEN))),
+    HeldoutSource("bible:" + "+".join(HELDOUT_BIBLE), "bible", HELDOUT_BIBLE),
+    HeldoutSource("stdlib:held-out modules", "stdlib", None),
+    HeldoutSource("pydocs:held-out pages", "pydocs", None),
 )
 
 
@@ -29,28 +45,33 @@ class HeldoutDocument:
     tokens: np.ndarray
 
 
-def _available(data_dir: str | os.PathLike[str]) -> list[tuple[str, str, tuple[str, ...]]]:
-    corpora = {e.corpus for e in read_manifest(data_dir) if e.split == "heldout"}
-    found = [d for d in HELDOUT_DOCUMENTS if d[1] in corpora]
+def _available(data_dir: str | os.PathLike[str], corpora: Sequence[str] = CORPORA) -> list[HeldoutSource]:
+    fetched = {e.corpus for e in read_manifest(data_dir) if e.split == "heldout"}
+    found = [s for s in HELDOUT_SOURCES if s.corpus in fetched and s.corpus in corpora]
     if not found:
         raise InvalidInput(
-            f"{data_dir} holds neither Persuasion nor the held-out Bible books; "
-            "run `sharedllm data fetch --corpus austen --corpus bible` first"
+            f"{data_dir} holds none of the held-out documents of {', '.join(corpora)}; "
+            f"run `sharedllm data fetch {' '.join('--corpus ' + c for c in corpora)}` first"
         )
     return found
 
 
-def heldout_documents(data_dir: str | os.PathLike[str], tokenizer) -> list[HeldoutDocument]:
-    """Token ids of each held-out document present in `data_dir` (only their corpora are tokenized)."""
-    found = _available(data_dir)
-    shards = load_shards(data_dir, "heldout", tokenizer, sorted({corpus for _, corpus, _ in found}))
-    return [
-        HeldoutDocument(name, np.concatenate([shards.tokens(shards.document(m, corpus)) for m in members]))
-        for name, corpus, members in found
-    ]
+def heldout_documents(
+    data_dir: str | os.PathLike[str], tokenizer, corpora: Sequence[str] = CORPORA
+) -> list[HeldoutDocument]:
+    """Token ids of the held-out document of each of `corpora` fetched into `data_dir`."""
+    found = _available(data_dir, corpora)
+    shards = load_shards(data_dir, "heldout", tokenizer, sorted({s.corpus for s in found}))
+    documents = []
+    for source in found:
+        members = source.members or sorted(d.name for d in shards.documents if d.corpus == source.corpus)
+        parts = [shards.tokens(shards.document(m, source.corpus)) for m in members]
+        documents.append(HeldoutDocument(source.name, np.concatenate(parts)))
+    return documents
 
 
 def heldout_book_text(data_dir: str | os.PathLike[str]) -> tuple[str, str]:
-    """(name, text) of the first held-out document present: the haystack of the natural-text needle."""
-    name, corpus, members = _available(data_dir)[0]
-    return name, "\n".join(load_text(data_dir, find_entry(data_dir, m, corpus)) for m in members)
+    """(name, text) of the first held-out narrative present: the haystack of the natural-text needle."""
+    source = _available(data_dir, ("austen", "bible"))[0]
+    assert source.members is not None  # the narratives name their members
+    return source.name, "\n".join(load_text(data_dir, find_entry(data_dir, m, source.corpus)) for m in source.members)

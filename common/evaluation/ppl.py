@@ -39,6 +39,10 @@ from common.training.trainer import example_loss
 
 DEFAULT_LENGTHS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
 FULL_NOT_FITTING = "context + scored tokens exceed the base window"
+GAP_CLOSED = (
+    "(window - sharedllm) / (window - full) in mean NLL: the share of what the whole context in the base "
+    "window gains over the decoder segment alone that SharedLLM recovers, where the context fits"
+)
 # full overlaps truncation wherever it exists, and an untrained sharedllm overlaps window: keep both visible.
 _STYLES: dict[str, dict[str, Any]] = {
     "full": {"linestyle": "--", "marker": "s", "markersize": 9, "fillstyle": "none"},
@@ -142,8 +146,8 @@ def evaluate_perplexity(
         (doc, *window_starts(len(doc.tokens), settings.lengths, settings.scored, settings.windows)) for doc in documents
     ]
     bar = tqdm(total=sum(len(u) * len(s) for _, u, s in plan), desc="ppl windows", file=sys.stderr)
-    totals: dict[int, dict[str, list[float]]] = {length: {} for length in settings.lengths}
-    docs: dict[int, set[str]] = {length: set() for length in settings.lengths}
+    # (length, document or None for all of them, method) -> [summed NLL, scored tokens, seconds]
+    totals: dict[tuple[int, str | None, str], list[float]] = {}
     windows: list[dict[str, Any]] = []
     for doc, usable, starts in plan:
         for start in starts:
@@ -152,37 +156,28 @@ def evaluate_perplexity(
                 context = doc.tokens[start - length : start].tolist()
                 nll, seconds = window_nll(engine, streaming, context, scored, settings)
                 for method, value in nll.items():
-                    acc = totals[length].setdefault(method, [0.0, 0, 0.0])
-                    acc[0] += value
-                    acc[1] += len(scored)
-                    acc[2] += seconds[method]
-                docs[length].add(doc.name)
+                    for key in ((length, None, method), (length, doc.name, method)):
+                        acc = totals.setdefault(key, [0.0, 0, 0.0])
+                        acc[0] += value
+                        acc[1] += len(scored)
+                        acc[2] += seconds[method]
                 windows.append({"document": doc.name, "start": start, "length": length, "nll": nll})
                 bar.update(1)
     bar.close()
     rows = []
     for length in settings.lengths:
-        methods: dict[str, dict[str, Any]] = {}
-        for method in (m for m in METHODS if m in settings.methods):
-            if method in totals[length]:
-                total, tokens, seconds = totals[length][method]
-                methods[method] = {
-                    "ppl": math.exp(total / tokens),
-                    "mean_nll": total / tokens,
-                    "tokens": tokens,
-                    "seconds": seconds,
-                }
-            elif method == "full" and docs[length]:
-                methods[method] = {"ppl": None, "note": FULL_NOT_FITTING}
-        if "full" in methods and methods["full"]["ppl"] is not None and "truncation" in methods:
-            methods["full"] = {"same_as": "truncation", **methods["truncation"]}
+        names = sorted({w["document"] for w in windows if w["length"] == length})
         n_windows = sum(1 for w in windows if w["length"] == length)
-        rows.append({"length": length, "documents": len(docs[length]), "windows": n_windows, "methods": methods})
+        row = {"length": length, "documents": len(names), "windows": n_windows}
+        row.update(_summary(totals, length, None, settings.methods, bool(names)))
+        row["per_document"] = {name: _summary(totals, length, name, settings.methods, True) for name in names}
+        rows.append(row)
     return {
         "protocol": {
             **dataclasses.asdict(settings),
             "window": engine.window,
             "perplexity": "exp of the mean next-token NLL over all scored tokens of a length",
+            "gap_closed": GAP_CLOSED,
             "documents": {doc.name: len(doc.tokens) for doc in documents},
         },
         "lengths": rows,
@@ -190,30 +185,84 @@ def evaluate_perplexity(
     }
 
 
+def _summary(
+    totals: dict[tuple[int, str | None, str], list[float]],
+    length: int,
+    document: str | None,
+    asked: Sequence[str],
+    measured: bool,
+) -> dict[str, Any]:
+    """Perplexity per method and the gap closed, for one length over one document or all of them."""
+    methods: dict[str, dict[str, Any]] = {}
+    for method in (m for m in METHODS if m in asked):
+        if (length, document, method) in totals:
+            total, tokens, seconds = totals[length, document, method]
+            methods[method] = {
+                "ppl": math.exp(total / tokens),
+                "mean_nll": total / tokens,
+                "tokens": tokens,
+                "seconds": seconds,
+            }
+        elif method == "full" and measured:
+            methods[method] = {"ppl": None, "note": FULL_NOT_FITTING}
+    if "full" in methods and methods["full"]["ppl"] is not None and "truncation" in methods:
+        methods["full"] = {"same_as": "truncation", **methods["truncation"]}
+    return {"methods": methods, "gap_closed": gap_closed(methods)}
+
+
+def gap_closed(methods: dict[str, dict[str, Any]]) -> float | None:
+    """The issue's in-window measure (see GAP_CLOSED); None where a term is missing or there is no gap."""
+    try:
+        window, shared, full = (methods[m]["mean_nll"] for m in ("window", "sharedllm", "full"))
+    except KeyError:
+        return None
+    return (window - shared) / (window - full) if window > full else None
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "-"
+    if "same_as" in entry:
+        return "=" + entry["same_as"][:5]
+    return "n/a" if entry["ppl"] is None else f"{entry['ppl']:.3f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """Mean perplexity per length and method, with the number of documents and windows."""
+    """Mean perplexity per length and method with the gap closed; then SharedLLM per document."""
     methods = [m for m in METHODS if m in report["protocol"]["methods"]]
-    lines = [f"{'length':>7} {'docs':>5} {'windows':>8} " + " ".join(f"{m:>11}" for m in methods)]
+    lines = [f"{'length':>7} {'docs':>5} {'windows':>8} " + " ".join(f"{m:>11}" for m in methods) + "  gap closed"]
     for row in report["lengths"]:
-        cells = []
-        for method in methods:
-            entry = row["methods"].get(method)
-            if entry is None:
-                cells.append("-")
-            elif "same_as" in entry:
-                cells.append("=" + entry["same_as"][:5])
-            elif entry["ppl"] is None:
-                cells.append("n/a")
-            else:
-                cells.append(f"{entry['ppl']:.3f}")
+        cells = " ".join(f"{_cell(row['methods'].get(m)):>11}" for m in methods)
         lines.append(
-            f"{row['length']:>7} {row['documents']:>5} {row['windows']:>8} " + " ".join(f"{c:>11}" for c in cells)
+            f"{row['length']:>7} {row['documents']:>5} {row['windows']:>8} {cells}  {_percent(row['gap_closed']):>10}"
         )
     if "full" in methods:
         lines.append(
             "full: the whole context in the base window; where it fits it is the same run as truncation "
             f"(=trunc), elsewhere n/a ({FULL_NOT_FITTING})."
         )
+    if any(row["gap_closed"] is not None for row in report["lengths"]):
+        lines.append(f"gap closed: {GAP_CLOSED}.")
+    documents = list(report["protocol"]["documents"])
+    if "sharedllm" in methods and len(documents) > 1:
+        width = max(len(d) for d in documents)
+        lines.append("")
+        lines.append("sharedllm perplexity per document (gap closed where full attention fits):")
+        lines.append(f"{'document':<{width}} " + " ".join(f"{row['length']:>16}" for row in report["lengths"]))
+        for name in documents:
+            cells = []
+            for row in report["lengths"]:
+                entry = row["per_document"].get(name)
+                if entry is None or "sharedllm" not in entry["methods"]:
+                    cells.append("-")
+                    continue
+                gap = "" if entry["gap_closed"] is None else f" ({_percent(entry['gap_closed'])})"
+                cells.append(f"{entry['methods']['sharedllm']['ppl']:.3f}{gap}")
+            lines.append(f"{name:<{width}} " + " ".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
 
 
