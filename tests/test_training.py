@@ -85,6 +85,16 @@ def test_only_the_adapter_learns_and_loss_falls(tiny_model_dir):
     assert any(block.o_proj.weight.abs().sum() > 0 for block in engine.adapter.blocks)
 
 
+def test_a_time_budget_anneals_the_schedule_by_the_deadline(tiny_model_dir):
+    engine = Engine.load(str(tiny_model_dir), tree_config=TreeConfig(n_layers=2, chunk_size=64), device="cpu")
+    settings = TrainSettings(steps=1000, lr=1e-3, warmup=0, min_lr_ratio=0.1, max_minutes=1.0)
+    trainer = Trainer(engine, settings, Path("/nonexistent-unused"), (None, None), [], {})
+    assert trainer.lr_at(0, elapsed_s=0) == pytest.approx(1e-3)
+    assert trainer.lr_at(0, elapsed_s=30) == pytest.approx(trainer.lr_at(500))  # half the time = half the steps
+    assert trainer.lr_at(10, elapsed_s=60) == pytest.approx(1e-4)  # the deadline: fully annealed
+    assert trainer.lr_at(1000, elapsed_s=1) == pytest.approx(1e-4)  # the steps ran out first
+
+
 def small_run(model_dir: Path, data_dir: Path, run_dir: Path) -> list[str]:
     """Arguments of a tiny training run on the Bible corpus."""
     return [
@@ -116,6 +126,33 @@ def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
     engine = Engine.load(str(tiny_model_dir), adapter=run / "adapter.safetensors", device="cpu")
     assert engine.trained and engine.adapter.config.chunk_size == 64
 
+    # Fine-tuning from that adapter under a wall-clock budget that one step already spends.
+    tuned = tmp_path / "tuned"
+    tuned_args = [*small_run(tiny_model_dir, bible_data, tuned), "--init-adapter", str(run / "adapter.safetensors")]
+    run_train(*tuned_args, "--steps", "50", "--max-minutes", "0.0001")
+    provenance = json.loads((tuned / "adapter.safetensors.json").read_text())["provenance"]
+    assert provenance["initialised_from"] == engine.adapter.fingerprint()
+    assert provenance["steps"] == 1 and provenance["stopped_by_time_budget"]
+    events = [json.loads(line).get("event") for line in (tuned / "log.jsonl").read_text().splitlines()]
+    assert events[-1] == "time budget spent"
+    mismatch = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "train",
+            *tuned_args,
+            "--pool-size",
+            "8",
+            "--run-dir",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert mismatch.returncode == 2 and "pass matching flags" in mismatch.stderr
+
 
 def test_two_processes_train_one_adapter(tiny_model_dir, bible_data, tmp_path):
     run = tmp_path / "ddp"
@@ -129,3 +166,15 @@ def test_two_processes_train_one_adapter(tiny_model_dir, bible_data, tmp_path):
     )
     sidecar = json.loads((run / "adapter.safetensors.json").read_text())
     assert sidecar["provenance"]["world_size"] == 2 and sidecar["provenance"]["steps"] == 2
+    # A spent time budget stops both ranks at the same step (a rank left alone would hang in its all-reduce).
+    run_train(
+        *small_run(tiny_model_dir, bible_data, run),
+        "--steps",
+        "9",
+        "--max-minutes",
+        "0.0001",
+        launcher=launcher,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    sidecar = json.loads((run / "adapter.safetensors.json").read_text())
+    assert sidecar["provenance"]["steps"] == 3 and sidecar["provenance"]["stopped_by_time_budget"]

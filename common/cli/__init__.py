@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from common.errors import SharedLLMError
 
@@ -40,14 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, build: Callable[[], argparse.ArgumentParser] = build_parser) -> int:
+    """Parse and run one command; `build` gives the parser (a narrower one needs fewer packages)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars are noise on a user's terminal
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except SharedLLMError as exc:

@@ -45,6 +45,17 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device")
     p.add_argument("--out", type=Path, help="also write the final adapter here")
+    p.add_argument(
+        "--init-adapter",
+        type=Path,
+        help="start from this trained adapter's weights (its tree config must match the tree flags), "
+        "with a fresh optimizer; a checkpoint in --run-dir still takes precedence",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="wall-clock budget: stop when it is spent, checkpoint and export what was learned",
+    )
     add_tree_arguments(p, TreeConfig(chunk_size=512, pool_size=16))
     p.add_argument("--context-chunks", type=int, default=4, help="chunks compressed per training example")
     p.add_argument("--decoder-tokens", type=int, default=256)
@@ -65,6 +76,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     if not (0 <= args.synthetic_fraction <= 1):
         raise InvalidInput(f"--synthetic-fraction must be in [0, 1], got {args.synthetic_fraction}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise InvalidInput(f"--max-minutes must be positive, got {args.max_minutes}")
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -72,7 +85,15 @@ def run_train(args: argparse.Namespace) -> int:
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     config = tree_config(args)
-    engine = Engine.load(args.model, None, device, tree_config=config)
+    if args.init_adapter is None:
+        engine = Engine.load(args.model, None, device, tree_config=config)
+    else:
+        engine = Engine.load(args.model, args.init_adapter, device)  # checks the adapter's base model
+        if engine.adapter.config != config:
+            raise InvalidInput(
+                f"{args.init_adapter} has tree config {engine.adapter.config.to_dict()}, the tree flags ask for "
+                f"{config.to_dict()}; pass matching flags"
+            )
     read_manifest(args.data_dir)  # a clear error when `sharedllm data fetch` has not run
     context_tokens = args.context_chunks * config.chunk_size
     span = context_tokens + args.decoder_tokens
@@ -107,6 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        max_minutes=args.max_minutes,
     )
     provenance = {
         "corpora": corpora,
@@ -116,6 +138,8 @@ def run_train(args: argparse.Namespace) -> int:
         "device": str(engine.body.device),
         "dtype": str(engine.body.dtype),
     }
+    if args.init_adapter is not None:
+        provenance["initialised_from"] = engine.adapter.fingerprint()
     trainer = Trainer(engine, settings, args.run_dir, (lm, synthetic), eval_set, provenance)
     final = trainer.train()
     command = "sharedllm " + shlex.join(sys.argv[1:])

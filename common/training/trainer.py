@@ -45,6 +45,7 @@ class TrainSettings:
     eval_every: int = 100
     checkpoint_every: int = 50
     seed: int = 0
+    max_minutes: float | None = None  # a wall-clock budget: stop early, checkpoint, export what was learned
 
 
 def example_loss(
@@ -107,6 +108,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.95))
         self.step = 0
         self.baselines: dict[str, float] = {}
+        self.stopped_by_budget = False
 
     def precision(self) -> contextlib.AbstractContextManager:
         body = self.engine.body
@@ -114,11 +116,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(body.device.type, dtype=body.dtype)
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, elapsed_s: float = 0.0) -> float:
+        """Linear warm-up, then cosine to min_lr_ratio; under a time budget the cosine follows
+        whichever of steps and time is further along, so a run the budget stops has annealed."""
         s = self.settings
         if step < s.warmup:
             return s.lr * (step + 1) / s.warmup
         progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+        if s.max_minutes is not None:
+            progress = max(progress, elapsed_s / (60 * s.max_minutes))
         return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -193,6 +199,16 @@ class Trainer:
             p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
+    def shared_elapsed(self, started: float) -> float:
+        """Seconds since `started` by rank 0's clock, so every rank takes the same learning rate
+        and stops at the same step under a time budget (only a budget makes time matter)."""
+        elapsed = time.perf_counter() - started
+        if self.settings.max_minutes is None or self.world == 1:
+            return elapsed
+        value = torch.tensor([elapsed], dtype=torch.float64, device=self.engine.body.device)
+        dist.broadcast(value, src=0)  # on the gradients' device, which the backend serves
+        return float(value.item())
+
     # ---- the loop --------------------------------------------------------------------
 
     def train(self) -> dict:
@@ -208,9 +224,16 @@ class Trainer:
         bar = tqdm(total=s.steps, initial=self.step, desc="train", disable=self.rank != 0, file=sys.stderr)
         started = time.perf_counter()
         last_eval: dict[str, float] = {}
+        first_step = self.step
         while self.step < s.steps:
+            elapsed = self.shared_elapsed(started)
+            if s.max_minutes is not None and self.step > first_step and elapsed >= 60 * s.max_minutes:
+                self.stopped_by_budget = True
+                self.log({"event": "time budget spent", "step": self.step, "max_minutes": s.max_minutes})
+                break
+            lr = self.lr_at(self.step, elapsed)
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(self.step)
+                group["lr"] = lr
             total_loss, total_tokens = 0.0, 0
             for _ in range(s.accumulate):
                 use_synthetic = synthetic is not None and rng.random() < s.synthetic_fraction
@@ -230,7 +253,7 @@ class Trainer:
             record = {
                 "step": self.step,
                 "loss": total_loss / max(total_tokens, 1),
-                "lr": self.lr_at(self.step - 1),
+                "lr": lr,
                 "grad_norm": grad_norm,
                 "elapsed_s": time.perf_counter() - started,
             }
@@ -256,6 +279,7 @@ class Trainer:
             **self.provenance,
             "trained": True,
             "steps": self.step,
+            "stopped_by_time_budget": self.stopped_by_budget,
             "settings": asdict(self.settings),
             "heldout_eval": final_eval,
             "command": command,

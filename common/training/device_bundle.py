@@ -1,0 +1,149 @@
+"""Carry a training job to an accelerator machine that has no network, a part at a time.
+
+The machines lent for GPU work (see DEVELOPERS.md) receive a copy of the repository and at
+most 64 MiB in all per call, and cannot download anything. Training the default adapter there
+needs the base model (the 98 MB GGUF), the tokenized corpora and the `gguf` wheel (to convert
+the model), so `pack` writes them as one gzipped tar cut into parts that each fit beside the
+repository, with a manifest of SHA-256 digests. Each call carries one part; `stage` (run there)
+checks what arrived against the manifest and keeps it outside the repository copy, so it
+survives between calls while the machine stays warm; the call that completes the set unpacks
+the bundle and trains. Nothing here needs an accelerator: the tests run it on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import InvalidInput
+
+MANIFEST = "bundle.json"
+FORMAT = "sharedllm-device-bundle/1"
+_CHUNK = 1 << 20
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _data_members(data_dir: Path) -> list[Path]:
+    """The manifest, the token shards and the texts (the fallback when the tokenizer's serialisation
+    differs there and the shards must be rebuilt); not the scratch files of an interrupted build."""
+    if not (data_dir / "manifest.json").is_file():
+        raise InvalidInput(f"{data_dir} holds no fetched corpora; run `sharedllm data fetch` first")
+    members = [data_dir / "manifest.json"]
+    for sub in ("shards", "texts"):
+        members += sorted(p for p in (data_dir / sub).rglob("*") if p.is_file() and ".tmp" not in p.name)
+    return members
+
+
+def pack(model: Path, data_dir: Path, out: Path, part_mib: float, wheels: list[Path]) -> dict:
+    """Write out/part-NN and out/bundle.json; returns the manifest."""
+    if part_mib <= 0:
+        raise InvalidInput(f"--part-mib must be positive, got {part_mib}")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("part-*"):
+        stale.unlink()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+        arcname = "model.gguf" if model.is_file() else "model"
+        tar.add(model, arcname=arcname)
+        for path in _data_members(data_dir):
+            tar.add(path, arcname=str(Path("data") / path.relative_to(data_dir)))
+        for wheel in wheels:
+            tar.add(wheel, arcname=f"wheels/{wheel.name}")
+    blob = buffer.getvalue()
+    size = int(part_mib * (1 << 20))
+    parts = []
+    for index, start in enumerate(range(0, len(blob), size)):
+        name = f"part-{index:02d}"
+        piece = blob[start : start + size]
+        (out / name).write_bytes(piece)
+        parts.append({"name": name, "bytes": len(piece), "sha256": hashlib.sha256(piece).hexdigest()})
+    manifest = {
+        "format": FORMAT,
+        "model": arcname,
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "parts": parts,
+        "wheels": [w.name for w in wheels],
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What `stage` found: the parts held so far and those still to carry."""
+
+    manifest: dict
+    missing: list[str]
+    root: Path  # the unpacked bundle once nothing is missing
+
+
+def stage(carried: Path, stage_dir: Path) -> Staged:
+    """Keep the parts carried in this call that match the manifest; unpack once all are held.
+
+    A part whose digest does not match is refused (a broken transfer), never kept; a bundle
+    packed anew (another digest) starts the staging area afresh.
+    """
+    manifest = json.loads((carried / MANIFEST).read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise InvalidInput(f"{carried / MANIFEST} is not a {FORMAT} manifest")
+    held = stage_dir / manifest["sha256"][:16]
+    held.mkdir(parents=True, exist_ok=True)
+    for part in manifest["parts"]:
+        source, target = carried / part["name"], held / part["name"]
+        if source.is_file() and not target.is_file():
+            if _sha256(source) != part["sha256"]:
+                raise InvalidInput(f"{source} does not match the manifest (a broken transfer); pack or carry it again")
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(source.read_bytes())
+            os.replace(tmp, target)
+    missing = [p["name"] for p in manifest["parts"] if not (held / p["name"]).is_file()]
+    root = held / "bundle"
+    if not missing and not (root / ".complete").is_file():
+        blob = b"".join((held / p["name"]).read_bytes() for p in manifest["parts"])
+        if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+            raise InvalidInput("the staged parts do not add up to the packed bundle; pack again")
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+            tar.extractall(root, filter="data")
+        (root / ".complete").touch()
+    return Staged(manifest, missing, root)
+
+
+def install_wheels(root: Path) -> Path | None:
+    """Install the bundle's wheels into root/site (no index, no dependencies); returns that path."""
+    wheels = sorted((root / "wheels").glob("*.whl"))
+    if not wheels:
+        return None
+    site = root / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--target",
+            str(site),
+            *map(str, wheels),
+        ],
+        check=True,
+    )
+    return site
