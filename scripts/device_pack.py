@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.errors import SharedLLMError
 from common.model_loading import default_gguf_path
 from common.training.device_bundle import MANIFEST, pack
 
@@ -26,7 +27,10 @@ WHEELS = ("gguf",)
 
 def download_wheels(directory: Path) -> list[Path]:
     """This environment's versions of WHEELS, as wheels (pure Python: any platform)."""
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
+    try:
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise SystemExit(f"device_pack: error: {exc.name} is not installed here; run `make setup` first") from exc
     subprocess.run(
         [
             sys.executable,
@@ -53,9 +57,14 @@ def main() -> int:
     parser.add_argument("--part-mib", type=float, default=44, help="the repository travels beside each part")
     parser.add_argument("--no-wheels", action="store_true", help="the machine already has " + ", ".join(WHEELS))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        wheels = [] if args.no_wheels else download_wheels(Path(scratch))
-        manifest = pack(args.model or default_gguf_path(), args.data_dir, args.out, args.part_mib, wheels)
+    try:
+        model = args.model or default_gguf_path()
+        with tempfile.TemporaryDirectory() as scratch:
+            wheels = [] if args.no_wheels else download_wheels(Path(scratch))
+            manifest = pack(model, args.data_dir, args.out, args.part_mib, wheels)
+    except SharedLLMError as exc:
+        print(f"device_pack: error: {exc}", file=sys.stderr)
+        return 2
     print(f"packed {manifest['bytes'] / (1 << 20):.1f} MiB in {len(manifest['parts'])} parts under {args.out}/")
     print("one device call per part, each within 30 s of the last (the machine must stay warm):")
     for part in manifest["parts"]:

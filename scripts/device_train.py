@@ -19,7 +19,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.errors import SharedLLMError  # noqa: E402
 from common.training.device_bundle import install_wheels, stage  # noqa: E402
+
+# Where the model, data and outputs are is this script's business: the bundle's, and $OUT.
+RESERVED = ("--model", "--data-dir", "--run-dir", "--out")
 
 
 def main() -> int:
@@ -32,11 +36,21 @@ def main() -> int:
     args = parser.parse_args()
     if args.out is None:
         parser.error("--out is required where $OUT is unset")
-    staged = stage(args.bundle_dir, args.stage)
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    reserved = [a for a in train_args if a.split("=")[0] in RESERVED]
+    if reserved:
+        parser.error(f"the bundle sets {', '.join(RESERVED)}; drop {' '.join(reserved)} from TRAIN-ARGS")
+    try:
+        staged = stage(args.bundle_dir, args.stage)
+    except SharedLLMError as exc:
+        print(f"device_train: error: {exc}", file=sys.stderr)
+        return 2
+    if staged.refused:
+        print(f"refused (damaged, or of another packing; carry again): {' '.join(staged.refused)}", file=sys.stderr)
     if staged.missing:
         held = len(staged.manifest["parts"]) - len(staged.missing)
         print(f"staged {held} of {len(staged.manifest['parts'])} parts; still to carry: {' '.join(staged.missing)}")
-        return 0
+        return 2 if staged.refused else 0
     root = staged.root
     site = install_wheels(root)
     env = {
@@ -45,8 +59,7 @@ def main() -> int:
         "SHAREDLLM_CACHE_DIR": str(args.stage / "cache"),
         "HF_HUB_OFFLINE": "1",
     }
-    run_dir = args.stage / "run"
-    train_args = [a for a in args.train_args if a != "--"]
+    run_dir = args.stage / "run"  # kept while the machine is warm: a rerun resumes its checkpoint
     command = [
         sys.executable,
         "-m",

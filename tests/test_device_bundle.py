@@ -83,18 +83,41 @@ def test_parts_staged_over_several_calls_train_on_the_last(packed, tiny_model_di
     assert engine.trained  # trained against the same base model: the fingerprints agree
 
 
-def test_a_damaged_part_is_refused_and_never_staged(packed, tmp_path):
-    carried = carry(packed, tmp_path / "call", "part-00")
-    with open(carried / "part-00", "r+b") as handle:
+def test_a_damaged_part_is_refused_and_the_good_ones_still_staged(packed, tmp_path):
+    names = [p["name"] for p in json.loads((packed / MANIFEST).read_text())["parts"]]
+    carried = carry(packed, tmp_path / "call", *names[:2])
+    with open(carried / names[0], "r+b") as handle:  # one flipped bit, as a broken transfer leaves it
         handle.seek(100)
         byte = handle.read(1)
         handle.seek(100)
         handle.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(InvalidInput, match="broken transfer"):
-        stage(carried, tmp_path / "stage")
-    assert not any((tmp_path / "stage").rglob("part-00"))
+    staged = stage(carried, tmp_path / "stage")
+    assert staged.refused == [names[0]] and names[0] in staged.missing and names[1] not in staged.missing
+    assert not any((tmp_path / "stage").rglob(names[0]))
+    staged = stage(carry(packed, tmp_path / "again", names[0], *names[2:]), tmp_path / "stage")
+    assert staged.missing == [] and staged.refused == [] and (staged.root / "data" / "manifest.json").is_file()
 
 
-def test_a_call_without_the_manifest_or_data_says_what_is_missing(tmp_path, tiny_model_dir):
+def test_packing_the_same_files_again_gives_the_same_parts(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    fetch(data, corpora=("bible",))
+    first = pack(tiny_model_dir, data, tmp_path / "one", part_mib=4, wheels=[])
+    assert pack(tiny_model_dir, data, tmp_path / "two", part_mib=4, wheels=[]) == first  # staged parts stay valid
+
+
+def test_bad_calls_say_what_is_wrong(packed, tiny_model_dir, tmp_path):
     with pytest.raises(InvalidInput, match="sharedllm data fetch"):
         pack(tiny_model_dir, tmp_path / "no-data", tmp_path / "out", part_mib=4, wheels=[])
+    with pytest.raises(InvalidInput, match="carry the bundle's manifest"):
+        stage(tmp_path, tmp_path / "stage")
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(InvalidInput, match="not valid JSON"):
+        stage(tmp_path, tmp_path / "stage")
+    script = [sys.executable, str(REPO / "scripts" / "device_train.py"), "--bundle-dir", str(packed)]
+    result = subprocess.run(
+        [*script, "--out", str(tmp_path), "--", "--steps", "1", "--run-dir", "elsewhere"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "drop --run-dir" in result.stderr

@@ -93,6 +93,9 @@ def test_a_time_budget_anneals_the_schedule_by_the_deadline(tiny_model_dir):
     assert trainer.lr_at(0, elapsed_s=30) == pytest.approx(trainer.lr_at(500))  # half the time = half the steps
     assert trainer.lr_at(10, elapsed_s=60) == pytest.approx(1e-4)  # the deadline: fully annealed
     assert trainer.lr_at(1000, elapsed_s=1) == pytest.approx(1e-4)  # the steps ran out first
+    trainer.start_progress = 0.5  # resumed where an earlier budget left the schedule: no warming up again
+    assert trainer.lr_at(10, elapsed_s=0) == pytest.approx(trainer.lr_at(500))
+    assert trainer.lr_at(10, elapsed_s=30) == pytest.approx(trainer.lr_at(750))
 
 
 def small_run(model_dir: Path, data_dir: Path, run_dir: Path) -> list[str]:

@@ -7,6 +7,7 @@
 - code and technical prose: the held-out standard-library modules and documentation pages,
   each a few thousand tokens, joined in name order (so a package's modules sit together) into
   one document per corpus: the long input a user has when asking about a code base or a manual.
+  Source files and pages end with a newline, so their tokens are joined as they are.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from common.errors import InvalidInput
 from common.evaluation.heldout import HeldoutDocument
 from common.evaluation.methods import METHODS, base_window_methods
 from common.training.examples import Example
-from common.training.trainer import example_loss
+from common.training.trainer import example_loss, gap_closed
 
 DEFAULT_LENGTHS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
 FULL_NOT_FITTING = "context + scored tokens exceed the base window"
@@ -207,16 +207,16 @@ def _summary(
             methods[method] = {"ppl": None, "note": FULL_NOT_FITTING}
     if "full" in methods and methods["full"]["ppl"] is not None and "truncation" in methods:
         methods["full"] = {"same_as": "truncation", **methods["truncation"]}
-    return {"methods": methods, "gap_closed": gap_closed(methods)}
+    return {"methods": methods, "gap_closed": _gap_closed(methods)}
 
 
-def gap_closed(methods: dict[str, dict[str, Any]]) -> float | None:
-    """The issue's in-window measure (see GAP_CLOSED); None where a term is missing or there is no gap."""
+def _gap_closed(methods: dict[str, dict[str, Any]]) -> float | None:
+    """GAP_CLOSED where full attention ran (in the window), else None."""
     try:
         window, shared, full = (methods[m]["mean_nll"] for m in ("window", "sharedllm", "full"))
     except KeyError:
         return None
-    return (window - shared) / (window - full) if window > full else None
+    return gap_closed(window, shared, full)
 
 
 def _cell(entry: dict[str, Any] | None) -> str:

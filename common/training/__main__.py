@@ -2,7 +2,7 @@
 
 It needs only what training needs (torch, transformers, numpy, safetensors, tqdm, and gguf
 to convert the default model): no gRPC, Redis or telemetry packages, which an accelerator
-machine without network access may lack (see scripts/device_train.sh).
+machine without network access may lack (see scripts/device_train.py).
 """
 
 import argparse

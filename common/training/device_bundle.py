@@ -1,21 +1,24 @@
 """Carry a training job to an accelerator machine that has no network, a part at a time.
 
-The machines lent for GPU work (see DEVELOPERS.md) receive a copy of the repository and at
-most 64 MiB in all per call, and cannot download anything. Training the default adapter there
+The accelerator machines lent to this project receive a copy of the repository and at most
+64 MiB in all per call, and cannot download anything. Training the default adapter there
 needs the base model (the 98 MB GGUF), the tokenized corpora and the `gguf` wheel (to convert
 the model), so `pack` writes them as one gzipped tar cut into parts that each fit beside the
 repository, with a manifest of SHA-256 digests. Each call carries one part; `stage` (run there)
-checks what arrived against the manifest and keeps it outside the repository copy, so it
-survives between calls while the machine stays warm; the call that completes the set unpacks
-the bundle and trains. Nothing here needs an accelerator: the tests run it on the CPU.
+checks what arrived against the manifest and keeps it in a staging folder that survives between
+calls while the machine stays warm; the call that completes the set unpacks the bundle and
+trains. Packing is deterministic (fixed gzip time stamp), so packing the same inputs again keeps
+the parts already staged valid. Nothing here needs an accelerator: the tests run it on the CPU.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -27,6 +30,7 @@ from common.errors import InvalidInput
 MANIFEST = "bundle.json"
 FORMAT = "sharedllm-device-bundle/1"
 _CHUNK = 1 << 20
+_PART_NAME = re.compile(r"part-\d{2,}")
 
 
 def _sha256(path: Path) -> str:
@@ -52,18 +56,25 @@ def pack(model: Path, data_dir: Path, out: Path, part_mib: float, wheels: list[P
     """Write out/part-NN and out/bundle.json; returns the manifest."""
     if part_mib <= 0:
         raise InvalidInput(f"--part-mib must be positive, got {part_mib}")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("part-*"):
-        stale.unlink()
+    if not (model.is_file() or (model / "config.json").is_file()):
+        raise InvalidInput(f"{model} is neither a model file nor a model directory with config.json")
+    members = _data_members(data_dir)
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
-        arcname = "model.gguf" if model.is_file() else "model"
+    # mtime=0: the same inputs give the same bytes; dereference: a hub cache's files are links.
+    arcname = "model.gguf" if model.is_file() else "model"
+    with (
+        gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=6, mtime=0) as zipped,
+        tarfile.open(fileobj=zipped, mode="w", dereference=True) as tar,
+    ):
         tar.add(model, arcname=arcname)
-        for path in _data_members(data_dir):
+        for path in members:
             tar.add(path, arcname=str(Path("data") / path.relative_to(data_dir)))
         for wheel in wheels:
             tar.add(wheel, arcname=f"wheels/{wheel.name}")
     blob = buffer.getvalue()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (*out.glob("part-*"), out / MANIFEST):
+        stale.unlink(missing_ok=True)
     size = int(part_mib * (1 << 20))
     parts = []
     for index, start in enumerate(range(0, len(blob), size)):
@@ -87,29 +98,46 @@ def pack(model: Path, data_dir: Path, out: Path, part_mib: float, wheels: list[P
 
 @dataclass(frozen=True)
 class Staged:
-    """What `stage` found: the parts held so far and those still to carry."""
+    """What `stage` found: the parts held so far, those still to carry, and those refused."""
 
     manifest: dict
     missing: list[str]
+    refused: list[str]  # carried in this call but not matching the manifest (damaged, or of another packing)
     root: Path  # the unpacked bundle once nothing is missing
+
+
+def _read_manifest(carried: Path) -> dict:
+    path = carried / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"{path} is missing: carry the bundle's manifest with every part") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{path} is not valid JSON ({exc}); carry it again") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InvalidInput(f"{path} is not a {FORMAT} manifest")
+    names = [part.get("name", "") for part in manifest.get("parts", [])]
+    if not names or not all(_PART_NAME.fullmatch(name) for name in names):
+        raise InvalidInput(f"{path} lists no parts, or parts not named part-NN: {names}")
+    return manifest
 
 
 def stage(carried: Path, stage_dir: Path) -> Staged:
     """Keep the parts carried in this call that match the manifest; unpack once all are held.
 
-    A part whose digest does not match is refused (a broken transfer), never kept; a bundle
-    packed anew (another digest) starts the staging area afresh.
+    A part whose digest does not match (a broken transfer, or a leftover of another packing) is
+    refused and reported, never kept; the parts that do match are staged all the same.
     """
-    manifest = json.loads((carried / MANIFEST).read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise InvalidInput(f"{carried / MANIFEST} is not a {FORMAT} manifest")
+    manifest = _read_manifest(carried)
     held = stage_dir / manifest["sha256"][:16]
     held.mkdir(parents=True, exist_ok=True)
+    refused = []
     for part in manifest["parts"]:
         source, target = carried / part["name"], held / part["name"]
         if source.is_file() and not target.is_file():
             if _sha256(source) != part["sha256"]:
-                raise InvalidInput(f"{source} does not match the manifest (a broken transfer); pack or carry it again")
+                refused.append(part["name"])
+                continue
             tmp = target.with_suffix(".tmp")
             tmp.write_bytes(source.read_bytes())
             os.replace(tmp, target)
@@ -118,11 +146,13 @@ def stage(carried: Path, stage_dir: Path) -> Staged:
     if not missing and not (root / ".complete").is_file():
         blob = b"".join((held / p["name"]).read_bytes() for p in manifest["parts"])
         if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
-            raise InvalidInput("the staged parts do not add up to the packed bundle; pack again")
+            raise InvalidInput("the staged parts do not add up to the manifest's bundle; carry the manifest again")
+        if not hasattr(tarfile, "data_filter"):
+            raise InvalidInput("unpacking needs Python >= 3.11.4 (tarfile's data filter)")
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
             tar.extractall(root, filter="data")
         (root / ".complete").touch()
-    return Staged(manifest, missing, root)
+    return Staged(manifest, missing, refused, root)
 
 
 def install_wheels(root: Path) -> Path | None:

@@ -48,6 +48,13 @@ class TrainSettings:
     max_minutes: float | None = None  # a wall-clock budget: stop early, checkpoint, export what was learned
 
 
+def gap_closed(window_alone: float, sharedllm: float, full_attention: float) -> float | None:
+    """The share of full attention's gain over the decoder segment alone that SharedLLM recovers
+    (in loss); None when there is no gain to recover, so a ratio over nothing is never reported."""
+    gap = window_alone - full_attention
+    return (window_alone - sharedllm) / gap if gap > 0 else None
+
+
 def example_loss(
     engine: Engine,
     example: Example,
@@ -109,6 +116,8 @@ class Trainer:
         self.step = 0
         self.baselines: dict[str, float] = {}
         self.stopped_by_budget = False
+        self.progress = 0.0  # of the cosine schedule, as last applied (kept in checkpoints)
+        self.start_progress = 0.0  # where this invocation's time budget starts annealing from
 
     def precision(self) -> contextlib.AbstractContextManager:
         body = self.engine.body
@@ -116,16 +125,25 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(body.device.type, dtype=body.dtype)
 
+    def schedule_progress(self, step: int, elapsed_s: float) -> float:
+        """How far along the cosine is, in [0, 1]: by steps; under a time budget, by whichever of
+        steps and this invocation's time is further along, the time part annealing from where the
+        schedule stood when it started, so a run the budget stops has annealed and a resumed one
+        never heats up again."""
+        s = self.settings
+        progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+        if s.max_minutes is not None:
+            start = self.start_progress
+            progress = max(progress, start + (1 - start) * elapsed_s / (60 * s.max_minutes))
+        return min(max(progress, 0.0), 1.0)
+
     def lr_at(self, step: int, elapsed_s: float = 0.0) -> float:
-        """Linear warm-up, then cosine to min_lr_ratio; under a time budget the cosine follows
-        whichever of steps and time is further along, so a run the budget stops has annealed."""
+        """Linear warm-up, then cosine to min_lr_ratio (see `schedule_progress`)."""
         s = self.settings
         if step < s.warmup:
             return s.lr * (step + 1) / s.warmup
-        progress = (step - s.warmup) / max(1, s.steps - s.warmup)
-        if s.max_minutes is not None:
-            progress = max(progress, elapsed_s / (60 * s.max_minutes))
-        return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        progress = self.schedule_progress(step, elapsed_s)
+        return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     # ---- checkpoints ---------------------------------------------------------------
 
@@ -140,6 +158,7 @@ class Trainer:
             "adapter": {k: v.detach().cpu() for k, v in self.engine.adapter.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "baselines": self.baselines,
+            "schedule_progress": self.progress,
         }
         tmp = self.run_dir / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -159,6 +178,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.baselines = dict(state.get("baselines", {}))
+        self.progress = float(state.get("schedule_progress", 0.0))
         return True
 
     def log(self, record: dict) -> None:
@@ -184,8 +204,7 @@ class Trainer:
         result = dict(self.baselines)
         if self.heldout:
             result["sharedllm"] = mean_loss(self.engine, self.heldout)
-            gap = result["window_alone"] - result["full_attention"]
-            result["gap_closed"] = (result["window_alone"] - result["sharedllm"]) / gap if gap > 0 else float("nan")
+            result["gap_closed"] = gap_closed(result["window_alone"], result["sharedllm"], result["full_attention"])
         return result
 
     def average_gradients(self) -> None:
@@ -224,7 +243,10 @@ class Trainer:
         bar = tqdm(total=s.steps, initial=self.step, desc="train", disable=self.rank != 0, file=sys.stderr)
         started = time.perf_counter()
         last_eval: dict[str, float] = {}
+        last_eval_step = -1
         first_step = self.step
+        if s.max_minutes is not None:
+            self.start_progress = max(self.progress, self.schedule_progress(self.step, 0.0))
         while self.step < s.steps:
             elapsed = self.shared_elapsed(started)
             if s.max_minutes is not None and self.step > first_step and elapsed >= 60 * s.max_minutes:
@@ -232,6 +254,7 @@ class Trainer:
                 self.log({"event": "time budget spent", "step": self.step, "max_minutes": s.max_minutes})
                 break
             lr = self.lr_at(self.step, elapsed)
+            self.progress = self.schedule_progress(self.step, elapsed)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             total_loss, total_tokens = 0.0, 0
@@ -259,15 +282,15 @@ class Trainer:
             }
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if s.eval_every and (self.step % s.eval_every == 0 or self.step == s.steps) and self.rank == 0:
-                last_eval = self.evaluate()
+                last_eval, last_eval_step = self.evaluate(), self.step
                 record["eval"] = last_eval
             self.log(record)
             if s.checkpoint_every and self.step % s.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
-        if not last_eval and self.rank == 0 and self.heldout:
-            last_eval = self.evaluate()
+        if last_eval_step != self.step and self.rank == 0 and self.heldout:
+            last_eval = self.evaluate()  # the exported weights' own, also after a budget stop
         return last_eval
 
     def export(self, path: Path, command: str, final_eval: dict) -> None:
