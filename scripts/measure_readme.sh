@@ -34,7 +34,8 @@ $BIN/sharedllm eval ppl --lengths 8192 16384 32768 --windows 1 --decoder-tokens 
   --methods sharedllm window truncation streaming \
   --json "$OUT/ppl-beyond-window.json" --plot "$OUT/ppl-beyond-window.png" | tee "$OUT/ppl-beyond-window.txt"
 # The bf16 fast path against fp32 with the same (fp32-trained) adapter.
-$BIN/sharedllm eval ppl --lengths 2048 4096 --windows 8 --methods sharedllm window full truncation \
+#    (--lengths 4096 alone scores the same windows as the fp32 run's 4K row.)
+$BIN/sharedllm eval ppl --lengths 4096 --windows 8 --methods sharedllm window \
   --dtype bfloat16 --json "$OUT/ppl-in-window-bfloat16.json" | tee "$OUT/ppl-in-window-bfloat16.txt"
 $BIN/sharedllm eval needle --tasks passkey --lengths 4096 16384 32768 --depths 0.25 0.75 --per-cell 1 \
   --methods sharedllm truncation streaming --streaming-recent 2044 \
