@@ -26,19 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import InvalidInput
+from common.model_loading import sha256_file
 
 MANIFEST = "bundle.json"
 FORMAT = "sharedllm-device-bundle/1"
-_CHUNK = 1 << 20
 _PART_NAME = re.compile(r"part-\d{2,}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _data_members(data_dir: Path) -> list[Path]:
@@ -135,7 +127,7 @@ def stage(carried: Path, stage_dir: Path) -> Staged:
     for part in manifest["parts"]:
         source, target = carried / part["name"], held / part["name"]
         if source.is_file() and not target.is_file():
-            if _sha256(source) != part["sha256"]:
+            if sha256_file(source) != part["sha256"]:
                 refused.append(part["name"])
                 continue
             tmp = target.with_suffix(".tmp")
