@@ -281,7 +281,7 @@ def _sha256_file(path: Path) -> str | None:
         return None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temporary file and a rename, so an interrupted fetch never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -310,7 +310,7 @@ def fetch(data_dir: str | os.PathLike[str], corpora: Sequence[str] = CORPORA) ->
             if _sha256_file(root / rel) == digest:
                 unchanged += 1
             else:
-                _write_atomic(root / rel, data)
+                write_atomic(root / rel, data)
                 written += 1
             entries.append(
                 ManifestEntry(
@@ -340,7 +340,7 @@ def fetch(data_dir: str | os.PathLike[str], corpora: Sequence[str] = CORPORA) ->
     }
     data = (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
     if _sha256_file(root / MANIFEST_NAME) != hashlib.sha256(data).hexdigest():
-        _write_atomic(root / MANIFEST_NAME, data)
+        write_atomic(root / MANIFEST_NAME, data)
     return FetchReport(entries=all_entries, written=written, unchanged=unchanged, removed=len(stale))
 
 

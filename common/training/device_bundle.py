@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.data.corpora import write_atomic
 from common.errors import InvalidInput
 from common.model_loading import sha256_file
 
@@ -82,9 +82,7 @@ def pack(model: Path, data_dir: Path, out: Path, part_mib: float, wheels: list[P
         "parts": parts,
         "wheels": [w.name for w in wheels],
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
+    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
     return manifest
 
 
@@ -130,9 +128,7 @@ def stage(carried: Path, stage_dir: Path) -> Staged:
             if sha256_file(source) != part["sha256"]:
                 refused.append(part["name"])
                 continue
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(source.read_bytes())
-            os.replace(tmp, target)
+            write_atomic(target, source.read_bytes())
     missing = [p["name"] for p in manifest["parts"] if not (held / p["name"]).is_file()]
     root = held / "bundle"
     if not missing and not (root / ".complete").is_file():
