@@ -138,15 +138,30 @@ def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
     assert provenance["steps"] == 1 and provenance["stopped_by_time_budget"]
     events = [json.loads(line).get("event") for line in (tuned / "log.jsonl").read_text().splitlines()]
     assert events[-1] == "time budget spent"
-    mismatch = subprocess.run(
+
+    # The same weights fine-tuned to read another tree (P=8): retargeted, and the sidecar says from what.
+    retargeted = tmp_path / "retargeted"
+    retarget_args = [
+        *small_run(tiny_model_dir, bible_data, retargeted),
+        "--init-adapter",
+        str(run / "adapter.safetensors"),
+    ]
+    run_train(*retarget_args, "--pool-size", "8", "--steps", "1")
+    sidecar = json.loads((retargeted / "adapter.safetensors.json").read_text())
+    assert sidecar["tree_config"]["pool_size"] == 8
+    assert sidecar["provenance"]["initialised_from"] == engine.adapter.fingerprint()
+    assert sidecar["provenance"]["initialised_from_tree_config"] == engine.adapter.config.to_dict()
+    assert sidecar["adapter_fingerprint"] != engine.adapter.fingerprint()
+
+    other_m = subprocess.run(
         [
             sys.executable,
             "-m",
             "common.cli",
             "train",
-            *tuned_args,
-            "--pool-size",
-            "8",
+            *retarget_args,
+            "--layers",
+            "1",
             "--run-dir",
             str(tmp_path / "x"),
         ],
@@ -154,7 +169,7 @@ def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
         text=True,
         timeout=600,
     )
-    assert mismatch.returncode == 2 and "pass matching flags" in mismatch.stderr
+    assert other_m.returncode == 2 and "the weights fit only the same M" in other_m.stderr
 
 
 def test_two_processes_train_one_adapter(tiny_model_dir, bible_data, tmp_path):

@@ -98,6 +98,19 @@ class InjectionAdapter(nn.Module):
         adapter.requires_grad_(False)
         return adapter
 
+    def retargeted(self, config: TreeConfig) -> InjectionAdapter:
+        """These weights read trees built with `config`: a starting point for fine-tuning.
+
+        The weights depend on M alone (one block per injected layer), so C, D, P, the encoding,
+        the pooling and the positions can change; the result is untrained for `config` and gets
+        a fresh fingerprint, since contexts built for this adapter's config do not fit it.
+        """
+        if config.n_layers != self.config.n_layers:
+            raise ValueError(f"an adapter for M={self.config.n_layers} cannot read trees of M={config.n_layers}")
+        adapter = type(self)(config, list(self.blocks), {"trained": False})
+        adapter.base_fingerprint = self.base_fingerprint
+        return adapter
+
     def fingerprint(self) -> str:
         """Identity of the adapter; contexts record it so a decoder never reads a tree built
         for other injection weights.

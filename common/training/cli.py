@@ -48,8 +48,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--init-adapter",
         type=Path,
-        help="start from this trained adapter's weights (its tree config must match the tree flags), "
-        "with a fresh optimizer; a checkpoint in --run-dir still takes precedence",
+        help="start from this trained adapter's weights with a fresh optimizer (same M; the other tree flags "
+        "may differ, to fine-tune it for another tree); a checkpoint in --run-dir still takes precedence",
     )
     p.add_argument(
         "--max-minutes",
@@ -89,11 +89,14 @@ def run_train(args: argparse.Namespace) -> int:
         engine = Engine.load(args.model, None, device, tree_config=config)
     else:
         engine = Engine.load(args.model, args.init_adapter, device)  # checks the adapter's base model
-        if engine.adapter.config != config:
+        initial = engine.adapter
+        if initial.config.n_layers != config.n_layers:
             raise InvalidInput(
-                f"{args.init_adapter} has tree config {engine.adapter.config.to_dict()}, the tree flags ask for "
-                f"{config.to_dict()}; pass matching flags"
+                f"{args.init_adapter} injects into {initial.config.n_layers} layers, --layers asks for "
+                f"{config.n_layers}; the weights fit only the same M"
             )
+        if initial.config != config:  # the same weights, fine-tuned to read differently built trees
+            engine = Engine(engine.loaded, initial.retargeted(config))
     read_manifest(args.data_dir)  # a clear error when `sharedllm data fetch` has not run
     context_tokens = args.context_chunks * config.chunk_size
     span = context_tokens + args.decoder_tokens
@@ -139,7 +142,9 @@ def run_train(args: argparse.Namespace) -> int:
         "dtype": str(engine.body.dtype),
     }
     if args.init_adapter is not None:
-        provenance["initialised_from"] = engine.adapter.fingerprint()
+        provenance["initialised_from"] = initial.fingerprint()
+        if initial.config != config:
+            provenance["initialised_from_tree_config"] = initial.config.to_dict()
     trainer = Trainer(engine, settings, args.run_dir, (lm, synthetic), eval_set, provenance)
     final = trainer.train()
     command = "sharedllm " + shlex.join(sys.argv[1:])
