@@ -9,10 +9,16 @@ import pytest
 import torch
 
 from common.config import ConfigError, TreeConfig, node_index
-from common.engine.adapter import InjectionAdapter
+from common.engine.adapter import InjectionAdapter, read_adapter_config
 from common.engine.compressor import Compressor, node_spans, pooling_plan
 from common.engine.decoder import Finished, TokenDelta
-from common.engine.engine import Engine
+from common.engine.engine import (
+    SHIPPED_ADAPTERS,
+    Engine,
+    adapter_file,
+    default_adapter_path,
+    shipped_adapter_names,
+)
 from common.engine.llama import LlamaBody
 from common.engine.retrieval import select_nodes
 from common.engine.sampling import SamplingParams
@@ -258,6 +264,32 @@ def test_adapter_round_trip_and_wrong_base_refused(tiny, tmp_path):
     assert loaded.fingerprint() == engine.adapter.fingerprint()
     with pytest.raises(ModelUnavailable, match="trained for base model"):
         InjectionAdapter.load(path, engine.body, "some-other-model")
+
+
+def test_adapter_retargeted_to_another_tree_keeps_the_weights(tiny):
+    engine = engine_for(tiny)
+    wider = TreeConfig(**{**engine.adapter.config.to_dict(), "pool_size": engine.adapter.config.pool_size * 2})
+    retargeted = engine.adapter.retargeted(wider)
+    assert retargeted.config == wider and not retargeted.provenance["trained"]
+    assert retargeted.blocks[0] is engine.adapter.blocks[0]
+    assert retargeted.fingerprint() != engine.adapter.fingerprint()  # its contexts are built differently
+    with pytest.raises(ValueError, match="cannot read trees of M"):
+        engine.adapter.retargeted(TreeConfig(**{**wider.to_dict(), "n_layers": wider.n_layers + 1}))
+
+
+def test_adapter_names_resolve_to_the_shipped_files(tmp_path):
+    names = shipped_adapter_names()
+    assert {"default", "pool32"} <= set(names)
+    assert adapter_file("pool32") == SHIPPED_ADAPTERS / "pool32" / "adapter.safetensors"
+    assert adapter_file("default") == default_adapter_path()
+    for name in names:  # every shipped adapter is complete: weights, sidecar with its config, loss log
+        assert read_adapter_config(adapter_file(name)).n_layers >= 1
+        assert (SHIPPED_ADAPTERS / name / "train-log.jsonl").is_file()
+    assert read_adapter_config(adapter_file("pool32")).pool_size == 32
+    own = tmp_path / "adapter.safetensors"
+    assert adapter_file(own) == own and adapter_file("runs/x/adapter.safetensors") == Path("runs/x/adapter.safetensors")
+    with pytest.raises(InvalidInput, match=r"no shipped adapter named 'pool99'.*default, pool32"):
+        adapter_file("pool99")
 
 
 def test_tree_config_validation():

@@ -95,3 +95,16 @@ def test_bfloat16_engine_agrees_with_float32_and_stores_half_the_bytes():
     assert (reference.topk(3, -1).indices == fast.argmax(-1, keepdim=True)).any(-1).all()
     assert (reference.argmax(-1) == fast.argmax(-1)).float().mean() >= 0.8
     assert 0.45 < stored[torch.bfloat16] / stored[torch.float32] < 0.55
+
+
+def test_every_shipped_adapter_loads_on_the_default_model():
+    """The shipped adapters were trained for the default model's fingerprint; a decoder and a
+    compressor started with `--adapter NAME` must accept them (and tell them apart)."""
+    from common.engine.engine import shipped_adapter_names
+
+    fingerprints = set()
+    for name in shipped_adapter_names():
+        engine = Engine.load(adapter=name, device="cpu", lower_only=True)
+        assert engine.trained and engine.adapter.provenance["steps"] > 0
+        fingerprints.add(engine.adapter.fingerprint())
+    assert len(fingerprints) == len(shipped_adapter_names()) >= 2

@@ -43,9 +43,35 @@ class Compressed:
     seconds: float
 
 
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+ADAPTER_HELP = (
+    "a shipped adapter's name (default, pool32) or an adapter .safetensors file (default: the shipped default"
+)
+
+
 def default_adapter_path() -> Path:
     """The shipped default adapter for the default model (may not exist yet)."""
-    return Path(__file__).resolve().parent.parent / "adapters" / "default" / "adapter.safetensors"
+    return SHIPPED_ADAPTERS / "default" / "adapter.safetensors"
+
+
+def shipped_adapter_names() -> list[str]:
+    """Names of the adapters shipped for the default model (directories of common/adapters)."""
+    return sorted(d.name for d in SHIPPED_ADAPTERS.iterdir() if (d / "adapter.safetensors").is_file())
+
+
+def adapter_file(adapter: str | Path) -> Path:
+    """The file behind --adapter: a shipped adapter's name (`default`, `pool32`) or a path.
+
+    A bare word (no directory, no suffix) is a name, so that users, manifests and service
+    flags can say which trained tree they want without knowing where the package lives.
+    """
+    text = str(adapter)
+    if text and "/" not in text and "." not in text:
+        names = shipped_adapter_names()
+        if text not in names:
+            raise InvalidInput(f"no shipped adapter named {text!r} (shipped: {', '.join(names)}); or pass a file")
+        return SHIPPED_ADAPTERS / text / "adapter.safetensors"
+    return Path(adapter)
 
 
 class Engine:
@@ -89,7 +115,7 @@ class Engine:
     ) -> Engine:
         """Load the model and its adapter.
 
-        adapter: a trained adapter file. tree_config: a fresh, untrained adapter with this
+        adapter: a trained adapter file, or a shipped one's name. tree_config: a fresh, untrained adapter with this
         config (for training and tests). Neither: the shipped default adapter when the model
         is the default one and the file exists, else an untrained adapter with the default
         config. lower_only loads just the layers the compressor runs; such an engine can
@@ -97,7 +123,7 @@ class Engine:
         """
         if adapter is not None and tree_config is not None:
             raise ValueError("pass an adapter or a tree_config for a fresh adapter, not both")
-        path = Path(adapter) if adapter is not None else None
+        path = adapter_file(adapter) if adapter is not None else None
         if path is None and tree_config is None and model in (None, "", "default") and default_adapter_path().is_file():
             path = default_adapter_path()
         config = tree_config or (read_adapter_config(path) if path is not None else TreeConfig())

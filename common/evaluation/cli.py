@@ -12,7 +12,7 @@ from common.config import TreeConfig
 from common.data.cli import default_data_dir
 from common.data.corpora import CORPORA
 from common.data.synthetic import Filler
-from common.engine.engine import Engine
+from common.engine.engine import ADAPTER_HELP, Engine
 from common.errors import InvalidInput
 from common.evaluation import needle, ppl
 from common.evaluation.heldout import heldout_book_text, heldout_documents
@@ -30,7 +30,7 @@ def _tree_defaults() -> dict[str, Any]:
 
 def _add_shared(parser: argparse.ArgumentParser, default_methods: tuple[str, ...]) -> None:
     parser.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", type=Path, help="trained adapter (default: the shipped one, else untrained)")
+    parser.add_argument("--adapter", help=f"{ADAPTER_HELP} for the default model, else untrained)")
     parser.add_argument("--device")
     add_dtype_argument(parser)
     parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="fetched corpora")
