@@ -21,6 +21,8 @@ for dtype in float32 bfloat16; do
   $BIN/sharedllm ask "$OUT/persuasion-32k.txt" "Who is Anne Elliot's father?" --max-new-tokens 48 --json \
     --dtype "$dtype" > "$OUT/ask-32k-$dtype.json"
 done
+$BIN/sharedllm ask "$OUT/persuasion-32k.txt" "Who is Anne Elliot's father?" --max-new-tokens 48 --json \
+  --adapter pool32 > "$OUT/ask-32k-float32-pool32.json"
 
 # 2. Quality against the baselines.
 #    In the window (the training issue's gap-closed target): every held-out corpus, 8 windows each;
@@ -33,6 +35,16 @@ $BIN/sharedllm eval ppl --lengths 2048 4096 --windows 8 --methods sharedllm wind
 $BIN/sharedllm eval ppl --lengths 8192 16384 32768 --windows 1 --decoder-tokens 7680 --corpora austen bible \
   --methods sharedllm window truncation streaming \
   --json "$OUT/ppl-beyond-window.json" --plot "$OUT/ppl-beyond-window.png" | tee "$OUT/ppl-beyond-window.txt"
+$BIN/sharedllm eval ppl --lengths 65536 --windows 1 --decoder-tokens 7680 --corpora austen bible \
+  --methods sharedllm window truncation streaming \
+  --json "$OUT/ppl-beyond-window-64k.json" | tee "$OUT/ppl-beyond-window-64k.txt"
+#    The pool32 adapter (P=32: 4x compression) in and beyond the window; the baselines do not depend on
+#    the adapter, so beyond the window only its own column and the window (a determinism check) run.
+$BIN/sharedllm eval ppl --adapter pool32 --lengths 2048 4096 --windows 8 --methods sharedllm window full truncation \
+  --json "$OUT/ppl-in-window-pool32.json" | tee "$OUT/ppl-in-window-pool32.txt"
+$BIN/sharedllm eval ppl --adapter pool32 --lengths 8192 16384 32768 65536 --windows 1 --decoder-tokens 7680 \
+  --corpora austen bible --methods sharedllm window \
+  --json "$OUT/ppl-beyond-window-pool32.json" | tee "$OUT/ppl-beyond-window-pool32.txt"
 # The bf16 fast path against fp32 with the same (fp32-trained) adapter.
 #    (--lengths 4096 alone scores the same windows as the fp32 run's 4K row.)
 $BIN/sharedllm eval ppl --lengths 4096 --windows 8 --methods sharedllm window \
@@ -40,6 +52,8 @@ $BIN/sharedllm eval ppl --lengths 4096 --windows 8 --methods sharedllm window \
 $BIN/sharedllm eval needle --tasks passkey --lengths 4096 16384 32768 --depths 0.25 0.75 --per-cell 1 \
   --methods sharedllm truncation streaming --streaming-recent 2044 \
   --json "$OUT/needle.json" --plot "$OUT/needle.png" | tee "$OUT/needle.txt"
+$BIN/sharedllm eval needle --adapter pool32 --tasks passkey needle --lengths 4096 16384 32768 --depths 0.25 0.75 \
+  --per-cell 1 --methods sharedllm --json "$OUT/needle-pool32.json" | tee "$OUT/needle-pool32.txt"
 
 # 3. Speed and memory against full attention and streaming, and the gRPC + Redis path, in fp32
 #    and in bf16 (AMX on this CPU), every method in the same precision within a run.
