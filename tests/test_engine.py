@@ -277,7 +277,7 @@ def test_adapter_retargeted_to_another_tree_keeps_the_weights(tiny):
         engine.adapter.retargeted(TreeConfig(**{**wider.to_dict(), "n_layers": wider.n_layers + 1}))
 
 
-def test_adapter_names_resolve_to_the_shipped_files(tmp_path):
+def test_adapter_names_resolve_to_the_shipped_files(tmp_path, monkeypatch):
     names = shipped_adapter_names()
     assert {"default", "pool32"} <= set(names)
     assert adapter_file("pool32") == SHIPPED_ADAPTERS / "pool32" / "adapter.safetensors"
@@ -288,7 +288,10 @@ def test_adapter_names_resolve_to_the_shipped_files(tmp_path):
     assert read_adapter_config(adapter_file("pool32")).pool_size == 32
     own = tmp_path / "adapter.safetensors"
     assert adapter_file(own) == own and adapter_file("runs/x/adapter.safetensors") == Path("runs/x/adapter.safetensors")
-    with pytest.raises(InvalidInput, match=r"no shipped adapter named 'pool99'.*default, pool32"):
+    monkeypatch.chdir(tmp_path)
+    Path("pool32").write_bytes(b"")  # an existing file of that name wins over the shipped adapter
+    assert adapter_file("pool32") == Path("pool32")
+    with pytest.raises(InvalidInput, match=r"no adapter file 'pool99' and no shipped adapter.*default, pool32"):
         adapter_file("pool99")
 
 

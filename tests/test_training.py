@@ -19,7 +19,6 @@ from common.training.trainer import Trainer, TrainSettings, example_loss
 
 TREE = ["--layers", "2", "--chunk-size", "64", "--depth", "2", "--pool-size", "4"]
 SMALL_RUN = [
-    *TREE,
     "--context-chunks",
     "2",
     "--decoder-tokens",
@@ -98,8 +97,8 @@ def test_a_time_budget_anneals_the_schedule_by_the_deadline(tiny_model_dir):
     assert trainer.lr_at(10, elapsed_s=30) == pytest.approx(trainer.lr_at(750))
 
 
-def small_run(model_dir: Path, data_dir: Path, run_dir: Path) -> list[str]:
-    """Arguments of a tiny training run on the Bible corpus."""
+def small_run(model_dir: Path, data_dir: Path, run_dir: Path, tree: bool = True) -> list[str]:
+    """Arguments of a tiny training run on the Bible corpus (tree: with the tiny tree's flags)."""
     return [
         "--model",
         str(model_dir),
@@ -109,6 +108,7 @@ def small_run(model_dir: Path, data_dir: Path, run_dir: Path) -> list[str]:
         str(run_dir),
         "--corpora",
         "bible",
+        *(TREE if tree else []),
         *SMALL_RUN,
     ]
 
@@ -131,11 +131,20 @@ def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
 
     # Fine-tuning from that adapter under a wall-clock budget that one step already spends.
     tuned = tmp_path / "tuned"
-    tuned_args = [*small_run(tiny_model_dir, bible_data, tuned), "--init-adapter", str(run / "adapter.safetensors")]
+    # No tree flags: the adapter's own tree (C=64, P=4), not train's default one.
+    tuned_args = [
+        *small_run(tiny_model_dir, bible_data, tuned, tree=False),
+        "--init-adapter",
+        str(run / "adapter.safetensors"),
+    ]
     run_train(*tuned_args, "--steps", "50", "--max-minutes", "0.0001")
     provenance = json.loads((tuned / "adapter.safetensors.json").read_text())["provenance"]
     assert provenance["initialised_from"] == engine.adapter.fingerprint()
     assert provenance["steps"] == 1 and provenance["stopped_by_time_budget"]
+    assert "initialised_from_tree_config" not in provenance
+    assert (
+        Engine.load(str(tiny_model_dir), adapter=tuned / "adapter.safetensors").adapter.config == engine.adapter.config
+    )
     events = [json.loads(line).get("event") for line in (tuned / "log.jsonl").read_text().splitlines()]
     assert events[-1] == "time budget spent"
 
@@ -152,6 +161,11 @@ def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
     assert sidecar["provenance"]["initialised_from"] == engine.adapter.fingerprint()
     assert sidecar["provenance"]["initialised_from_tree_config"] == engine.adapter.config.to_dict()
     assert sidecar["adapter_fingerprint"] != engine.adapter.fingerprint()
+    # Resumed without --init-adapter: the checkpoint still knows where the weights came from.
+    run_train(*small_run(tiny_model_dir, bible_data, retargeted), "--pool-size", "8", "--steps", "2")
+    resumed = json.loads((retargeted / "adapter.safetensors.json").read_text())["provenance"]
+    assert resumed["steps"] == 2 and resumed["initialised_from"] == engine.adapter.fingerprint()
+    assert resumed["initialised_from_tree_config"] == engine.adapter.config.to_dict()
 
     other_m = subprocess.run(
         [

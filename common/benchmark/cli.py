@@ -12,7 +12,7 @@ from pathlib import Path
 from common.benchmark.cell import GRPC_METHOD, LOCAL_METHODS
 from common.benchmark.report import format_table, write_json, write_plots
 from common.benchmark.runner import BenchConfig, run_benchmark
-from common.engine.engine import ADAPTER_HELP, Limits
+from common.engine.engine import Limits, adapter_help
 from common.errors import InvalidInput
 from common.model_loading import add_dtype_argument
 
@@ -26,7 +26,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
         help="speed and memory against full attention and StreamingLLM (medians, same-run ratios, targets)",
     )
     p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", help=f"{ADAPTER_HELP} for the default model, else untrained)")
+    p.add_argument("--adapter", help=adapter_help("the shipped default for the default model, else untrained"))
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     add_dtype_argument(p)
     p.add_argument(

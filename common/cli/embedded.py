@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.engine.decoder import Finished
-from common.engine.engine import ADAPTER_HELP, SUMMARY_INSTRUCTION, Engine, Limits
+from common.engine.engine import SUMMARY_INSTRUCTION, Engine, Limits, adapter_help
 from common.engine.sampling import SamplingParams
 from common.errors import InvalidInput
 from common.model_loading import add_dtype_argument, dtype_from_name
@@ -22,7 +22,7 @@ MAX_DOCUMENT_BYTES = 64 << 20
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", help=f"{ADAPTER_HELP} for the default model)")
+    parser.add_argument("--adapter", help=adapter_help("the shipped default for the default model"))
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     add_dtype_argument(parser)
     parser.add_argument(

@@ -103,7 +103,9 @@ class InjectionAdapter(nn.Module):
 
         The weights depend on M alone (one block per injected layer), so C, D, P, the encoding,
         the pooling and the positions can change; the result is untrained for `config` and gets
-        a fresh fingerprint, since contexts built for this adapter's config do not fit it.
+        a fresh fingerprint, since contexts built for this adapter's config do not fit it. It
+        shares this adapter's modules rather than copying them (training only ever needs one of
+        the two), so training it changes this one too; read this one's fingerprint first.
         """
         if config.n_layers != self.config.n_layers:
             raise ValueError(f"an adapter for M={self.config.n_layers} cannot read trees of M={config.n_layers}")

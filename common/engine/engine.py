@@ -44,9 +44,6 @@ class Compressed:
 
 
 SHIPPED_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
-ADAPTER_HELP = (
-    "a shipped adapter's name (default, pool32) or an adapter .safetensors file (default: the shipped default"
-)
 
 
 def default_adapter_path() -> Path:
@@ -59,19 +56,29 @@ def shipped_adapter_names() -> list[str]:
     return sorted(d.name for d in SHIPPED_ADAPTERS.iterdir() if (d / "adapter.safetensors").is_file())
 
 
-def adapter_file(adapter: str | Path) -> Path:
-    """The file behind --adapter: a shipped adapter's name (`default`, `pool32`) or a path.
+def adapter_help(unset: str) -> str:
+    """Help of an --adapter flag; `unset` says what leaving it out means."""
+    names = ", ".join(shipped_adapter_names())
+    return f"an adapter .safetensors file, or the name of a shipped one ({names}); unset: {unset}"
 
-    A bare word (no directory, no suffix) is a name, so that users, manifests and service
-    flags can say which trained tree they want without knowing where the package lives.
+
+def adapter_file(adapter: str | Path) -> Path:
+    """The file behind --adapter: an existing path, else a shipped adapter's name, else a path.
+
+    Names let users and service flags pick a shipped adapter without knowing where the package
+    is installed; an existing file of the same name still wins, so no path that worked stops
+    working.
     """
+    path = Path(adapter)
     text = str(adapter)
-    if text and "/" not in text and "." not in text:
-        names = shipped_adapter_names()
-        if text not in names:
-            raise InvalidInput(f"no shipped adapter named {text!r} (shipped: {', '.join(names)}); or pass a file")
-        return SHIPPED_ADAPTERS / text / "adapter.safetensors"
-    return Path(adapter)
+    if path.exists() or not text or "/" in text or "." in text:
+        return path
+    names = shipped_adapter_names()
+    if text not in names:
+        raise InvalidInput(
+            f"no adapter file {text!r} and no shipped adapter of that name (shipped: {', '.join(names)})"
+        )
+    return SHIPPED_ADAPTERS / text / "adapter.safetensors"
 
 
 class Engine:

@@ -12,25 +12,18 @@ from common.config import TreeConfig
 from common.data.cli import default_data_dir
 from common.data.corpora import CORPORA
 from common.data.synthetic import Filler
-from common.engine.engine import ADAPTER_HELP, Engine
+from common.engine.engine import Engine, adapter_help
 from common.errors import InvalidInput
 from common.evaluation import needle, ppl
 from common.evaluation.heldout import heldout_book_text, heldout_documents
 from common.evaluation.methods import METHODS
 from common.model_loading import add_dtype_argument, dtype_from_name
-from common.training.cli import add_tree_arguments, tree_config
-
-
-def _tree_defaults() -> dict[str, Any]:
-    """The tree flags and the values an untrained adapter takes for those not given (TreeConfig's)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_tree_arguments(parser, TreeConfig())
-    return vars(parser.parse_args([]))
+from common.training.cli import add_tree_arguments, given_tree_flags, tree_config
 
 
 def _add_shared(parser: argparse.ArgumentParser, default_methods: tuple[str, ...]) -> None:
     parser.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", help=f"{ADAPTER_HELP} for the default model, else untrained)")
+    parser.add_argument("--adapter", help=adapter_help("the shipped default for the default model, else untrained"))
     parser.add_argument("--device")
     add_dtype_argument(parser)
     parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="fetched corpora")
@@ -50,18 +43,15 @@ def _add_shared(parser: argparse.ArgumentParser, default_methods: tuple[str, ...
         "unset fields as TreeConfig's defaults; none: the shipped adapter, else an untrained default one)"
     )
     add_tree_arguments(group, TreeConfig())
-    # None marks "not given", so that no tree flag leaves the choice of adapter to Engine.load.
-    parser.set_defaults(**dict.fromkeys(_tree_defaults(), None))
 
 
 def _tree_config(args: argparse.Namespace) -> TreeConfig | None:
-    """The untrained adapter's config when any tree flag was given, else None."""
-    given = {name: getattr(args, name) for name in _tree_defaults() if getattr(args, name) is not None}
-    if not given:
+    """The untrained adapter's config when any tree flag was given, else None (the adapter's own)."""
+    if not given_tree_flags(args):
         return None
     if args.adapter is not None:
         raise InvalidInput("the tree flags build an untrained adapter; a trained --adapter carries its own config")
-    return tree_config(argparse.Namespace(**{**_tree_defaults(), **given}))
+    return tree_config(args, TreeConfig())
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +98,7 @@ def _load(args: argparse.Namespace) -> tuple[Engine, StreamingLLM | None, dict[s
         "model": args.model or "default",
         "adapter": str(args.adapter) if args.adapter else ("shipped default" if engine.trained else "untrained"),
         "adapter_trained": engine.trained,
+        "adapter_fingerprint": engine.adapter.fingerprint(),
         "tree_config": engine.adapter.config.to_dict(),
         "device": str(engine.body.device),
         "dtype": str(engine.body.dtype),

@@ -19,12 +19,11 @@ from common.engine.engine import Limits
 from common.errors import InvalidInput
 from common.rpc.auth import ApiKeys
 from common.store.decoded_cache import DEFAULT_CACHE_BYTES
-from common.training.cli import add_tree_arguments, tree_config
+from common.training.cli import add_tree_arguments, given_tree_flags, tree_config
 
 ENV_PREFIX = "SHAREDLLM_"
 MIB = 1 << 20
 TRUE_WORDS = ("1", "true", "yes", "on")
-TREE_FLAGS = ("layers", "chunk_size", "depth", "pool_size", "encoding", "pooling", "positions")
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class ServerConfig:
                 raise InvalidInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.decoded_cache_mib < 0:
             raise InvalidInput(f"--decoded-cache-mib must be >= 0, got {args.decoded_cache_mib}")
-        tree = {name: getattr(args, name) for name in TREE_FLAGS if getattr(args, name) is not None}
+        tree = given_tree_flags(args)
         if tree and args.adapter:
             raise InvalidInput(f"--adapter brings its own tree config; drop {', '.join(sorted(tree))}")
         for name in ("default_ttl_s", "shutdown_grace_s", "drain_delay_s", "health_interval_s"):
@@ -71,7 +70,7 @@ class ServerConfig:
             adapter=args.adapter,
             device=args.device,
             dtype=args.dtype,
-            tree_config=tree_config(argparse.Namespace(**{**_tree_defaults(), **tree})) if tree else None,
+            tree_config=tree_config(args, TreeConfig()) if tree else None,
             limits=None if args.max_document_tokens is None else Limits(max_document_tokens=args.max_document_tokens),
             max_document_bytes=args.max_document_bytes,
             max_message_bytes=args.max_message_bytes,
@@ -112,15 +111,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     add_model_arguments(model)
     model.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's choice)")
     add_tree_arguments(parser.add_argument_group("fresh untrained adapter (instead of an adapter file)"), TreeConfig())
-    parser.set_defaults(**dict.fromkeys(TREE_FLAGS))  # unset: the adapter file's, or the shipped adapter's
     apply_env_defaults(parser)
-
-
-def _tree_defaults() -> dict[str, object]:
-    """The tree flags' built-in defaults, for the flags a user left out."""
-    reference = argparse.ArgumentParser()
-    add_tree_arguments(reference, TreeConfig())
-    return vars(reference.parse_args([]))
 
 
 def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str] = os.environ) -> None:

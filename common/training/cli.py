@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,20 +24,40 @@ from common.training.trainer import FINAL_ADAPTER, Trainer, TrainSettings
 TRAIN_CORPORA = ("austen", "bible", "stdlib", "pydocs")
 
 
-def add_tree_arguments(parser: argparse.ArgumentParser, defaults: TreeConfig) -> None:
-    parser.add_argument("--layers", type=int, default=defaults.n_layers, help="M")
-    parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size, help="C")
-    parser.add_argument("--depth", type=int, default=defaults.depth, help="D")
-    parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="P")
-    parser.add_argument("--encoding", choices=("single_pass", "per_node"), default=defaults.encoding)
-    parser.add_argument("--pooling", choices=("last", "mean"), default=defaults.pooling)
-    parser.add_argument("--positions", choices=("chunk", "none"), default=defaults.positions)
+# Tree flags -> TreeConfig fields; every flag defaults to None (unset), so that a command can
+# tell what the user asked for from what it should take from an adapter or a default tree.
+TREE_FLAGS = {
+    "layers": "n_layers",
+    "chunk_size": "chunk_size",
+    "depth": "depth",
+    "pool_size": "pool_size",
+    "encoding": "encoding",
+    "pooling": "pooling",
+    "positions": "positions",
+}
+# The tree the shipped default adapter reads (8x compression); `train` builds it unless told otherwise.
+TRAIN_TREE = TreeConfig(chunk_size=512, pool_size=16)
 
 
-def tree_config(args: argparse.Namespace) -> TreeConfig:
-    return TreeConfig(
-        args.layers, args.chunk_size, args.depth, args.pool_size, args.encoding, args.pooling, args.positions
-    )
+def add_tree_arguments(parser: argparse.ArgumentParser, unset: TreeConfig) -> None:
+    """The tree flags; `unset` is what the help says an unset flag means."""
+    parser.add_argument("--layers", type=int, help=f"M (unset: {unset.n_layers})")
+    parser.add_argument("--chunk-size", type=int, help=f"C (unset: {unset.chunk_size})")
+    parser.add_argument("--depth", type=int, help=f"D (unset: {unset.depth})")
+    parser.add_argument("--pool-size", type=int, help=f"P (unset: {unset.pool_size})")
+    parser.add_argument("--encoding", choices=("single_pass", "per_node"), help=f"(unset: {unset.encoding})")
+    parser.add_argument("--pooling", choices=("last", "mean"), help=f"(unset: {unset.pooling})")
+    parser.add_argument("--positions", choices=("chunk", "none"), help=f"(unset: {unset.positions})")
+
+
+def given_tree_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The tree flags the command line (or the environment) set, by argparse name."""
+    return {flag: getattr(args, flag) for flag in TREE_FLAGS if getattr(args, flag) is not None}
+
+
+def tree_config(args: argparse.Namespace, base: TreeConfig) -> TreeConfig:
+    """`base` with the tree flags the command line set."""
+    return dataclasses.replace(base, **{TREE_FLAGS[flag]: value for flag, value in given_tree_flags(args).items()})
 
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
@@ -48,15 +70,18 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--init-adapter",
         type=Path,
-        help="start from this trained adapter's weights with a fresh optimizer (same M; the other tree flags "
-        "may differ, to fine-tune it for another tree); a checkpoint in --run-dir still takes precedence",
+        help="start from this trained adapter's weights (a file or a shipped adapter's name) with a fresh "
+        "optimizer; tree flags that differ from its tree fine-tune it to read that tree instead (same M only); "
+        "a checkpoint in --run-dir still takes precedence",
     )
     p.add_argument(
         "--max-minutes",
         type=float,
         help="wall-clock budget: stop when it is spent, checkpoint and export what was learned",
     )
-    add_tree_arguments(p, TreeConfig(chunk_size=512, pool_size=16))
+    add_tree_arguments(
+        p.add_argument_group("tree (unset flags: the --init-adapter's, else the shipped default's tree)"), TRAIN_TREE
+    )
     p.add_argument("--context-chunks", type=int, default=4, help="chunks compressed per training example")
     p.add_argument("--decoder-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=1000)
@@ -84,18 +109,20 @@ def run_train(args: argparse.Namespace) -> int:
     device = args.device
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    config = tree_config(args)
     if args.init_adapter is None:
+        initial = None
+        config = tree_config(args, TRAIN_TREE)
         engine = Engine.load(args.model, None, device, tree_config=config)
     else:
         engine = Engine.load(args.model, args.init_adapter, device)  # checks the adapter's base model
         initial = engine.adapter
-        if initial.config.n_layers != config.n_layers:
+        config = tree_config(args, initial.config)
+        if config.n_layers != initial.config.n_layers:
             raise InvalidInput(
                 f"{args.init_adapter} injects into {initial.config.n_layers} layers, --layers asks for "
                 f"{config.n_layers}; the weights fit only the same M"
             )
-        if initial.config != config:  # the same weights, fine-tuned to read differently built trees
+        if config != initial.config:  # the same weights, fine-tuned to read differently built trees
             engine = Engine(engine.loaded, initial.retargeted(config))
     read_manifest(args.data_dir)  # a clear error when `sharedllm data fetch` has not run
     context_tokens = args.context_chunks * config.chunk_size
@@ -141,7 +168,7 @@ def run_train(args: argparse.Namespace) -> int:
         "device": str(engine.body.device),
         "dtype": str(engine.body.dtype),
     }
-    if args.init_adapter is not None:
+    if initial is not None:
         provenance["initialised_from"] = initial.fingerprint()
         if initial.config != config:
             provenance["initialised_from_tree_config"] = initial.config.to_dict()

@@ -159,6 +159,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "baselines": self.baselines,
             "schedule_progress": self.progress,
+            # Where the weights started: a resumed run exports it though it is not told again.
+            "origin": {k: v for k, v in self.provenance.items() if k.startswith("initialised_from")},
         }
         tmp = self.run_dir / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -179,6 +181,8 @@ class Trainer:
         self.step = int(state["step"])
         self.baselines = dict(state.get("baselines", {}))
         self.progress = float(state.get("schedule_progress", 0.0))
+        for key, value in state.get("origin", {}).items():
+            self.provenance.setdefault(key, value)
         return True
 
     def log(self, record: dict) -> None:
