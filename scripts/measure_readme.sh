@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every figure the README reports, on this machine, in one go (about two and a half hours on 2 CPU cores).
+# Every figure the README reports, on this machine, in one go (not timed in one go; the quality runs of step 2 alone took about two hours on 2 CPU cores).
 # Writes JSON, tables and plots under bench/results/. Run after `make setup` and `sharedllm data fetch`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

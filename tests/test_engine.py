@@ -273,7 +273,7 @@ def test_adapter_retargeted_to_another_tree_keeps_the_weights(tiny):
     assert retargeted.config == wider and not retargeted.provenance["trained"]
     assert retargeted.blocks[0] is engine.adapter.blocks[0]
     assert retargeted.fingerprint() != engine.adapter.fingerprint()  # its contexts are built differently
-    with pytest.raises(ValueError, match="cannot read trees of M"):
+    with pytest.raises(InvalidInput, match="cannot read trees of M=3; the weights fit only the same M"):
         engine.adapter.retargeted(TreeConfig(**{**wider.to_dict(), "n_layers": wider.n_layers + 1}))
 
 

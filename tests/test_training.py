@@ -126,6 +126,10 @@ def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
     provenance = sidecar["provenance"]
     assert provenance["trained"] and provenance["steps"] == 4 and provenance["corpora"] == ["bible"]
     assert set(provenance["heldout_eval"]) >= {"window_alone", "full_attention", "sharedllm", "gap_closed"}
+    # Every evaluation of both invocations, read back from the log: steps 2 (first run) and 4.
+    history = provenance["heldout_eval_history"]
+    gap = provenance["heldout_eval"]["gap_closed"]  # None when the tiny model's context gains nothing
+    assert list(history) == ["2", "4"] and history["4"] == (None if gap is None else round(gap, 4))
     engine = Engine.load(str(tiny_model_dir), adapter=run / "adapter.safetensors", device="cpu")
     assert engine.trained and engine.adapter.config.chunk_size == 64
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from common.config import TreeConfig
 from common.engine.llama import LlamaBody, apply_rope
-from common.errors import ModelUnavailable
+from common.errors import InvalidInput, ModelUnavailable
 
 ADAPTER_FORMAT = "sharedllm-adapter/1"
 
@@ -108,7 +108,10 @@ class InjectionAdapter(nn.Module):
         the two), so training it changes this one too; read this one's fingerprint first.
         """
         if config.n_layers != self.config.n_layers:
-            raise ValueError(f"an adapter for M={self.config.n_layers} cannot read trees of M={config.n_layers}")
+            raise InvalidInput(
+                f"an adapter that injects into {self.config.n_layers} layers cannot read trees of "
+                f"M={config.n_layers}; the weights fit only the same M"
+            )
         adapter = type(self)(config, list(self.blocks), {"trained": False})
         adapter.base_fingerprint = self.base_fingerprint
         return adapter

@@ -6,6 +6,7 @@ here; it speaks in token ids, text and engine types, never in protobuf or gRPC.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,9 +52,11 @@ def default_adapter_path() -> Path:
     return SHIPPED_ADAPTERS / "default" / "adapter.safetensors"
 
 
-def shipped_adapter_names() -> list[str]:
-    """Names of the adapters shipped for the default model (directories of common/adapters)."""
-    return sorted(d.name for d in SHIPPED_ADAPTERS.iterdir() if (d / "adapter.safetensors").is_file())
+@functools.cache
+def shipped_adapter_names() -> tuple[str, ...]:
+    """Names of the adapters shipped for the default model (directories of common/adapters);
+    listed once per process: every command's help and every name lookup asks."""
+    return tuple(sorted(d.name for d in SHIPPED_ADAPTERS.iterdir() if (d / "adapter.safetensors").is_file()))
 
 
 def adapter_help(unset: str) -> str:

@@ -117,11 +117,6 @@ def run_train(args: argparse.Namespace) -> int:
         engine = Engine.load(args.model, args.init_adapter, device)  # checks the adapter's base model
         initial = engine.adapter
         config = tree_config(args, initial.config)
-        if config.n_layers != initial.config.n_layers:
-            raise InvalidInput(
-                f"{args.init_adapter} injects into {initial.config.n_layers} layers, --layers asks for "
-                f"{config.n_layers}; the weights fit only the same M"
-            )
         if config != initial.config:  # the same weights, fine-tuned to read differently built trees
             engine = Engine(engine.loaded, initial.retargeted(config))
     read_manifest(args.data_dir)  # a clear error when `sharedllm data fetch` has not run

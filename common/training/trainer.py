@@ -309,6 +309,20 @@ class Trainer:
             "stopped_by_time_budget": self.stopped_by_budget,
             "settings": asdict(self.settings),
             "heldout_eval": final_eval,
+            "heldout_eval_history": self.eval_history(final_eval),
             "command": command,
         }
         adapter.save(path, self.engine.loaded.fingerprint)
+
+    def eval_history(self, final_eval: dict) -> dict[str, float | None]:
+        """Gap closed at every held-out evaluation of this run directory, resumed invocations
+        included (read back from the loss log), and for the exported weights: step -> share."""
+        history: dict[str, float | None] = {}
+        log = self.run_dir / LOG_FILE
+        records = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+        for record in map(json.loads, records):
+            if "eval" in record:
+                history[str(record["step"])] = record["eval"].get("gap_closed")
+        if final_eval:
+            history[str(self.step)] = final_eval.get("gap_closed")
+        return {step: None if gap is None else round(gap, 4) for step, gap in history.items()}
