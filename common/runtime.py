@@ -6,8 +6,11 @@ and numbers, so the front ends above it never see a tensor or a protobuf payload
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -15,6 +18,7 @@ import numpy as np
 
 from common.engine.decoder import Finished, TokenDelta
 from common.engine.engine import Engine
+from common.engine.evidence import EvidenceSettings, PassageIndex
 from common.engine.sampling import SamplingParams
 from common.store import (
     DEFAULT_TENANT,
@@ -53,6 +57,31 @@ class GenerateOutcome:
     cached_nodes: int  # selected nodes taken from the decoded cache instead of the store
 
 
+class PassageIndexCache:
+    """The passage indexes of recently asked documents, so a repeat question does not rebuild one.
+
+    Keyed by tenant, the verified digest of the context's index part (which covers its token
+    ids) and the passage size: content-addressed like the decoded cache, so never stale.
+    """
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, bytes, int], PassageIndex] = OrderedDict()
+
+    def get(self, key: tuple[str, bytes, int], build: Callable[[], PassageIndex]) -> PassageIndex:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        index = build()  # outside the lock: building takes a while and other requests go on
+        with self._lock:
+            self._entries[key] = index
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return index
+
+
 def source_digest(token_ids: list[int]) -> bytes:
     """SHA-256 over the canonical bytes of the document (its token ids, little-endian uint32)."""
     return hashlib.sha256(np.asarray(token_ids, dtype="<u4").tobytes()).digest()
@@ -73,11 +102,15 @@ class ContextRuntime:
         store: ContextStore,
         default_ttl_s: float | None = 24 * 3600,
         decoded_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        evidence: EvidenceSettings | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
         self.default_ttl_s = default_ttl_s
         self.cache = DecodedCache(decoded_cache_bytes) if decoded_cache_bytes > 0 else None
+        self.passage_indexes = PassageIndexCache() if decoded_cache_bytes > 0 else None
+        self.evidence = evidence or EvidenceSettings()
+        self.evidence.validate()
         self.fingerprints = Fingerprints(model=engine.loaded.fingerprint, adapter=engine.adapter.fingerprint())
 
     def warm_up(self) -> None:
@@ -141,6 +174,13 @@ class ContextRuntime:
             timings={"compress_s": compressed.seconds, "store_s": done - t_store, "total_s": done - started},
         )
 
+    def evidence_settings(self, tokens: int | None = None, mode: str | None = None) -> EvidenceSettings:
+        """The runtime's evidence settings with a request's overrides, validated."""
+        changes = {k: v for k, v in (("tokens", tokens), ("mode", mode)) if v is not None}
+        settings = dataclasses.replace(self.evidence, **changes)
+        settings.validate()
+        return settings
+
     def generate(
         self,
         context_id: str | None,
@@ -149,20 +189,30 @@ class ContextRuntime:
         *,
         tenant: str = DEFAULT_TENANT,
         retrieval: bool = True,
+        evidence_tokens: int | None = None,
+        evidence_mode: str | None = None,
     ) -> Iterator[TokenDelta | Finished | GenerateOutcome]:
         """Stream the answer; a GenerateOutcome follows the Finished event.
 
-        The manifest and retrieval keys are read first; only the nodes the question selects
-        are fetched (by the decoder, through the StoredContext).
+        The manifest, retrieval keys and token ids are read first; only the nodes the question
+        selects are fetched (by the decoder, through the StoredContext). evidence_tokens and
+        evidence_mode override the runtime's evidence settings for this request (None: keep).
         """
         started = time.perf_counter()
+        evidence = self.evidence_settings(evidence_tokens, evidence_mode)
         self.engine.check_request(question, params)  # before any store read or TTL refresh
-        source = None
+        source = index = None
         if context_id is not None:
             source = self.store.open(context_id, self.fingerprints, tenant=tenant, cache=self.cache)
+            if evidence.tokens > 0 and self.passage_indexes is not None:
+                key = (tenant, source.index_digest, evidence.passage_tokens)
+                index = self.passage_indexes.get(
+                    key, lambda: self.engine.passage_index(source, evidence.passage_tokens)
+                )
         opened = time.perf_counter() - started
         first_token_s: float | None = None
-        for event in self.engine.generate(source, question, params, retrieval=retrieval):
+        events = self.engine.generate(source, question, params, retrieval=retrieval, evidence=evidence, index=index)
+        for event in events:
             if isinstance(event, TokenDelta):
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - started
@@ -173,7 +223,7 @@ class ContextRuntime:
             if first_token_s is None:  # the first token was EOS: nothing streamed before the end
                 first_token_s = time.perf_counter() - started
             timings["time_to_first_token_s"] = first_token_s
-            yield Finished(event.reason, event.text, event.prompt_tokens, event.completion_tokens, timings)
+            yield dataclasses.replace(event, timings=timings)
             yield GenerateOutcome(
                 bytes_read=source.bytes_read if source is not None else 0,
                 context_tokens=sum(source.chunk_lengths) if source is not None else 0,

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 
 from common.engine.decoder import Finished, TokenDelta
+from common.engine.evidence import Passage
 from common.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 from common.generated.sharedllm.v1 import decoder_pb2 as pb
 from common.generated.sharedllm.v1 import decoder_pb2_grpc as pb_grpc
@@ -37,6 +38,17 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     return SamplingParams(**fields, stop=tuple(request.stop))
 
 
+def evidence_message(passage: Passage) -> pb.EvidencePassage:
+    return pb.EvidencePassage(
+        token_start=passage.token_start,
+        token_end=passage.token_end,
+        char_start=passage.char_start,
+        char_end=passage.char_end,
+        text=passage.text,
+        score=passage.score,
+    )
+
+
 def last_message(finished: Finished, outcome: GenerateOutcome) -> pb.GenerateResponse:
     t = finished.timings
     return pb.GenerateResponse(
@@ -48,6 +60,7 @@ def last_message(finished: Finished, outcome: GenerateOutcome) -> pb.GenerateRes
             context_chunks=outcome.chunks,
             context_bytes_read=outcome.bytes_read,
             context_nodes_cached=outcome.cached_nodes,
+            evidence_tokens=sum(p.token_end - p.token_start for p in finished.evidence),
         ),
         timings=pb.GenerateTimings(
             context_load_seconds=t.get("context_open_s", 0.0) + t.get("context_load_s", 0.0),
@@ -55,7 +68,9 @@ def last_message(finished: Finished, outcome: GenerateOutcome) -> pb.GenerateRes
             prefill_seconds=t["prefill_s"],
             time_to_first_token_seconds=t["time_to_first_token_s"],
             decode_seconds=t["decode_s"],
+            evidence_seconds=t.get("evidence_s", 0.0),
         ),
+        evidence=[evidence_message(p) for p in finished.evidence],
     )
 
 
@@ -96,7 +111,13 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
 
         def events() -> Iterator[TokenDelta | Finished | GenerateOutcome]:  # runs in a worker thread
             for event in runtime.generate(
-                request.context_id, request.prompt, params, tenant=tenant, retrieval=not request.disable_retrieval
+                request.context_id,
+                request.prompt,
+                params,
+                tenant=tenant,
+                retrieval=not request.disable_retrieval,
+                evidence_tokens=request.evidence_tokens if request.HasField("evidence_tokens") else None,
+                evidence_mode=request.evidence_mode if request.HasField("evidence_mode") else None,
             ):
                 if isinstance(event, TokenDelta) and event.token_id is not None:
                     self._tokens.add(1)

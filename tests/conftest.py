@@ -84,7 +84,9 @@ def make_tree():
         values = torch.randn(shape, generator=g).to(dtype) * valid
         keys.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0], dtype=dtype)
         lengths = (config.chunk_size,) * (n_chunks - 1) + (7,)
-        return ContextTree(config, lengths, keys, values, counts, torch.randn(n_chunks, n, hidden, generator=g))
+        token_ids = torch.randint(0, 49_152, (sum(lengths),), generator=g, dtype=torch.int32)
+        rkeys = torch.randn(n_chunks, n, hidden, generator=g)
+        return ContextTree(config, lengths, keys, values, counts, rkeys, token_ids)
 
     return make
 

@@ -62,3 +62,16 @@ def test_ask_on_a_document_longer_than_the_window(tmp_path: Path):
     assert report["chunks"] >= 8
     assert report["completion_tokens"] >= 1 and report["answer"]
     assert report["compression_ratio"] > 1 and report["stored_bytes"] > 0
+    assert report["evidence_tokens"] > 0 and report["evidence"]
+    text = path.read_text(encoding="utf-8")
+    assert all(text[p["char_start"] : p["char_end"]] == p["text"] for p in report["evidence"])
+
+    shown = sharedllm(
+        "ask", str(path), "Who is Naomi?", "--max-new-tokens", "4", "--evidence", "--evidence-tokens", "96"
+    )
+    assert shown.returncode == 0, shown.stderr
+    listing = shown.stdout.split("evidence: ", 1)[1]
+    assert int(listing.split(" passages, ")[1].split(" tokens")[0]) <= 96
+    assert "[chars " in listing and "Naomi" in listing
+    bad = sharedllm("ask", str(path), "Who is Naomi?", "--evidence-tokens", "-5")
+    assert bad.returncode == 2 and "evidence_tokens must be >= 0" in bad.stderr and "Traceback" not in bad.stderr

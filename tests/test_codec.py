@@ -44,7 +44,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def assert_same_tree(a: ContextTree, b: ContextTree) -> None:
     assert a.config == b.config
     assert a.chunk_lengths == b.chunk_lengths
-    for name in ("keys", "values", "retrieval_keys"):
+    for name in ("keys", "values", "retrieval_keys", "token_ids"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert torch.equal(bits(x), bits(y)), name
@@ -107,10 +107,25 @@ def test_other_model_or_adapter_is_incompatible(make_tree, expected):
         decode(encoded, expected)
 
 
-def test_other_format_version_is_incompatible(make_tree):
-    encoded = with_manifest(encode_tree(make_tree()), format_version=FORMAT_VERSION + 1)
-    with pytest.raises(IncompatibleContext, match="format version"):
+@pytest.mark.parametrize("version", [1, FORMAT_VERSION + 1])
+def test_other_format_version_is_incompatible(make_tree, version):
+    # Version 1 stored no token ids: reading one must be a clear error, never a tree without text.
+    encoded = with_manifest(encode_tree(make_tree()), format_version=version)
+    with pytest.raises(IncompatibleContext, match=f"format version {version}; this build reads version 2"):
         decode(encoded, FP)
+
+
+def test_token_ids_travel_in_the_index_part_and_are_checked(make_tree):
+    tree = make_tree()
+    encoded = encode_tree(tree)
+    stored = safetensors.torch.load(encoded.retrieval_keys)
+    assert torch.equal(stored["token_ids"], tree.token_ids) and stored["token_ids"].dtype == torch.int32
+    assert len(encoded.retrieval_keys) - tree.retrieval_keys.numel() * 4 < tree.n_tokens * 4 + 256  # 4 B per token
+    short = dict(stored, token_ids=stored["token_ids"][:-1])
+    payload = safetensors.torch.save(short)
+    forged = with_manifest(dataclasses.replace(encoded, retrieval_keys=payload), retrieval_keys_sha256=sha256(payload))
+    with pytest.raises(DataCorruption, match="token_ids"):
+        decode(forged, FP)
 
 
 def damage(data: bytes, rng: random.Random, truncate: bool) -> bytes:
@@ -225,8 +240,9 @@ def test_default_tree_on_the_default_model_stores_about_6_percent_of_its_kv_cach
     config = TreeConfig()
     n, p, m = config.nodes_per_chunk, config.pool_size, config.n_layers
     kv = torch.zeros(m, 1, n, p, 3, 64, dtype=dtype)
+    counts = torch.full((1, n), p, dtype=torch.int32)
     tree = ContextTree(
-        config, (1024,), kv, kv.clone(), torch.full((1, n), p, dtype=torch.int32), torch.zeros(1, n, 576)
+        config, (1024,), kv, kv.clone(), counts, torch.zeros(1, n, 576), torch.zeros(1024, dtype=torch.int32)
     )
     encoded = encode_tree(tree, base_n_layers=30)
     report = storage_report(encoded.manifest, encoded.nbytes)

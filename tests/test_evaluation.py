@@ -231,3 +231,81 @@ def test_eval_commands_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     assert all(isinstance(s["output"], str) and s["expected"] for s in report["samples"])
     for method in ("sharedllm", "full", "truncation", "streaming"):
         assert (tmp_path / f"needle-{method}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ruler_tasks_plant_what_they_ask_for(engine, data_dir):
+    from common.data.synthetic import Filler, needle_haystack_text
+    from common.evaluation.heldout import heldout_book_text
+    from common.evaluation.ruler import TASKS
+
+    fillers = {
+        "noise": Filler(engine.tokenizer),
+        "prose": Filler(engine.tokenizer, heldout_book_text(data_dir)[1]),
+        "needles": Filler(engine.tokenizer, needle_haystack_text(0)),
+    }
+    expected_answers = {"multivalue": 4, "multiquery": 4, "variables": 5}
+    for name, (haystack, build) in TASKS.items():
+        task = build(fillers[haystack], 2048, 0.3, 7)
+        answers = task.metadata["answers"]
+        assert len(answers) == expected_answers.get(name, 1), name
+        assert all(a in task.document for a in answers), name
+        assert abs(task.metadata["tokens"] - 2048) <= 2048 * 0.02, name
+        assert task.metadata["answer_prefix"] and task.question, name
+        if haystack == "needles":  # every sentence is a needle, and only the asked key is the task's
+            assert task.document.count("special magic number") > 50
+        if name == "multikey_prose":
+            assert sum(not f["queried"] for f in task.metadata["facts"]) == 3
+    chain = TASKS["variables"][1](fillers["noise"], 2048, 0.2, 3)
+    positions = [chain.document.index(f"VAR {n} =") for n in chain.metadata["answers"]]
+    assert positions == sorted(positions)  # each assignment follows the one it copies
+    value = chain.question.split("value ")[1].split()[0]
+    assert f"VAR {chain.metadata['answers'][0]} = {value}." in chain.document
+
+
+def test_ruler_score_is_the_share_of_expected_strings():
+    from common.evaluation.ruler import score
+
+    assert score(["123", "456"], "It is 123 and then 4567.") == 1.0
+    assert score(["QWERT", "ABCDE"], "qwert, zzz") == 0.5
+    assert score(["1"], "") == 0.0
+
+
+def test_eval_ruler_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
+    _run(
+        "eval",
+        "ruler",
+        "--model",
+        str(tiny_model_dir),
+        "--data-dir",
+        str(data_dir),
+        *TREE,
+        "--lengths",
+        "512",
+        "1536",
+        "--per-cell",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--evidence-tokens",
+        "128",
+        "--methods",
+        "sharedllm",
+        "evidence",
+        "tree",
+        "full",
+        "truncation",
+        "--json",
+        str(tmp_path / "ruler.json"),
+        "--plot",
+        str(tmp_path / "ruler.png"),
+    )
+    report = json.loads((tmp_path / "ruler.json").read_text())
+    assert len(report["cells"]) == 5 * 7 * 2  # methods x tasks x lengths
+    full = {c["length"]: c["score"] for c in report["cells"] if c["method"] == "full"}
+    assert full[1536] is None and full[512] is not None
+    assert {s["method"] for s in report["samples"]} == {"sharedllm", "evidence", "tree", "full", "truncation"}
+    assert all(0.0 <= s["score"] <= 1.0 for s in report["samples"])
+    assert report["protocol"]["evidence"]["tokens"] == 128
+    assert (tmp_path / "ruler.png").read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "RULER-style mean over 7 tasks" in table and "variables" in table

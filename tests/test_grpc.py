@@ -232,6 +232,20 @@ def test_compress_manage_and_generate_like_embedded(stack, tiny_engine, redis_se
     assert after.decoded_cache_hits - before.decoded_cache_hits == usage.context_nodes_cached + 1  # + the keys
     assert 0 < after.decoded_cache_bytes <= after.decoded_cache_capacity_bytes
 
+    # The window held excerpts of the document; the last message says which, where they are, and
+    # they are the document's own text. Without evidence the window holds the question alone.
+    passages = last.evidence
+    assert passages and last.usage.evidence_tokens == sum(p.token_end - p.token_start for p in passages)
+    assert [p.token_start for p in passages] == sorted(p.token_start for p in passages)
+    assert all(text[p.char_start : p.char_end] == p.text for p in passages)
+    assert last.timings.evidence_seconds > 0
+    assert [(x.token_start, x.text) for x in finished.evidence] == [(p.token_start, p.text) for p in passages]
+    bare = stack.generate(unary.context_id, evidence_tokens=0, **params)
+    assert not bare[-1].evidence and bare[-1].usage.evidence_tokens == 0
+    assert bare[-1].usage.prompt_tokens < last.usage.prompt_tokens
+    spread = stack.generate(unary.context_id, evidence_tokens=64, evidence_mode="spread", **params)
+    assert 0 < spread[-1].usage.evidence_tokens <= 64
+
     stack.compressor.DeleteContext(cpb.DeleteContextRequest(context_id="streamed-doc"), metadata=auth())
     server = stack.decoder.GetServerInfo(dpb.GetServerInfoRequest(), metadata=auth())
     assert server.adapter_fingerprint == embedded.fingerprints.adapter
@@ -325,6 +339,8 @@ def test_bad_requests_get_their_status_codes(stack, tiny_engine, redis_server):
         ("negative top_k", generate(top_k=-3), invalid),
         ("too many stop strings", generate(stop=[f"s{i}" for i in range(17)]), invalid),
         ("empty stop string", generate(stop=[""]), invalid),
+        ("negative evidence_tokens", generate(evidence_tokens=-1), invalid),
+        ("unknown evidence mode", generate(evidence_mode="everything"), invalid),
         ("context built with another adapter", generate(other_adapter), code.FAILED_PRECONDITION),
         ("corrupted stored node", generate(corrupted), code.DATA_LOSS),
     ]  # fmt: skip

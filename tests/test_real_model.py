@@ -108,3 +108,24 @@ def test_every_shipped_adapter_loads_on_the_default_model():
         assert engine.trained and engine.adapter.provenance["steps"] > 0
         fingerprints.add(engine.adapter.fingerprint())
     assert len(fingerprints) == len(shipped_adapter_names()) >= 2
+
+
+@pytest.mark.parametrize("depth", [0.15, 0.5, 0.85])
+def test_the_product_finds_a_fact_planted_in_a_long_document(depth, tmp_path):
+    """The user-facing failure this product once had: a 4-digit code planted in 14K tokens of
+    public-domain prose, asked for by name, was answered "1234". With evidence in the window the
+    default settings (shipped adapter, default budget) must answer it, and show where it read it."""
+    from common.data.demo import demo_document
+    from common.runtime import ContextRuntime
+    from common.store import open_store
+
+    text = demo_document(tmp_path).read_text(encoding="utf-8")
+    at = text.index("\n", int(depth * len(text))) + 1
+    fact = "The door code of the Sapphire Archive is 4817.\n"
+    runtime = ContextRuntime(Engine.load(device="cpu"), open_store("memory://"), decoded_cache_bytes=0)
+    context_id = runtime.compress_text(text[:at] + fact + text[at:]).context_id
+    question = "What is the door code of the Sapphire Archive?"
+    events = list(runtime.generate(context_id, question, SamplingParams(max_new_tokens=24)))
+    finished = next(e for e in events if isinstance(e, Finished))
+    assert "4817" in finished.text
+    assert any("4817" in p.text and p.char_start <= at < p.char_end + 1 for p in finished.evidence)

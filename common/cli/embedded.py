@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from common.engine.decoder import Finished
 from common.engine.engine import SUMMARY_INSTRUCTION, Engine, Limits, adapter_help
+from common.engine.evidence import EVIDENCE_MODES, EvidenceSettings, Passage
 from common.engine.sampling import SamplingParams
 from common.errors import InvalidInput
 from common.model_loading import add_dtype_argument, dtype_from_name
@@ -44,6 +45,54 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-retrieval", action="store_true", help="always expand the most recent half")
 
 
+def add_evidence_arguments(parser: argparse.ArgumentParser, *, passage_flags: bool = False) -> None:
+    """How much of the window holds excerpts of the document, and how they are chosen."""
+    default = EvidenceSettings()
+    parser.add_argument(
+        "--evidence-tokens",
+        type=int,
+        help=f"document tokens placed in the window as excerpts chosen for the question (default {default.tokens}; "
+        "0: none, the tree alone, the paper's setting)",
+    )
+    parser.add_argument(
+        "--evidence-mode",
+        choices=EVIDENCE_MODES,
+        help="auto: passages ranked for the question; spread: evenly across the document "
+        "(default: auto for questions, spread for summaries)",
+    )
+    if passage_flags:
+        parser.add_argument("--passage-tokens", type=int, default=default.passage_tokens, help="passage size")
+        parser.add_argument("--evidence-hops", type=int, default=default.hops, help="multi-hop rounds (0: none)")
+        parser.add_argument(
+            "--tree-weight", type=float, default=default.tree_weight, help="weight of the tree score in the ranking"
+        )
+
+
+def evidence_settings(args: argparse.Namespace, mode: str = "auto") -> EvidenceSettings:
+    """The settings the evidence flags ask for; unset ones keep EvidenceSettings's defaults."""
+    changes = {
+        "tokens": args.evidence_tokens,
+        "mode": args.evidence_mode or mode,
+        "passage_tokens": getattr(args, "passage_tokens", None),
+        "hops": getattr(args, "evidence_hops", None),
+        "tree_weight": getattr(args, "tree_weight", None),
+    }
+    settings = EvidenceSettings(**{k: v for k, v in changes.items() if v is not None})
+    settings.validate()
+    return settings
+
+
+def format_evidence(passages: tuple[Passage, ...]) -> str:
+    """The excerpts as a user reads them under an answer: where each one is, then its text."""
+    lines = [f"evidence: {len(passages)} passages, {sum(p.token_end - p.token_start for p in passages)} tokens"]
+    for p in passages:
+        lines.append(
+            f"  [chars {p.char_start}-{p.char_end}, tokens {p.token_start}-{p.token_end}, score {p.score:.2f}]"
+        )
+        lines += [f"    {line}" for line in p.text.strip().splitlines() if line.strip()]
+    return "\n".join(lines)
+
+
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -66,6 +115,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     for parser in (ask, summarize):
         add_model_arguments(parser)
         add_sampling_arguments(parser)
+        add_evidence_arguments(parser)
+        parser.add_argument("--evidence", action="store_true", help="print the excerpts the answer read, under it")
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
         parser.set_defaults(handler=run_ask)
 
@@ -89,7 +140,9 @@ def read_document(path: Path) -> str:
 
 def run_ask(args: argparse.Namespace) -> int:
     text = read_document(args.document)
-    question = getattr(args, "question", None) or SUMMARY_INSTRUCTION
+    question = getattr(args, "question", None)
+    evidence = evidence_settings(args, mode="auto" if question else "spread")
+    question = question or SUMMARY_INSTRUCTION
     params = sampling_params(args)
     limits = None if args.max_document_tokens is None else Limits(max_document_tokens=args.max_document_tokens)
     engine = Engine.load(args.model, args.adapter, args.device, limits, dtype=dtype_from_name(args.dtype))
@@ -103,7 +156,9 @@ def run_ask(args: argparse.Namespace) -> int:
         )
     ids = engine.tokenize_document(text)
     # One question per run: a decoded cache would only hold a second copy of what it reads.
-    runtime = ContextRuntime(engine, open_store("memory://"), default_ttl_s=None, decoded_cache_bytes=0)
+    runtime = ContextRuntime(
+        engine, open_store("memory://"), default_ttl_s=None, decoded_cache_bytes=0, evidence=evidence
+    )
     chunks = -(-len(ids) // engine.adapter.config.chunk_size)
     with tqdm(total=chunks, desc="compress", unit="chunk", disable=args.json or None, file=sys.stderr) as bar:
         compressed = runtime.compress_ids(ids, progress=lambda done, total: bar.update(done - bar.n))
@@ -137,15 +192,20 @@ def run_ask(args: argparse.Namespace) -> int:
         "prompt_tokens": finished.prompt_tokens,
         "completion_tokens": finished.completion_tokens,
         "adapter_trained": engine.trained,
+        "evidence_tokens": sum(p.token_end - p.token_start for p in finished.evidence),
+        "evidence": [p.to_dict() for p in finished.evidence],
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print()
+        if args.evidence:
+            print("\n" + format_evidence(finished.evidence))
         print(
             f"\n[document {report['document_tokens']} tokens in {report['chunks']} chunks | "
             f"compression {report['compression_s']} s | stored {report['stored_bytes'] / 1e6:.1f} MB | "
-            f"ratio {report['compression_ratio']}x | first token {report['time_to_first_token_s']} s | "
+            f"ratio {report['compression_ratio']}x | evidence {report['evidence_tokens']} tokens | "
+            f"first token {report['time_to_first_token_s']} s | "
             f"{report['tokens_per_s']} tokens/s | finish: {report['finish_reason']}]",
             file=sys.stderr,
         )

@@ -1,11 +1,15 @@
 """Synthetic long-document tasks: facts hidden at a chosen token depth in filler text.
 
-Three kinds, for instruction-style training and for the retrieval evaluation
-(evaluation.md, "Needle and passkey retrieval"):
+Kinds, for instruction-style training and for the retrieval evaluations
+(evaluation.md, "Needle and passkey retrieval" and "RULER-style suite"):
 - `passkey`: the classic "The pass key is K. Remember it. K is the pass key." line;
 - `needle`: RULER's single needle in natural text ("One of the special magic numbers for
   {key} is: {value}."), with distractor keys, several values per key or several keys asked;
-- `records`: several people's records (city, job, locker code), one field of one asked.
+- `records`: several people's records (city, job, locker code), one field of one asked;
+- `variables`: RULER's variable tracking, a chain of assignments "VAR B = VAR A" starting
+  from a value, all names that end up holding the value asked for.
+A haystack made only of other needles (RULER's multi-key with distractor needles) is a
+`Filler` over `needle_haystack_text`.
 
 Lengths and depths are in tokens of the tokenizer the model uses, because that is what the
 model's window counts: the filler is fitted sentence by sentence to the target length, and
@@ -398,7 +402,47 @@ def records_task(filler: Filler, length: int, depth: float, seed: int, n_records
     return _task("records", filler, length, depth, seed, rng, facts, question, [answer], prefix)
 
 
-_KINDS = {"passkey": passkey_task, "needle": needle_task, "records": records_task}
+def needle_haystack_text(seed: int, sentences: int = 6000) -> str:
+    """A haystack of nothing but needles for keys that are never asked (RULER's multi-key 2).
+
+    Their keys are a name and a city ("greta-oslo"), so they never equal an asked
+    adjective-noun key, but they read exactly like the needle that is asked for.
+    """
+    rng = random.Random(seed)
+    lines = [
+        f"One of the special magic numbers for {rng.choice(_FIRST_NAMES).lower()}-{rng.choice(_CITIES).lower()} "
+        f"is: {_magic_number(rng)}."
+        for _ in range(sentences)
+    ]
+    return " ".join(lines)
+
+
+def _variable_name(rng: random.Random) -> str:
+    return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+
+
+def variables_task(filler: Filler, length: int, depth: float, seed: int, hops: int = 4) -> Task:
+    """RULER's variable tracking: "VAR A = 12345." then `hops` assignments "VAR B = VAR A." in
+    document order, the first at `depth`, the rest after it at seeded depths; every name that
+    holds the value is expected."""
+    _check(length, depth)
+    if hops < 1:
+        raise InvalidInput(f"hops must be >= 1, got {hops}")
+    rng = random.Random(seed)
+    names = _distinct(rng, hops + 1, _variable_name)
+    value = str(rng.randrange(10_000, 100_000))
+    later = sorted(depth + (1.0 - depth) * rng.random() for _ in range(hops))
+    facts = [_Fact(f"VAR {names[0]} = {value}.", depth, True)]
+    facts += [_Fact(f"VAR {names[i + 1]} = VAR {names[i]}.", d, True) for i, d in enumerate(later)]
+    question = f"Find all variables that are assigned the value {value} in the text above."
+    prefix = (
+        f"According to the chain(s) of variable assignment in the text above, {hops + 1} variables "
+        f"are assigned the value {value}, they are:"
+    )
+    return _task("variables", filler, length, depth, seed, rng, facts, question, names, prefix)
+
+
+_KINDS = {"passkey": passkey_task, "needle": needle_task, "records": records_task, "variables": variables_task}
 
 
 def generate_tasks(

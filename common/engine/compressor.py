@@ -116,6 +116,7 @@ class Compressor:
             values=kv[m:].contiguous(),
             counts=torch.cat([p[1] for p in parts]),
             retrieval_keys=torch.cat([p[2] for p in parts]),
+            token_ids=torch.tensor(list(token_ids), dtype=torch.int32),
         )
 
     def _padded(self, seqs: list[list[int]]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.engine.adapter import InjectionAdapter
+from common.engine.evidence import Passage
 from common.engine.llama import LlamaBody, rms_normalise
 from common.engine.retrieval import select_nodes
 from common.engine.sampling import Sampler, SamplingParams
@@ -47,6 +48,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    evidence: tuple[Passage, ...] = ()  # the excerpts the window held, in document order
 
 
 class Decoder:
@@ -67,13 +69,16 @@ class Decoder:
         h = self.body.forward_layers(self.body.embed(ids), positions, range(0, 1))
         return rms_normalise(h[0, -1], self.body.rms_eps)
 
-    def prepare(self, source: ContextSource, query: torch.Tensor | None) -> tuple[Injection, dict[str, float]]:
-        """Select nodes per chunk, fetch only those, and lay them out for cross-attention."""
+    def prepare(
+        self, source: ContextSource, query: torch.Tensor | None, bias: torch.Tensor | None = None
+    ) -> tuple[Injection, dict[str, float]]:
+        """Select nodes per chunk (bias: [B, N] added to the query's similarities), fetch only
+        those, and lay them out for cross-attention."""
         cfg = self.adapter.config
         if source.config != cfg:
             raise IncompatibleContext(f"context built with {source.config}, the adapter expects {cfg}")
         t0 = time.perf_counter()
-        selection = select_nodes(source.retrieval_keys, query, cfg.depth)
+        selection = select_nodes(source.retrieval_keys, query, cfg.depth, bias)
         t1 = time.perf_counter()
         nodes = source.fetch(selection)
         t2 = time.perf_counter()

@@ -6,6 +6,7 @@ here; it speaks in token ids, text and engine types, never in protobuf or gRPC.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Iterator
@@ -18,8 +19,10 @@ import torch
 from common.config import TreeConfig
 from common.engine.adapter import InjectionAdapter, read_adapter_config
 from common.engine.compressor import Compressor, ProgressFn
-from common.engine.decoder import Decoder, Finished, TokenDelta
+from common.engine.decoder import Decoder, Finished, Injection, TokenDelta
+from common.engine.evidence import EvidenceSettings, Passage, PassageIndex, choose, rank, render
 from common.engine.llama import LlamaBody
+from common.engine.retrieval import node_similarity
 from common.engine.sampling import SamplingParams
 from common.engine.tree import ContextSource, ContextTree
 from common.errors import InvalidInput
@@ -27,6 +30,8 @@ from common.model_loading import LoadedModel, load_model
 
 DEFAULT_MAX_DOCUMENT_TOKENS = 131_072
 SUMMARY_INSTRUCTION = "Summarize the document in a few sentences."
+# Tokens kept free beside the evidence for the excerpts' markers and separators.
+_EXCERPT_OVERHEAD_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,21 @@ class Compressed:
     tree: ContextTree
     n_tokens: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class QuestionPlan:
+    """What the decode loop needs for one question: the window's tokens and the injection.
+
+    prompt_ids: the chat-templated user message (evidence excerpts, then the question) and the
+    answer prefix, if any; injection: the selected tree entries (None: no document, or the tree
+    left out); evidence: the excerpts in the window, in document order.
+    """
+
+    prompt_ids: list[int]
+    injection: Injection | None
+    evidence: tuple[Passage, ...]
+    timings: dict[str, float]
 
 
 SHIPPED_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
@@ -208,6 +228,9 @@ class Engine:
             raise InvalidInput("prompt is empty")
         if len(question) > self.limits.max_prompt_chars:
             raise InvalidInput(f"prompt has {len(question)} characters; the limit is {self.limits.max_prompt_chars}")
+        return self._chat_ids(question)
+
+    def _chat_ids(self, question: str) -> list[int]:
         messages = [{"role": "user", "content": question}]
         if self.tokenizer.chat_template:
             out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -230,30 +253,91 @@ class Engine:
             )
         return prompt
 
+    def passage_index(self, source: ContextSource, passage_tokens: int) -> PassageIndex:
+        """The passages of a context's document and their lexical index (cache it per document)."""
+        return PassageIndex(source.token_ids.tolist(), self.tokenizer, passage_tokens)
+
+    @torch.inference_mode()
+    def plan(
+        self,
+        source: ContextSource | None,
+        question: str,
+        *,
+        max_new_tokens: int,
+        evidence: EvidenceSettings,
+        retrieval: bool = True,
+        inject: bool = True,
+        answer_prefix: str = "",
+        index: PassageIndex | None = None,
+    ) -> QuestionPlan:
+        """Build the window and the injection for one question: the one path every front end,
+        evaluation and baseline takes (method.md §3, §5a).
+
+        evidence.tokens > 0 fills that budget of the window (clipped to what fits beside the
+        question and max_new_tokens) with passages ranked for the question; their ranking also
+        steers which tree nodes expand. retrieval=False always expands the most recent child
+        and ranks passages lexically only. inject=False leaves the tree out (evidence alone).
+        answer_prefix opens the assistant's turn (evaluations' "The answer is").
+        """
+        evidence.validate()
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        query = None
+        if source is not None and retrieval and (inject or evidence.tokens > 0):
+            query = self.decoder.query_vector(self.tokenizer(question, add_special_tokens=False)["input_ids"])
+        prefix = self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
+        passages: list[Passage] = []
+        bias = None
+        if source is not None and evidence.tokens > 0:
+            index = index if index is not None and index.passage_tokens == evidence.passage_tokens else None
+            index = index or self.passage_index(source, evidence.passage_tokens)
+            sims = None if query is None else node_similarity(source.retrieval_keys, query).cpu().numpy()
+            depth = source.config.depth
+            tree = None if sims is None else index.tree_scores(sims, source.chunk_lengths, depth)
+            ranking = rank(index, question, tree, evidence)
+            room = self.window - max_new_tokens - len(self._chat_ids(render([], question))) - len(prefix)
+            passages = choose(index, ranking, min(evidence.tokens, room - _EXCERPT_OVERHEAD_TOKENS))
+            if sims is not None:
+                bias = torch.from_numpy(index.node_scores(ranking.scores, source.chunk_lengths, depth))
+            timings["evidence_s"] = time.perf_counter() - started
+        prompt = self._chat_ids(render(passages, question)) + prefix
+        while passages and len(prompt) + max_new_tokens > self.window:  # excerpt markers took more than planned
+            passages.remove(min(passages, key=lambda p: p.score))
+            prompt = self._chat_ids(render(passages, question)) + prefix
+        injection = None
+        if source is not None and inject:
+            t0 = time.perf_counter()
+            injection, prep = self.decoder.prepare(source, query, bias)
+            timings.update(prep)
+            timings["prepare_s"] = time.perf_counter() - t0
+        return QuestionPlan(prompt, injection, tuple(passages), timings)
+
     def generate(
         self,
         source: ContextSource | None,
         question: str,
         params: SamplingParams,
         retrieval: bool = True,
+        evidence: EvidenceSettings | None = None,
+        index: PassageIndex | None = None,
     ) -> Iterator[TokenDelta | Finished]:
-        """Answer `question` about the compressed context `source` (None: no document)."""
-        prompt = self.check_request(question, params)
-        timings: dict[str, float] = {}
-        injection = None
-        if source is not None:
-            t0 = time.perf_counter()
-            query = None
-            if retrieval:
-                question_ids = self.tokenizer(question, add_special_tokens=False)["input_ids"]
-                query = self.decoder.query_vector(question_ids)
-            injection, prep = self.decoder.prepare(source, query)
-            timings.update(prep)
-            timings["prepare_s"] = time.perf_counter() - t0
-        for event in self.decoder.generate(prompt, injection, params, self._decode):
+        """Answer `question` about the compressed context `source` (None: no document).
+
+        evidence: how much of the window holds excerpts chosen for the question (None: the
+        default settings); index: the document's passage index, if the caller keeps one.
+        """
+        self.check_request(question, params)
+        plan = self.plan(
+            source,
+            question,
+            max_new_tokens=params.max_new_tokens,
+            evidence=evidence or EvidenceSettings(),
+            retrieval=retrieval,
+            index=index,
+        )
+        for event in self.decoder.generate(plan.prompt_ids, plan.injection, params, self._decode):
             if isinstance(event, Finished):
-                timings.update(event.timings)
-                yield Finished(event.reason, event.text, event.prompt_tokens, event.completion_tokens, timings)
+                yield dataclasses.replace(event, timings={**plan.timings, **event.timings}, evidence=plan.evidence)
             else:
                 yield event
 
@@ -262,7 +346,7 @@ class Engine:
 
     @torch.inference_mode()
     def logits(self, prompt_ids: list[int], source: ContextSource | None = None, query_ids: list[int] | None = None):
-        """Full-sequence logits [L, V] (tests and evaluation): same path as generation."""
+        """Full-sequence logits [L, V] (tests and evaluation): the same injection as generation, no evidence."""
         injection = None
         if source is not None:
             query = self.decoder.query_vector(query_ids) if query_ids else None

@@ -18,20 +18,31 @@ def leaf_start(level: int, position, depth: int):
     return position * 2 ** (depth - level)
 
 
-def select_nodes(retrieval_keys: torch.Tensor, query: torch.Tensor | None, depth: int) -> torch.Tensor:
+def node_similarity(retrieval_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Cosine of the query with every node's retrieval key [B, N]; empty nodes are -inf."""
+    keys = torch.nn.functional.normalize(retrieval_keys.float(), dim=-1)
+    sims = keys @ torch.nn.functional.normalize(query.float().to(keys.device), dim=0)
+    # Empty nodes (a short tail chunk) have zero keys; never spend detail on them.
+    return sims.masked_fill(retrieval_keys.abs().sum(-1) == 0, float("-inf"))
+
+
+def select_nodes(
+    retrieval_keys: torch.Tensor,
+    query: torch.Tensor | None,
+    depth: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Node indices [B, D + 1] per chunk, in document order.
 
     retrieval_keys: [B, N, hidden] RMS-normalised node keys; query: [hidden] or None. With no
-    query (retrieval off) the right, most recent, child is always expanded.
+    query (retrieval off) the right, most recent, child is always expanded. bias: [B, N] added
+    to the similarities (the evidence ranking's score of the text under each node), so the
+    chunks the ranking points into expand where it points.
     """
     n_chunks = retrieval_keys.shape[0]
-    if query is None:
-        sims = None
-    else:
-        keys = torch.nn.functional.normalize(retrieval_keys.float(), dim=-1)
-        sims = keys @ torch.nn.functional.normalize(query.float().to(keys.device), dim=0)  # [B, N]
-        # Empty nodes (a short tail chunk) have zero keys; never spend detail on them.
-        sims = sims.masked_fill(retrieval_keys.abs().sum(-1) == 0, float("-inf"))
+    sims = None if query is None else node_similarity(retrieval_keys, query)
+    if sims is not None and bias is not None:
+        sims = sims + bias.to(sims)
     position = torch.zeros(n_chunks, dtype=torch.long)
     kept: list[torch.Tensor] = []  # per level: node index kept at that level
     starts: list[torch.Tensor] = []

@@ -7,6 +7,8 @@ position p is `2**l - 2 + p`):
                     keys carry the token-level RoPE of their encoding, no chunk rotation
     counts          [B, N] int32                          valid entries per node (<= P)
     retrieval_keys  [B, N, hidden] float32                RMS-normalised layer-0 states
+    token_ids       [T] int32                             the document's tokens (T = sum of chunk
+                                                          lengths): evidence passages are cut from them
 
 Slots at or beyond `counts` are zero and masked; a node shorter than P keeps every entry.
 """
@@ -51,6 +53,9 @@ class ContextSource(Protocol):
     @property
     def retrieval_keys(self) -> torch.Tensor: ...
 
+    @property
+    def token_ids(self) -> torch.Tensor: ...
+
     def fetch(self, selection: torch.Tensor) -> SelectedNodes:
         """Read the nodes `selection[b, k]` (node index within chunk b), in that order."""
         ...
@@ -66,6 +71,7 @@ class ContextTree:
     values: torch.Tensor
     counts: torch.Tensor
     retrieval_keys: torch.Tensor
+    token_ids: torch.Tensor
 
     def __post_init__(self) -> None:
         m, b, n, p = self.config.n_layers, len(self.chunk_lengths), self.config.nodes_per_chunk, self.config.pool_size
@@ -79,6 +85,10 @@ class ContextTree:
             raise ValueError(f"counts must be [{b}, {n}], got {tuple(self.counts.shape)}")
         if tuple(self.retrieval_keys.shape[:2]) != (b, n):
             raise ValueError(f"retrieval_keys must be [{b}, {n}, hidden], got {tuple(self.retrieval_keys.shape)}")
+        if tuple(self.token_ids.shape) != (self.n_tokens,) or self.token_ids.dtype != torch.int32:
+            raise ValueError(
+                f"token_ids must be int32 [{self.n_tokens}], got {self.token_ids.dtype} {tuple(self.token_ids.shape)}"
+            )
 
     @property
     def n_chunks(self) -> int:
@@ -91,7 +101,8 @@ class ContextTree:
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor the tree holds (what a store keeps, before framing)."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.counts, self.retrieval_keys))
+        tensors = (self.keys, self.values, self.counts, self.retrieval_keys, self.token_ids)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def fetch(self, selection: torch.Tensor) -> SelectedNodes:
         b, k = selection.shape

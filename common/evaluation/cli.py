@@ -8,20 +8,23 @@ from pathlib import Path
 from typing import Any
 
 from common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
+from common.cli.embedded import add_evidence_arguments, evidence_settings
 from common.config import TreeConfig
 from common.data.cli import default_data_dir
 from common.data.corpora import CORPORA
-from common.data.synthetic import Filler
+from common.data.synthetic import Filler, needle_haystack_text
 from common.engine.engine import Engine, adapter_help
 from common.errors import InvalidInput
-from common.evaluation import needle, ppl
+from common.evaluation import needle, ppl, ruler
 from common.evaluation.heldout import heldout_book_text, heldout_documents
-from common.evaluation.methods import METHODS
+from common.evaluation.methods import METHODS, PPL_METHODS
 from common.model_loading import add_dtype_argument, dtype_from_name
 from common.training.cli import add_tree_arguments, given_tree_flags, tree_config
 
 
-def _add_shared(parser: argparse.ArgumentParser, default_methods: tuple[str, ...]) -> None:
+def _add_shared(
+    parser: argparse.ArgumentParser, default_methods: tuple[str, ...], methods: tuple[str, ...] = METHODS
+) -> None:
     parser.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", help=adapter_help("the shipped default for the default model, else untrained"))
     parser.add_argument("--device")
@@ -30,7 +33,7 @@ def _add_shared(parser: argparse.ArgumentParser, default_methods: tuple[str, ...
     parser.add_argument(
         "--lengths", type=int, nargs="+", default=list(ppl.DEFAULT_LENGTHS), help="context lengths in tokens"
     )
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(default_methods))
+    parser.add_argument("--methods", nargs="+", choices=methods, default=list(default_methods))
     parser.add_argument(
         "--streaming-recent",
         type=int,
@@ -56,11 +59,13 @@ def _tree_config(args: argparse.Namespace) -> TreeConfig | None:
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     """Register `eval ppl` and `eval needle` on the `sharedllm` parser's subcommands."""
-    evaluate = sub.add_parser("eval", help="perplexity against context length; needle and passkey retrieval")
+    evaluate = sub.add_parser(
+        "eval", help="perplexity against context length; needle and passkey retrieval; the RULER-style suite"
+    )
     commands = evaluate.add_subparsers(dest="eval_command", required=True)
 
     p = commands.add_parser("ppl", help="perplexity of the last W tokens against context length, with baselines")
-    _add_shared(p, METHODS)
+    _add_shared(p, PPL_METHODS, PPL_METHODS)
     p.add_argument("--windows", type=int, default=2, help="scored windows per document and length")
     p.add_argument("--scored-tokens", type=int, default=256, help="W, tokens scored per window")
     p.add_argument(
@@ -83,7 +88,18 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--max-new-tokens", type=int, default=16)
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--no-retrieval", action="store_true", help="SharedLLM always expands the most recent child")
+    add_evidence_arguments(n, passage_flags=True)
     n.set_defaults(handler=run_needle)
+
+    r = commands.add_parser("ruler", help="the RULER-style suite: seven retrieval tasks per length, every method")
+    _add_shared(r, ruler.DEFAULT_METHODS)
+    r.add_argument("--tasks", nargs="+", choices=tuple(ruler.TASKS), default=list(ruler.TASKS))
+    r.add_argument("--per-cell", type=int, default=4, help="seeded samples per task and length")
+    r.add_argument("--max-new-tokens", type=int, default=48)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-retrieval", action="store_true", help="SharedLLM always expands the most recent child")
+    add_evidence_arguments(r, passage_flags=True)
+    r.set_defaults(handler=run_ruler, lengths=None)
 
 
 def _load(args: argparse.Namespace) -> tuple[Engine, StreamingLLM | None, dict[str, Any]]:
@@ -160,6 +176,7 @@ def run_needle(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         not args.no_retrieval,
         args.seed,
+        evidence_settings(args),
     )
     settings.validate()
     fillers = {}
@@ -175,4 +192,34 @@ def run_needle(args: argparse.Namespace) -> int:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         for path in needle.plot_heatmaps(report, args.plot, _title(setup)):
             print(f"wrote {path}")
+    return 0
+
+
+def run_ruler(args: argparse.Namespace) -> int:
+    engine, streaming, setup = _load(args)
+    settings = ruler.RulerSettings(
+        tuple(args.lengths or ruler.DEFAULT_LENGTHS),
+        tuple(args.tasks),
+        tuple(args.methods),
+        args.per_cell,
+        args.max_new_tokens,
+        not args.no_retrieval,
+        args.seed,
+        evidence_settings(args),
+    )
+    settings.validate()
+    haystacks = {ruler.TASKS[t][0] for t in settings.tasks}
+    fillers = {}
+    if "noise" in haystacks:
+        fillers["noise"] = Filler(engine.tokenizer)
+    if "prose" in haystacks:
+        setup["prose_haystack"], text = heldout_book_text(args.data_dir)
+        fillers["prose"] = Filler(engine.tokenizer, text)
+    if "needles" in haystacks:
+        fillers["needles"] = Filler(engine.tokenizer, needle_haystack_text(args.seed))
+    report = ruler.evaluate_ruler(engine, fillers, settings, streaming)
+    _finish(report, ruler.format_table(report), setup, args)
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {ruler.plot_heatmap(report, args.plot, _title(setup))}")
     return 0

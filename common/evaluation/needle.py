@@ -5,7 +5,9 @@ RULER's single needle with a held-out book as the haystack, both fitted to the l
 counting tokens and seeded per cell. Every method answers the same chat-formatted question,
 the assistant's turn opened with the task's answer prefix ("The pass key is"), so only the
 way the document reaches the model differs:
-- sharedllm: the document is compressed and injected (query-aware retrieval unless disabled);
+- sharedllm: the document is compressed and injected (query-aware retrieval unless disabled)
+  and evidence passages chosen for the question fill the evidence budget of the window;
+- evidence: the same passages, no tree; tree: the tree, no passages (the paper's setting);
 - window: no document at all (the floor: what the question alone gives);
 - truncation: the last document tokens that fit the window, opening the user message before
   the question (as a user would paste it);
@@ -21,7 +23,7 @@ import dataclasses
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,10 @@ from common.baselines.streaming import StreamingLLM
 from common.data.synthetic import Filler, Task, generate_tasks
 from common.engine.decoder import Finished, Injection
 from common.engine.engine import Engine
+from common.engine.evidence import EvidenceSettings
 from common.engine.sampling import SamplingParams
 from common.errors import InvalidInput
-from common.evaluation.methods import METHODS, base_window_methods
+from common.evaluation.methods import DOCUMENT_METHODS, METHODS, base_window_methods
 
 TASKS: tuple[str, ...] = ("passkey", "needle")
 DEFAULT_METHODS: tuple[str, ...] = ("sharedllm", "full", "truncation", "streaming")
@@ -52,6 +55,7 @@ class NeedleSettings:
     max_new_tokens: int = 16
     retrieval: bool = True
     seed: int = 0
+    evidence: EvidenceSettings = field(default_factory=EvidenceSettings)
 
     def validate(self) -> None:
         if not self.lengths or not self.depths or self.per_cell < 1 or self.max_new_tokens < 1:
@@ -72,11 +76,22 @@ def is_correct(kind: str, answers: Sequence[str], output: str) -> bool:
 class Answerer:
     """Runs one task through every requested method and returns each method's answer text."""
 
-    def __init__(self, engine: Engine, streaming: StreamingLLM | None, settings: NeedleSettings) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        streaming: StreamingLLM | None,
+        methods: Sequence[str],
+        max_new_tokens: int,
+        evidence: EvidenceSettings,
+        retrieval: bool = True,
+    ) -> None:
         self.engine = engine
         self.streaming = streaming
-        self.settings = settings
-        self.params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0)
+        self.methods = tuple(methods)
+        self.max_new_tokens = max_new_tokens
+        self.evidence = evidence
+        self.retrieval = retrieval
+        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
         self._separator = self._tokens("\n\n")  # between the document and the question
 
     def _tokens(self, text: str) -> list[int]:
@@ -103,7 +118,7 @@ class Answerer:
 
     def __call__(self, task: Task) -> dict[str, str]:
         """Answer text per method; `full` only where the whole document fits the window."""
-        engine, wanted, max_new = self.engine, set(self.settings.methods), self.settings.max_new_tokens
+        engine, wanted, max_new = self.engine, set(self.methods), self.max_new_tokens
         document = self._tokens(task.document)
         head, tail = self._layout(task.question)
         tail = tail + self._tokens(task.metadata["answer_prefix"])
@@ -116,11 +131,23 @@ class Answerer:
             raise InvalidInput(f"the question and answer ({len(with_document([]))} + {max_new}) exceed the window")
         answers: dict[str, str] = {}
         with torch.inference_mode():
-            if "sharedllm" in wanted:
+            reading = [m for m in DOCUMENT_METHODS if m in wanted]
+            if reading:
                 tree = engine.compressor.compress(document)
-                query = engine.decoder.query_vector(self._tokens(task.question)) if self.settings.retrieval else None
-                injection, _ = engine.decoder.prepare(tree, query)
-                answers["sharedllm"] = self._greedy(head + tail, injection)
+                index = engine.passage_index(tree, self.evidence.passage_tokens)
+            for method in reading:
+                with_evidence, inject = DOCUMENT_METHODS[method]
+                plan = engine.plan(
+                    tree,
+                    task.question,
+                    max_new_tokens=max_new,
+                    evidence=dataclasses.replace(self.evidence, tokens=self.evidence.tokens if with_evidence else 0),
+                    retrieval=self.retrieval,
+                    inject=inject,
+                    answer_prefix=task.metadata["answer_prefix"],
+                    index=index,
+                )
+                answers[method] = self._greedy(plan.prompt_ids, plan.injection)
             if "window" in wanted:
                 answers["window"] = self._greedy(head + tail, None)
             served = base_window_methods(wanted, len(document) <= budget)
@@ -140,7 +167,9 @@ def evaluate_needles(
     settings.validate()
     if ("streaming" in settings.methods) != (streaming is not None):
         raise ValueError("pass a StreamingLLM exactly when the streaming method is asked for")
-    answer = Answerer(engine, streaming, settings)
+    answer = Answerer(
+        engine, streaming, settings.methods, settings.max_new_tokens, settings.evidence, settings.retrieval
+    )
     total = len(settings.tasks) * len(settings.lengths) * len(settings.depths) * settings.per_cell
     bar = tqdm(total=total, desc="needle tasks", file=sys.stderr)
     samples: list[dict[str, Any]] = []

@@ -28,7 +28,8 @@ import torch
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from common.cli.embedded import add_sampling_arguments, sampling_params
+from common.cli.embedded import add_evidence_arguments, add_sampling_arguments, format_evidence, sampling_params
+from common.engine.evidence import Passage
 from common.errors import SharedLLMError
 from common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
 from common.rpc.config import MIB, ServerConfig, add_server_arguments
@@ -65,6 +66,8 @@ def add_rpc_commands(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("prompt")
     generate.add_argument("--context", required=True, help="context id printed by `sharedllm compress`")
     add_sampling_arguments(generate)
+    add_evidence_arguments(generate)
+    generate.add_argument("--evidence", action="store_true", help="print the excerpts the answer read, under it")
     add_client_arguments(generate)
     generate.set_defaults(handler=run_generate)
 
@@ -136,6 +139,10 @@ def run_generate(args: argparse.Namespace) -> int:
         disable_retrieval=args.no_retrieval,
         **sampling,
     )
+    if args.evidence_tokens is not None:
+        request.evidence_tokens = args.evidence_tokens
+    if args.evidence_mode is not None:
+        request.evidence_mode = args.evidence_mode
     started = time.perf_counter()
     first_token_s: float | None = None
     text: list[str] = []
@@ -159,15 +166,22 @@ def run_generate(args: argparse.Namespace) -> int:
             "finish_reason": reason,
             "usage": as_dict(last.usage),
             "timings": as_dict(last.timings),
+            "evidence": [as_dict(p) for p in last.evidence],
             "client_time_to_first_token_s": first_token_s,
         }
         print(json.dumps(report, indent=2))
     else:
         print()
+        if args.evidence:
+            passages = (
+                Passage(p.token_start, p.token_end, p.char_start, p.char_end, p.text, p.score) for p in last.evidence
+            )
+            print("\n" + format_evidence(tuple(passages)))
         ttft = last.timings.time_to_first_token_seconds
         print(
             f"[finish: {reason} | {last.usage.completion_tokens} tokens | first token {ttft:.3f} s (server) | "
             f"context {last.usage.context_tokens} tokens, {last.usage.context_bytes_read / 1e6:.2f} MB read, "
+            f"evidence {last.usage.evidence_tokens} tokens, "
             f"{last.usage.context_nodes_cached} nodes cached]",
             file=sys.stderr,
         )

@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli.embedded import add_model_arguments
+from common.cli.embedded import add_evidence_arguments, add_model_arguments, evidence_settings
 from common.config import TreeConfig
 from common.engine.engine import Limits
+from common.engine.evidence import EvidenceSettings
 from common.errors import InvalidInput
 from common.rpc.auth import ApiKeys
 from common.store.decoded_cache import DEFAULT_CACHE_BYTES
@@ -42,6 +43,7 @@ class ServerConfig:
     max_concurrent: int
     default_ttl_s: float | None  # None: contexts never expire unless the client asks
     decoded_cache_bytes: int  # verified nodes kept decoded for repeat questions; 0: none
+    evidence: EvidenceSettings  # the decoder's default evidence budget and choice (requests may override)
     api_keys: ApiKeys
     shutdown_grace_s: float
     drain_delay_s: float
@@ -77,6 +79,7 @@ class ServerConfig:
             max_concurrent=args.max_concurrent,
             default_ttl_s=args.default_ttl_s or None,
             decoded_cache_bytes=args.decoded_cache_mib * MIB,
+            evidence=evidence_settings(args),
             api_keys=ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.disabled(),
             shutdown_grace_s=args.shutdown_grace_s,
             drain_delay_s=args.drain_delay_s,
@@ -110,6 +113,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     model = parser.add_argument_group("model")
     add_model_arguments(model)
     model.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    add_evidence_arguments(
+        parser.add_argument_group("evidence (decoder defaults; requests may override)"), passage_flags=True
+    )
     add_tree_arguments(parser.add_argument_group("fresh untrained adapter (instead of an adapter file)"), TreeConfig())
     apply_env_defaults(parser)
 

@@ -84,6 +84,7 @@ def load_runtime(config: ServerConfig, lower_only: bool = False) -> ContextRunti
         open_store(config.store_url),
         default_ttl_s=config.default_ttl_s,
         decoded_cache_bytes=config.decoded_cache_bytes,
+        evidence=config.evidence,
     )
     runtime.warm_up()
     return runtime

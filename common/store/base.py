@@ -162,6 +162,7 @@ class StoredContext:
         context_id: str,
         manifest: pb.ContextManifest,
         retrieval_keys: torch.Tensor,
+        token_ids: torch.Tensor,
         reader: PartReader,
         counters: _Counters,
         bytes_read: int,
@@ -171,6 +172,7 @@ class StoredContext:
         self.manifest = manifest
         self._config = codec.tree_config(manifest)
         self._retrieval_keys = retrieval_keys
+        self._token_ids = token_ids
         self._counts = codec.node_counts(manifest)
         self._reader = reader
         self._counters = counters
@@ -189,6 +191,15 @@ class StoredContext:
     @property
     def retrieval_keys(self) -> torch.Tensor:
         return self._retrieval_keys
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self._token_ids
+
+    @property
+    def index_digest(self) -> bytes:
+        """SHA-256 of the verified index part (retrieval keys and token ids): names the document's passages."""
+        return self.manifest.retrieval_keys_sha256
 
     def fetch(self, selection: torch.Tensor) -> SelectedNodes:
         """Read nodes `selection[b, k]` of every chunk b, laid out as ContextTree.fetch does."""
@@ -292,15 +303,15 @@ class ContextStore(ABC):
             frame, reader = self._open(key)
             manifest = self._verified_manifest(key, frame, expected)
             digest = manifest.retrieval_keys_sha256
-            retrieval_keys = _from_cache(cache, tenant, digest, lambda t: codec.check_retrieval_keys(manifest, t))
-            payload = reader.use(manifest, read_retrieval_keys=retrieval_keys is None)
-            if retrieval_keys is None:
-                retrieval_keys = codec.decode_retrieval_keys(manifest, payload)
+            index = _from_cache(cache, tenant, digest, lambda t: codec.check_retrieval_keys(manifest, t))
+            payload = reader.use(manifest, read_retrieval_keys=index is None)
+            if index is None:
+                index = codec.decode_retrieval_keys(manifest, payload)
                 if cache is not None:
-                    cache.put(tenant, digest, {"retrieval_keys": retrieval_keys})
+                    cache.put(tenant, digest, {"retrieval_keys": index[0], "token_ids": index[1]})
         read = len(frame) + len(payload or b"")
         self._counters.add(bytes_read=read)
-        return StoredContext(context_id, manifest, retrieval_keys, reader, self._counters, read, cache)
+        return StoredContext(context_id, manifest, *index, reader, self._counters, read, cache)
 
     def info(self, context_id: str, *, tenant: str = DEFAULT_TENANT) -> ContextInfo:
         """The verified manifest, stored size and current expiry; not a use (no refresh)."""

@@ -26,7 +26,9 @@ from common.engine.tree import ContextTree
 from common.errors import DataCorruption, IncompatibleContext, InvalidInput
 from common.generated.sharedllm.v1 import context_pb2 as pb
 
-FORMAT_VERSION = 1
+# 2: the retrieval-keys part also holds the document's token ids (evidence passages are cut from
+# them); a version-1 context has none, so it is refused with IncompatibleContext, never misread.
+FORMAT_VERSION = 2
 DIGEST_BYTES = 32
 
 DTYPES: dict[torch.dtype, int] = {
@@ -139,7 +141,12 @@ def encode(
     _, b, n, _, kv, hd = tree.keys.shape
     created = int(time.time() * 1000) if now_ms is None else now_ms
     keys, values = tree.keys.detach().cpu(), tree.values.detach().cpu()  # one device copy, not one per node
-    rkeys = safetensors.torch.save({"retrieval_keys": _contiguous(tree.retrieval_keys.detach().cpu())})
+    rkeys = safetensors.torch.save(
+        {
+            "retrieval_keys": _contiguous(tree.retrieval_keys.detach().cpu()),
+            "token_ids": _contiguous(tree.token_ids.detach().cpu()),
+        }
+    )
     nodes = tuple(
         safetensors.torch.save({"keys": _contiguous(keys[:, c, i]), "values": _contiguous(values[:, c, i])})
         for c in range(b)
@@ -193,15 +200,21 @@ def decode_manifest(frame: bytes, expected: Fingerprints | None = None) -> pb.Co
     return manifest
 
 
-def decode_retrieval_keys(manifest: pb.ContextManifest, payload: bytes) -> torch.Tensor:
-    """The verified retrieval keys [B, N, hidden] float32."""
+def decode_retrieval_keys(manifest: pb.ContextManifest, payload: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verified retrieval keys [B, N, hidden] float32 and token ids [T] int32 of the index part."""
     return check_retrieval_keys(manifest, _load(payload, manifest.retrieval_keys_sha256, "retrieval keys"))
 
 
-def check_retrieval_keys(manifest: pb.ContextManifest, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The retrieval keys of `tensors` if they have the shape and dtype this manifest declares."""
-    shape = (manifest.n_chunks, manifest.nodes_per_chunk, manifest.shapes.hidden)
-    return _expect(tensors, "retrieval keys", {"retrieval_keys": (shape, torch.float32)})["retrieval_keys"]
+def check_retrieval_keys(
+    manifest: pb.ContextManifest, tensors: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Retrieval keys and token ids of `tensors` if they have the shapes and dtypes this manifest declares."""
+    spec = {
+        "retrieval_keys": ((manifest.n_chunks, manifest.nodes_per_chunk, manifest.shapes.hidden), torch.float32),
+        "token_ids": ((manifest.n_tokens,), torch.int32),
+    }
+    tensors = _expect(tensors, "retrieval keys", spec)
+    return tensors["retrieval_keys"], tensors["token_ids"]
 
 
 def decode_node(manifest: pb.ContextManifest, index: int, payload: bytes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,13 +251,15 @@ def decode(encoded: EncodedContext, expected: Fingerprints | None = None) -> Con
         stacked = torch.stack([node[part] for node in nodes], dim=1)  # [M, B*N, P, kv, hd]
         return stacked.unflatten(1, (b, n))
 
+    retrieval_keys, token_ids = decode_retrieval_keys(manifest, encoded.retrieval_keys)
     return ContextTree(
         config=tree_config(manifest),
         chunk_lengths=tuple(manifest.chunk_lengths),
         keys=gather(0),
         values=gather(1),
         counts=node_counts(manifest).reshape(b, n),
-        retrieval_keys=decode_retrieval_keys(manifest, encoded.retrieval_keys),
+        retrieval_keys=retrieval_keys,
+        token_ids=token_ids,
     )
 
 
@@ -300,6 +315,10 @@ def _check_encodable(
         problems.append(f"keys/values must share one of {list(DTYPES)}, got {tree.keys.dtype}/{tree.values.dtype}")
     if tree.retrieval_keys.dtype != torch.float32:
         problems.append(f"retrieval keys must be float32, got {tree.retrieval_keys.dtype}")
+    if tree.token_ids.dtype != torch.int32 or tree.token_ids.numel() != tree.n_tokens:
+        problems.append(
+            f"token ids must be int32 [{tree.n_tokens}], got {tree.token_ids.dtype} {tuple(tree.token_ids.shape)}"
+        )
     if tree.n_chunks < 1 or not all(1 <= n <= tree.config.chunk_size for n in tree.chunk_lengths):
         problems.append(f"need >= 1 chunk of 1..{tree.config.chunk_size} tokens, got {tree.chunk_lengths}")
     if tree.counts.numel() and not 0 <= int(tree.counts.min()) <= int(tree.counts.max()) <= tree.config.pool_size:

@@ -25,31 +25,33 @@ _sym_db = _symbol_database.Default()
 from common.generated.sharedllm.v1 import context_pb2 as sharedllm_dot_v1_dot_context__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asharedllm/v1/decoder.proto\x12\x0csharedllm.v1\x1a\x1asharedllm/v1/context.proto\"\xe6\x02\n\x0fGenerateRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x19\n\x11\x64isable_retrieval\x18\x0b \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xa3\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ontext_chunks\x18\x04 \x01(\r\x12\x1a\n\x12\x63ontext_bytes_read\x18\x05 \x01(\x04\x12\x1c\n\x14\x63ontext_nodes_cached\x18\x06 \x01(\r\"\xa0\x01\n\x0fGenerateTimings\x12\x1c\n\x14\x63ontext_load_seconds\x18\x01 \x01(\x01\x12\x19\n\x11selection_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x04 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x05 \x01(\x01\"\xba\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.sharedllm.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.sharedllm.v1.Usage\x12.\n\x07timings\x18\x05 \x01(\x0b\x32\x1d.sharedllm.v1.GenerateTimings\"\x16\n\x14GetServerInfoRequest\"\xca\x01\n\x0cServerLimits\x12\x15\n\rwindow_tokens\x18\x01 \x01(\r\x12\x1b\n\x13max_document_tokens\x18\x02 \x01(\x04\x12\x18\n\x10max_prompt_chars\x18\x03 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x04 \x01(\r\x12\x16\n\x0emax_stop_chars\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x1f\n\x17max_concurrent_requests\x18\x07 \x01(\r\"\xdb\x01\n\x0bServerStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12\x16\n\x0erequests_total\x18\x02 \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x03 \x01(\x04\x12\x1b\n\x13\x64\x65\x63oded_cache_bytes\x18\x04 \x01(\x04\x12$\n\x1c\x64\x65\x63oded_cache_capacity_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12\x64\x65\x63oded_cache_hits\x18\x06 \x01(\x04\x12\x1c\n\x14\x64\x65\x63oded_cache_misses\x18\x07 \x01(\x04\"\x94\x02\n\x15GetServerInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1b\n\x13\x61\x64\x61pter_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_trained\x18\x04 \x01(\x08\x12-\n\x0btree_config\x18\x05 \x01(\x0b\x32\x18.sharedllm.v1.TreeConfig\x12*\n\x06limits\x18\x06 \x01(\x0b\x32\x1a.sharedllm.v1.ServerLimits\x12(\n\x05stats\x18\x07 \x01(\x0b\x32\x19.sharedllm.v1.ServerStats\x12\x11\n\tstore_url\x18\x08 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xb7\x01\n\x0e\x44\x65\x63oderService\x12K\n\x08Generate\x12\x1d.sharedllm.v1.GenerateRequest\x1a\x1e.sharedllm.v1.GenerateResponse0\x01\x12X\n\rGetServerInfo\x12\".sharedllm.v1.GetServerInfoRequest\x1a#.sharedllm.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asharedllm/v1/decoder.proto\x12\x0csharedllm.v1\x1a\x1asharedllm/v1/context.proto\"\xc6\x03\n\x0fGenerateRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x19\n\x11\x64isable_retrieval\x18\x0b \x01(\x08\x12\x1c\n\x0f\x65vidence_tokens\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12\x1a\n\revidence_mode\x18\r \x01(\tH\x08\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x12\n\x10_evidence_tokensB\x10\n\x0e_evidence_mode\"|\n\x0f\x45videncePassage\x12\x13\n\x0btoken_start\x18\x01 \x01(\r\x12\x11\n\ttoken_end\x18\x02 \x01(\r\x12\x12\n\nchar_start\x18\x03 \x01(\x04\x12\x10\n\x08\x63har_end\x18\x04 \x01(\x04\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x01\"\xbc\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ontext_chunks\x18\x04 \x01(\r\x12\x1a\n\x12\x63ontext_bytes_read\x18\x05 \x01(\x04\x12\x1c\n\x14\x63ontext_nodes_cached\x18\x06 \x01(\r\x12\x17\n\x0f\x65vidence_tokens\x18\x07 \x01(\r\"\xba\x01\n\x0fGenerateTimings\x12\x1c\n\x14\x63ontext_load_seconds\x18\x01 \x01(\x01\x12\x19\n\x11selection_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x04 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x05 \x01(\x01\x12\x18\n\x10\x65vidence_seconds\x18\x06 \x01(\x01\"\xeb\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.sharedllm.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.sharedllm.v1.Usage\x12.\n\x07timings\x18\x05 \x01(\x0b\x32\x1d.sharedllm.v1.GenerateTimings\x12/\n\x08\x65vidence\x18\x06 \x03(\x0b\x32\x1d.sharedllm.v1.EvidencePassage\"\x16\n\x14GetServerInfoRequest\"\xca\x01\n\x0cServerLimits\x12\x15\n\rwindow_tokens\x18\x01 \x01(\r\x12\x1b\n\x13max_document_tokens\x18\x02 \x01(\x04\x12\x18\n\x10max_prompt_chars\x18\x03 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x04 \x01(\r\x12\x16\n\x0emax_stop_chars\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x1f\n\x17max_concurrent_requests\x18\x07 \x01(\r\"\xdb\x01\n\x0bServerStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12\x16\n\x0erequests_total\x18\x02 \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x03 \x01(\x04\x12\x1b\n\x13\x64\x65\x63oded_cache_bytes\x18\x04 \x01(\x04\x12$\n\x1c\x64\x65\x63oded_cache_capacity_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12\x64\x65\x63oded_cache_hits\x18\x06 \x01(\x04\x12\x1c\n\x14\x64\x65\x63oded_cache_misses\x18\x07 \x01(\x04\"\x94\x02\n\x15GetServerInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1b\n\x13\x61\x64\x61pter_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_trained\x18\x04 \x01(\x08\x12-\n\x0btree_config\x18\x05 \x01(\x0b\x32\x18.sharedllm.v1.TreeConfig\x12*\n\x06limits\x18\x06 \x01(\x0b\x32\x1a.sharedllm.v1.ServerLimits\x12(\n\x05stats\x18\x07 \x01(\x0b\x32\x19.sharedllm.v1.ServerStats\x12\x11\n\tstore_url\x18\x08 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xb7\x01\n\x0e\x44\x65\x63oderService\x12K\n\x08Generate\x12\x1d.sharedllm.v1.GenerateRequest\x1a\x1e.sharedllm.v1.GenerateResponse0\x01\x12X\n\rGetServerInfo\x12\".sharedllm.v1.GetServerInfoRequest\x1a#.sharedllm.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sharedllm.v1.decoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1681
-  _globals['_FINISHREASON']._serialized_end=1799
+  _globals['_FINISHREASON']._serialized_start=2003
+  _globals['_FINISHREASON']._serialized_end=2121
   _globals['_GENERATEREQUEST']._serialized_start=73
-  _globals['_GENERATEREQUEST']._serialized_end=431
-  _globals['_USAGE']._serialized_start=434
-  _globals['_USAGE']._serialized_end=597
-  _globals['_GENERATETIMINGS']._serialized_start=600
-  _globals['_GENERATETIMINGS']._serialized_end=760
-  _globals['_GENERATERESPONSE']._serialized_start=763
-  _globals['_GENERATERESPONSE']._serialized_end=949
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=951
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=973
-  _globals['_SERVERLIMITS']._serialized_start=976
-  _globals['_SERVERLIMITS']._serialized_end=1178
-  _globals['_SERVERSTATS']._serialized_start=1181
-  _globals['_SERVERSTATS']._serialized_end=1400
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1403
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1679
-  _globals['_DECODERSERVICE']._serialized_start=1802
-  _globals['_DECODERSERVICE']._serialized_end=1985
+  _globals['_GENERATEREQUEST']._serialized_end=527
+  _globals['_EVIDENCEPASSAGE']._serialized_start=529
+  _globals['_EVIDENCEPASSAGE']._serialized_end=653
+  _globals['_USAGE']._serialized_start=656
+  _globals['_USAGE']._serialized_end=844
+  _globals['_GENERATETIMINGS']._serialized_start=847
+  _globals['_GENERATETIMINGS']._serialized_end=1033
+  _globals['_GENERATERESPONSE']._serialized_start=1036
+  _globals['_GENERATERESPONSE']._serialized_end=1271
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1273
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1295
+  _globals['_SERVERLIMITS']._serialized_start=1298
+  _globals['_SERVERLIMITS']._serialized_end=1500
+  _globals['_SERVERSTATS']._serialized_start=1503
+  _globals['_SERVERSTATS']._serialized_end=1722
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1725
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2001
+  _globals['_DECODERSERVICE']._serialized_start=2124
+  _globals['_DECODERSERVICE']._serialized_end=2307
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,309 @@
+"""Evidence: raw passages of the document, chosen for one question, placed in the decoder's window.
+
+Why (method.md §5a): a small decoder cannot copy exact facts (numbers, names) out of an
+injected tree, but it reads them from its own window. So the window is filled, up to a token
+budget, with the passages the question needs, in document order; the tree still brings the
+whole document through the cross-attention.
+
+How passages are chosen:
+- The document's stored token ids are cut into passages of about `passage_tokens` tokens,
+  ending at a sentence or line end where one falls in the second half of the span.
+- Each passage gets a lexical score (BM25 from `bm25s`, English stop words, Snowball stems)
+  and a tree score (the cosine of the question's layer-0 vector with the retrieval keys of
+  the tree leaves it overlaps: the same signal that drives node selection). The ranking is
+  the lexical score scaled to [0, 1] plus a small weight times the tree score scaled to
+  [0, 1]; with no lexical match at all it is the tree score alone.
+- Multi-hop: the best passage's rare identifiers and values (words with a digit, an
+  underscore or in capitals, found in at most `hop_max_df` passages) become the next query,
+  so a chain such as "X = 5 ... Y = X" is followed where the question names only its first
+  link. Each hop adds the best new passage. Prose words are never followed: measured on
+  the demo, chasing rare prose words fills the window with unrelated passages.
+- The budget is spent in priority order: the best passage and its hops, then lexical hits in
+  rank order, each followed by its right and left neighbours, then the rest of the ranking. A question without
+  any lexical match (or a request to summarise) spends half (or all) of it on passages spread
+  evenly across the document, so the decoder sees its shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import bm25s
+import numpy as np
+import Stemmer
+
+from common.engine.compressor import node_spans
+from common.errors import InvalidInput
+
+EvidenceMode = Literal["auto", "spread"]
+EVIDENCE_MODES: tuple[str, ...] = ("auto", "spread")
+EXCERPTS_HEADER = "Excerpts from the document, in order:"
+_SENTENCE_END = re.compile(r"[.!?;:\"')\]]\s*$|\n")
+_STOPWORDS = bm25s.stopwords.STOPWORDS_EN_PLUS  # the library's longer list: it has question words
+# Identifiers and values: a word with a digit or an underscore, or two or more capitals.
+_IDENTIFIER = re.compile(r"\b(?:\w*[\d_]\w*|[A-Z][A-Z0-9]+)\b")
+
+
+@dataclass(frozen=True)
+class EvidenceSettings:
+    """How a question's evidence is chosen; the defaults are the measured choice (README)."""
+
+    tokens: int = 1024  # budget of raw document tokens in the window; 0: none (the paper's setting)
+    passage_tokens: int = 64
+    tree_weight: float = 0.25  # weight of the tree score next to the lexical score
+    hops: int = 3
+    hop_max_df: int = 3
+    mode: EvidenceMode = "auto"
+
+    def validate(self) -> None:
+        if self.tokens < 0:
+            raise InvalidInput(f"evidence_tokens must be >= 0, got {self.tokens}")
+        if not 8 <= self.passage_tokens <= 1024:
+            raise InvalidInput(f"passage_tokens must be in [8, 1024], got {self.passage_tokens}")
+        if self.hops < 0 or self.tree_weight < 0 or self.hop_max_df < 1:
+            raise InvalidInput("hops and tree_weight must be >= 0, hop_max_df >= 1")
+        if self.mode not in EVIDENCE_MODES:
+            raise InvalidInput(f"evidence mode must be one of {', '.join(EVIDENCE_MODES)}, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One excerpt given to the decoder: where it is in the document, its text and its score.
+
+    Character offsets index the document's text as its tokens decode (for the byte-level
+    tokenizers of the supported models, the text that was compressed).
+    """
+
+    token_start: int
+    token_end: int
+    char_start: int
+    char_end: int
+    text: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "token_start": self.token_start,
+            "token_end": self.token_end,
+            "char_start": self.char_start,
+            "char_end": self.char_end,
+            "score": round(self.score, 4),
+            "text": self.text,
+        }
+
+
+@functools.cache
+def _stemmer() -> Stemmer.Stemmer:
+    return Stemmer.Stemmer("english")
+
+
+def terms(texts: Sequence[str]) -> list[list[str]]:
+    """Lower-cased, stemmed content words of each text, as the lexical index sees them."""
+    return bm25s.tokenize(list(texts), stopwords=_STOPWORDS, stemmer=_stemmer(), return_ids=False, show_progress=False)
+
+
+def split_passages(token_ids: Sequence[int], tokenizer: Any, size: int) -> list[tuple[int, int]]:
+    """Token spans [start, end) of about `size` tokens covering the document.
+
+    A span ends after the last token in its second half that closes a sentence or a line, so a
+    fact stated in one sentence is rarely cut in two; otherwise it is cut at `size`.
+    """
+    pieces = tokenizer.convert_ids_to_tokens(list(token_ids))
+    ends = np.fromiter((bool(_SENTENCE_END.search(_readable(p))) for p in pieces), dtype=bool, count=len(pieces))
+    spans: list[tuple[int, int]] = []
+    start, n = 0, len(pieces)
+    while start < n:
+        end = min(start + size, n)
+        if end < n:
+            half = start + size // 2
+            hits = np.flatnonzero(ends[half:end])
+            if hits.size:
+                end = half + int(hits[-1]) + 1
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def _readable(piece: str | None) -> str:
+    """A byte-level BPE piece with its space and newline markers as the characters they stand for."""
+    return (piece or "").replace("\u0120", " ").replace("\u010a", "\n")
+
+
+class PassageIndex:
+    """The passages of one document and their lexical index; built once, asked many questions."""
+
+    def __init__(self, token_ids: Sequence[int], tokenizer: Any, passage_tokens: int) -> None:
+        if len(token_ids) == 0:
+            raise InvalidInput("the context holds no document tokens")
+        self.passage_tokens = passage_tokens
+        self.spans = split_passages(token_ids, tokenizer, passage_tokens)
+        ids = list(token_ids)
+        self.texts: list[str] = tokenizer.batch_decode([ids[s:e] for s, e in self.spans], skip_special_tokens=True)
+        lengths = np.fromiter((len(t) for t in self.texts), dtype=np.int64, count=len(self.texts))
+        self.char_starts = np.concatenate([[0], np.cumsum(lengths)])
+        self.token_starts = np.asarray([s for s, _ in self.spans], dtype=np.int64)
+        self.n_tokens = len(ids)
+        tokenized = bm25s.tokenize(self.texts, stopwords=_STOPWORDS, stemmer=_stemmer(), show_progress=False)
+        self._bm25 = bm25s.BM25()
+        self._bm25.index(tokenized, show_progress=False)
+        words = {i: w for w, i in tokenized.vocab.items()}
+        df: dict[str, int] = {}
+        for row in tokenized.ids:
+            for term in {words[i] for i in row}:
+                df[term] = df.get(term, 0) + 1
+        self._df = df
+        identifiers = terms([" ".join(_IDENTIFIER.findall(t)) for t in self.texts])
+        self._identifiers = [set(found) & df.keys() for found in identifiers]
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held (texts dominate), for cache accounting."""
+        return sum(len(t) for t in self.texts) * 4 + len(self.spans) * 64
+
+    def lexical(self, query_terms: Sequence[str]) -> np.ndarray:
+        """BM25 score of every passage for the stemmed terms (unknown terms score nothing)."""
+        known = [t for t in query_terms if t in self._df]
+        if not known:
+            return np.zeros(len(self), dtype=np.float64)
+        return np.asarray(self._bm25.get_scores(known), dtype=np.float64)
+
+    def rare_identifiers(self, passage: int, exclude: set[str], max_df: int) -> list[str]:
+        """Identifiers and values of a passage found in at most `max_df` passages: a hop's query."""
+        return sorted(t for t in self._identifiers[passage] if t not in exclude and self._df[t] <= max_df)
+
+    def passage(self, i: int, score: float) -> Passage:
+        s, e = self.spans[i]
+        return Passage(s, e, int(self.char_starts[i]), int(self.char_starts[i + 1]), self.texts[i], float(score))
+
+    def tree_scores(self, node_sims: np.ndarray, chunk_lengths: Sequence[int], depth: int) -> np.ndarray:
+        """Per passage, the best similarity of a tree leaf it overlaps (node_sims: [B, N] of every node)."""
+        per_token = np.empty(self.n_tokens, dtype=np.float64)
+        leaves = slice(2**depth - 2, None)
+        for b, spans in enumerate(_chunk_node_spans(chunk_lengths, depth)):
+            for sim, (s, e) in zip(node_sims[b, leaves], spans[leaves], strict=True):
+                per_token[s:e] = sim
+        return np.maximum.reduceat(per_token, self.token_starts)
+
+    def node_scores(self, scores: np.ndarray, chunk_lengths: Sequence[int], depth: int) -> np.ndarray:
+        """Per tree node [B, N], the best passage score of the text it covers (0 for an empty node)."""
+        per_token = np.repeat(scores, np.diff(np.append(self.token_starts, self.n_tokens)))
+        node_spans_ = _chunk_node_spans(chunk_lengths, depth)
+        out = np.zeros((len(node_spans_), node_spans_[0].shape[0]), dtype=np.float64)
+        for b, spans in enumerate(node_spans_):
+            for j, (s, e) in enumerate(spans):
+                if e > s:
+                    out[b, j] = per_token[s:e].max()
+        return out
+
+
+def _chunk_node_spans(chunk_lengths: Sequence[int], depth: int) -> list[np.ndarray]:
+    """Document-token spans [N, 2] of every node of every chunk (no split noise: as served)."""
+    starts = np.concatenate([[0], np.cumsum(chunk_lengths)[:-1]])
+    return [node_spans(length, depth).numpy() + at for length, at in zip(chunk_lengths, starts, strict=True)]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] (all zeros when constant)."""
+    low, high = float(x.min()), float(x.max())
+    return (x - low) / (high - low) if high > low else np.zeros_like(x)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Scores of every passage for one question, and the order the budget is spent in."""
+
+    scores: np.ndarray  # hybrid score per passage, in [0, 1 + tree_weight]
+    priority: list[int]  # passage indices, most wanted first (no repeats)
+
+
+def rank(
+    index: PassageIndex,
+    question: str,
+    tree: np.ndarray | None,
+    settings: EvidenceSettings,
+) -> Ranking:
+    """Order the passages for `question`; `tree` is the per-passage tree score (None: no tree)."""
+    n = len(index)
+    tree_unit = _unit(tree) if tree is not None else np.zeros(n)
+    asked = terms([question])[0]
+    lexical = index.lexical(asked)
+    fits = max(1, settings.tokens // settings.passage_tokens)  # about how many passages the budget holds
+    if settings.mode == "spread":
+        return Ranking(tree_unit * settings.tree_weight, _spread(n, fits))
+    if lexical.max() <= 0:
+        # Nothing the question says occurs in the document: half by the tree, half spread out.
+        by_tree = [int(i) for i in np.argsort(-tree_unit, kind="stable")]
+        return Ranking(tree_unit, _interleave(by_tree, _spread(n, max(1, fits // 2))))
+    scores = lexical / lexical.max() + settings.tree_weight * tree_unit
+    order = [int(i) for i in np.argsort(-scores, kind="stable")]
+    first: list[int] = [order[0]]
+    used = set(asked)
+    for _ in range(settings.hops):
+        follow = index.rare_identifiers(first[-1], used, settings.hop_max_df)
+        if not follow:
+            break
+        used.update(follow)
+        hop = index.lexical(follow)
+        hop[first] = 0.0
+        best = int(hop.argmax())
+        if hop[best] <= 0:
+            break
+        first.append(best)
+        scores[best] = max(scores[best], float(scores[order[0]]))
+    # Each lexical hit brings its neighbours, the text after it first: a question names what it
+    # knows, and the answer tends to follow it (measured on the demo: "called his name Obed"
+    # is one passage after the best match for "the son of Ruth and Boaz").
+    hits = first + [i for i in order if lexical[i] > 0]
+    near = [j for i in hits for j in (i, i + 1, i - 1) if 0 <= j < n]
+    return Ranking(scores, list(dict.fromkeys(first + near + order)))
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """`k` passage indices evenly spaced over `n`, the first passage included."""
+    k = min(k, n)
+    return list(dict.fromkeys(int(i * n // k) for i in range(k)))
+
+
+def _interleave(a: list[int], b: list[int]) -> list[int]:
+    merged: list[int] = []
+    for x, y in zip(a, b + [None] * max(0, len(a) - len(b)), strict=False):
+        merged += [x] if y is None else [y, x]
+    return list(dict.fromkeys(merged + a))
+
+
+def choose(index: PassageIndex, ranking: Ranking, budget: int) -> list[Passage]:
+    """Passages in priority order while their tokens fit `budget`, returned in document order."""
+    chosen: list[int] = []
+    used = 0
+    for i in ranking.priority:
+        s, e = index.spans[i]
+        if used + (e - s) > budget:
+            continue
+        chosen.append(i)
+        used += e - s
+        if budget - used < 8:
+            break
+    return [index.passage(i, ranking.scores[i]) for i in sorted(chosen)]
+
+
+def render(passages: Sequence[Passage], question: str) -> str:
+    """The user message: the excerpts (adjacent passages joined into one), then the question."""
+    if not passages:
+        return question
+    excerpts: list[str] = []
+    last_end = -1
+    for p in passages:
+        if p.token_start == last_end:
+            excerpts[-1] += p.text
+        else:
+            excerpts.append(p.text)
+        last_end = p.token_end
+    body = "\n\n".join(f"[...] {x.strip()} [...]" for x in excerpts)
+    return f"{EXCERPTS_HEADER}\n\n{body}\n\n{question}"

@@ -1,0 +1,172 @@
+"""Evidence in the decoder's window: passages, ranking, multi-hop, budgets, and the plan the engine builds."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import TreeConfig
+from common.engine.engine import Engine
+from common.engine.evidence import (
+    EXCERPTS_HEADER,
+    EvidenceSettings,
+    PassageIndex,
+    choose,
+    rank,
+    render,
+    split_passages,
+)
+from common.engine.retrieval import select_nodes
+from common.errors import InvalidInput
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+TREE = TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=4)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Engine:
+    return Engine.load(model=str(tiny_model_dir), tree_config=TREE)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(engine):
+    return engine.tokenizer
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_passages_cover_the_document_and_end_at_sentences(tokenizer):
+    text = "".join(f"Sentence number {i} says something rather long about item {i}. " for i in range(200))
+    ids = ids_of(tokenizer, text)
+    spans = split_passages(ids, tokenizer, 32)
+    assert spans[0][0] == 0 and spans[-1][1] == len(ids)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # contiguous, no gaps or overlaps
+    assert all(0 < e - s <= 32 for s, e in spans)
+    index = PassageIndex(ids, tokenizer, 32)
+    assert sum(t.rstrip().endswith(".") for t in index.texts[:-1]) >= 0.9 * (len(index) - 1)
+
+
+def test_character_offsets_index_the_decoded_document(tokenizer):
+    text = "Ünïcödé — naïve café. " + FILLER * 30 + "Ωmega ends here."
+    ids = ids_of(tokenizer, text)
+    index = PassageIndex(ids, tokenizer, 24)
+    assert tokenizer.decode(ids) == text  # byte-level BPE: the decoded document is the document
+    for i in range(len(index)):
+        p = index.passage(i, 0.0)
+        assert text[p.char_start : p.char_end] == p.text
+        assert tokenizer.decode(ids[p.token_start : p.token_end]) == p.text
+
+
+def planted(tokenizer, facts: dict[float, str], n_filler: int = 120, seed: int = 0) -> tuple[str, list[int]]:
+    """Filler sentences with `facts` inserted at the given depths (shuffled filler, so passages differ)."""
+    rng = random.Random(seed)
+    sentences = [s.strip() + "." for s in FILLER.split(".") if s.strip()] * (n_filler // 5)
+    rng.shuffle(sentences)
+    for depth, fact in sorted(facts.items(), reverse=True):
+        sentences.insert(int(depth * len(sentences)), fact)
+    text = " ".join(sentences)
+    return text, ids_of(tokenizer, text)
+
+
+def test_a_named_fact_ranks_first_and_passages_come_in_document_order(tokenizer):
+    _, ids = planted(tokenizer, {0.7: "The secret locker code of Amara Okafor is 4817."})
+    index = PassageIndex(ids, tokenizer, 32)
+    settings = EvidenceSettings(tokens=128, passage_tokens=32, hops=0)
+    ranking = rank(index, "What is the locker code of Amara Okafor?", None, settings)
+    assert "4817" in index.texts[ranking.priority[0]]
+    chosen = choose(index, ranking, 128)
+    assert sum(p.token_end - p.token_start for p in chosen) <= 128
+    assert [p.token_start for p in chosen] == sorted(p.token_start for p in chosen)
+    assert any("4817" in p.text for p in chosen)
+    message = render(chosen, "What is the locker code?")
+    assert message.startswith(EXCERPTS_HEADER) and message.endswith("What is the locker code?")
+    assert message.index("4817") < message.index("What is the locker code?")
+
+
+def test_multi_hop_follows_a_chain_of_assignments(tokenizer):
+    chain = {
+        0.1: "VAR QWXZT = 52817.",
+        0.3: "VAR PLMKO = VAR QWXZT.",
+        0.55: "VAR ZZRTY = VAR PLMKO.",
+        0.8: "VAR BNMVC = VAR ZZRTY.",
+    }
+    _, ids = planted(tokenizer, chain, n_filler=300)
+    index = PassageIndex(ids, tokenizer, 24)
+    question = "Find all variables that are assigned the value 52817 in the text above."
+    names = ("QWXZT", "PLMKO", "ZZRTY", "BNMVC")
+
+    def found(hops: int) -> set[str]:
+        settings = EvidenceSettings(tokens=4 * 24, passage_tokens=24, hops=hops)
+        chosen = choose(index, rank(index, question, None, settings), settings.tokens)
+        return {n for n in names if any(f"VAR {n} =" in p.text for p in chosen)}
+
+    assert found(hops=3) == set(names)
+    assert found(hops=0) == {"QWXZT"}  # the question names only the value: without hops, one link
+
+
+def test_no_lexical_match_spreads_over_the_document_and_spread_mode_covers_it(tokenizer):
+    _, ids = planted(tokenizer, {}, n_filler=400)
+    index = PassageIndex(ids, tokenizer, 32)
+    tree = np.random.default_rng(0).random(len(index))
+    for settings in (
+        EvidenceSettings(tokens=256, passage_tokens=32),
+        EvidenceSettings(tokens=256, passage_tokens=32, mode="spread"),
+    ):
+        chosen = choose(index, rank(index, "Zyxwvu qponm?", tree, settings), 256)
+        starts = [p.token_start for p in chosen]
+        assert starts[0] < len(ids) * 0.2 and starts[-1] > len(ids) * 0.6
+
+
+def test_settings_are_validated():
+    for bad in (
+        EvidenceSettings(tokens=-1),
+        EvidenceSettings(passage_tokens=2),
+        EvidenceSettings(hops=-1),
+        EvidenceSettings(mode="everything"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidInput):
+            bad.validate()
+
+
+def test_bias_steers_node_expansion():
+    keys = torch.zeros(1, 6, 4)
+    keys[0, :, 0] = 1.0  # every node equally similar to the query
+    query = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    assert select_nodes(keys, query, 2)[0].tolist() == [0, 4, 5]  # ties expand right
+    bias = torch.zeros(1, 6)
+    bias[0, 0] = bias[0, 2] = 1.0  # the ranking points at the first quarter
+    assert select_nodes(keys, query, 2, bias)[0].tolist() == [2, 3, 1]
+
+
+def test_plan_fills_the_window_within_its_limits(engine, tokenizer):
+    _, ids = planted(tokenizer, {0.5: "The secret locker code of Amara Okafor is 4817."}, n_filler=400)
+    tree = engine.compressor.compress(ids)
+    question = "What is the locker code of Amara Okafor?"
+    bare = engine.plan(tree, question, max_new_tokens=8, evidence=EvidenceSettings(tokens=0))
+    assert bare.prompt_ids == engine.prompt_ids(question) and bare.evidence == () and bare.injection is not None
+
+    plan = engine.plan(tree, question, max_new_tokens=8, evidence=EvidenceSettings(tokens=200, passage_tokens=32))
+    assert 0 < sum(p.token_end - p.token_start for p in plan.evidence) <= 200
+    assert any("4817" in p.text for p in plan.evidence)
+    assert "4817" in tokenizer.decode(plan.prompt_ids)
+
+    alone = engine.plan(
+        tree, question, max_new_tokens=8, evidence=EvidenceSettings(tokens=200, passage_tokens=32), inject=False
+    )
+    assert alone.injection is None and alone.prompt_ids == plan.prompt_ids
+
+    # A budget larger than the window is clipped to what fits beside the question and the answer.
+    huge = engine.plan(tree, question, max_new_tokens=100, evidence=EvidenceSettings(tokens=100_000))
+    assert len(huge.prompt_ids) + 100 <= engine.window
+    assert sum(p.token_end - p.token_start for p in huge.evidence) > engine.window // 2
+
+    prefixed = engine.plan(
+        tree, question, max_new_tokens=8, evidence=EvidenceSettings(tokens=0), answer_prefix="The code is"
+    )
+    assert prefixed.prompt_ids == bare.prompt_ids + ids_of(tokenizer, "The code is")
