@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -156,17 +157,54 @@ def test_plan_fills_the_window_within_its_limits(engine, tokenizer):
     assert any("4817" in p.text for p in plan.evidence)
     assert "4817" in tokenizer.decode(plan.prompt_ids)
 
+    # The excerpts pass through the base model as text, and the answer reads them, not the tree.
+    (low, high), answer = plan.injection.shielded
+    assert answer == (len(plan.prompt_ids), sys.maxsize)
+    assert tokenizer.decode(plan.prompt_ids[low:high]).startswith(EXCERPTS_HEADER)
+    assert "4817" in tokenizer.decode(plan.prompt_ids[low:high])
+    assert tokenizer.decode(plan.prompt_ids[high:]).startswith(question)
+
+    both = EvidenceSettings(tokens=200, passage_tokens=32, inject_excerpts=True, inject_answer=True)
+    assert engine.plan(tree, question, max_new_tokens=8, evidence=both).injection.shielded == ()
+
     alone = engine.plan(
         tree, question, max_new_tokens=8, evidence=EvidenceSettings(tokens=200, passage_tokens=32), inject=False
     )
     assert alone.injection is None and alone.prompt_ids == plan.prompt_ids
 
     # A budget larger than the window is clipped to what fits beside the question and the answer.
-    huge = engine.plan(tree, question, max_new_tokens=100, evidence=EvidenceSettings(tokens=100_000))
+    fill = EvidenceSettings(tokens=100_000, min_score=0.0)
+    huge = engine.plan(tree, question, max_new_tokens=100, evidence=fill)
     assert len(huge.prompt_ids) + 100 <= engine.window
     assert sum(p.token_end - p.token_start for p in huge.evidence) > engine.window // 2
+    # With the default relevance floor, filler that matches nothing is not added just because it fits.
+    focused = engine.plan(tree, question, max_new_tokens=100, evidence=EvidenceSettings(tokens=100_000))
+    assert any("4817" in p.text for p in focused.evidence) and len(focused.evidence) < len(huge.evidence)
 
     prefixed = engine.plan(
         tree, question, max_new_tokens=8, evidence=EvidenceSettings(tokens=0), answer_prefix="The code is"
     )
     assert prefixed.prompt_ids == bare.prompt_ids + ids_of(tokenizer, "The code is")
+
+
+def test_shielded_positions_read_no_injection(tiny_model_dir):
+    import dataclasses
+
+    from common.engine.adapter import InjectionAdapter
+
+    engine = Engine.load(model=str(tiny_model_dir), tree_config=TREE)
+    adapter = InjectionAdapter.initialise(engine.body, TREE)
+    for block in adapter.blocks:  # a non-zero o_proj, so the injection changes the output
+        block.o_proj.weight.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    engine = Engine(engine.loaded, adapter)
+    tree = engine.compressor.compress(ids_of(engine.tokenizer, FILLER * 20))
+    injection, _ = engine.decoder.prepare(tree, None)
+    ids = torch.tensor([ids_of(engine.tokenizer, "Where is the grass, and what colour is it?")])
+    with torch.inference_mode():
+        plain = engine.decoder.forward(ids, 0, None, None)
+        injected = engine.decoder.forward(ids, 0, None, injection)
+        shielded = engine.decoder.forward(ids, 0, None, dataclasses.replace(injection, shielded=((0, ids.shape[1]),)))
+        half = engine.decoder.forward(ids, 0, None, dataclasses.replace(injection, shielded=((0, 4),)))
+    assert not torch.allclose(plain, injected, atol=1e-4)
+    assert torch.equal(shielded, plain)
+    assert torch.equal(half[:, :4], plain[:, :4]) and not torch.allclose(half[:, 4:], plain[:, 4:], atol=1e-4)

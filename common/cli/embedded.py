@@ -66,6 +66,25 @@ def add_evidence_arguments(parser: argparse.ArgumentParser, *, passage_flags: bo
         parser.add_argument(
             "--tree-weight", type=float, default=default.tree_weight, help="weight of the tree score in the ranking"
         )
+        parser.add_argument(
+            "--neighbours-of", type=int, default=default.neighbours_of, help="best hits that bring their neighbours"
+        )
+        parser.add_argument(
+            "--min-score",
+            type=float,
+            default=default.min_score,
+            help="leave out passages below this share of the best score (0: fill the budget)",
+        )
+        parser.add_argument(
+            "--inject-excerpts",
+            action="store_true",
+            help="let the excerpts' own positions read the tree too (default: only the question and answer do)",
+        )
+        parser.add_argument(
+            "--inject-answer",
+            action="store_true",
+            help="with evidence, let the answer's tokens read the tree too (default: only the question does)",
+        )
 
 
 def evidence_settings(args: argparse.Namespace, mode: str = "auto") -> EvidenceSettings:
@@ -76,6 +95,10 @@ def evidence_settings(args: argparse.Namespace, mode: str = "auto") -> EvidenceS
         "passage_tokens": getattr(args, "passage_tokens", None),
         "hops": getattr(args, "evidence_hops", None),
         "tree_weight": getattr(args, "tree_weight", None),
+        "neighbours_of": getattr(args, "neighbours_of", None),
+        "min_score": getattr(args, "min_score", None),
+        "inject_excerpts": getattr(args, "inject_excerpts", None) or None,
+        "inject_answer": getattr(args, "inject_answer", None) or None,
     }
     settings = EvidenceSettings(**{k: v for k, v in changes.items() if v is not None})
     settings.validate()

@@ -24,13 +24,16 @@ class Injection:
     """What the cross-attention blocks read for one request, fixed for every step.
 
     keys/values: [M, n_kv, E, Dh] (keys already carry chunk-level RoPE); mask: [E];
-    n_chunks: the RoPE position of the queries.
+    n_chunks: the RoPE position of the queries; shielded: position spans [start, end) that read
+    no injection (the raw excerpts of the document pass through the base model as text; the
+    question, and unless shielded too the answer, read both them and the tree).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor
     n_chunks: int
+    shielded: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,19 +103,27 @@ class Decoder:
         injection = Injection(keys, values, mask, n_chunks)
         return injection, {"selection_s": t1 - t0, "context_load_s": t2 - t1}
 
-    def _hook(self, injection: Injection | None, length: int):
+    def _hook(self, injection: Injection | None, start: int, length: int):
         if injection is None:
             return None
         m = self.adapter.config.n_layers
         rope = None
         if self.adapter.config.positions == "chunk":
             rope = self.body.rope(torch.full((1, length), injection.n_chunks, device=self.body.device))
+        reads = None  # [1, L, 1]: 0 where a position reads no injection
+        for span in injection.shielded:
+            low, high = (min(max(0, p - start), length) for p in span)
+            if low < high:
+                if reads is None:
+                    reads = torch.ones(1, length, 1, device=self.body.device, dtype=self.body.dtype)
+                reads[:, low:high] = 0
 
         def inject(i: int, h: torch.Tensor) -> torch.Tensor | None:
             if i >= m:
                 return None
             block = self.adapter.blocks[i]
-            return block(h, injection.keys[i].unsqueeze(0), injection.values[i].unsqueeze(0), injection.mask, rope)
+            out = block(h, injection.keys[i].unsqueeze(0), injection.values[i].unsqueeze(0), injection.mask, rope)
+            return out if reads is None else out * reads
 
         return inject
 
@@ -120,7 +131,11 @@ class Decoder:
         """Residual stream after the last layer (before the final norm) for ids [1, L] at positions start.."""
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
         h = self.body.forward_layers(
-            self.body.embed(ids), positions, range(self.body.n_layers), cache, self._hook(injection, ids.shape[1])
+            self.body.embed(ids),
+            positions,
+            range(self.body.n_layers),
+            cache,
+            self._hook(injection, start, ids.shape[1]),
         )
         if cache is not None:
             cache.advance(ids.shape[1])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from common.config import TreeConfig
 from common.engine.adapter import InjectionAdapter, read_adapter_config
 from common.engine.compressor import Compressor, ProgressFn
 from common.engine.decoder import Decoder, Finished, Injection, TokenDelta
-from common.engine.evidence import EvidenceSettings, Passage, PassageIndex, choose, rank, render
+from common.engine.evidence import EXCERPTS_HEADER, EvidenceSettings, Passage, PassageIndex, choose, rank, render
 from common.engine.llama import LlamaBody
 from common.engine.retrieval import node_similarity
 from common.engine.sampling import SamplingParams
@@ -308,9 +309,27 @@ class Engine:
         if source is not None and inject:
             t0 = time.perf_counter()
             injection, prep = self.decoder.prepare(source, query, bias)
+            shielded = []
+            if passages and not evidence.inject_excerpts and (span := self._excerpt_span(prompt, question)):
+                shielded.append(span)
+            if passages and not evidence.inject_answer:
+                shielded.append((len(prompt), sys.maxsize))
+            injection = dataclasses.replace(injection, shielded=tuple(shielded))
             timings.update(prep)
             timings["prepare_s"] = time.perf_counter() - t0
         return QuestionPlan(prompt, injection, tuple(passages), timings)
+
+    def _excerpt_span(self, prompt: list[int], question: str) -> tuple[int, int] | None:
+        """Prompt positions from the excerpts' header to the question (None if the template hides them).
+
+        Found by token search rather than predicted, so it holds for any chat template: the
+        header's tokens open the span, the question's own tokens (searched from the end) close it.
+        """
+        header = self.tokenizer(EXCERPTS_HEADER, add_special_tokens=False)["input_ids"]
+        asked = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+        start = next((i for i in range(len(prompt)) if prompt[i : i + len(header)] == header), None)
+        end = next((i for i in range(len(prompt) - len(asked), -1, -1) if prompt[i : i + len(asked)] == asked), None)
+        return (start, end) if start is not None and end is not None and start < end else None
 
     def generate(
         self,

@@ -52,11 +52,15 @@ _IDENTIFIER = re.compile(r"\b(?:\w*[\d_]\w*|[A-Z][A-Z0-9]+)\b")
 class EvidenceSettings:
     """How a question's evidence is chosen; the defaults are the measured choice (README)."""
 
-    tokens: int = 1024  # budget of raw document tokens in the window; 0: none (the paper's setting)
-    passage_tokens: int = 64
+    tokens: int = 512  # budget of raw document tokens in the window; 0: none (the paper's setting)
+    passage_tokens: int = 32
     tree_weight: float = 0.25  # weight of the tree score next to the lexical score
     hops: int = 3
     hop_max_df: int = 3
+    neighbours_of: int = 4  # the best question hits that bring their neighbouring passages
+    min_score: float = 0.25  # passages below this share of the best score are left out, budget or not
+    inject_excerpts: bool = False  # False: the excerpts' positions read no injection (see Injection.shielded)
+    inject_answer: bool = False  # True: with evidence, the answer's tokens read the injection too
     mode: EvidenceMode = "auto"
 
     def validate(self) -> None:
@@ -64,8 +68,10 @@ class EvidenceSettings:
             raise InvalidInput(f"evidence_tokens must be >= 0, got {self.tokens}")
         if not 8 <= self.passage_tokens <= 1024:
             raise InvalidInput(f"passage_tokens must be in [8, 1024], got {self.passage_tokens}")
-        if self.hops < 0 or self.tree_weight < 0 or self.hop_max_df < 1:
-            raise InvalidInput("hops and tree_weight must be >= 0, hop_max_df >= 1")
+        if self.hops < 0 or self.tree_weight < 0 or self.hop_max_df < 1 or self.neighbours_of < 0:
+            raise InvalidInput("hops, tree_weight and neighbours_of must be >= 0, hop_max_df >= 1")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise InvalidInput(f"min_score must be in [0, 1], got {self.min_score}")
         if self.mode not in EVIDENCE_MODES:
             raise InvalidInput(f"evidence mode must be one of {', '.join(EVIDENCE_MODES)}, got {self.mode!r}")
 
@@ -260,9 +266,10 @@ def rank(
     # Each lexical hit brings its neighbours, the text after it first: a question names what it
     # knows, and the answer tends to follow it (measured on the demo: "called his name Obed"
     # is one passage after the best match for "the son of Ruth and Boaz").
-    hits = first + [i for i in order if lexical[i] > 0]
+    hits = [i for i in order if lexical[i] > 0][: settings.neighbours_of]
     near = [j for i in hits for j in (i, i + 1, i - 1) if 0 <= j < n]
-    return Ranking(scores, list(dict.fromkeys(first + near + order)))
+    floor = settings.min_score * float(scores.max())
+    return Ranking(scores, list(dict.fromkeys(first + near + [i for i in order if scores[i] >= floor])))
 
 
 def _spread(n: int, k: int) -> list[int]:
