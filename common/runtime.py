@@ -108,6 +108,7 @@ class ContextRuntime:
         self.store = store
         self.default_ttl_s = default_ttl_s
         self.cache = DecodedCache(decoded_cache_bytes) if decoded_cache_bytes > 0 else None
+        # Kept with the decoded cache (and off with it): both serve repeat questions about a document.
         self.passage_indexes = PassageIndexCache() if decoded_cache_bytes > 0 else None
         self.evidence = evidence or EvidenceSettings()
         self.evidence.validate()
@@ -204,12 +205,12 @@ class ContextRuntime:
         source = index = None
         if context_id is not None:
             source = self.store.open(context_id, self.fingerprints, tenant=tenant, cache=self.cache)
-            if evidence.tokens > 0 and self.passage_indexes is not None:
-                key = (tenant, source.index_digest, evidence.passage_tokens)
-                index = self.passage_indexes.get(
-                    key, lambda: self.engine.passage_index(source, evidence.passage_tokens)
-                )
         opened = time.perf_counter() - started
+        index_s = 0.0
+        if source is not None and evidence.tokens > 0 and self.passage_indexes is not None:
+            key = (tenant, source.index_digest, evidence.passage_tokens)
+            index = self.passage_indexes.get(key, lambda: self.engine.passage_index(source, evidence.passage_tokens))
+            index_s = time.perf_counter() - started - opened
         first_token_s: float | None = None
         events = self.engine.generate(source, question, params, retrieval=retrieval, evidence=evidence, index=index)
         for event in events:
@@ -220,6 +221,8 @@ class ContextRuntime:
                 continue
             # Times as the caller meets them: from the request's start, store reads included.
             timings = {**event.timings, "context_open_s": opened}
+            if "evidence_s" in timings:
+                timings["evidence_s"] += index_s
             if first_token_s is None:  # the first token was EOS: nothing streamed before the end
                 first_token_s = time.perf_counter() - started
             timings["time_to_first_token_s"] = first_token_s

@@ -60,7 +60,7 @@ def last_message(finished: Finished, outcome: GenerateOutcome) -> pb.GenerateRes
             context_chunks=outcome.chunks,
             context_bytes_read=outcome.bytes_read,
             context_nodes_cached=outcome.cached_nodes,
-            evidence_tokens=sum(p.token_end - p.token_start for p in finished.evidence),
+            evidence_tokens=sum(p.n_tokens for p in finished.evidence),
         ),
         timings=pb.GenerateTimings(
             context_load_seconds=t.get("context_open_s", 0.0) + t.get("context_load_s", 0.0),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every figure the README reports, on this machine, in one go (not timed in one go; the quality runs of step 2 alone took about two hours on 2 CPU cores).
+# Every figure the README reports, on this machine, in one go (not timed in one go; the quality runs of step 2 alone took about two hours on 2 CPU cores, step 5 about one hour).
 # Writes JSON, tables and plots under bench/results/. Run after `make setup` and `sharedllm data fetch`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,3 +72,20 @@ for dtype in float32 bfloat16; do
   $BIN/python bench/profile_question.py "$OUT/persuasion-32k.txt" --dtype "$dtype" \
     --json "$OUT/$dtype/profile-32k.json" | tee "$OUT/$dtype/profile-32k.txt"
 done
+
+# 5. Answers about the document (the evidence issue): the RULER-style suite, every method side by
+#    side. The product's own methods (tree + evidence, evidence alone, tree alone) with 3 samples per
+#    task and length; the base-window baselines with 1 (each costs a full 8K prefill here); single
+#    needles at 64K and 128K. Then time to first token at 32K against full attention, with the
+#    default evidence budget.
+EV="$OUT/evidence"
+mkdir -p "$EV"
+$BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 3 --methods sharedllm evidence tree \
+  --json "$EV/ruler.json" --plot "$EV/ruler.png" | tee "$EV/ruler.txt"
+$BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 1 --methods full truncation \
+  --json "$EV/ruler-baselines.json" --plot "$EV/ruler-baselines.png" | tee "$EV/ruler-baselines.txt"
+$BIN/sharedllm eval ruler --lengths 65536 131072 --per-cell 2 --tasks single_noise single_prose \
+  --methods sharedllm evidence --json "$EV/ruler-single-128k.json" | tee "$EV/ruler-single-128k.txt"
+$BIN/sharedllm bench --threads 2 --repeats 1 --max-new-tokens 16 --lengths 32768 --methods sharedllm full \
+  --no-grpc --json "$EV/bench-32k.json" | tee "$EV/bench-32k.txt"
+$BIN/python bench/planted_codes.py --json "$EV/planted-codes.json" | tee "$EV/planted-codes.txt"

@@ -75,3 +75,9 @@ def test_ask_on_a_document_longer_than_the_window(tmp_path: Path):
     assert "[chars " in listing and "Naomi" in listing
     bad = sharedllm("ask", str(path), "Who is Naomi?", "--evidence-tokens", "-5")
     assert bad.returncode == 2 and "evidence_tokens must be >= 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_bad_tree_flag_is_one_line_not_a_traceback():
+    result = sharedllm("eval", "ppl", "--depth", "0")
+    assert result.returncode == 2 and "depth must be in [1, 8]" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -304,7 +304,8 @@ def test_eval_ruler_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     full = {c["length"]: c["score"] for c in report["cells"] if c["method"] == "full"}
     assert full[1536] is None and full[512] is not None
     assert {s["method"] for s in report["samples"]} == {"sharedllm", "evidence", "tree", "full", "truncation"}
-    assert all(0.0 <= s["score"] <= 1.0 for s in report["samples"])
+    at_512 = {s["method"]: s["output"] for s in report["samples"] if s["length"] == 512 and s["task"] == "variables"}
+    assert at_512["full"] == at_512["truncation"]  # where the document fits, one base-window run serves both
     assert report["protocol"]["evidence"]["tokens"] == 128
     assert (tmp_path / "ruler.png").read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out

@@ -53,8 +53,14 @@ def test_passages_cover_the_document_and_end_at_sentences(tokenizer):
     assert sum(t.rstrip().endswith(".") for t in index.texts[:-1]) >= 0.9 * (len(index) - 1)
 
 
-def test_character_offsets_index_the_decoded_document(tokenizer):
-    text = "Ünïcödé — naïve café. " + FILLER * 30 + "Ωmega ends here."
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Ünïcödé — naïve café. " + FILLER * 30 + "Ωmega ends here.",
+        "长文档没有英文句号所以切分会落在多字节字符的中间" * 12 + "。" + "😀🚀✨" * 20,  # no sentence ends it knows
+    ],
+)
+def test_character_offsets_index_the_decoded_document(tokenizer, text):
     ids = ids_of(tokenizer, text)
     index = PassageIndex(ids, tokenizer, 24)
     assert tokenizer.decode(ids) == text  # byte-level BPE: the decoded document is the document
@@ -130,6 +136,10 @@ def test_settings_are_validated():
         EvidenceSettings(passage_tokens=2),
         EvidenceSettings(hops=-1),
         EvidenceSettings(mode="everything"),  # type: ignore[arg-type]
+        EvidenceSettings(min_score=1.5),
+        EvidenceSettings(tree_weight=float("nan")),
+        EvidenceSettings(hop_max_df=0),
+        EvidenceSettings(neighbours_of=-1),
     ):
         with pytest.raises(InvalidInput):
             bad.validate()
@@ -181,6 +191,10 @@ def test_plan_fills_the_window_within_its_limits(engine, tokenizer):
     focused = engine.plan(tree, question, max_new_tokens=100, evidence=EvidenceSettings(tokens=100_000))
     assert any("4817" in p.text for p in focused.evidence) and len(focused.evidence) < len(huge.evidence)
 
+    # A spread over the document spans all of it even when the window clips the budget.
+    spread = engine.plan(tree, question, max_new_tokens=100, evidence=EvidenceSettings(tokens=100_000, mode="spread"))
+    assert spread.evidence[0].token_start < len(ids) * 0.1 and spread.evidence[-1].token_end > len(ids) * 0.9
+
     prefixed = engine.plan(
         tree, question, max_new_tokens=8, evidence=EvidenceSettings(tokens=0), answer_prefix="The code is"
     )
@@ -208,3 +222,12 @@ def test_shielded_positions_read_no_injection(tiny_model_dir):
     assert not torch.allclose(plain, injected, atol=1e-4)
     assert torch.equal(shielded, plain)
     assert torch.equal(half[:, :4], plain[:, :4]) and not torch.allclose(half[:, 4:], plain[:, 4:], atol=1e-4)
+    # A decode step of the answer, shielded from its position on: the blocks do not run at all.
+    step = torch.tensor([[ids[0, -1].item()]])
+    with torch.inference_mode():
+        free = engine.decoder.forward(step, ids.shape[1], None, None)
+        answer = engine.decoder.forward(
+            step, ids.shape[1], None, dataclasses.replace(injection, shielded=((ids.shape[1], sys.maxsize),))
+        )
+        read = engine.decoder.forward(step, ids.shape[1], None, injection)
+    assert torch.equal(answer, free) and not torch.allclose(read, free, atol=1e-4)

@@ -339,8 +339,8 @@ def test_bad_requests_get_their_status_codes(stack, tiny_engine, redis_server):
         ("negative top_k", generate(top_k=-3), invalid),
         ("too many stop strings", generate(stop=[f"s{i}" for i in range(17)]), invalid),
         ("empty stop string", generate(stop=[""]), invalid),
-        ("negative evidence_tokens", generate(evidence_tokens=-1), invalid),
-        ("unknown evidence mode", generate(evidence_mode="everything"), invalid),
+        ("negative evidence_tokens", generate("no-such-context", evidence_tokens=-1), invalid),  # before any read
+        ("unknown evidence mode", generate("no-such-context", evidence_mode="everything"), invalid),
         ("context built with another adapter", generate(other_adapter), code.FAILED_PRECONDITION),
         ("corrupted stored node", generate(corrupted), code.DATA_LOSS),
     ]  # fmt: skip

@@ -107,7 +107,7 @@ def evidence_settings(args: argparse.Namespace, mode: str = "auto") -> EvidenceS
 
 def format_evidence(passages: tuple[Passage, ...]) -> str:
     """The excerpts as a user reads them under an answer: where each one is, then its text."""
-    lines = [f"evidence: {len(passages)} passages, {sum(p.token_end - p.token_start for p in passages)} tokens"]
+    lines = [f"evidence: {len(passages)} passages, {sum(p.n_tokens for p in passages)} tokens"]
     for p in passages:
         lines.append(
             f"  [chars {p.char_start}-{p.char_end}, tokens {p.token_start}-{p.token_end}, score {p.score:.2f}]"
@@ -215,7 +215,7 @@ def run_ask(args: argparse.Namespace) -> int:
         "prompt_tokens": finished.prompt_tokens,
         "completion_tokens": finished.completion_tokens,
         "adapter_trained": engine.trained,
-        "evidence_tokens": sum(p.token_end - p.token_start for p in finished.evidence),
+        "evidence_tokens": sum(p.n_tokens for p in finished.evidence),
         "evidence": [p.to_dict() for p in finished.evidence],
     }
     if args.json:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.engine.adapter import InjectionAdapter
-from common.engine.evidence import Passage
 from common.engine.llama import LlamaBody, rms_normalise
 from common.engine.retrieval import select_nodes
 from common.engine.sampling import Sampler, SamplingParams
@@ -17,6 +17,9 @@ from common.engine.streaming import TextStream
 from common.engine.tree import ContextSource
 from common.errors import IncompatibleContext
 from common.kernels import gather_injection
+
+if TYPE_CHECKING:  # only a type here; the evidence module brings the lexical index's libraries
+    from common.engine.evidence import Passage
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class Decoder:
         reads = None  # [1, L, 1]: 0 where a position reads no injection
         for span in injection.shielded:
             low, high = (min(max(0, p - start), length) for p in span)
+            if (low, high) == (0, length):
+                return None  # every position is shielded (a decode step of the answer): skip the blocks
             if low < high:
                 if reads is None:
                     reads = torch.ones(1, length, 1, device=self.body.device, dtype=self.body.dtype)

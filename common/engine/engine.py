@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -48,6 +49,15 @@ class Compressed:
     tree: ContextTree
     n_tokens: int
     seconds: float
+
+
+_log = logging.getLogger(__name__)
+
+
+def find_tokens(sequence: list[int], part: list[int], last: bool = False) -> int | None:
+    """Where `part` starts in `sequence` (its first or last occurrence), or None."""
+    starts = range(len(sequence) - len(part), -1, -1) if last else range(len(sequence) - len(part) + 1)
+    return next((i for i in starts if sequence[i : i + len(part)] == part), None)
 
 
 @dataclass(frozen=True)
@@ -282,7 +292,6 @@ class Engine:
         """
         evidence.validate()
         timings: dict[str, float] = {}
-        started = time.perf_counter()
         query = None
         if source is not None and retrieval and (inject or evidence.tokens > 0):
             query = self.decoder.query_vector(self.tokenizer(question, add_special_tokens=False)["input_ids"])
@@ -290,14 +299,18 @@ class Engine:
         passages: list[Passage] = []
         bias = None
         if source is not None and evidence.tokens > 0:
-            index = index if index is not None and index.passage_tokens == evidence.passage_tokens else None
-            index = index or self.passage_index(source, evidence.passage_tokens)
+            started = time.perf_counter()
+            n_tokens = sum(source.chunk_lengths)
+            usable = index is not None and (index.passage_tokens, index.n_tokens) == (evidence.passage_tokens, n_tokens)
+            index = index if usable else self.passage_index(source, evidence.passage_tokens)
             sims = None if query is None else node_similarity(source.retrieval_keys, query).cpu().numpy()
             depth = source.config.depth
             tree = None if sims is None else index.tree_scores(sims, source.chunk_lengths, depth)
-            ranking = rank(index, question, tree, evidence)
             room = self.window - max_new_tokens - len(self._chat_ids(render([], question))) - len(prefix)
-            passages = choose(index, ranking, min(evidence.tokens, room - _EXCERPT_OVERHEAD_TOKENS))
+            budget = min(evidence.tokens, room - _EXCERPT_OVERHEAD_TOKENS)
+            # Rank for the budget that fits: a spread over the document must span all of it.
+            ranking = rank(index, question, tree, dataclasses.replace(evidence, tokens=max(budget, 0)))
+            passages = choose(index, ranking, budget)
             if sims is not None:
                 bias = torch.from_numpy(index.node_scores(ranking.scores, source.chunk_lengths, depth))
             timings["evidence_s"] = time.perf_counter() - started
@@ -322,14 +335,17 @@ class Engine:
     def _excerpt_span(self, prompt: list[int], question: str) -> tuple[int, int] | None:
         """Prompt positions from the excerpts' header to the question (None if the template hides them).
 
-        Found by token search rather than predicted, so it holds for any chat template: the
-        header's tokens open the span, the question's own tokens (searched from the end) close it.
+        Found by token search rather than predicted, so it holds for any chat template that keeps
+        the header's and the question's tokens as they tokenize alone (the default model's does;
+        the suite checks it). Where one merges them with their neighbours, the excerpts read the
+        injection like the rest of the prompt, and a warning says so.
         """
-        header = self.tokenizer(EXCERPTS_HEADER, add_special_tokens=False)["input_ids"]
-        asked = self.tokenizer(question, add_special_tokens=False)["input_ids"]
-        start = next((i for i in range(len(prompt)) if prompt[i : i + len(header)] == header), None)
-        end = next((i for i in range(len(prompt) - len(asked), -1, -1) if prompt[i : i + len(asked)] == asked), None)
-        return (start, end) if start is not None and end is not None and start < end else None
+        start = find_tokens(prompt, self.tokenizer(EXCERPTS_HEADER, add_special_tokens=False)["input_ids"])
+        end = find_tokens(prompt, self.tokenizer(question, add_special_tokens=False)["input_ids"], last=True)
+        if start is None or end is None or start >= end:
+            _log.warning("the chat template changes the excerpts' tokens; they read the injection too")
+            return None
+        return start, end
 
     def generate(
         self,
@@ -365,7 +381,8 @@ class Engine:
 
     @torch.inference_mode()
     def logits(self, prompt_ids: list[int], source: ContextSource | None = None, query_ids: list[int] | None = None):
-        """Full-sequence logits [L, V] (tests and evaluation): the same injection as generation, no evidence."""
+        """Full-sequence logits [L, V] (tests, perplexity, training): the tree alone, selected by the
+        query without evidence, so no ranking bias and no shielded positions."""
         injection = None
         if source is not None:
             query = self.decoder.query_vector(query_ids) if query_ids else None

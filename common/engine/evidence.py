@@ -26,8 +26,9 @@ How passages are chosen:
 
 from __future__ import annotations
 
-import functools
+import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -68,10 +69,12 @@ class EvidenceSettings:
             raise InvalidInput(f"evidence_tokens must be >= 0, got {self.tokens}")
         if not 8 <= self.passage_tokens <= 1024:
             raise InvalidInput(f"passage_tokens must be in [8, 1024], got {self.passage_tokens}")
-        if self.hops < 0 or self.tree_weight < 0 or self.hop_max_df < 1 or self.neighbours_of < 0:
+        if self.hops < 0 or not self.tree_weight >= 0 or self.hop_max_df < 1 or self.neighbours_of < 0:
             raise InvalidInput("hops, tree_weight and neighbours_of must be >= 0, hop_max_df >= 1")
-        if not 0.0 <= self.min_score <= 1.0:
-            raise InvalidInput(f"min_score must be in [0, 1], got {self.min_score}")
+        if not (0.0 <= self.min_score <= 1.0 and math.isfinite(self.tree_weight)):
+            raise InvalidInput(
+                f"min_score must be in [0, 1] and tree_weight finite, got {self.min_score}, {self.tree_weight}"
+            )
         if self.mode not in EVIDENCE_MODES:
             raise InvalidInput(f"evidence mode must be one of {', '.join(EVIDENCE_MODES)}, got {self.mode!r}")
 
@@ -91,6 +94,10 @@ class Passage:
     text: str
     score: float
 
+    @property
+    def n_tokens(self) -> int:
+        return self.token_end - self.token_start
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "token_start": self.token_start,
@@ -102,14 +109,25 @@ class Passage:
         }
 
 
-@functools.cache
+_local = threading.local()
+
+
 def _stemmer() -> Stemmer.Stemmer:
-    return Stemmer.Stemmer("english")
+    """One stemmer per thread: PyStemmer's stemmers must not be shared between threads."""
+    if not hasattr(_local, "stemmer"):
+        _local.stemmer = Stemmer.Stemmer("english")
+    return _local.stemmer
+
+
+def _tokenize(texts: Sequence[str], return_ids: bool) -> Any:
+    return bm25s.tokenize(
+        list(texts), stopwords=_STOPWORDS, stemmer=_stemmer(), return_ids=return_ids, show_progress=False
+    )
 
 
 def terms(texts: Sequence[str]) -> list[list[str]]:
     """Lower-cased, stemmed content words of each text, as the lexical index sees them."""
-    return bm25s.tokenize(list(texts), stopwords=_STOPWORDS, stemmer=_stemmer(), return_ids=False, show_progress=False)
+    return _tokenize(texts, return_ids=False)
 
 
 def split_passages(token_ids: Sequence[int], tokenizer: Any, size: int) -> list[tuple[int, int]]:
@@ -134,6 +152,20 @@ def split_passages(token_ids: Sequence[int], tokenizer: Any, size: int) -> list[
     return spans
 
 
+def _whole_characters(spans: list[tuple[int, int]], ids: list[int], tokenizer: Any) -> list[tuple[int, int]]:
+    """Move each cut that falls inside a multi-byte character (the passage before it decodes to
+    U+FFFD at its end) forward by a token or three, so every passage decodes to whole characters
+    and the passages' texts add up to the document's."""
+    spans = list(spans)
+    for i in range(len(spans) - 1):
+        for _ in range(3):
+            (start, end), (_, next_end) = spans[i], spans[i + 1]
+            if next_end - end <= 1 or not tokenizer.decode(ids[max(start, end - 4) : end]).endswith("\ufffd"):
+                break
+            spans[i], spans[i + 1] = (start, end + 1), (end + 1, next_end)
+    return spans
+
+
 def _readable(piece: str | None) -> str:
     """A byte-level BPE piece with its space and newline markers as the characters they stand for."""
     return (piece or "").replace("\u0120", " ").replace("\u010a", "\n")
@@ -146,14 +178,16 @@ class PassageIndex:
         if len(token_ids) == 0:
             raise InvalidInput("the context holds no document tokens")
         self.passage_tokens = passage_tokens
-        self.spans = split_passages(token_ids, tokenizer, passage_tokens)
         ids = list(token_ids)
-        self.texts: list[str] = tokenizer.batch_decode([ids[s:e] for s, e in self.spans], skip_special_tokens=True)
+        self.spans = _whole_characters(split_passages(ids, tokenizer, passage_tokens), ids, tokenizer)
+        self.texts: list[str] = tokenizer.batch_decode(
+            [ids[s:e] for s, e in self.spans], skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
         lengths = np.fromiter((len(t) for t in self.texts), dtype=np.int64, count=len(self.texts))
         self.char_starts = np.concatenate([[0], np.cumsum(lengths)])
         self.token_starts = np.asarray([s for s, _ in self.spans], dtype=np.int64)
         self.n_tokens = len(ids)
-        tokenized = bm25s.tokenize(self.texts, stopwords=_STOPWORDS, stemmer=_stemmer(), show_progress=False)
+        tokenized = _tokenize(self.texts, return_ids=True)
         self._bm25 = bm25s.BM25()
         self._bm25.index(tokenized, show_progress=False)
         words = {i: w for w, i in tokenized.vocab.items()}
@@ -167,11 +201,6 @@ class PassageIndex:
 
     def __len__(self) -> int:
         return len(self.spans)
-
-    @property
-    def nbytes(self) -> int:
-        """Approximate memory held (texts dominate), for cache accounting."""
-        return sum(len(t) for t in self.texts) * 4 + len(self.spans) * 64
 
     def lexical(self, query_terms: Sequence[str]) -> np.ndarray:
         """BM25 score of every passage for the stemmed terms (unknown terms score nothing)."""

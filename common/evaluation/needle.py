@@ -33,7 +33,7 @@ from tqdm import tqdm
 from common.baselines.streaming import StreamingLLM
 from common.data.synthetic import Filler, Task, generate_tasks
 from common.engine.decoder import Finished, Injection
-from common.engine.engine import Engine
+from common.engine.engine import Engine, find_tokens
 from common.engine.evidence import EvidenceSettings
 from common.engine.sampling import SamplingParams
 from common.errors import InvalidInput
@@ -110,11 +110,11 @@ class Answerer:
         Measured on the default model (1K tokens, 3 tasks each): with the document in the user
         message the base model found 2/3 passkeys; with it before the chat template, 0/3.
         """
-        prompt, asked = self.engine.prompt_ids(question), self._tokens(question)
-        for at in range(len(prompt) - len(asked), -1, -1):
-            if prompt[at : at + len(asked)] == asked:
-                return prompt[:at], prompt[at:]
-        raise ValueError("the chat template does not hold the question's tokens verbatim")
+        prompt = self.engine.prompt_ids(question)
+        at = find_tokens(prompt, self._tokens(question), last=True)
+        if at is None:
+            raise ValueError("the chat template does not hold the question's tokens verbatim")
+        return prompt[:at], prompt[at:]
 
     def __call__(self, task: Task) -> dict[str, str]:
         """Answer text per method; `full` only where the whole document fits the window."""
@@ -134,7 +134,9 @@ class Answerer:
             reading = [m for m in DOCUMENT_METHODS if m in wanted]
             if reading:
                 tree = engine.compressor.compress(document)
-                index = engine.passage_index(tree, self.evidence.passage_tokens)
+                index = None
+                if any(DOCUMENT_METHODS[m][0] for m in reading) and self.evidence.tokens > 0:
+                    index = engine.passage_index(tree, self.evidence.passage_tokens)
             for method in reading:
                 with_evidence, inject = DOCUMENT_METHODS[method]
                 plan = engine.plan(

@@ -187,7 +187,8 @@ def decode_manifest(frame: bytes, expected: Fingerprints | None = None) -> pb.Co
         raise DataCorruption(f"context manifest does not parse: {exc}") from exc
     if manifest.format_version != FORMAT_VERSION:
         raise IncompatibleContext(
-            f"context was stored in format version {manifest.format_version}; this build reads version {FORMAT_VERSION}"
+            f"context was stored in format version {manifest.format_version}; this build reads version "
+            f"{FORMAT_VERSION} (compress the document again)"
         )
     _check_consistent(manifest)
     if expected is not None:
