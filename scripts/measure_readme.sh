@@ -89,3 +89,4 @@ $BIN/sharedllm eval ruler --lengths 65536 131072 --per-cell 2 --tasks single_noi
 $BIN/sharedllm bench --threads 2 --repeats 1 --max-new-tokens 16 --lengths 32768 --methods sharedllm full \
   --no-grpc --json "$EV/bench-32k.json" | tee "$EV/bench-32k.txt"
 $BIN/python bench/planted_codes.py --json "$EV/planted-codes.json" | tee "$EV/planted-codes.txt"
+$BIN/python bench/demo_questions.py --json "$EV/demo-questions.json" | tee "$EV/demo-questions.txt"
