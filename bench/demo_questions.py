@@ -30,7 +30,7 @@ from common.engine.sampling import SamplingParams
 
 # (question, expected answer, text next to the answer in the document)
 QUESTIONS = (
-    ("What was the name of Naomi's husband?", "Elimelech", "Elimelech Naomi's husband"),
+    ("What was the name of Naomi's husband?", "Elimelech", "the name of the man was Elimelech"),
     ("What was the name of Elkanah's other wife?", "Peninnah", "the name of the other Peninnah"),
     ("Who was the mother of Samuel?", "Hannah", "called his name Samuel"),
     ("What was the name of the son of Ruth and Boaz?", "Obed", "called his name Obed"),

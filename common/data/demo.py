@@ -6,7 +6,7 @@ the default tokenizer (1.7 times its window).
 
 The demo question was chosen by the rule of the evidence issue: the base model alone does not
 know the answer, and answers it when the passage that holds it is in its window (checked on
-the default model: 600 characters around "Elimelech Naomi's husband" in the window, the
+the default model: 600 characters around "the name of the man was Elimelech" in the window, the
 question after them). Its answer sits in Ruth 1, at the start of the document.
 """
 
