@@ -94,6 +94,14 @@ class Answerer:
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
         self._separator = self._tokens("\n\n")  # between the document and the question
 
+    @classmethod
+    def for_settings(cls, engine: Engine, streaming: StreamingLLM | None, settings: Any) -> Answerer:
+        """The answerer an evaluation's settings ask for (needle's or RULER's: methods, max_new_tokens,
+        evidence, retrieval); a StreamingLLM must come exactly when the streaming method is asked for."""
+        if ("streaming" in settings.methods) != (streaming is not None):
+            raise ValueError("pass a StreamingLLM exactly when the streaming method is asked for")
+        return cls(engine, streaming, settings.methods, settings.max_new_tokens, settings.evidence, settings.retrieval)
+
     def _tokens(self, text: str) -> list[int]:
         return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -167,11 +175,7 @@ def evaluate_needles(
 ) -> dict[str, Any]:
     """Every task kind at every length x depth (`per_cell` seeded tasks each); the JSON-ready report."""
     settings.validate()
-    if ("streaming" in settings.methods) != (streaming is not None):
-        raise ValueError("pass a StreamingLLM exactly when the streaming method is asked for")
-    answer = Answerer(
-        engine, streaming, settings.methods, settings.max_new_tokens, settings.evidence, settings.retrieval
-    )
+    answer = Answerer.for_settings(engine, streaming, settings)
     total = len(settings.tasks) * len(settings.lengths) * len(settings.depths) * settings.per_cell
     bar = tqdm(total=total, desc="needle tasks", file=sys.stderr)
     samples: list[dict[str, Any]] = []

@@ -92,11 +92,7 @@ def evaluate_ruler(
 ) -> dict[str, Any]:
     """Every task at every length (`per_cell` seeded samples); the JSON-ready report."""
     settings.validate()
-    if ("streaming" in settings.methods) != (streaming is not None):
-        raise ValueError("pass a StreamingLLM exactly when the streaming method is asked for")
-    answer = Answerer(
-        engine, streaming, settings.methods, settings.max_new_tokens, settings.evidence, settings.retrieval
-    )
+    answer = Answerer.for_settings(engine, streaming, settings)
     bar = tqdm(total=len(settings.tasks) * len(settings.lengths) * settings.per_cell, desc="ruler", file=sys.stderr)
     samples: list[dict[str, Any]] = []
     for name in settings.tasks:
