@@ -24,7 +24,7 @@ setup: $(VENV)/.installed
 # System packages for the tests (a real redis-server) and the corpora.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 
 # README command 1: set up, fetch a >8K-token public-domain document, and ask about it.
 demo: setup

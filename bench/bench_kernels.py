@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.kernels import reference, triton_kernels
+from sharedllm.common.kernels import reference, triton_kernels
 
 SIZES = {"128k": 131072, "32k": 32768, "16k": 16384, "2k": 2048}
 L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2, so every timed run starts cold

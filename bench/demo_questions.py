@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from common.data.cli import default_data_dir
-from common.data.demo import demo_document
-from common.engine.decoder import Finished
-from common.engine.engine import Engine
-from common.engine.evidence import EvidenceSettings, Passage, render
-from common.engine.sampling import SamplingParams
+from sharedllm.cli.options import default_data_dir
+from sharedllm.common.data.demo import demo_document
+from sharedllm.common.engine.engine import Engine, QuestionPlan
+from sharedllm.common.engine.evidence import render
+from sharedllm.common.engine.generation import run_to_end
+from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
+from sharedllm.common.engine.results import Passage
 
 # (question, expected answer, text next to the answer in the document)
 QUESTIONS = (
@@ -53,21 +54,20 @@ def main() -> int:
     tree = engine.compressor.compress(engine.tokenize_document(text))
     params = SamplingParams(max_new_tokens=32)
 
-    def answer(prompt: list[int], injection=None) -> str:
-        events = engine.decoder.generate(prompt, injection, params, engine._decode)
-        return next(e.text for e in events if isinstance(e, Finished))
+    def answer(plan: QuestionPlan) -> str:
+        return run_to_end(engine.decode(plan, params)).text
 
     rows = []
     for question, expected, anchor in QUESTIONS:
         at = text.index(anchor)
         passage = Passage(0, 0, 0, 0, text[max(0, at - 300) : at + 300], 1.0)
         outputs = {
-            "none": answer(engine.prompt_ids(question)),
-            "passage": answer(engine.prompt_ids(render([passage], question))),
+            "none": answer(QuestionPlan(engine.prompt_ids(question))),
+            "passage": answer(QuestionPlan(engine.prompt_ids(render([passage], question)))),
         }
         for method, inject in (("product", True), ("evidence", False)):
             plan = engine.plan(tree, question, max_new_tokens=32, evidence=EvidenceSettings(), inject=inject)
-            outputs[method] = answer(plan.prompt_ids, plan.injection)
+            outputs[method] = answer(plan)
         row = {"question": question, "expected": expected, **{k: expected in v for k, v in outputs.items()}}
         rows.append({**row, "outputs": outputs})
         print(json.dumps(row), flush=True)

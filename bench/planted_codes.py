@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from common.data.cli import default_data_dir
-from common.engine.decoder import Finished
-from common.engine.engine import Engine
-from common.engine.sampling import SamplingParams
-from common.evaluation.heldout import heldout_book_text
-from common.runtime import ContextRuntime
-from common.store import open_store
+from sharedllm.cli.options import default_data_dir
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.generation import run_to_end
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.evaluation.heldout import heldout_book_text
+from sharedllm.common.runtime import ContextRuntime
+from sharedllm.common.store import open_store
 
 NAMES = ("Sapphire Archive", "north boathouse", "Harbour Chapel", "copper vault", "old granary", "west tower")
 
@@ -61,7 +61,7 @@ def main() -> int:
                 events = runtime.generate(
                     context_id, question, SamplingParams(max_new_tokens=24), evidence_tokens=budget
                 )
-                finished = next(e for e in events if isinstance(e, Finished))
+                finished = run_to_end(events)
                 row = {
                     "length": length,
                     "depth": depth,

@@ -22,27 +22,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from common.benchmark.services import GrpcUnavailable, private_redis
-from common.benchmark.workload import QUESTIONS
-from common.engine.decoder import Finished
-from common.engine.engine import Engine
-from common.engine.sampling import SamplingParams
-from common.model_loading import add_dtype_argument, dtype_from_name
-from common.runtime import ContextRuntime, GenerateOutcome
-from common.store import open_store
+from sharedllm.common.benchmark.services import GrpcUnavailable, private_redis
+from sharedllm.common.benchmark.workload import QUESTIONS
+from sharedllm.common.config import DTYPE_CHOICES
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.generation import run_to_end
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.model_loading import dtype_from_name
+from sharedllm.common.runtime import ContextRuntime
+from sharedllm.common.store import open_store
 
 PHASES = ("context_open_s", "selection_s", "context_load_s", "prepare_s", "prefill_s", "time_to_first_token_s")
 
 
 def ask(runtime: ContextRuntime, context_id: str, question: str) -> dict[str, float]:
     """One question with one new token: its phases and what it read."""
-    row: dict[str, float] = {}
-    for event in runtime.generate(context_id, question, SamplingParams(max_new_tokens=1)):
-        if isinstance(event, Finished):
-            row.update({k: event.timings.get(k, 0.0) for k in PHASES})
-        elif isinstance(event, GenerateOutcome):
-            row.update(bytes_read=event.bytes_read, cached_nodes=event.cached_nodes)
-    return row
+    finished = run_to_end(runtime.generate(context_id, question, SamplingParams(max_new_tokens=1)))
+    assert finished.context is not None
+    row = {phase: getattr(finished.timings, phase) for phase in PHASES}
+    return {**row, "bytes_read": finished.context.bytes_read, "cached_nodes": finished.context.cached_nodes}
 
 
 def profile(runtime: ContextRuntime, token_ids: list[int], repeats: int) -> dict[str, dict[str, float]]:
@@ -64,7 +62,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
-    add_dtype_argument(parser)
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = Engine.load(dtype=dtype_from_name(args.dtype))

@@ -1,16 +1,20 @@
-"""Configuration of a context tree and of the injection adapter.
+"""Plain configuration values: the context tree, the model to load, and the documented limits.
 
-One frozen dataclass, because the compressor and the decoder must agree on every field:
-it travels inside the adapter's sidecar and inside every stored context's manifest.
+TreeConfig is one frozen dataclass because the compressor and the decoder must agree on every
+field: it travels inside the adapter's sidecar and inside every stored context's manifest.
+Nothing here imports torch, so that every front end can parse and check its flags cheaply.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from common.errors import InvalidInput
+from sharedllm.common.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from sharedllm.common.engine.engine import Engine
 
 Encoding = Literal["single_pass", "per_node"]
 Pooling = Literal["last", "mean"]
@@ -28,7 +32,7 @@ class ConfigError(InvalidInput, ValueError):
 
 @dataclass(frozen=True)
 class TreeConfig:
-    """How documents are compressed and how the decoder reads them (method.md §2-4).
+    """How documents are compressed and how the decoder reads them (docs/method.md §2-4).
 
     n_layers:   M, the number of bottom layers that compress (lower model) and inject (upper).
     chunk_size: C, tokens per chunk; each chunk is the root of one context tree.
@@ -101,3 +105,52 @@ def node_count(depth: int) -> int:
 def node_index(level: int, position: int) -> int:
     """Index of node `position` of `level` (1-based levels) in a chunk's flat node table."""
     return (2**level - 2) + position
+
+
+DEFAULT_MAX_DOCUMENT_TOKENS = 131_072
+DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")  # auto: bf16 on GPUs, fp32 on CPUs
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Documented limits every front end enforces through the engine."""
+
+    max_document_tokens: int = DEFAULT_MAX_DOCUMENT_TOKENS
+    max_prompt_chars: int = 32_768
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which base model and adapter to load, where and in what precision (None: the defaults:
+    SmolLM2-135M-Instruct, its shipped adapter, cuda if available, the device's dtype)."""
+
+    model: str | None = None
+    adapter: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    max_document_tokens: int | None = None  # None: 131072, or fewer where chunk positions would pass the window
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
+        if self.max_document_tokens is not None and self.max_document_tokens < 1:
+            raise ConfigError(f"max_document_tokens must be >= 1, got {self.max_document_tokens}")
+
+    @property
+    def limits(self) -> Limits | None:
+        return None if self.max_document_tokens is None else Limits(max_document_tokens=self.max_document_tokens)
+
+    def load(self, *, lower_only: bool = False, tree_config: TreeConfig | None = None) -> Engine:
+        """The engine (imported here: describing a choice needs no torch, loading it does)."""
+        from sharedllm.common.engine.engine import Engine
+        from sharedllm.common.model_loading import dtype_from_name
+
+        return Engine.load(
+            self.model,
+            self.adapter,
+            self.device,
+            self.limits,
+            tree_config,
+            lower_only=lower_only,
+            dtype=dtype_from_name(self.dtype),
+        )

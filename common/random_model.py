@@ -8,15 +8,14 @@ its answers are noise, its timings are real.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from common.errors import InvalidInput
-from common.model_loading import DTYPE_NAMES, resolve_model_path
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.model_loading import resolve_model_path
 
 # Published architecture hyper-parameters; the vocabulary is the default tokenizer's.
 SHAPES: dict[str, dict[str, int | bool]] = {
@@ -88,23 +87,3 @@ def write_random_model(
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
-
-
-def add_model_commands(sub: argparse._SubParsersAction) -> None:
-    """`sharedllm model random --shape llama-2-7b --out DIR`."""
-    model = sub.add_parser("model", help="model utilities")
-    commands = model.add_subparsers(dest="model_command", required=True)
-    random = commands.add_parser("random", help="write a randomly initialised model of a named shape (benchmarks)")
-    random.add_argument("--shape", required=True, choices=sorted(SHAPES))
-    random.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
-    random.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_NAMES))
-    random.add_argument("--seed", type=int, default=0)
-    random.set_defaults(handler=run_random)
-
-
-def run_random(args: argparse.Namespace) -> int:
-    if args.out.exists():
-        raise InvalidInput(f"{args.out} exists; choose a new directory")
-    write_random_model(args.out, args.shape, dtype=DTYPE_NAMES[args.dtype], seed=args.seed)
-    print(f"wrote a random {args.shape} model ({args.dtype}) to {args.out}; use it with --model {args.out}")
-    return 0

@@ -12,15 +12,15 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from common.engine.decoder import Finished, TokenDelta
-from common.engine.engine import Engine
-from common.engine.evidence import EvidenceSettings, PassageIndex
-from common.engine.sampling import SamplingParams
-from common.store import (
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.evidence import PassageIndex
+from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
+from sharedllm.common.engine.results import CompressTimings, ContextRead, Finished, TokenDelta
+from sharedllm.common.store import (
     DEFAULT_TENANT,
     ContextStore,
     Fingerprints,
@@ -29,7 +29,7 @@ from common.store import (
     storage_report,
     validate_name,
 )
-from common.store.decoded_cache import DEFAULT_CACHE_BYTES, DecodedCache
+from sharedllm.common.store.decoded_cache import DEFAULT_CACHE_BYTES, DecodedCache
 
 ProgressFn = Callable[[int, int], None]
 WARM_UP_TEXT = "A short text that runs every part of the model once before the first request."
@@ -44,17 +44,7 @@ class CompressOutcome:
     bytes_per_token: float
     kv_cache_ratio: float  # stored bytes / the base model's full KV cache for the same tokens
     compression_ratio: float  # document tokens per entry one question injects
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class GenerateOutcome:
-    """Appended to Finished by the runtime: what the request read from the store."""
-
-    bytes_read: int
-    context_tokens: int
-    chunks: int
-    cached_nodes: int  # selected nodes taken from the decoded cache instead of the store
+    timings: CompressTimings
 
 
 class PassageIndexCache:
@@ -128,9 +118,10 @@ class ContextRuntime:
         ids = self.engine.tokenize_document(text)
         tokenized = time.perf_counter() - started
         outcome = self.compress_ids(ids, **kwargs)
-        outcome.timings["tokenize_s"] = tokenized
-        outcome.timings["total_s"] += tokenized
-        return outcome
+        timings = dataclasses.replace(
+            outcome.timings, tokenize_s=tokenized, total_s=outcome.timings.total_s + tokenized
+        )
+        return dataclasses.replace(outcome, timings=timings)
 
     def compress_ids(
         self,
@@ -138,10 +129,12 @@ class ContextRuntime:
         *,
         tenant: str = DEFAULT_TENANT,
         context_id: str | None = None,
-        ttl_s: float | None = -1.0,
+        ttl_s: float | None = None,
+        pin: bool = False,
         progress: ProgressFn | None = None,
     ) -> CompressOutcome:
-        """Compress and store; ttl_s=-1 means the server default, None means no expiry (pinned)."""
+        """Compress and store. The context expires ttl_s after each use (None: the runtime's
+        default lifetime); pin=True: it never expires."""
         started = time.perf_counter()
         # Names first: a malformed id must not cost a whole compression before it is refused.
         validate_name(tenant, "tenant")
@@ -156,7 +149,7 @@ class ContextRuntime:
             base_n_layers=self.engine.loaded.base_n_layers,
             tenant=tenant,
             source_sha256=source_digest(token_ids),
-            ttl_s=self.default_ttl_s if ttl_s == -1.0 else ttl_s,
+            ttl_s=None if pin else self.default_ttl_s if ttl_s is None else ttl_s,
         )
         context_id = context_id or new_context_id()
         self.store.put(context_id, encoded)
@@ -172,7 +165,7 @@ class ContextRuntime:
             bytes_per_token=report.bytes_per_token,
             kv_cache_ratio=report.kv_cache_ratio,
             compression_ratio=len(token_ids) / max(1, min(entries, len(token_ids))),
-            timings={"compress_s": compressed.seconds, "store_s": done - t_store, "total_s": done - started},
+            timings=CompressTimings(compress_s=compressed.seconds, store_s=done - t_store, total_s=done - started),
         )
 
     def evidence_settings(self, tokens: int | None = None, mode: str | None = None) -> EvidenceSettings:
@@ -192,8 +185,8 @@ class ContextRuntime:
         retrieval: bool = True,
         evidence_tokens: int | None = None,
         evidence_mode: str | None = None,
-    ) -> Iterator[TokenDelta | Finished | GenerateOutcome]:
-        """Stream the answer; a GenerateOutcome follows the Finished event.
+    ) -> Iterator[TokenDelta | Finished]:
+        """Stream the answer; the Finished at the end says what was read (Finished.context).
 
         The manifest, retrieval keys and token ids are read first; only the nodes the question
         selects are fetched (by the decoder, through the StoredContext). evidence_tokens and
@@ -220,16 +213,20 @@ class ContextRuntime:
                 yield event
                 continue
             # Times as the caller meets them: from the request's start, store reads included.
-            timings = {**event.timings, "context_open_s": opened}
-            if "evidence_s" in timings:
-                timings["evidence_s"] += index_s
             if first_token_s is None:  # the first token was EOS: nothing streamed before the end
                 first_token_s = time.perf_counter() - started
-            timings["time_to_first_token_s"] = first_token_s
-            yield dataclasses.replace(event, timings=timings)
-            yield GenerateOutcome(
-                bytes_read=source.bytes_read if source is not None else 0,
-                context_tokens=sum(source.chunk_lengths) if source is not None else 0,
-                chunks=len(source.chunk_lengths) if source is not None else 0,
-                cached_nodes=source.cached_nodes if source is not None else 0,
+            timings = dataclasses.replace(
+                event.timings,
+                context_open_s=opened,
+                evidence_s=event.timings.evidence_s + index_s,
+                time_to_first_token_s=first_token_s,
             )
+            context = None
+            if source is not None:
+                context = ContextRead(
+                    tokens=sum(source.chunk_lengths),
+                    chunks=len(source.chunk_lengths),
+                    bytes_read=source.bytes_read,
+                    cached_nodes=source.cached_nodes,
+                )
+            yield dataclasses.replace(event, timings=timings, context=context)

@@ -1,12 +1,12 @@
-"""The compressor service as the shared bootstrap (common.rpc.server) starts it."""
+"""The compressor service as the shared bootstrap (sharedllm.common.rpc.server) starts it."""
 
 from __future__ import annotations
 
 import grpc
 
-from common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc
-from common.rpc.server import ServerState, ServiceSpec
-from compressor_service.servicer import CompressorServicer
+from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc
+from sharedllm.common.rpc.server import ServerState, ServiceSpec
+from sharedllm.compressor_service.servicer import CompressorServicer
 
 
 def register(state: ServerState, server: grpc.aio.Server) -> None:

@@ -1,6 +1,6 @@
 """CompressorService: protobuf in, ContextRuntime calls, protobuf out. Nothing else.
 
-Errors are raised as common.errors classes and turned into status codes by the shared
+Errors are raised as sharedllm.common.errors classes and turned into status codes by the shared
 interceptor; the tenant comes from the caller's API key, never from the request.
 """
 
@@ -12,18 +12,17 @@ import time
 
 import grpc
 
-from common.config import node_index
-from common.errors import ContextNotFound, InvalidInput
-from common.generated.sharedllm.v1 import compressor_pb2 as pb
-from common.generated.sharedllm.v1 import compressor_pb2_grpc as pb_grpc
-from common.rpc.interceptor import current_tenant
-from common.rpc.server import ServerState
-from common.rpc.workers import ShouldStop, Stopped
-from common.runtime import CompressOutcome
-from common.store import ContextInfo
+from sharedllm.common.config import node_index
+from sharedllm.common.errors import ContextNotFound, InvalidInput
+from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as pb
+from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc as pb_grpc
+from sharedllm.common.rpc.interceptor import current_tenant
+from sharedllm.common.rpc.server import ServerState
+from sharedllm.common.rpc.workers import ShouldStop, Stopped
+from sharedllm.common.runtime import CompressOutcome
+from sharedllm.common.store import ContextInfo
 
 MAX_TTL_S = 366 * 24 * 3600.0
-SERVER_DEFAULT_TTL = -1.0  # ContextRuntime.compress_ids: "use the server's default lifetime"
 
 
 class DocumentUpload:
@@ -64,18 +63,18 @@ class DocumentUpload:
             raise InvalidInput(f"document is not valid UTF-8 (invalid byte at offset {exc.start})") from None
 
 
-def lifetime(options: pb.CompressOptions) -> float | None:
-    """ttl_s for the runtime: seconds, SERVER_DEFAULT_TTL, or None for a pinned context."""
+def lifetime(options: pb.CompressOptions) -> dict[str, float | bool | None]:
+    """The runtime's ttl_s and pin: the requested lifetime (None: the server's default), or pinned."""
     if options.pin:
         if options.HasField("ttl_seconds"):
             raise InvalidInput("set ttl_seconds or pin, not both")
-        return None
+        return {"ttl_s": None, "pin": True}
     if not options.HasField("ttl_seconds"):
-        return SERVER_DEFAULT_TTL
+        return {"ttl_s": None, "pin": False}
     ttl = options.ttl_seconds
     if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL_S):
         raise InvalidInput(f"ttl_seconds must be in (0, {MAX_TTL_S:.0f}], got {ttl!r}")
-    return ttl
+    return {"ttl_s": ttl, "pin": False}
 
 
 def expires_in(info: ContextInfo) -> dict[str, float]:
@@ -94,9 +93,9 @@ def compressed_context(outcome: CompressOutcome, total_s: float) -> pb.Compresse
         bytes_per_token=outcome.bytes_per_token,
         kv_cache_ratio=outcome.kv_cache_ratio,
         timings=pb.CompressTimings(
-            tokenize_seconds=t.get("tokenize_s", 0.0),
-            compress_seconds=t["compress_s"],
-            store_seconds=t["store_s"],
+            tokenize_seconds=t.tokenize_s,
+            compress_seconds=t.compress_s,
+            store_seconds=t.store_s,
             total_seconds=total_s,
         ),
     )
@@ -126,7 +125,7 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
 
     def _upload(self) -> DocumentUpload:
         return DocumentUpload(
-            self._state.config.max_document_bytes, self._state.runtime.engine.limits.max_document_tokens
+            self._state.config.store.max_document_bytes, self._state.runtime.engine.limits.max_document_tokens
         )
 
     async def Compress(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
@@ -155,7 +154,7 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
         kwargs = {
             "tenant": current_tenant(),
             "context_id": options.context_id if options.HasField("context_id") else None,
-            "ttl_s": lifetime(options),
+            **lifetime(options),
         }
 
         def work(should_stop: ShouldStop) -> CompressOutcome:

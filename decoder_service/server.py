@@ -1,12 +1,12 @@
-"""The decoder service as the shared bootstrap (common.rpc.server) starts it."""
+"""The decoder service as the shared bootstrap (sharedllm.common.rpc.server) starts it."""
 
 from __future__ import annotations
 
 import grpc
 
-from common.generated.sharedllm.v1 import decoder_pb2, decoder_pb2_grpc
-from common.rpc.server import ServerState, ServiceSpec
-from decoder_service.servicer import DecoderServicer
+from sharedllm.common.generated.sharedllm.v1 import decoder_pb2, decoder_pb2_grpc
+from sharedllm.common.rpc.server import ServerState, ServiceSpec
+from sharedllm.decoder_service.servicer import DecoderServicer
 
 
 def register(state: ServerState, server: grpc.aio.Server) -> None:

@@ -1,6 +1,6 @@
 """DecoderService: protobuf in, ContextRuntime.generate in a worker thread, protobuf deltas out.
 
-Generation runs one token per step in a worker (common.rpc.workers); when the client cancels
+Generation runs one token per step in a worker (sharedllm.common.rpc.workers); when the client cancels
 or its deadline passes, the worker stops before the next token. Tokens are counted where they
 are produced, so GetServerInfo shows that decoding really stopped.
 """
@@ -12,19 +12,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
-from common.engine.decoder import Finished, TokenDelta
-from common.engine.evidence import Passage
-from common.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
-from common.generated.sharedllm.v1 import decoder_pb2 as pb
-from common.generated.sharedllm.v1 import decoder_pb2_grpc as pb_grpc
-from common.rpc.interceptor import current_tenant
-from common.rpc.server import ServerState
-from common.runtime import GenerateOutcome
-from common.store.codec import tree_config_message
-from common.store.decoded_cache import CacheStats
+from sharedllm.common.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SAMPLING_FIELDS, SamplingParams
+from sharedllm.common.engine.results import Finished, Passage, TokenDelta
+from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as pb
+from sharedllm.common.generated.sharedllm.v1 import decoder_pb2_grpc as pb_grpc
+from sharedllm.common.rpc.interceptor import current_tenant
+from sharedllm.common.rpc.server import ServerState
+from sharedllm.common.store.codec import tree_config_message
+from sharedllm.common.store.decoded_cache import CacheStats
 
-# GenerateRequest fields named as SamplingParams's; unset ones keep SamplingParams's defaults.
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 FINISH_REASONS = {
     "eos": pb.FINISH_REASON_EOS,
     "length": pb.FINISH_REASON_LENGTH,
@@ -49,26 +45,26 @@ def evidence_message(passage: Passage) -> pb.EvidencePassage:
     )
 
 
-def last_message(finished: Finished, outcome: GenerateOutcome) -> pb.GenerateResponse:
-    t = finished.timings
+def last_message(finished: Finished) -> pb.GenerateResponse:
+    t, read = finished.timings, finished.context
     return pb.GenerateResponse(
         finish_reason=FINISH_REASONS[finished.reason],
         usage=pb.Usage(
             prompt_tokens=finished.prompt_tokens,
             completion_tokens=finished.completion_tokens,
-            context_tokens=outcome.context_tokens,
-            context_chunks=outcome.chunks,
-            context_bytes_read=outcome.bytes_read,
-            context_nodes_cached=outcome.cached_nodes,
-            evidence_tokens=sum(p.n_tokens for p in finished.evidence),
+            context_tokens=read.tokens if read else 0,
+            context_chunks=read.chunks if read else 0,
+            context_bytes_read=read.bytes_read if read else 0,
+            context_nodes_cached=read.cached_nodes if read else 0,
+            evidence_tokens=finished.evidence_tokens,
         ),
         timings=pb.GenerateTimings(
-            context_load_seconds=t.get("context_open_s", 0.0) + t.get("context_load_s", 0.0),
-            selection_seconds=t.get("selection_s", 0.0),
-            prefill_seconds=t["prefill_s"],
-            time_to_first_token_seconds=t["time_to_first_token_s"],
-            decode_seconds=t["decode_s"],
-            evidence_seconds=t.get("evidence_s", 0.0),
+            context_load_seconds=t.context_read_s,
+            selection_seconds=t.selection_s,
+            prefill_seconds=t.prefill_s,
+            time_to_first_token_seconds=t.time_to_first_token_s,
+            decode_seconds=t.decode_s,
+            evidence_seconds=t.evidence_s,
         ),
         evidence=[evidence_message(p) for p in finished.evidence],
     )
@@ -109,7 +105,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
         params = sampling_params(request)
         tenant = current_tenant()
 
-        def events() -> Iterator[TokenDelta | Finished | GenerateOutcome]:  # runs in a worker thread
+        def events() -> Iterator[TokenDelta | Finished]:  # runs in a worker thread
             for event in runtime.generate(
                 request.context_id,
                 request.prompt,
@@ -123,16 +119,12 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                     self._tokens.add(1)
                 yield event
 
-        finished: Finished | None = None
         async for event in self._state.workers.iterate(events):
             if isinstance(event, TokenDelta):
                 ids = [] if event.token_id is None else [event.token_id]
                 yield pb.GenerateResponse(text=event.text, token_ids=ids)
-            elif isinstance(event, Finished):
-                finished = event
             else:
-                assert finished is not None, "the runtime yields Finished before GenerateOutcome"
-                yield last_message(finished, event)
+                yield last_message(event)
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -151,7 +143,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 max_prompt_chars=engine.limits.max_prompt_chars,
                 max_stop_strings=MAX_STOP_STRINGS,
                 max_stop_chars=MAX_STOP_CHARS,
-                max_message_bytes=config.max_message_bytes,
+                max_message_bytes=config.network.max_message_bytes,
                 max_concurrent_requests=workers.limit,
             ),
             stats=pb.ServerStats(

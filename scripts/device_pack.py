@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.errors import SharedLLMError
-from common.model_loading import default_gguf_path
-from common.training.device_bundle import MANIFEST, pack
+from device_bundle import MANIFEST, pack
+
+from sharedllm.common.errors import SharedLLMError
+from sharedllm.common.model_loading import default_gguf_path
 
 # What training needs there beyond the machine's own packages (torch, transformers, numpy, ...).
 WHEELS = ("gguf",)

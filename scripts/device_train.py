@@ -2,7 +2,7 @@
 
     python3 scripts/device_train.py [--bundle-dir .device] [--stage .device-stage] -- TRAIN-ARGS
 
-TRAIN-ARGS go to `python -m common.training train` (model, data and run directory are the
+TRAIN-ARGS go to `python -m sharedllm train` (model, data and run directory are the
 bundle's). The adapter, its sidecar and the loss log are written to $OUT (or --out). Uses only
 the standard library and what training needs, which that machine has (plus the bundle's wheels).
 """
@@ -19,8 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.errors import SharedLLMError  # noqa: E402
-from common.training.device_bundle import install_wheels, stage  # noqa: E402
+from device_bundle import install_wheels, stage  # noqa: E402
+
+from sharedllm.common.errors import SharedLLMError  # noqa: E402
 
 # Where the model, data and outputs are is this script's business: the bundle's, and $OUT.
 RESERVED = ("--model", "--data-dir", "--run-dir", "--out")
@@ -63,7 +64,7 @@ def main() -> int:
     command = [
         sys.executable,
         "-m",
-        "common.training",
+        "sharedllm",
         "train",
         "--model",
         str(root / staged.manifest["model"]),

@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 $BIN/python - <<'PY'
 from pathlib import Path
 from transformers import AutoTokenizer
-from common.model_loading import resolve_model_path
+from sharedllm.common.model_loading import resolve_model_path
 tok = AutoTokenizer.from_pretrained(str(resolve_model_path(None)))
 text = Path("data/texts/austen/persuasion.txt").read_text(encoding="utf-8")
 ids = tok(text, add_special_tokens=False)["input_ids"][:32768]

@@ -20,7 +20,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_model():
     """The real default model (SmolLM2-135M-Instruct), loaded once for the whole session."""
-    from common.model_loading import load_model
+    from sharedllm.common.model_loading import load_model
 
     return load_model(None, device="cpu")
 
@@ -55,7 +55,7 @@ def make_redis_server(tmp_path):
 @pytest.fixture
 def tenant() -> str:
     """A fresh tenant, so tests sharing one store (or one redis-server) never see each other's contexts."""
-    from common.store import new_context_id
+    from sharedllm.common.store import new_context_id
 
     return f"t-{new_context_id()}"
 
@@ -69,8 +69,8 @@ def make_tree():
     """
     import torch
 
-    from common.config import TreeConfig
-    from common.engine.tree import ContextTree
+    from sharedllm.common.config import TreeConfig
+    from sharedllm.common.engine.tree import ContextTree
 
     config = TreeConfig(n_layers=2, chunk_size=16, depth=2, pool_size=4)
 

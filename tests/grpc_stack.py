@@ -1,6 +1,6 @@
 """Real gRPC servers on loopback for the tests, and small client helpers.
 
-In-process servers run the production bootstrap (common.rpc.server.RpcServer) on one shared
+In-process servers run the production bootstrap (sharedllm.common.rpc.server.RpcServer) on one shared
 event loop in a background thread (grpc.aio wants one loop per process), configured by the
 same flags as `sharedllm serve`. The tests talk to them with ordinary blocking clients, as a
 user's program would.
@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.rpc.config import ServerConfig, add_server_arguments
-from common.rpc.server import RpcServer, ServiceSpec, load_runtime
-from common.runtime import ContextRuntime
+from sharedllm.cli.server_options import ServerArguments
+from sharedllm.common.rpc.config import ServerConfig
+from sharedllm.common.rpc.server import RpcServer, ServiceSpec, load_runtime
+from sharedllm.common.runtime import ContextRuntime
 
 T = TypeVar("T")
-TINY_TREE_FLAGS = ("--layers", "2", "--chunk-size", "64", "--depth", "2", "--pool-size", "4")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -47,8 +47,9 @@ class EventLoopThread:
 def server_config(*flags: str) -> ServerConfig:
     """A ServerConfig parsed from `sharedllm serve` flags (loopback, any free port by default)."""
     parser = argparse.ArgumentParser()
-    add_server_arguments(parser, default_port=0)
-    return ServerConfig.from_args(parser.parse_args(["--host", "127.0.0.1", "--log-level", "WARNING", *flags]))
+    arguments = ServerArguments(default_port=0)
+    arguments.add_arguments(parser)
+    return arguments.from_args(parser.parse_args(["--host", "127.0.0.1", "--log-level", "WARNING", *flags]))
 
 
 class InProcessServer:

@@ -12,11 +12,11 @@ import statistics
 
 import pytest
 
-from common.benchmark.runner import RATIOS, TARGETS, BenchConfig, plan, summarize
-from common.benchmark.services import GrpcUnavailable, grpc_stack
-from common.cli import main
-from common.config import TreeConfig
-from common.engine.engine import Engine
+from sharedllm.cli import main
+from sharedllm.common.benchmark.runner import RATIOS, TARGETS, BenchConfig, plan, summarize
+from sharedllm.common.benchmark.services import GrpcUnavailable, grpc_stack
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.engine.engine import Engine
 
 TINY_TREE = TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=4)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 def sharedllm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+        [sys.executable, "-m", "sharedllm", *args], capture_output=True, text=True, env=ENV, timeout=timeout
     )
 
 

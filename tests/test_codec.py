@@ -13,12 +13,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from common.config import TreeConfig
-from common.engine.tree import ContextTree
-from common.errors import DataCorruption, IncompatibleContext, InvalidInput
-from common.generated.sharedllm.v1 import context_pb2 as pb
-from common.store import EncodedContext, Fingerprints, decode, encode, full_kv_cache_bytes, storage_report
-from common.store.codec import FORMAT_VERSION, decode_manifest, frame_manifest, lifetime_ms, sha256
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.engine.tree import ContextTree
+from sharedllm.common.errors import DataCorruption, IncompatibleContext, InvalidInput
+from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
+from sharedllm.common.store import EncodedContext, Fingerprints, decode, encode, full_kv_cache_bytes, storage_report
+from sharedllm.common.store.codec import FORMAT_VERSION, decode_manifest, frame_manifest, lifetime_ms, sha256
 
 FP = Fingerprints("model-a", "adapter-a")
 SOURCE = hashlib.sha256(b"the document").digest()

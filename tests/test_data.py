@@ -6,7 +6,6 @@ tests that read the Debian-packaged corpora skip with the package to install.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -15,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data import corpora, shards
-from common.data.cli import add_data_commands
-from common.data.corpora import (
+from sharedllm.cli import build_parser
+from sharedllm.common.data import corpora, shards
+from sharedllm.common.data.corpora import (
     HELDOUT_BIBLE,
     CorpusUnavailable,
     check_available,
@@ -27,9 +26,9 @@ from common.data.corpora import (
     read_manifest,
     split_of,
 )
-from common.data.demo import DEMO_ANSWER, demo_document
-from common.data.shards import SpanSampler, load_document_tokens, load_shards, tokenizer_fingerprint
-from common.data.synthetic import (
+from sharedllm.common.data.demo import DEMO_ANSWER, demo_document
+from sharedllm.common.data.shards import SpanSampler, load_document_tokens, load_shards, tokenizer_fingerprint
+from sharedllm.common.data.synthetic import (
     REPETITIVE_FILLER,
     Filler,
     generate_tasks,
@@ -38,7 +37,7 @@ from common.data.synthetic import (
     records_task,
     split_sentences,
 )
-from common.errors import DataCorruption, InvalidInput
+from sharedllm.common.errors import DataCorruption, InvalidInput
 
 TASKS = {"passkey": passkey_task, "needle": needle_task, "records": records_task}
 
@@ -329,10 +328,9 @@ def test_cli_fetch_prints_a_summary(tmp_path, capsys, monkeypatch):
     if reason := _missing("bible"):
         pytest.skip(reason)
     monkeypatch.setenv("SHAREDLLM_DATA_DIR", str(tmp_path / "env"))
-    parser = argparse.ArgumentParser(prog="sharedllm")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    assert parser.parse_args(["data", "demo"]).data_dir == tmp_path / "env"
-    args = parser.parse_args(["data", "fetch", "--data-dir", str(tmp_path), "--corpus", "bible"])
+    assert build_parser(["data"]).parse_args(["data", "demo"]).data_dir == tmp_path / "env"
+    argv = ["data", "fetch", "--data-dir", str(tmp_path), "--corpus", "bible"]
+    args = build_parser(argv).parse_args(argv)
     assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "bible    train           61" in out and "bible    heldout          5" in out

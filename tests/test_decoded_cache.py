@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.errors import InvalidInput
-from common.store.decoded_cache import DecodedCache
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.store.decoded_cache import DecodedCache
 
 
 def entry(n_floats: int) -> dict[str, torch.Tensor]:

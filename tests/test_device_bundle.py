@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from common.data.corpora import fetch
-from common.engine.engine import Engine
-from common.errors import InvalidInput
-from common.training.device_bundle import MANIFEST, pack, stage
+from sharedllm.common.data.corpora import fetch
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.errors import InvalidInput
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # development tooling, not part of the package
+
+from device_bundle import MANIFEST, pack, stage  # noqa: E402
+
 TRAIN = [
     "--device",
     "cpu",

@@ -8,23 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import ConfigError, TreeConfig, node_index
-from common.engine.adapter import InjectionAdapter, read_adapter_config
-from common.engine.compressor import Compressor, node_spans, pooling_plan
-from common.engine.decoder import Finished, TokenDelta
-from common.engine.engine import (
-    SHIPPED_ADAPTERS,
-    Engine,
-    adapter_file,
-    default_adapter_path,
-    shipped_adapter_names,
-)
-from common.engine.llama import LlamaBody
-from common.engine.retrieval import select_nodes
-from common.engine.sampling import SamplingParams
-from common.errors import InvalidInput, ModelUnavailable
-from common.kernels.reference import rotate_half
-from common.model_loading import load_model
+from sharedllm.common.config import ConfigError, TreeConfig, node_index
+from sharedllm.common.engine.adapter import InjectionAdapter, read_adapter_config
+from sharedllm.common.engine.compressor import Compressor, node_spans, pooling_plan
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.llama import LlamaBody
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import Finished, TokenDelta
+from sharedllm.common.engine.retrieval import select_nodes
+from sharedllm.common.errors import InvalidInput, ModelUnavailable
+from sharedllm.common.kernels.reference import rotate_half
+from sharedllm.common.model_loading import load_model
+from sharedllm.common.shipped import SHIPPED_ADAPTERS, adapter_file, default_adapter_path, shipped_adapter_names
 
 SMALL = TreeConfig(n_layers=2, chunk_size=64, depth=3, pool_size=4)
 
@@ -207,7 +202,7 @@ def test_same_seed_same_output(tiny):
 def test_repetition_penalty_and_stop_strings(tiny):
     engine = engine_for(tiny)
     tokens, finished = collect(engine.generate(None, "Hi", SamplingParams(max_new_tokens=12)))
-    text = engine._decode(tokens)
+    text = engine.decode_text(tokens)
     assert finished.reason == "length"
     stop = text[3:6]
     _, stopped = collect(engine.generate(None, "Hi", SamplingParams(max_new_tokens=12, stop=(stop,))))
@@ -317,7 +312,7 @@ def test_lower_model_shares_the_base_weights(tiny):
 def test_directory_fingerprint_is_cached_and_follows_the_weights(tiny_model_dir, tmp_path, monkeypatch):
     import shutil
 
-    from common.model_loading import _directory_fingerprint, cache_dir
+    from sharedllm.common.model_loading import _directory_fingerprint, cache_dir
 
     monkeypatch.setenv("SHAREDLLM_CACHE_DIR", str(tmp_path / "cache"))
     model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))

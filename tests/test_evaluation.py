@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,19 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.baselines.streaming import StreamingLLM
-from common.config import TreeConfig
-from common.data.corpora import fetch, read_manifest
-from common.data.shards import load_document_tokens
-from common.engine.decoder import TokenDelta
-from common.engine.engine import Engine
-from common.engine.llama import apply_rope
-from common.engine.sampling import SamplingParams
-from common.errors import InvalidInput
-from common.evaluation.cli import add_eval_commands
-from common.evaluation.heldout import heldout_documents
-from common.evaluation.ppl import window_starts
-from common.training.trainer import gap_closed
+from sharedllm.cli import build_parser
+from sharedllm.common.baselines.streaming import StreamingLLM
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.data.corpora import fetch, read_manifest
+from sharedllm.common.data.shards import load_document_tokens
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.llama import apply_rope
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import TokenDelta
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.evaluation.heldout import heldout_documents
+from sharedllm.common.evaluation.ppl import window_starts
+from sharedllm.common.training.trainer import gap_closed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -72,7 +71,8 @@ def test_streaming_equals_the_plain_model_when_nothing_is_evicted(engine):
         for e in engine.decoder.generate(prompt, None, params, engine.tokenizer.decode)
         if isinstance(e, TokenDelta)
     ]
-    assert stream.generate_greedy(prompt, 12, engine.decoder.eos_ids) == plain
+    streamed = stream.generate(prompt, params, engine.decoder.eos_ids, engine.decode_text)
+    assert [e.token_id for e in streamed if isinstance(e, TokenDelta)] == plain
 
 
 def test_eviction_keeps_exactly_the_sinks_and_the_most_recent_tokens(engine):
@@ -148,9 +148,7 @@ def test_code_and_docs_are_scored_as_their_held_out_files_joined_in_name_order(e
 
 
 def _run(*argv: str) -> None:
-    parser = argparse.ArgumentParser()
-    add_eval_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     assert args.handler(args) == 0
 
 
@@ -234,9 +232,9 @@ def test_eval_commands_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
 
 
 def test_ruler_tasks_plant_what_they_ask_for(engine, data_dir):
-    from common.data.synthetic import Filler, needle_haystack_text
-    from common.evaluation.heldout import heldout_book_text
-    from common.evaluation.ruler import TASKS
+    from sharedllm.common.data.synthetic import Filler, needle_haystack_text
+    from sharedllm.common.evaluation.heldout import heldout_book_text
+    from sharedllm.common.evaluation.ruler import TASKS
 
     fillers = {
         "noise": Filler(engine.tokenizer),
@@ -263,7 +261,7 @@ def test_ruler_tasks_plant_what_they_ask_for(engine, data_dir):
 
 
 def test_ruler_score_is_the_share_of_expected_strings():
-    from common.evaluation.ruler import score
+    from sharedllm.common.evaluation.ruler import score
 
     assert score(["123", "456"], "It is 123 and then 4567.") == 1.0
     assert score(["QWERT", "ABCDE"], "qwert, zzz") == 0.5

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import TreeConfig
-from common.engine.engine import Engine
-from common.engine.evidence import (
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.evidence import (
     EXCERPTS_HEADER,
     EvidenceSettings,
     PassageIndex,
@@ -21,8 +21,8 @@ from common.engine.evidence import (
     render,
     split_passages,
 )
-from common.engine.retrieval import select_nodes
-from common.errors import InvalidInput
+from sharedllm.common.engine.retrieval import select_nodes
+from sharedllm.common.errors import InvalidInput
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 TREE = TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=4)
@@ -204,7 +204,7 @@ def test_plan_fills_the_window_within_its_limits(engine, tokenizer):
 def test_shielded_positions_read_no_injection(tiny_model_dir):
     import dataclasses
 
-    from common.engine.adapter import InjectionAdapter
+    from sharedllm.common.engine.adapter import InjectionAdapter
 
     engine = Engine.load(model=str(tiny_model_dir), tree_config=TREE)
     adapter = InjectionAdapter.initialise(engine.body, TREE)

@@ -28,7 +28,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_stack import (
     NOT_SERVING,
     SERVING,
-    TINY_TREE_FLAGS,
     EventLoopThread,
     InProcessServer,
     health,
@@ -39,22 +38,23 @@ from grpc_stack import (
 )
 from redis_server import free_port
 
-from common.config import TreeConfig
-from common.engine.adapter import InjectionAdapter
-from common.engine.decoder import Finished, TokenDelta
-from common.engine.engine import Engine
-from common.engine.llama import LlamaBody
-from common.engine.sampling import SamplingParams
-from common.generated.sharedllm.v1 import compressor_pb2 as cpb
-from common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
-from common.generated.sharedllm.v1 import decoder_pb2 as dpb
-from common.model_loading import load_model
-from common.rpc.config import ServerConfig, add_server_arguments
-from common.rpc.server import load_runtime
-from common.runtime import ContextRuntime
-from common.store import DEFAULT_TENANT, open_store
-from compressor_service.server import SPEC as COMPRESSOR
-from decoder_service.server import SPEC as DECODER
+from sharedllm.cli.server_options import ServerArguments
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.engine.adapter import InjectionAdapter
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.llama import LlamaBody
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import Finished, TokenDelta
+from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as cpb
+from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
+from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as dpb
+from sharedllm.common.model_loading import load_model
+from sharedllm.common.rpc.config import ServerConfig
+from sharedllm.common.rpc.server import load_runtime
+from sharedllm.common.runtime import ContextRuntime
+from sharedllm.common.store import DEFAULT_TENANT, open_store
+from sharedllm.compressor_service.server import SPEC as COMPRESSOR
+from sharedllm.decoder_service.server import SPEC as DECODER
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -164,19 +164,20 @@ def embedded_answer(
 def test_flags_fall_back_to_the_environment(monkeypatch):
     monkeypatch.setenv("SHAREDLLM_STORE_URL", "memory://")
     monkeypatch.setenv("SHAREDLLM_MAX_CONCURRENT", "7")
-    monkeypatch.setenv("SHAREDLLM_CHUNK_SIZE", "128")
+    monkeypatch.setenv("SHAREDLLM_MAX_DOCUMENT_TOKENS", "4096")
+    arguments = ServerArguments(default_port=1234)
     parser = argparse.ArgumentParser()
-    add_server_arguments(parser, default_port=1234)
-    config = ServerConfig.from_args(parser.parse_args(["--max-concurrent", "3"]))
-    assert (config.store_url, config.max_concurrent, config.tree_config.chunk_size, config.port) == (
+    arguments.add_arguments(parser)
+    config = arguments.from_args(parser.parse_args(["--max-concurrent", "3"]))
+    assert (config.store.url, config.network.max_concurrent, config.model.max_document_tokens, config.network.port) == (
         "memory://",
         3,  # a flag wins over the environment
-        128,
+        4096,
         1234,
     )
     monkeypatch.setenv("SHAREDLLM_MAX_CONCURRENT", "many")
     with pytest.raises(SystemExit):
-        add_server_arguments(argparse.ArgumentParser(), default_port=1)
+        ServerArguments(default_port=1).add_arguments(argparse.ArgumentParser())
 
 
 def test_compress_manage_and_generate_like_embedded(stack, tiny_engine, redis_server):
@@ -395,7 +396,7 @@ def test_requests_over_the_concurrency_limit_are_refused(stack):
         wait_until(lambda: stack.stats().active_requests == 0, what="the workers to stop")
 
 
-def test_health_follows_loading_and_redis(loop, tiny_model_dir, make_redis_server):
+def test_health_follows_loading_and_redis(loop, tiny_model_dir, tiny_adapter, make_redis_server):
     redis = make_redis_server()
     loading = threading.Event()
 
@@ -404,7 +405,8 @@ def test_health_follows_loading_and_redis(loop, tiny_model_dir, make_redis_serve
         return load_runtime(config, lower_only)
 
     config = server_config(
-        "--model", str(tiny_model_dir), *TINY_TREE_FLAGS, "--store-url", redis.url, "--health-interval-s", "0.1"
+        "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--store-url", redis.url,
+        "--health-interval-s", "0.1",
     )  # fmt: skip
     with InProcessServer(loop, COMPRESSOR, config, load=slow_load) as server:
         stub = compressor_pb2_grpc.CompressorServiceStub(grpc.insecure_channel(server.target))
@@ -431,7 +433,7 @@ def test_sigterm_drains_an_in_flight_stream(tiny_engine, tiny_model_dir, tiny_ad
     port = free_port()
     target = f"127.0.0.1:{port}"
     command = [
-        sys.executable, "-m", "decoder_service", "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "sharedllm", "serve", "decoder", "--host", "127.0.0.1", "--port", str(port),
         "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--store-url", redis_server.url,
         "--torch-threads", "1", "--drain-delay-s", "1", "--health-interval-s", "0.2",
     ]  # fmt: skip
@@ -458,13 +460,17 @@ def test_sigterm_drains_an_in_flight_stream(tiny_engine, tiny_model_dir, tiny_ad
 
 @pytest.mark.model
 def test_real_model_over_grpc_and_redis_matches_embedded(loop, redis_server, tmp_path, capsys):
-    from common.cli import main
-    from common.data.demo import demo_document
+    from sharedllm.cli import main
+    from sharedllm.common.data.demo import demo_document
 
-    tree = TreeConfig(chunk_size=512, pool_size=16)
-    config = server_config("--store-url", redis_server.url, "--chunk-size", "512", "--pool-size", "16")
+    # An untrained adapter for the shipped tree, as a file both sides load: the services take
+    # adapters as files (or shipped names), never as tree flags.
+    engine = Engine.load(adapter=None, tree_config=TreeConfig(chunk_size=512, pool_size=16))
+    adapter = tmp_path / "untrained.safetensors"
+    engine.adapter.save(adapter, engine.loaded.fingerprint)
+    config = server_config("--store-url", redis_server.url, "--adapter", str(adapter))
     path = demo_document(tmp_path)
-    embedded = ContextRuntime(Engine.load(adapter=None, tree_config=tree), open_store("memory://"))
+    embedded = ContextRuntime(engine, open_store("memory://"))
     with InProcessServer(loop, COMPRESSOR, config) as compressor, InProcessServer(loop, DECODER, config) as decoder:
         for server in (compressor, decoder):
             wait_for_health(server.target, SERVING, timeout=300)
@@ -498,7 +504,7 @@ def test_real_model_over_grpc_and_redis_matches_embedded(loop, redis_server, tmp
                 with capsys.disabled():  # a measurement to read, not a pass/fail criterion
                     print(
                         f"\n{prompt[:40]!r}: time to first token over gRPC+Redis {client_ttft:.3f} s "
-                        f"(server {server_ttft:.3f} s), embedded {finished.timings['time_to_first_token_s']:.3f} s"
+                        f"(server {server_ttft:.3f} s), embedded {finished.timings.time_to_first_token_s:.3f} s"
                     )
 
         # The command-line client streams the same answer.

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.kernels import dispatch, reference, triton_kernels
-from common.kernels.triton_kernels import TritonUnavailable
+from sharedllm.common.kernels import dispatch, reference, triton_kernels
+from sharedllm.common.kernels.triton_kernels import TritonUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.cli import main
-from common.engine.engine import Engine
-from common.engine.sampling import SamplingParams
-from common.random_model import SHAPES
+from sharedllm.cli import main
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.random_model import SHAPES
 
 
 def test_llama_2_7b_shape_has_7b_parameters():

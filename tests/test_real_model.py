@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import TreeConfig
-from common.engine.adapter import InjectionAdapter
-from common.engine.decoder import Finished, TokenDelta
-from common.engine.engine import Engine
-from common.engine.llama import LlamaBody
-from common.engine.sampling import SamplingParams
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.engine.adapter import InjectionAdapter
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.llama import LlamaBody
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import Finished, TokenDelta
 
 pytestmark = pytest.mark.model
 
@@ -72,8 +72,8 @@ def test_bfloat16_engine_agrees_with_float32_and_stores_half_the_bytes():
     top 3, mean KL 0.004 nats); a broken bf16 path moves the distributions by far more."""
     from pathlib import Path
 
-    from common.runtime import ContextRuntime
-    from common.store import open_store
+    from sharedllm.common.runtime import ContextRuntime
+    from sharedllm.common.store import open_store
 
     text = Path(torch.__file__).parent.joinpath("functional.py").read_text(encoding="utf-8")[:20_000]
     question = "Which function computes a matrix norm?"
@@ -100,7 +100,7 @@ def test_bfloat16_engine_agrees_with_float32_and_stores_half_the_bytes():
 def test_every_shipped_adapter_loads_on_the_default_model():
     """The shipped adapters were trained for the default model's fingerprint; a decoder and a
     compressor started with `--adapter NAME` must accept them (and tell them apart)."""
-    from common.engine.engine import shipped_adapter_names
+    from sharedllm.common.shipped import shipped_adapter_names
 
     fingerprints = set()
     for name in shipped_adapter_names():
@@ -115,9 +115,9 @@ def test_the_product_finds_a_fact_planted_in_a_long_document(depth, tmp_path):
     """The user-facing failure this product once had: a 4-digit code planted in 14K tokens of
     public-domain prose, asked for by name, was answered "1234". With evidence in the window the
     default settings (shipped adapter, default budget) must answer it, and show where it read it."""
-    from common.data.demo import demo_document
-    from common.runtime import ContextRuntime
-    from common.store import open_store
+    from sharedllm.common.data.demo import demo_document
+    from sharedllm.common.runtime import ContextRuntime
+    from sharedllm.common.store import open_store
 
     text = demo_document(tmp_path).read_text(encoding="utf-8")
     at = text.index("\n", int(depth * len(text))) + 1

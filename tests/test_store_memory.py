@@ -11,8 +11,14 @@ import pytest
 import torch
 from test_codec import FP, bits, encode_tree
 
-from common.errors import ContextNotFound, DataCorruption, IncompatibleContext, InvalidInput, ResourceExhausted
-from common.store import (
+from sharedllm.common.errors import (
+    ContextNotFound,
+    DataCorruption,
+    IncompatibleContext,
+    InvalidInput,
+    ResourceExhausted,
+)
+from sharedllm.common.store import (
     ContextStore,
     Fingerprints,
     MemoryStore,
@@ -21,7 +27,7 @@ from common.store import (
     open_store,
     validate_name,
 )
-from common.store.decoded_cache import DecodedCache
+from sharedllm.common.store.decoded_cache import DecodedCache
 
 ALL_NODES = torch.arange(6).repeat(3, 1)  # every node of the 3-chunk test trees
 

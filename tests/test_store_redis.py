@@ -18,11 +18,11 @@ from redis_server import TlsFiles
 from test_codec import FP, damage, encode_tree
 from test_store_memory import ALL_NODES, StoreContract, assert_same_nodes, fetch_tree, same_nodes
 
-from common.errors import ContextNotFound, DataCorruption, InvalidInput, ResourceExhausted, StoreUnavailable
-from common.store import RedisStore, codec, open_store
-from common.store.base import ContextKey
-from common.store.decoded_cache import DecodedCache
-from common.store.redis_store import GRACE_MS, PART_MARGIN_MS, STAGING_TTL_MS, redact
+from sharedllm.common.errors import ContextNotFound, DataCorruption, InvalidInput, ResourceExhausted, StoreUnavailable
+from sharedllm.common.store import RedisStore, codec, open_store
+from sharedllm.common.store.base import ContextKey
+from sharedllm.common.store.decoded_cache import DecodedCache
+from sharedllm.common.store.redis_store import GRACE_MS, PART_MARGIN_MS, STAGING_TTL_MS, redact
 
 
 @pytest.fixture

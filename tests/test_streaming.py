@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from common.engine.streaming import TextStream
-from common.model_loading import resolve_model_path
+from sharedllm.common.engine.streaming import TextStream
+from sharedllm.common.model_loading import resolve_model_path
 
 TEXTS = [
     "Hello world, this is a test. Ünïcödé 日本語 text 🙂 with emoji!\n  indented  spaces",

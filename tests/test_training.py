@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import TreeConfig
-from common.engine.engine import Engine
-from common.training.examples import Example
-from common.training.trainer import Trainer, TrainSettings, example_loss
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.training.examples import Example
+from sharedllm.common.training.trainer import Trainer, TrainSettings, example_loss
 
 TREE = ["--layers", "2", "--chunk-size", "64", "--depth", "2", "--pool-size", "4"]
 SMALL_RUN = [
@@ -38,7 +38,7 @@ SMALL_RUN = [
 
 @pytest.fixture(scope="module")
 def bible_data(tmp_path_factory) -> Path:
-    from common.data.corpora import fetch
+    from sharedllm.common.data.corpora import fetch
 
     directory = tmp_path_factory.mktemp("data")
     fetch(directory, corpora=("bible",))
@@ -46,7 +46,7 @@ def bible_data(tmp_path_factory) -> Path:
 
 
 def run_train(*args: str, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    command = [*(launcher or [sys.executable]), "-m", "common.cli", "train", *args]
+    command = [*(launcher or [sys.executable]), "-m", "sharedllm", "train", *args]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     )
@@ -175,7 +175,7 @@ def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
         [
             sys.executable,
             "-m",
-            "common.cli",
+            "sharedllm",
             "train",
             *retarget_args,
             "--layers",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from common.random_model import write_random_model
+from sharedllm.common.random_model import write_random_model
 
 
 def make_tiny_model_dir(target: Path, seed: int = 0, window: int = 1024) -> Path:

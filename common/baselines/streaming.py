@@ -1,4 +1,4 @@
-"""StreamingLLM (attention sinks + a recent window), the streaming baseline of evaluation.md.
+"""StreamingLLM (attention sinks + a recent window), the streaming baseline of docs/evaluation.md.
 
 The cache keeps the keys/values of the first `sinks` tokens and of the most recent `recent`
 tokens and evicts everything in between. Positions are positions inside the cache, not in the
@@ -13,12 +13,16 @@ rotates keys before caching them, so the attention here is its own, over the sam
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import functools
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
 
-from common.engine.llama import LlamaBody, apply_rope
-from common.errors import InvalidInput
+from sharedllm.common.engine.generation import decode
+from sharedllm.common.engine.llama import LlamaBody, apply_rope
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import Finished, TokenDelta
+from sharedllm.common.errors import InvalidInput
 
 DEFAULT_SINKS = 4
 
@@ -153,18 +157,14 @@ class StreamingLLM:
             total -= float(torch.log_softmax(logits, -1)[token_ids[t]])
         return total, len(token_ids) - scored_from
 
-    @torch.inference_mode()
-    def generate_greedy(self, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: Iterable[int]) -> list[int]:
-        """Greedy continuation of the prompt, stopping at an end-of-sequence token (not returned)."""
-        eos = set(eos_ids)
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        eos_ids: Collection[int],
+        decode_text: Callable[[list[int]], str],
+    ) -> Iterator[TokenDelta | Finished]:
+        """Stream the prompt through a fresh sink cache, then decode (generation.decode)."""
         cache = self.new_cache()
-        h = self.feed(cache, prompt_ids)
-        out: list[int] = []
-        while len(out) < max_new_tokens:
-            token = int(self.body.logits(h).argmax())
-            if token in eos:
-                break
-            out.append(token)
-            if len(out) < max_new_tokens:
-                h = self.feed(cache, [token])
-        return out
+        step = functools.partial(self.feed, cache)
+        return decode(step, self.body.logits, list(prompt_ids), params, eos_ids, decode_text, self.body.device)

@@ -23,16 +23,17 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers.utils import logging as hf_logging
 
-from common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
-from common.benchmark.cell import WARM_UP_TOKENS, Answer, Method, Stored, measure, warm_up
-from common.benchmark.memory import PeakMemory, resident_bytes
-from common.engine.decoder import Finished
-from common.engine.engine import Engine
-from common.engine.llama import LlamaBody
-from common.engine.sampling import SamplingParams
-from common.model_loading import dtype_from_name
-from common.runtime import ContextRuntime
-from common.store import full_kv_cache_bytes, open_store
+from sharedllm.common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
+from sharedllm.common.benchmark.measure import WARM_UP_TOKENS, Answer, Method, Stored, measure, warm_up
+from sharedllm.common.benchmark.memory import PeakMemory, resident_bytes
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.generation import Step, decode, run_to_end
+from sharedllm.common.engine.llama import LlamaBody
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import Finished
+from sharedllm.common.model_loading import dtype_from_name
+from sharedllm.common.runtime import ContextRuntime
+from sharedllm.common.store import full_kv_cache_bytes, open_store
 
 PROMPT_ROOM = 512  # cache slots kept after the document for a question's prompt (questions are short)
 
@@ -57,24 +58,20 @@ def _ids(body: LlamaBody, tokens: list[int]) -> torch.Tensor:
     return torch.tensor([tokens], dtype=torch.long, device=body.device)
 
 
-def greedy_answer(
-    engine: Engine, step: Callable[[list[int]], torch.Tensor], question: str, max_new_tokens: int, started: float
-) -> Answer:
-    """Greedy decoding for the baselines: `step(ids)` feeds tokens and returns the last hidden state.
-
-    It stops where the engine's own decode loop stops (end of sequence or max_new_tokens), so
-    every method decodes by the same rule.
-    """
+def greedy_answer(engine: Engine, step: Step, question: str, max_new_tokens: int, started: float) -> Answer:
+    """A baseline's answer through the engine's own decode loop (generation.decode), so every
+    method stops, samples and is timed by the same rule; `started`: the question's arrival."""
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    prompt = engine.prompt_ids(question)
     body = engine.body
-    token = int(body.logits(step(engine.prompt_ids(question))).argmax())
-    first = time.perf_counter()
-    generated = 0
-    while token not in engine.decoder.eos_ids:
-        generated += 1
-        if generated == max_new_tokens:
-            break
-        token = int(body.logits(step([token])).argmax())
-    return Answer(first - started, time.perf_counter() - first, generated)
+    events = decode(step, body.logits, prompt, params, engine.decoder.eos_ids, engine.decode_text, body.device)
+    return answer_of(run_to_end(events), time.perf_counter() - started)
+
+
+def answer_of(finished: Finished, lead_s: float = 0.0) -> Answer:
+    """lead_s: time from the question's arrival to the start of decoding, not in the Finished's timings."""
+    t = finished.timings
+    return Answer(lead_s + t.time_to_first_token_s, t.decode_s, finished.completion_tokens)
 
 
 class EmbeddedSharedLLM:
@@ -87,14 +84,10 @@ class EmbeddedSharedLLM:
         outcome = self.runtime.compress_ids(tokens)
         self.context_id = outcome.context_id
         t = outcome.timings
-        return Stored(t["total_s"], outcome.stored_bytes, {"tree_s": t["compress_s"], "store_s": t["store_s"]})
+        return Stored(t.total_s, outcome.stored_bytes, {"tree_s": t.compress_s, "store_s": t.store_s})
 
     def ask(self, question: str) -> Answer:
-        finished = next(
-            e for e in self.runtime.generate(self.context_id, question, self.params) if isinstance(e, Finished)
-        )
-        t = finished.timings
-        return Answer(t["time_to_first_token_s"], t["decode_s"], finished.completion_tokens)
+        return answer_of(run_to_end(self.runtime.generate(self.context_id, question, self.params)))
 
 
 class FullAttention:

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import time
 
-import grpc
-
-from common.benchmark.cell import Answer, Stored
-from common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
+from sharedllm.common.benchmark.measure import Answer, Stored
+from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
+from sharedllm.common.rpc.client import call_metadata, open_channel
 
 
 class RemoteSharedLLM:
     def __init__(self, compressor_target: str, decoder_target: str, max_new_tokens: int, api_key: str | None) -> None:
-        self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
-        self.channels = (grpc.insecure_channel(compressor_target), grpc.insecure_channel(decoder_target))
+        self.metadata = call_metadata(api_key)
+        self.channels = (open_channel(compressor_target), open_channel(decoder_target))
         self.compressor = compressor_pb2_grpc.CompressorServiceStub(self.channels[0])
         self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[1])
         self.max_new_tokens = max_new_tokens

@@ -143,7 +143,7 @@ def grpc_stack(
         targets = {}
         for service in ("compressor", "decoder"):
             service_port = _free_port()
-            args = [sys.executable, "-m", "common.cli", "serve", service, "--host", "127.0.0.1"]
+            args = [sys.executable, "-m", "sharedllm", "serve", service, "--host", "127.0.0.1"]
             args += ["--port", str(service_port), "--store-url", store_url, "--log-level", "WARNING", *model_flags]
             args += ["--api-keys-file", str(keys_file)]
             if threads:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from itertools import dropwhile
 
-from common.data.corpora import HELDOUT_BIBLE, read_bible
-from common.errors import InvalidInput
+from sharedllm.common.data.corpora import HELDOUT_BIBLE, read_bible
+from sharedllm.common.errors import InvalidInput
 
 # The first question on a fresh context, then a different one on the same stored context.
 QUESTIONS: tuple[str, str] = (

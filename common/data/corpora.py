@@ -35,7 +35,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
 
-from common.errors import DataCorruption, InvalidInput, SharedLLMError
+from sharedllm.common.errors import DataCorruption, InvalidInput, SharedLLMError
 
 Split = Literal["train", "heldout"]
 CORPORA: tuple[str, ...] = ("austen", "bible", "stdlib", "pydocs")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.data.corpora import read_bible
+from sharedllm.common.data.corpora import read_bible
 
 DEMO_FILE = "demo/ruth-1samuel.txt"
 DEMO_QUESTION = "What was the name of Naomi's husband?"

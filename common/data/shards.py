@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from common.data.corpora import SPLITS, ManifestEntry, find_entry, load_text, read_manifest
-from common.errors import InvalidInput
+from sharedllm.common.data.corpora import SPLITS, ManifestEntry, find_entry, load_text, read_manifest
+from sharedllm.common.errors import InvalidInput
 
 INDEX_VERSION = 1
 _BATCH_CHARS = 4_000_000  # characters per tokenizer call: enough for a fast tokenizer's threads, bounded memory

@@ -1,7 +1,7 @@
 """Synthetic long-document tasks: facts hidden at a chosen token depth in filler text.
 
 Kinds, for instruction-style training and for the retrieval evaluations
-(evaluation.md, "Needle and passkey retrieval" and "RULER-style suite"):
+(docs/evaluation.md, "Needle and passkey retrieval" and "RULER-style suite"):
 - `passkey`: the classic "The pass key is K. Remember it. K is the pass key." line;
 - `needle`: RULER's single needle in natural text ("One of the special magic numbers for
   {key} is: {value}."), with distractor keys, several values per key or several keys asked;
@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.data.shards import encode
-from common.errors import InvalidInput
+from sharedllm.common.data.shards import encode
+from sharedllm.common.errors import InvalidInput
 
 REPETITIVE_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 

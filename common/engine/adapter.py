@@ -1,6 +1,6 @@
 """The injection adapter: one cross-attention block per bottom layer, plus its config.
 
-Initialisation follows method.md §4: the RMSNorm and `q_proj` are copied from the layer's
+Initialisation follows docs/method.md §4: the RMSNorm and `q_proj` are copied from the layer's
 self-attention and `o_proj` is zero, so an untrained adapter leaves the base model's output
 exactly unchanged. Saved as safetensors with a JSON sidecar recording the tree config, the
 base model's fingerprint and how the adapter was trained.
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.config import TreeConfig
-from common.engine.llama import LlamaBody, apply_rope
-from common.errors import InvalidInput, ModelUnavailable
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.engine.llama import LlamaBody, apply_rope
+from sharedllm.common.errors import InvalidInput, ModelUnavailable
 
 ADAPTER_FORMAT = "sharedllm-adapter/1"
 

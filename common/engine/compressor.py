@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from common.config import TreeConfig, node_count, node_index
-from common.engine.llama import LayerOutput, LlamaBody, rms_normalise
-from common.engine.tree import ContextTree
-from common.kernels import pool_nodes
+from sharedllm.common.config import TreeConfig, node_count, node_index
+from sharedllm.common.engine.llama import LayerOutput, LlamaBody, rms_normalise
+from sharedllm.common.engine.tree import ContextTree
+from sharedllm.common.kernels import pool_nodes
 
 ProgressFn = Callable[[int, int], None]
 

@@ -1,25 +1,22 @@
-"""The upper model: query-aware selection, injection in layers 0..M-1, and the decode loop."""
+"""The upper model: query-aware node selection and injection in layers 0..M-1 (decoding: generation.py)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from common.engine.adapter import InjectionAdapter
-from common.engine.llama import LlamaBody, rms_normalise
-from common.engine.retrieval import select_nodes
-from common.engine.sampling import Sampler, SamplingParams
-from common.engine.streaming import TextStream
-from common.engine.tree import ContextSource
-from common.errors import IncompatibleContext
-from common.kernels import gather_injection
-
-if TYPE_CHECKING:  # only a type here; the evidence module brings the lexical index's libraries
-    from common.engine.evidence import Passage
+from sharedllm.common.engine.adapter import InjectionAdapter
+from sharedllm.common.engine.generation import decode
+from sharedllm.common.engine.llama import LlamaBody, rms_normalise
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import Finished, GenerateTimings, TokenDelta
+from sharedllm.common.engine.retrieval import select_nodes
+from sharedllm.common.engine.tree import ContextSource
+from sharedllm.common.errors import IncompatibleContext
+from sharedllm.common.kernels import gather_injection
 
 
 @dataclass(frozen=True)
@@ -37,24 +34,6 @@ class Injection:
     mask: torch.Tensor
     n_chunks: int
     shielded: tuple[tuple[int, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class TokenDelta:
-    """Text that became final; token_id is None when only held-back text is released."""
-
-    token_id: int | None
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str  # "stop" (stop string), "eos", or "length"
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)
-    evidence: tuple[Passage, ...] = ()  # the excerpts the window held, in document order
 
 
 class Decoder:
@@ -77,7 +56,7 @@ class Decoder:
 
     def prepare(
         self, source: ContextSource, query: torch.Tensor | None, bias: torch.Tensor | None = None
-    ) -> tuple[Injection, dict[str, float]]:
+    ) -> tuple[Injection, GenerateTimings]:
         """Select nodes per chunk (bias: [B, N] added to the query's similarities), fetch only
         those, and lay them out for cross-attention."""
         cfg = self.adapter.config
@@ -104,7 +83,7 @@ class Decoder:
             sin,
         )
         injection = Injection(keys, values, mask, n_chunks)
-        return injection, {"selection_s": t1 - t0, "context_load_s": t2 - t1}
+        return injection, GenerateTimings(selection_s=t1 - t0, context_load_s=t2 - t1)
 
     def _hook(self, injection: Injection | None, start: int, length: int):
         if injection is None:
@@ -146,58 +125,19 @@ class Decoder:
             cache.advance(ids.shape[1])
         return h
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt_ids: list[int],
         injection: Injection | None,
         params: SamplingParams,
-        decode_text,
+        decode_text: Callable[[list[int]], str],
     ) -> Iterator[TokenDelta | Finished]:
-        """Prefill the prompt, then yield tokens as they are produced; a Finished comes last."""
+        """Prefill the prompt with the injection, then decode (generation.decode); a Finished comes last."""
         device = self.body.device
-        started = time.perf_counter()
         cache = self.body.new_cache(len(prompt_ids) + params.max_new_tokens)
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        seen = ids[0].clone()
-        sampler = Sampler(params, device)
-        stream = TextStream(decode_text, params.stop)
-        h = self.forward(ids, 0, cache, injection)
-        prefill_done = time.perf_counter()
-        generated: list[int] = []
-        reason = "length"
-        first_token_at = None
-        for step in range(params.max_new_tokens):
-            logits = self.body.logits(h[0, -1:])[0]
-            token = sampler(logits, seen)
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            if token in self.eos_ids:
-                reason = "eos"
-                break
-            generated.append(token)
-            delta = stream.push(token)
-            yield TokenDelta(token, delta)
-            if stream.stopped:
-                reason = "stop"
-                break
-            if step + 1 == params.max_new_tokens:
-                break
-            seen = torch.cat([seen, torch.tensor([token], device=device)])
-            h = self.forward(torch.tensor([[token]], device=device), cache.length, cache, injection)
-        tail = stream.flush()
-        if tail:
-            yield TokenDelta(None, tail)
-        end = time.perf_counter()
-        first = first_token_at or end
-        yield Finished(
-            reason=reason,
-            text=stream.text,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(generated),
-            timings={
-                "prefill_s": prefill_done - started,
-                "time_to_first_token_s": first - started,
-                "decode_s": end - first,
-            },
-        )
+
+        def step(ids: list[int]) -> torch.Tensor:
+            tokens = torch.tensor([ids], dtype=torch.long, device=device)
+            return self.forward(tokens, cache.length, cache, injection)[0, -1]
+
+        return decode(step, self.body.logits, prompt_ids, params, self.eos_ids, decode_text, device)

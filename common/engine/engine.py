@@ -7,41 +7,33 @@ here; it speaks in token ids, text and engine types, never in protobuf or gRPC.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.config import TreeConfig
-from common.engine.adapter import InjectionAdapter, read_adapter_config
-from common.engine.compressor import Compressor, ProgressFn
-from common.engine.decoder import Decoder, Finished, Injection, TokenDelta
-from common.engine.evidence import EXCERPTS_HEADER, EvidenceSettings, Passage, PassageIndex, choose, rank, render
-from common.engine.llama import LlamaBody
-from common.engine.retrieval import node_similarity
-from common.engine.sampling import SamplingParams
-from common.engine.tree import ContextSource, ContextTree
-from common.errors import InvalidInput
-from common.model_loading import LoadedModel, load_model
+from sharedllm.common.config import DEFAULT_MAX_DOCUMENT_TOKENS, Limits, TreeConfig
+from sharedllm.common.engine.adapter import InjectionAdapter, read_adapter_config
+from sharedllm.common.engine.compressor import Compressor, ProgressFn
+from sharedllm.common.engine.decoder import Decoder, Injection
+from sharedllm.common.engine.evidence import EXCERPTS_HEADER, PassageIndex, choose, rank, render
+from sharedllm.common.engine.llama import LlamaBody
+from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
+from sharedllm.common.engine.results import Finished, GenerateTimings, Passage, TokenDelta
+from sharedllm.common.engine.retrieval import node_similarity
+from sharedllm.common.engine.tree import ContextSource, ContextTree
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.model_loading import LoadedModel, load_model
+from sharedllm.common.shipped import adapter_file, default_adapter_path
 
-DEFAULT_MAX_DOCUMENT_TOKENS = 131_072
 SUMMARY_INSTRUCTION = "Summarize the document in a few sentences."
 # Tokens kept free beside the evidence for the excerpts' markers and separators.
 _EXCERPT_OVERHEAD_TOKENS = 8
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Documented limits every front end enforces through the engine."""
-
-    max_document_tokens: int = DEFAULT_MAX_DOCUMENT_TOKENS
-    max_prompt_chars: int = 32_768
 
 
 @dataclass(frozen=True)
@@ -70,49 +62,10 @@ class QuestionPlan:
     """
 
     prompt_ids: list[int]
-    injection: Injection | None
-    evidence: tuple[Passage, ...]
-    timings: dict[str, float]
-
-
-SHIPPED_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
-
-
-def default_adapter_path() -> Path:
-    """The shipped default adapter for the default model (may not exist yet)."""
-    return SHIPPED_ADAPTERS / "default" / "adapter.safetensors"
-
-
-@functools.cache
-def shipped_adapter_names() -> tuple[str, ...]:
-    """Names of the adapters shipped for the default model (directories of common/adapters);
-    listed once per process: every command's help and every name lookup asks."""
-    return tuple(sorted(d.name for d in SHIPPED_ADAPTERS.iterdir() if (d / "adapter.safetensors").is_file()))
-
-
-def adapter_help(unset: str) -> str:
-    """Help of an --adapter flag; `unset` says what leaving it out means."""
-    names = ", ".join(shipped_adapter_names())
-    return f"an adapter .safetensors file, or the name of a shipped one ({names}); unset: {unset}"
-
-
-def adapter_file(adapter: str | Path) -> Path:
-    """The file behind --adapter: an existing path, else a shipped adapter's name, else a path.
-
-    Names let users and service flags pick a shipped adapter without knowing where the package
-    is installed; an existing file of the same name still wins, so no path that worked stops
-    working.
-    """
-    path = Path(adapter)
-    text = str(adapter)
-    if path.exists() or not text or "/" in text or "." in text:
-        return path
-    names = shipped_adapter_names()
-    if text not in names:
-        raise InvalidInput(
-            f"no adapter file {text!r} and no shipped adapter of that name (shipped: {', '.join(names)})"
-        )
-    return SHIPPED_ADAPTERS / text / "adapter.safetensors"
+    injection: Injection | None = None
+    evidence: tuple[Passage, ...] = ()
+    # evidence_s, selection_s, context_load_s and prepare_s; decoding adds the rest.
+    timings: GenerateTimings = field(default_factory=GenerateTimings)
 
 
 class Engine:
@@ -132,7 +85,7 @@ class Engine:
         self.lower_only = False
 
     def _check_positions(self, config: TreeConfig) -> None:
-        """Nothing may sit at a position the base model was not trained on (method.md §1):
+        """Nothing may sit at a position the base model was not trained on (docs/method.md §1):
         token positions inside a chunk, and the chunk-level position of the queries."""
         if config.chunk_size > self.body.window:
             raise InvalidInput(f"chunk_size {config.chunk_size} exceeds the model's window of {self.body.window}")
@@ -282,7 +235,7 @@ class Engine:
         index: PassageIndex | None = None,
     ) -> QuestionPlan:
         """Build the window and the injection for one question: the one path every front end,
-        evaluation and baseline takes (method.md §3, §5a).
+        evaluation and baseline takes (docs/method.md §3, §5a).
 
         evidence.tokens > 0 fills that budget of the window (clipped to what fits beside the
         question and max_new_tokens) with passages ranked for the question; their ranking also
@@ -291,7 +244,7 @@ class Engine:
         answer_prefix opens the assistant's turn (evaluations' "The answer is").
         """
         evidence.validate()
-        timings: dict[str, float] = {}
+        evidence_s = 0.0
         query = None
         if source is not None and retrieval and (inject or evidence.tokens > 0):
             query = self.decoder.query_vector(self.tokenizer(question, add_special_tokens=False)["input_ids"])
@@ -313,12 +266,13 @@ class Engine:
             passages = choose(index, ranking, budget)
             if sims is not None:
                 bias = torch.from_numpy(index.node_scores(ranking.scores, source.chunk_lengths, depth))
-            timings["evidence_s"] = time.perf_counter() - started
+            evidence_s = time.perf_counter() - started
         prompt = self._chat_ids(render(passages, question)) + prefix
         while passages and len(prompt) + max_new_tokens > self.window:  # excerpt markers took more than planned
             passages.remove(min(passages, key=lambda p: p.score))
             prompt = self._chat_ids(render(passages, question)) + prefix
         injection = None
+        timings = GenerateTimings(evidence_s=evidence_s)
         if source is not None and inject:
             t0 = time.perf_counter()
             injection, prep = self.decoder.prepare(source, query, bias)
@@ -328,8 +282,7 @@ class Engine:
             if passages and not evidence.inject_answer:
                 shielded.append((len(prompt), sys.maxsize))
             injection = dataclasses.replace(injection, shielded=tuple(shielded))
-            timings.update(prep)
-            timings["prepare_s"] = time.perf_counter() - t0
+            timings = timings.plus(prep).plus(GenerateTimings(prepare_s=time.perf_counter() - t0))
         return QuestionPlan(prompt, injection, tuple(passages), timings)
 
     def _excerpt_span(self, prompt: list[int], question: str) -> tuple[int, int] | None:
@@ -370,22 +323,32 @@ class Engine:
             retrieval=retrieval,
             index=index,
         )
-        for event in self.decoder.generate(plan.prompt_ids, plan.injection, params, self._decode):
+        return self.decode(plan, params)
+
+    def decode(self, plan: QuestionPlan, params: SamplingParams) -> Iterator[TokenDelta | Finished]:
+        """Answer from a plan (generation.decode); the Finished carries the plan's timings and evidence."""
+        for event in self.decoder.generate(plan.prompt_ids, plan.injection, params, self.decode_text):
             if isinstance(event, Finished):
-                yield dataclasses.replace(event, timings={**plan.timings, **event.timings}, evidence=plan.evidence)
+                yield dataclasses.replace(event, timings=plan.timings.plus(event.timings), evidence=plan.evidence)
             else:
                 yield event
 
-    def _decode(self, ids) -> str:
+    def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    @torch.inference_mode()
-    def logits(self, prompt_ids: list[int], source: ContextSource | None = None, query_ids: list[int] | None = None):
-        """Full-sequence logits [L, V] (tests, perplexity, training): the tree alone, selected by the
-        query without evidence, so no ranking bias and no shielded positions."""
+    def logits(
+        self,
+        prompt_ids: list[int],
+        source: ContextSource | None = None,
+        query_ids: list[int] | None = None,
+        from_position: int = 0,
+    ) -> torch.Tensor:
+        """Logits [L - from_position, V] of a whole sequence (perplexity, training, tests): the tree
+        alone, its nodes chosen by the query (None: the most recent child), no evidence, so no
+        ranking bias and no shielded positions. Gradients flow unless the caller turns them off."""
         injection = None
         if source is not None:
             query = self.decoder.query_vector(query_ids) if query_ids else None
             injection, _ = self.decoder.prepare(source, query)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.body.device)
-        return self.body.logits(self.decoder.forward(ids, 0, None, injection))[0]
+        return self.body.logits(self.decoder.forward(ids, 0, None, injection)[0, from_position:])

@@ -1,6 +1,6 @@
 """Evidence: raw passages of the document, chosen for one question, placed in the decoder's window.
 
-Why (method.md §5a): a small decoder cannot copy exact facts (numbers, names) out of an
+Why (docs/method.md §5a): a small decoder cannot copy exact facts (numbers, names) out of an
 injected tree, but it reads them from its own window. So the window is filled, up to a token
 budget, with the passages the question needs, in document order; the tree still brings the
 whole document through the cross-attention.
@@ -26,87 +26,26 @@ How passages are chosen:
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import bm25s
 import numpy as np
 import Stemmer
 
-from common.engine.compressor import node_spans
-from common.errors import InvalidInput
+from sharedllm.common.engine.compressor import node_spans
+from sharedllm.common.engine.params import EvidenceSettings
+from sharedllm.common.engine.results import Passage
+from sharedllm.common.errors import InvalidInput
 
-EvidenceMode = Literal["auto", "spread"]
-EVIDENCE_MODES: tuple[str, ...] = ("auto", "spread")
 EXCERPTS_HEADER = "Excerpts from the document, in order:"
 _SENTENCE_END = re.compile(r"[.!?;:\"')\]]\s*$|\n")
 _STOPWORDS = bm25s.stopwords.STOPWORDS_EN_PLUS  # the library's longer list: it has question words
 # Identifiers and values: a word with a digit or an underscore, or two or more capitals.
 _IDENTIFIER = re.compile(r"\b(?:\w*[\d_]\w*|[A-Z][A-Z0-9]+)\b")
-
-
-@dataclass(frozen=True)
-class EvidenceSettings:
-    """How a question's evidence is chosen; the defaults are the measured choice (README)."""
-
-    tokens: int = 512  # budget of raw document tokens in the window; 0: none (the paper's setting)
-    passage_tokens: int = 32
-    tree_weight: float = 0.25  # weight of the tree score next to the lexical score
-    hops: int = 3
-    hop_max_df: int = 3
-    neighbours_of: int = 4  # the best question hits that bring their neighbouring passages
-    min_score: float = 0.25  # passages below this share of the best score are left out, budget or not
-    inject_excerpts: bool = False  # False: the excerpts' positions read no injection (see Injection.shielded)
-    inject_answer: bool = False  # True: with evidence, the answer's tokens read the injection too
-    mode: EvidenceMode = "auto"
-
-    def validate(self) -> None:
-        if self.tokens < 0:
-            raise InvalidInput(f"evidence_tokens must be >= 0, got {self.tokens}")
-        if not 8 <= self.passage_tokens <= 1024:
-            raise InvalidInput(f"passage_tokens must be in [8, 1024], got {self.passage_tokens}")
-        if self.hops < 0 or not self.tree_weight >= 0 or self.hop_max_df < 1 or self.neighbours_of < 0:
-            raise InvalidInput("hops, tree_weight and neighbours_of must be >= 0, hop_max_df >= 1")
-        if not (0.0 <= self.min_score <= 1.0 and math.isfinite(self.tree_weight)):
-            raise InvalidInput(
-                f"min_score must be in [0, 1] and tree_weight finite, got {self.min_score}, {self.tree_weight}"
-            )
-        if self.mode not in EVIDENCE_MODES:
-            raise InvalidInput(f"evidence mode must be one of {', '.join(EVIDENCE_MODES)}, got {self.mode!r}")
-
-
-@dataclass(frozen=True)
-class Passage:
-    """One excerpt given to the decoder: where it is in the document, its text and its score.
-
-    Character offsets index the document's text as its tokens decode (for the byte-level
-    tokenizers of the supported models, the text that was compressed).
-    """
-
-    token_start: int
-    token_end: int
-    char_start: int
-    char_end: int
-    text: str
-    score: float
-
-    @property
-    def n_tokens(self) -> int:
-        return self.token_end - self.token_start
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "token_start": self.token_start,
-            "token_end": self.token_end,
-            "char_start": self.char_start,
-            "char_end": self.char_end,
-            "score": round(self.score, 4),
-            "text": self.text,
-        }
 
 
 _local = threading.local()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from common.kernels.reference import rotate_half
+from sharedllm.common.kernels.reference import rotate_half
 
 # Called after self-attention of layer i with the residual stream; returns what to add.
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor | None]

@@ -1,4 +1,4 @@
-"""Query-aware selection of context-tree nodes (method.md §3).
+"""Query-aware selection of context-tree nodes (docs/method.md §3).
 
 Each chunk is walked down on its own: at every level the query is compared with the two
 children *of that chunk's own expanded node* (the public reference code paired halves of
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from common.config import node_index
+from sharedllm.common.config import node_index
 
 
 def leaf_start(level: int, position, depth: int):

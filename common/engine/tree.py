@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from common.config import TreeConfig
+from sharedllm.common.config import TreeConfig
 
 
 @dataclass(frozen=True)

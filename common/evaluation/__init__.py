@@ -1,1 +1,1 @@
-"""Evaluation (evaluation.md): perplexity against context length, needle and passkey retrieval."""
+"""Evaluation (docs/evaluation.md): perplexity against context length, needle and passkey retrieval."""

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.data.corpora import CORPORA, HELDOUT_AUSTEN, HELDOUT_BIBLE, find_entry, load_text, read_manifest
-from common.data.shards import load_shards
-from common.errors import InvalidInput
+from sharedllm.common.data.corpora import CORPORA, HELDOUT_AUSTEN, HELDOUT_BIBLE, find_entry, load_text, read_manifest
+from sharedllm.common.data.shards import load_shards
+from sharedllm.common.errors import InvalidInput
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Needle and passkey retrieval (evaluation.md): accuracy per length x depth, greedy decoding.
+"""Needle and passkey retrieval (docs/evaluation.md): accuracy per length x depth, greedy decoding.
 
-Tasks come from `common.data.synthetic`: the classic passkey in repetitive filler, and
+Tasks come from `sharedllm.common.data.synthetic`: the classic passkey in repetitive filler, and
 RULER's single needle with a held-out book as the haystack, both fitted to the length by
 counting tokens and seeded per cell. Every method answers the same chat-formatted question,
 the assistant's turn opened with the task's answer prefix ("The pass key is"), so only the
@@ -30,14 +30,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common.baselines.streaming import StreamingLLM
-from common.data.synthetic import Filler, Task, generate_tasks
-from common.engine.decoder import Finished, Injection
-from common.engine.engine import Engine, find_tokens
-from common.engine.evidence import EvidenceSettings
-from common.engine.sampling import SamplingParams
-from common.errors import InvalidInput
-from common.evaluation.methods import DOCUMENT_METHODS, METHODS, base_window_methods
+from sharedllm.common.baselines.streaming import StreamingLLM
+from sharedllm.common.data.synthetic import Filler, Task, generate_tasks
+from sharedllm.common.engine.engine import Engine, QuestionPlan, find_tokens
+from sharedllm.common.engine.generation import run_to_end
+from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.evaluation.methods import DOCUMENT_METHODS, METHODS, base_window_methods
 
 TASKS: tuple[str, ...] = ("passkey", "needle")
 DEFAULT_METHODS: tuple[str, ...] = ("sharedllm", "full", "truncation", "streaming")
@@ -105,12 +104,8 @@ class Answerer:
     def _tokens(self, text: str) -> list[int]:
         return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _greedy(self, prompt: list[int], injection: Injection | None) -> str:
-        events = self.engine.decoder.generate(prompt, injection, self.params, self._decode)
-        return next(e.text for e in events if isinstance(e, Finished))
+    def _greedy(self, plan: QuestionPlan) -> str:
+        return run_to_end(self.engine.decode(plan, self.params)).text
 
     def _layout(self, question: str) -> tuple[list[int], list[int]]:
         """The chat prompt of `question` cut where the question starts, so a document can open the user message.
@@ -157,16 +152,18 @@ class Answerer:
                     answer_prefix=task.metadata["answer_prefix"],
                     index=index,
                 )
-                answers[method] = self._greedy(plan.prompt_ids, plan.injection)
+                answers[method] = self._greedy(plan)
             if "window" in wanted:
-                answers["window"] = self._greedy(head + tail, None)
+                answers["window"] = self._greedy(QuestionPlan(head + tail))
             served = base_window_methods(wanted, len(document) <= budget)
             if served:
-                base = self._greedy(with_document(document[max(0, len(document) - budget) :]), None)
+                base = self._greedy(QuestionPlan(with_document(document[max(0, len(document) - budget) :])))
                 answers.update(dict.fromkeys(served, base))
             if self.streaming is not None:
-                out = self.streaming.generate_greedy(with_document(document), max_new, engine.decoder.eos_ids)
-                answers["streaming"] = self._decode(out)
+                events = self.streaming.generate(
+                    with_document(document), self.params, engine.decoder.eos_ids, engine.decode_text
+                )
+                answers["streaming"] = run_to_end(events).text
         return answers
 
 

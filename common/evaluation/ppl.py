@@ -1,4 +1,4 @@
-"""Perplexity against context length (evaluation.md): SharedLLM and its baselines on the same tokens.
+"""Perplexity against context length (docs/evaluation.md): SharedLLM and its baselines on the same tokens.
 
 For each held-out document and length L, a window is L tokens of preceding context and then
 W scored tokens. Within a document every length scores the *same* windows (placed where the
@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common.baselines.streaming import StreamingLLM
-from common.engine.engine import Engine
-from common.errors import InvalidInput
-from common.evaluation.heldout import HeldoutDocument
-from common.evaluation.methods import METHODS, base_window_methods
-from common.training.examples import Example
-from common.training.trainer import example_loss, gap_closed
+from sharedllm.common.baselines.streaming import StreamingLLM
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.evaluation.heldout import HeldoutDocument
+from sharedllm.common.evaluation.methods import METHODS, base_window_methods
+from sharedllm.common.training.examples import Example
+from sharedllm.common.training.trainer import example_loss, gap_closed
 
 DEFAULT_LENGTHS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
 FULL_NOT_FITTING = "context + scored tokens exceed the base window"

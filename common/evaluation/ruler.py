@@ -1,7 +1,7 @@
-"""A RULER-style suite (evaluation.md): seven synthetic retrieval tasks at several lengths.
+"""A RULER-style suite (docs/evaluation.md): seven synthetic retrieval tasks at several lengths.
 
 The task definitions of NVIDIA's RULER that need no external data, written for this project
-over `common.data.synthetic`, with a held-out book as the prose haystack:
+over `sharedllm.common.data.synthetic`, with a held-out book as the prose haystack:
 
 | task | RULER name | haystack | what is asked |
 | --- | --- | --- | --- |
@@ -30,13 +30,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from common.baselines.streaming import StreamingLLM
-from common.data.synthetic import Filler, Task, needle_task, variables_task
-from common.engine.engine import Engine
-from common.engine.evidence import EvidenceSettings
-from common.errors import InvalidInput
-from common.evaluation.methods import METHODS
-from common.evaluation.needle import Answerer
+from sharedllm.common.baselines.streaming import StreamingLLM
+from sharedllm.common.data.synthetic import Filler, Task, needle_task, variables_task
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.params import EvidenceSettings
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.evaluation.methods import METHODS
+from sharedllm.common.evaluation.needle import Answerer
 
 # task name -> (haystack, builder(filler, length, depth, seed))
 TASKS: dict[str, tuple[str, Callable[[Filler, int, float, int], Task]]] = {

@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from common.kernels import reference, triton_kernels
-from common.kernels.triton_kernels import TritonUnavailable
+from sharedllm.common.kernels import reference, triton_kernels
+from sharedllm.common.kernels.triton_kernels import TritonUnavailable
 
 ENV_VAR = "SHAREDLLM_KERNELS"
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")

@@ -1,6 +1,6 @@
 """Triton kernels for the context tree: multi-level pooling and the injection gather.
 
-They reproduce `common.kernels.reference` exactly ("last" pooling, gathers) or to rounding
+They reproduce `sharedllm.common.kernels.reference` exactly ("last" pooling, gathers) or to rounding
 ("mean" pooling, the rotation of keys), each in a single launch: pooling covers every level of
 every chunk and every layer at once, and the gather moves keys and values together, so the
 cost is one pass over the bytes instead of one small launch per level, layer or tensor.

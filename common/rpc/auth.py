@@ -11,9 +11,9 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from common.errors import InvalidInput
-from common.rpc.errors import Unauthenticated
-from common.store import DEFAULT_TENANT, validate_name
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.rpc.errors import Unauthenticated
+from sharedllm.common.store import DEFAULT_TENANT, validate_name
 
 MIN_KEY_CHARS = 16
 AUTH_HEADER = "authorization"

@@ -1,7 +1,7 @@
 """Errors of the RPC layer and the one table from error classes to gRPC status codes.
 
-The engine and the stores raise the classes of common.errors and know nothing of gRPC; the
-services' interceptor looks the status code up here, so the mapping of design/architecture.md
+The engine and the stores raise the classes of sharedllm.common.errors and know nothing of gRPC; the
+services' interceptor looks the status code up here, so the mapping of docs/architecture.md
 ("gRPC conventions") is written down exactly once.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from common import errors
+from sharedllm.common import errors
 
 
 class Unauthenticated(errors.SharedLLMError):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from grpc_health.v1 import health, health_pb2
 
-from common.store import ContextStore
+from sharedllm.common.store import ContextStore
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 
 import grpc
 
-from common.errors import SharedLLMError
-from common.rpc.auth import ApiKeys
-from common.rpc.errors import status_code
+from sharedllm.common.errors import SharedLLMError
+from sharedllm.common.rpc.auth import ApiKeys
+from sharedllm.common.rpc.errors import status_code
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.engine.engine import Engine
-from common.model_loading import dtype_from_name
-from common.rpc.config import ServerConfig
-from common.rpc.errors import ServiceUnavailable
-from common.rpc.health import NOT_SERVING, Health
-from common.rpc.interceptor import ServiceInterceptor
-from common.rpc.workers import WorkerPool
-from common.runtime import ContextRuntime
-from common.store import open_store
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.rpc.config import ServerConfig
+from sharedllm.common.rpc.errors import ServiceUnavailable
+from sharedllm.common.rpc.health import NOT_SERVING, Health
+from sharedllm.common.rpc.interceptor import ServiceInterceptor
+from sharedllm.common.rpc.workers import WorkerPool
+from sharedllm.common.runtime import ContextRuntime
+from sharedllm.common.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ class ServerState:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.workers = WorkerPool(config.max_concurrent)
+        self.workers = WorkerPool(config.network.max_concurrent)
         self.loaded: ContextRuntime | None = None
 
     @property
@@ -70,20 +69,17 @@ def load_runtime(config: ServerConfig, lower_only: bool = False) -> ContextRunti
     transformers' from_pretrained patches global state while it builds the model.
     """
     with _LOADING:
-        engine = Engine.load(
-            config.model,
-            config.adapter,
-            config.device,
-            config.limits,
-            config.tree_config,
-            lower_only=lower_only,
-            dtype=dtype_from_name(config.dtype),
-        )
+        engine = config.model.load(lower_only=lower_only)
+    return serving_runtime(engine, config)
+
+
+def serving_runtime(engine: Engine, config: ServerConfig) -> ContextRuntime:
+    """A runtime over `engine` with the configured store, lifetimes, cache and evidence, warmed up."""
     runtime = ContextRuntime(
         engine,
-        open_store(config.store_url),
-        default_ttl_s=config.default_ttl_s,
-        decoded_cache_bytes=config.decoded_cache_bytes,
+        open_store(config.store.url),
+        default_ttl_s=config.store.default_ttl_s,
+        decoded_cache_bytes=config.store.decoded_cache_bytes,
         evidence=config.evidence,
     )
     runtime.warm_up()
@@ -102,7 +98,7 @@ class RpcServer:
         self.spec = spec
         self.config = config
         self.state = ServerState(config)
-        self.health = Health([spec.full_name], config.health_interval_s)
+        self.health = Health([spec.full_name], config.network.health_interval_s)
         self.stopped = asyncio.Event()  # set when the server should stop: a signal or a failed start
         self.failure: BaseException | None = None
         self._load = load
@@ -111,15 +107,16 @@ class RpcServer:
 
     async def start(self) -> int:
         """Open the port (NOT_SERVING), start loading the model; returns the bound port."""
-        limit = self.config.max_message_bytes
+        network = self.config.network
+        limit = network.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor([self.spec.full_name], self.config.api_keys)],
+            interceptors=[ServiceInterceptor([self.spec.full_name], network.api_keys)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         self.spec.register(self.state, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection([self.spec.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        address = f"{self.config.host}:{self.config.port}"
+        address = f"{network.host}:{network.port}"
         port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot listen on {address}")
@@ -127,7 +124,7 @@ class RpcServer:
         await server.start()
         self._server = server
         self._supervisor = asyncio.create_task(self._become_ready())
-        log.info("%s listening on %s:%d; loading the model", self.spec.name, self.config.host, port)
+        log.info("%s listening on %s:%d; loading the model", self.spec.name, network.host, port)
         return port
 
     async def _become_ready(self) -> None:
@@ -144,11 +141,12 @@ class RpcServer:
     async def stop(self) -> None:
         """Drain and stop (see the module docstring); safe to call once the server has started."""
         assert self._server is not None, "stop() before start()"
+        network = self.config.network
         await self.health.shut_down()
-        if self.config.drain_delay_s > 0:
-            await asyncio.sleep(self.config.drain_delay_s)
-        log.info("%s draining: waiting up to %.0f s for calls in flight", self.spec.name, self.config.shutdown_grace_s)
-        await self._server.stop(self.config.shutdown_grace_s)
+        if network.drain_delay_s > 0:
+            await asyncio.sleep(network.drain_delay_s)
+        log.info("%s draining: waiting up to %.0f s for calls in flight", self.spec.name, network.shutdown_grace_s)
+        await self._server.stop(network.shutdown_grace_s)
         if self._supervisor is not None:
             self._supervisor.cancel()
         self.state.workers.shutdown()

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from common.errors import ResourceExhausted
+from sharedllm.common.errors import ResourceExhausted
 
 T = TypeVar("T")
 ShouldStop = Callable[[], bool]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import urllib.parse
 
-from common.errors import InvalidInput
-from common.store.accounting import StorageReport, full_kv_cache_bytes, storage_report
-from common.store.base import (
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.store.accounting import StorageReport, full_kv_cache_bytes, storage_report
+from sharedllm.common.store.base import (
     DEFAULT_TENANT,
     ContextInfo,
     ContextStore,
@@ -25,9 +25,9 @@ from common.store.base import (
     new_context_id,
     validate_name,
 )
-from common.store.codec import EncodedContext, Fingerprints, decode, encode
-from common.store.memory import MemoryStore
-from common.store.redis_store import RedisStore
+from sharedllm.common.store.codec import EncodedContext, Fingerprints, decode, encode
+from sharedllm.common.store.memory import MemoryStore
+from sharedllm.common.store.redis_store import RedisStore
 
 
 def open_store(url: str = "memory://") -> ContextStore:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.generated.sharedllm.v1 import context_pb2 as pb
-from common.store import codec
+from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
+from sharedllm.common.store import codec
 
 
 def full_kv_cache_bytes(*, n_tokens: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:

@@ -24,13 +24,13 @@ from typing import Protocol, Self, TypeVar
 
 import torch
 
-from common.config import TreeConfig
-from common.engine.tree import SelectedNodes
-from common.errors import ContextNotFound, DataCorruption, InvalidInput
-from common.generated.sharedllm.v1 import context_pb2 as pb
-from common.store import codec
-from common.store.codec import EncodedContext, Fingerprints
-from common.store.decoded_cache import DecodedCache
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.engine.tree import SelectedNodes
+from sharedllm.common.errors import ContextNotFound, DataCorruption, InvalidInput
+from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
+from sharedllm.common.store import codec
+from sharedllm.common.store.codec import EncodedContext, Fingerprints
+from sharedllm.common.store.decoded_cache import DecodedCache
 
 T = TypeVar("T")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")

@@ -21,10 +21,10 @@ import safetensors.torch
 import torch
 from google.protobuf.message import DecodeError
 
-from common.config import ConfigError, TreeConfig
-from common.engine.tree import ContextTree
-from common.errors import DataCorruption, IncompatibleContext, InvalidInput
-from common.generated.sharedllm.v1 import context_pb2 as pb
+from sharedllm.common.config import ConfigError, TreeConfig
+from sharedllm.common.engine.tree import ContextTree
+from sharedllm.common.errors import DataCorruption, IncompatibleContext, InvalidInput
+from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 
 # 2: the retrieval-keys part also holds the document's token ids (evidence passages are cut from
 # them); a version-1 context has none, so it is refused with IncompatibleContext, never misread.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.errors import InvalidInput
+from sharedllm.common.errors import InvalidInput
 
 DEFAULT_CACHE_BYTES = 512 << 20
 

@@ -17,11 +17,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from common.errors import InvalidInput, ResourceExhausted
-from common.generated.sharedllm.v1 import context_pb2 as pb
-from common.store import codec
-from common.store.base import ContextKey, ContextStore, PartReader, StoreStats
-from common.store.codec import EncodedContext
+from sharedllm.common.errors import InvalidInput, ResourceExhausted
+from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
+from sharedllm.common.store import codec
+from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, StoreStats
+from sharedllm.common.store.codec import EncodedContext
 
 DEFAULT_MAX_BYTES = 1 << 30
 

@@ -34,17 +34,17 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from common.errors import (
+from sharedllm.common.errors import (
     DataCorruption,
     IncompatibleContext,
     InvalidInput,
     ResourceExhausted,
     StoreUnavailable,
 )
-from common.generated.sharedllm.v1 import context_pb2 as pb
-from common.store import codec
-from common.store.base import ContextKey, ContextStore, PartReader, StoreStats
-from common.store.codec import EncodedContext
+from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
+from sharedllm.common.store import codec
+from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, StoreStats
+from sharedllm.common.store.codec import EncodedContext
 
 log = logging.getLogger(__name__)
 

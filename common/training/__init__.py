@@ -1,1 +1,1 @@
-"""Training the injection adapter (method.md §6)."""
+"""Training the injection adapter (docs/method.md §6)."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from common.data.shards import SpanSampler
-from common.data.synthetic import Filler, needle_task, passkey_task, records_task
+from sharedllm.common.data.shards import SpanSampler
+from sharedllm.common.data.synthetic import Filler, needle_task, passkey_task, records_task
 
 
 @dataclass(frozen=True)

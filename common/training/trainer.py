@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.engine.engine import Engine
-from common.errors import InvalidInput
-from common.training.examples import Example
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.training.examples import Example
 
 CHECKPOINT = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
@@ -67,20 +67,12 @@ def example_loss(
     inject=False is the window-alone baseline; full_context=True puts the document in the
     base model's window instead (the full-attention baseline); both score the same tokens.
     """
-    decoder = engine.decoder
-    injection = None
-    prefix: list[int] = []
-    if full_context:
-        prefix = example.document
-    elif inject:
-        tree = engine.compressor.compress(example.document, split_noise=noise)
-        query = decoder.query_vector(example.query) if example.query else None
-        injection, _ = decoder.prepare(tree, query)
-    ids = torch.tensor([prefix + example.decoder], device=engine.body.device)
-    h = decoder.forward(ids, 0, None, injection)
+    prefix = example.document if full_context else []
+    tree = engine.compressor.compress(example.document, split_noise=noise) if inject and not full_context else None
+    ids = prefix + example.decoder
     first = len(prefix) + example.scored_from  # index of the first scored token
-    logits = engine.body.logits(h[0, first - 1 : -1]).float()
-    targets = ids[0, first:]
+    logits = engine.logits(ids, tree, example.query, from_position=first - 1)[:-1].float()
+    targets = torch.tensor(ids[first:], device=logits.device)
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from common.generated.sharedllm.v1 import decoder_pb2 as sharedllm_dot_v1_dot_decoder__pb2
+from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as sharedllm_dot_v1_dot_decoder__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

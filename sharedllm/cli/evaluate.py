@@ -1,4 +1,4 @@
-"""`sharedllm eval ppl` and `sharedllm eval needle`: the evaluation protocols of evaluation.md."""
+"""`sharedllm eval ppl|needle|ruler`: the evaluation protocols of docs/evaluation.md."""
 
 from __future__ import annotations
 
@@ -7,29 +7,27 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
-from common.cli.embedded import add_evidence_arguments, evidence_settings
-from common.config import TreeConfig
-from common.data.cli import default_data_dir
-from common.data.corpora import CORPORA
-from common.data.synthetic import Filler, needle_haystack_text
-from common.engine.engine import Engine, adapter_help
-from common.errors import InvalidInput
-from common.evaluation import needle, ppl, ruler
-from common.evaluation.heldout import heldout_book_text, heldout_documents
-from common.evaluation.methods import METHODS, PPL_METHODS
-from common.model_loading import add_dtype_argument, dtype_from_name
-from common.training.cli import add_tree_arguments, given_tree_flags, tree_config
+from sharedllm.cli.options import EvidenceArguments, ModelArguments, TreeArguments, add_data_dir_argument
+from sharedllm.common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.data.corpora import CORPORA
+from sharedllm.common.data.synthetic import Filler, needle_haystack_text
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.evaluation import needle, ppl, ruler
+from sharedllm.common.evaluation.heldout import heldout_book_text, heldout_documents
+from sharedllm.common.evaluation.methods import METHODS, PPL_METHODS
+
+MODEL = ModelArguments("the shipped default for the default model, else untrained", documents=False)
+TREE = TreeArguments(TreeConfig())
+EVIDENCE = EvidenceArguments(tuning=True)
 
 
 def _add_shared(
     parser: argparse.ArgumentParser, default_methods: tuple[str, ...], methods: tuple[str, ...] = METHODS
 ) -> None:
-    parser.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", help=adapter_help("the shipped default for the default model, else untrained"))
-    parser.add_argument("--device")
-    add_dtype_argument(parser)
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="fetched corpora")
+    MODEL.add_arguments(parser.add_argument_group("model"))
+    add_data_dir_argument(parser)
     parser.add_argument(
         "--lengths", type=int, nargs="+", default=list(ppl.DEFAULT_LENGTHS), help="context lengths in tokens"
     )
@@ -45,23 +43,21 @@ def _add_shared(
         "tree configuration of an untrained adapter (any of these: evaluate an untrained adapter built so, "
         "unset fields as TreeConfig's defaults; none: the shipped adapter, else an untrained default one)"
     )
-    add_tree_arguments(group, TreeConfig())
+    TREE.add_arguments(group)
 
 
 def _tree_config(args: argparse.Namespace) -> TreeConfig | None:
     """The untrained adapter's config when any tree flag was given, else None (the adapter's own)."""
-    if not given_tree_flags(args):
+    if not TREE.given(args):
         return None
     if args.adapter is not None:
         raise InvalidInput("the tree flags build an untrained adapter; a trained --adapter carries its own config")
-    return tree_config(args, TreeConfig())
+    return TREE.from_args(args)
 
 
-def add_eval_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `eval ppl` and `eval needle` on the `sharedllm` parser's subcommands."""
-    evaluate = sub.add_parser(
-        "eval", help="perplexity against context length; needle and passkey retrieval; the RULER-style suite"
-    )
+def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """`eval ppl`, `eval needle` and `eval ruler`."""
+    evaluate = sub.add_parser(name, help=help_text)
     commands = evaluate.add_subparsers(dest="eval_command", required=True)
 
     p = commands.add_parser("ppl", help="perplexity of the last W tokens against context length, with baselines")
@@ -88,7 +84,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--max-new-tokens", type=int, default=16)
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--no-retrieval", action="store_true", help="SharedLLM always expands the most recent child")
-    add_evidence_arguments(n, passage_flags=True)
+    EVIDENCE.add_arguments(n.add_argument_group("evidence"))
     n.set_defaults(handler=run_needle)
 
     r = commands.add_parser("ruler", help="the RULER-style suite: seven retrieval tasks per length, every method")
@@ -98,15 +94,13 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--max-new-tokens", type=int, default=48)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-retrieval", action="store_true", help="SharedLLM always expands the most recent child")
-    add_evidence_arguments(r, passage_flags=True)
+    EVIDENCE.add_arguments(r.add_argument_group("evidence"))
     r.set_defaults(handler=run_ruler, lengths=None)
 
 
 def _load(args: argparse.Namespace) -> tuple[Engine, StreamingLLM | None, dict[str, Any]]:
     """The engine, the streaming baseline when asked for, and a description of both for the report."""
-    engine = Engine.load(
-        args.model, args.adapter, args.device, tree_config=_tree_config(args), dtype=dtype_from_name(args.dtype)
-    )
+    engine = MODEL.from_args(args).load(tree_config=_tree_config(args))
     streaming = None
     if "streaming" in args.methods:
         streaming = StreamingLLM(engine.body, args.streaming_recent or engine.window - DEFAULT_SINKS)
@@ -176,7 +170,7 @@ def run_needle(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         not args.no_retrieval,
         args.seed,
-        evidence_settings(args),
+        EVIDENCE.from_args(args),
     )
     settings.validate()
     fillers = {}
@@ -205,7 +199,7 @@ def run_ruler(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         not args.no_retrieval,
         args.seed,
-        evidence_settings(args),
+        EVIDENCE.from_args(args),
     )
     settings.validate()
     haystacks = {ruler.TASKS[t][0] for t in settings.tasks}

@@ -9,26 +9,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.benchmark.cell import GRPC_METHOD, LOCAL_METHODS
-from common.benchmark.report import format_table, write_json, write_plots
-from common.benchmark.runner import BenchConfig, run_benchmark
-from common.engine.engine import Limits, adapter_help
-from common.errors import InvalidInput
-from common.model_loading import add_dtype_argument
+from sharedllm.cli.options import ModelArguments
+from sharedllm.common.benchmark.measure import GRPC_METHOD, LOCAL_METHODS
+from sharedllm.common.benchmark.report import format_table, write_json, write_plots
+from sharedllm.common.benchmark.runner import BenchConfig, run_benchmark
+from sharedllm.common.config import Limits
+from sharedllm.common.errors import InvalidInput
 
 DEFAULT_LENGTHS: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
 LENGTH_128K = 131072
+MODEL = ModelArguments("the shipped default for the default model, else untrained", documents=False)
 
 
-def add_bench_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="speed and memory against full attention and StreamingLLM (medians, same-run ratios, targets)",
-    )
-    p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", help=adapter_help("the shipped default for the default model, else untrained"))
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    add_dtype_argument(p)
+def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text)
+    MODEL.add_arguments(p.add_argument_group("model"))
     p.add_argument(
         "--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="document tokens (default: %(default)s)"
     )

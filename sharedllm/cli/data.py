@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 from collections import defaultdict
-from pathlib import Path
 
-from common.data.corpora import CORPORA, SPLITS, fetch
-from common.data.demo import DEMO_QUESTION, demo_document
-
-
-def default_data_dir() -> Path:
-    """$SHAREDLLM_DATA_DIR, else ./data (ignored by git: the texts are not committed)."""
-    return Path(os.environ.get("SHAREDLLM_DATA_DIR") or "data")
+from sharedllm.cli.options import add_data_dir_argument
+from sharedllm.common.data.corpora import CORPORA, SPLITS, fetch
+from sharedllm.common.data.demo import DEMO_QUESTION, demo_document
 
 
-def add_data_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `data fetch` and `data demo` on the `sharedllm` parser's subcommands."""
-    data = sub.add_parser("data", help="training and evaluation data")
+def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """`data fetch` and `data demo`."""
+    data = sub.add_parser(name, help=help_text)
     commands = data.add_subparsers(dest="data_command", required=True)
     fetch_parser = commands.add_parser(
         "fetch", help="write the corpora and their train/held-out manifest into the data directory"
@@ -35,12 +29,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     demo_parser.add_argument("--path-only", action="store_true", help="print only the document's path")
     demo_parser.set_defaults(handler=run_demo)
     for parser in (fetch_parser, demo_parser):
-        parser.add_argument(
-            "--data-dir",
-            type=Path,
-            default=default_data_dir(),
-            help="data directory (default: $SHAREDLLM_DATA_DIR or ./data)",
-        )
+        add_data_dir_argument(parser, "data directory")
 
 
 def run_fetch(args: argparse.Namespace) -> int:

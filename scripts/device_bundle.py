@@ -24,9 +24,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data.corpora import write_atomic
-from common.errors import InvalidInput
-from common.model_loading import sha256_file
+from sharedllm.common.data.corpora import write_atomic
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.model_loading import sha256_file
 
 MANIFEST = "bundle.json"
 FORMAT = "sharedllm-device-bundle/1"

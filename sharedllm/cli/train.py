@@ -3,67 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from common.config import TreeConfig
-from common.data.corpora import read_manifest
-from common.data.shards import SpanSampler, load_shards
-from common.engine.engine import Engine
-from common.errors import InvalidInput
-from common.training.examples import LanguageModelling, SyntheticQuestions, fixed_lm_examples
-from common.training.trainer import FINAL_ADAPTER, Trainer, TrainSettings
+from sharedllm.cli.options import TreeArguments, add_data_dir_argument
+from sharedllm.common.config import TreeConfig
+from sharedllm.common.data.corpora import read_manifest
+from sharedllm.common.data.shards import SpanSampler, load_shards
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.training.examples import LanguageModelling, SyntheticQuestions, fixed_lm_examples
+from sharedllm.common.training.trainer import FINAL_ADAPTER, Trainer, TrainSettings
 
 TRAIN_CORPORA = ("austen", "bible", "stdlib", "pydocs")
 
 
-# Tree flags -> TreeConfig fields; every flag defaults to None (unset), so that a command can
-# tell what the user asked for from what it should take from an adapter or a default tree.
-TREE_FLAGS = {
-    "layers": "n_layers",
-    "chunk_size": "chunk_size",
-    "depth": "depth",
-    "pool_size": "pool_size",
-    "encoding": "encoding",
-    "pooling": "pooling",
-    "positions": "positions",
-}
 # The tree the shipped default adapter reads (8x compression); `train` builds it unless told otherwise.
 TRAIN_TREE = TreeConfig(chunk_size=512, pool_size=16)
+TREE = TreeArguments(TRAIN_TREE)
 
 
-def add_tree_arguments(parser: argparse.ArgumentParser, unset: TreeConfig) -> None:
-    """The tree flags; `unset` is what the help says an unset flag means."""
-    parser.add_argument("--layers", type=int, help=f"M (unset: {unset.n_layers})")
-    parser.add_argument("--chunk-size", type=int, help=f"C (unset: {unset.chunk_size})")
-    parser.add_argument("--depth", type=int, help=f"D (unset: {unset.depth})")
-    parser.add_argument("--pool-size", type=int, help=f"P (unset: {unset.pool_size})")
-    parser.add_argument("--encoding", choices=("single_pass", "per_node"), help=f"(unset: {unset.encoding})")
-    parser.add_argument("--pooling", choices=("last", "mean"), help=f"(unset: {unset.pooling})")
-    parser.add_argument("--positions", choices=("chunk", "none"), help=f"(unset: {unset.positions})")
-
-
-def given_tree_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The tree flags the command line (or the environment) set, by argparse name."""
-    return {flag: getattr(args, flag) for flag in TREE_FLAGS if getattr(args, flag) is not None}
-
-
-def tree_config(args: argparse.Namespace, base: TreeConfig) -> TreeConfig:
-    """`base` with the tree flags the command line set."""
-    return dataclasses.replace(base, **{TREE_FLAGS[flag]: value for flag, value in given_tree_flags(args).items()})
-
-
-def add_train_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train an injection adapter (resumes from --run-dir)")
+def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text)
     p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, log.jsonl and the final adapter")
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SHAREDLLM_DATA_DIR", "data")))
+    add_data_dir_argument(p)
     p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device")
     p.add_argument("--out", type=Path, help="also write the final adapter here")
@@ -79,8 +47,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="wall-clock budget: stop when it is spent, checkpoint and export what was learned",
     )
-    add_tree_arguments(
-        p.add_argument_group("tree (unset flags: the --init-adapter's, else the shipped default's tree)"), TRAIN_TREE
+    TREE.add_arguments(
+        p.add_argument_group("tree (unset flags: the --init-adapter's, else the shipped default's tree)")
     )
     p.add_argument("--context-chunks", type=int, default=4, help="chunks compressed per training example")
     p.add_argument("--decoder-tokens", type=int, default=256)
@@ -111,12 +79,12 @@ def run_train(args: argparse.Namespace) -> int:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if args.init_adapter is None:
         initial = None
-        config = tree_config(args, TRAIN_TREE)
+        config = TREE.from_args(args)
         engine = Engine.load(args.model, None, device, tree_config=config)
     else:
         engine = Engine.load(args.model, args.init_adapter, device)  # checks the adapter's base model
         initial = engine.adapter
-        config = tree_config(args, initial.config)
+        config = TREE.from_args(args, initial.config)
         if config != initial.config:  # the same weights, fine-tuned to read differently built trees
             engine = Engine(engine.loaded, initial.retargeted(config))
     read_manifest(args.data_dir)  # a clear error when `sharedllm data fetch` has not run

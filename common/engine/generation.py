@@ -1,0 +1,82 @@
+"""The one decode loop: every answer, baseline and benchmark method picks its tokens here.
+
+A model variant supplies only `step`: feed token ids, get the final hidden state of the last
+one. SharedLLM's decoder steps with its injection and KV cache, full attention with a plain
+cache, StreamingLLM with its sink cache; they all stop, sample and time by the same rule, so a
+comparison between them measures the models, not three loops.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Iterator
+
+import torch
+
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import Finished, GenerateTimings, TokenDelta
+from sharedllm.common.engine.sampling import Sampler
+from sharedllm.common.engine.streaming import TextStream
+
+Step = Callable[[list[int]], torch.Tensor]  # token ids -> hidden state [hidden] after the last one, before the norm
+
+
+@torch.inference_mode()
+def decode(
+    step: Step,
+    logits: Callable[[torch.Tensor], torch.Tensor],
+    prompt_ids: list[int],
+    params: SamplingParams,
+    eos_ids: Collection[int],
+    decode_text: Callable[[list[int]], str],
+    device: torch.device,
+) -> Iterator[TokenDelta | Finished]:
+    """Prefill the prompt, then yield text as it becomes final; a Finished comes last.
+
+    logits: the model's head (final norm and projection). Stops at an end-of-sequence token
+    (not emitted), a stop string (the text ends before it) or max_new_tokens.
+    """
+    started = time.perf_counter()
+    seen = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    sampler = Sampler(params, device)
+    stream = TextStream(decode_text, params.stop)
+    h = step(prompt_ids)
+    prefill_done = time.perf_counter()
+    generated: list[int] = []
+    reason = "length"
+    first_token_at = None
+    for n in range(1, params.max_new_tokens + 1):
+        token = sampler(logits(h), seen)
+        if first_token_at is None:
+            first_token_at = time.perf_counter()
+        if token in eos_ids:
+            reason = "eos"
+            break
+        generated.append(token)
+        yield TokenDelta(token, stream.push(token))
+        if stream.stopped:
+            reason = "stop"
+            break
+        if n == params.max_new_tokens:
+            break
+        seen = torch.cat([seen, torch.tensor([token], device=device)])
+        h = step([token])
+    tail = stream.flush()
+    if tail:
+        yield TokenDelta(None, tail)
+    end = time.perf_counter()
+    first = first_token_at or end
+    yield Finished(
+        reason=reason,
+        text=stream.text,
+        prompt_tokens=len(prompt_ids),
+        completion_tokens=len(generated),
+        timings=GenerateTimings(
+            prefill_s=prefill_done - started, time_to_first_token_s=first - started, decode_s=end - first
+        ),
+    )
+
+
+def run_to_end(events: Iterator[TokenDelta | Finished]) -> Finished:
+    """Decode to the end without streaming; the Finished (its text is the whole answer)."""
+    return next(e for e in events if isinstance(e, Finished))

@@ -1,0 +1,92 @@
+"""What a question asks for: sampling and evidence parameters, validated, with no torch.
+
+Plain values, so that clients (`sharedllm generate`, the batch worker) build and check them
+without loading the model's libraries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sharedllm.common.errors import InvalidInput
+
+EvidenceMode = Literal["auto", "spread"]
+EVIDENCE_MODES: tuple[str, ...] = ("auto", "spread")
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_TOP_K = 1_000_000
+MAX_REPETITION_PENALTY = 10.0
+# SamplingParams fields that travel as optional scalars of a GenerateRequest, under the same names.
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy; 0 / 1.0 disable top_k / top_p."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def validate(self, max_new_tokens_limit: int) -> None:
+        """Raise InvalidInput naming the parameter, its limit and the value received."""
+
+        def bad(name: str, rule: str, value: object) -> InvalidInput:
+            return InvalidInput(f"{name} must be {rule}, got {value!r}")
+
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise bad("max_new_tokens", f"an integer in [1, {max_new_tokens_limit}]", self.max_new_tokens)
+        if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise bad("temperature", "finite and in [0, 100]", self.temperature)
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise bad("top_k", f"in [0, {MAX_TOP_K}]", self.top_k)
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "in (0, 1]", self.top_p)
+        if not math.isfinite(self.min_p) or not 0.0 <= self.min_p < 1.0:
+            raise bad("min_p", "in [0, 1)", self.min_p)
+        if not math.isfinite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"in (0, {MAX_REPETITION_PENALTY}]", self.repetition_penalty)
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad("seed", "in [0, 2**63)", self.seed)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} strings", f"{len(self.stop)} strings")
+        for s in self.stop:
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise bad("each stop string", f"1 to {MAX_STOP_CHARS} characters", s[:40])
+
+
+@dataclass(frozen=True)
+class EvidenceSettings:
+    """How a question's evidence is chosen; the defaults are the measured choice (README)."""
+
+    tokens: int = 512  # budget of raw document tokens in the window; 0: none (the paper's setting)
+    passage_tokens: int = 32
+    tree_weight: float = 0.25  # weight of the tree score next to the lexical score
+    hops: int = 3
+    hop_max_df: int = 3
+    neighbours_of: int = 4  # the best question hits that bring their neighbouring passages
+    min_score: float = 0.25  # passages below this share of the best score are left out, budget or not
+    inject_excerpts: bool = False  # False: the excerpts' positions read no injection (see Injection.shielded)
+    inject_answer: bool = False  # True: with evidence, the answer's tokens read the injection too
+    mode: EvidenceMode = "auto"
+
+    def validate(self) -> None:
+        if self.tokens < 0:
+            raise InvalidInput(f"evidence_tokens must be >= 0, got {self.tokens}")
+        if not 8 <= self.passage_tokens <= 1024:
+            raise InvalidInput(f"passage_tokens must be in [8, 1024], got {self.passage_tokens}")
+        if self.hops < 0 or not self.tree_weight >= 0 or self.hop_max_df < 1 or self.neighbours_of < 0:
+            raise InvalidInput("hops, tree_weight and neighbours_of must be >= 0, hop_max_df >= 1")
+        if not (0.0 <= self.min_score <= 1.0 and math.isfinite(self.tree_weight)):
+            raise InvalidInput(
+                f"min_score must be in [0, 1] and tree_weight finite, got {self.min_score}, {self.tree_weight}"
+            )
+        if self.mode not in EVIDENCE_MODES:
+            raise InvalidInput(f"evidence mode must be one of {', '.join(EVIDENCE_MODES)}, got {self.mode!r}")

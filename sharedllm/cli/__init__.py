@@ -1,0 +1,69 @@
+"""The `sharedllm` command line: one parser, each subcommand's module loaded only when it runs.
+
+Why lazily: `sharedllm --help` and the light clients (`generate`, `compress`, `data`) must start
+at once, not after torch and transformers load; only the command that runs pays for its imports.
+Every expected failure is printed as one line and a non-zero exit; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from sharedllm.common.errors import SharedLLMError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Command -> (module that builds its parser with `add_command`, one-line help).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ask": ("sharedllm.cli.ask", "answer a question about a document (embedded mode, no services)"),
+    "summarize": ("sharedllm.cli.ask", "summarise a document (embedded mode, no services)"),
+    "compress": ("sharedllm.cli.remote", "compress a document on a compressor service; prints the id"),
+    "generate": ("sharedllm.cli.remote", "ask a decoder service about a compressed context; streams"),
+    "serve": ("sharedllm.cli.serve", "run a gRPC service (flags also read SHAREDLLM_<FLAG> variables)"),
+    "data": ("sharedllm.cli.data", "fetch the training and evaluation corpora; write the demo document"),
+    "train": ("sharedllm.cli.train", "train an injection adapter (resumes from --run-dir)"),
+    "eval": ("sharedllm.cli.evaluate", "perplexity, needle retrieval and the RULER-style suite, with baselines"),
+    "bench": ("sharedllm.cli.bench", "speed and memory against full attention and StreamingLLM, in one run"),
+    "model": ("sharedllm.cli.model", "model utilities (random models of named shapes, for benchmarks)"),
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`: the named command's real parser, the others as one-line entries."""
+    parser = argparse.ArgumentParser(
+        prog="sharedllm", description="Answer questions about documents far longer than the model's window."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((word for word in argv if not word.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(module).add_command(sub, name, help_text)
+        else:
+            sub.add_parser(name, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command; its exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the serving path never downloads
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except SharedLLMError as exc:
+        print(f"sharedllm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"sharedllm: error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sharedllm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0

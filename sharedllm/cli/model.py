@@ -1,0 +1,31 @@
+"""`sharedllm model random`: write a randomly initialised model of a named shape (benchmarks)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sharedllm.common.config import DTYPE_CHOICES
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.model_loading import dtype_from_name
+from sharedllm.common.random_model import SHAPES, write_random_model
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """`sharedllm model random --shape llama-2-7b --out DIR`."""
+    model = sub.add_parser(name, help=help_text)
+    commands = model.add_subparsers(dest="model_command", required=True)
+    random = commands.add_parser("random", help="write a randomly initialised model of a named shape (benchmarks)")
+    random.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    random.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
+    random.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES[1:])
+    random.add_argument("--seed", type=int, default=0)
+    random.set_defaults(handler=run_random)
+
+
+def run_random(args: argparse.Namespace) -> int:
+    if args.out.exists():
+        raise InvalidInput(f"{args.out} exists; choose a new directory")
+    write_random_model(args.out, args.shape, dtype=dtype_from_name(args.dtype), seed=args.seed)
+    print(f"wrote a random {args.shape} model ({args.dtype}) to {args.out}; use it with --model {args.out}")
+    return 0

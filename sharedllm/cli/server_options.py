@@ -1,0 +1,143 @@
+"""The argument groups of `sharedllm serve`: network and store, and the environment as defaults.
+
+Apart from options.py because they build the services' configuration, which brings the store
+and gRPC libraries; the clients and the embedded commands never need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from sharedllm.cli.options import EvidenceArguments, ModelArguments
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.rpc.auth import ApiKeys
+from sharedllm.common.rpc.config import MIB, NetworkSettings, ServerConfig, StoreSettings
+
+ENV_PREFIX = "SHAREDLLM_"
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+class NetworkArguments:
+    """Where a service listens, whom it admits, how it shuts down; --log-level."""
+
+    def __init__(self, default_port: int) -> None:
+        self.default_port = default_port
+
+    def add_arguments(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        d = NetworkSettings(port=self.default_port)
+        parser.add_argument("--host", default=d.host, help="address to listen on")
+        parser.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
+        parser.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest message")
+        parser.add_argument(
+            "--max-concurrent", type=int, default=d.max_concurrent, help="Compress/Generate calls at once"
+        )
+        parser.add_argument("--api-keys-file", type=Path, help="`TENANT KEY` per line; unset: no authentication")
+        parser.add_argument(
+            "--shutdown-grace-s", type=float, default=d.shutdown_grace_s, help="how long SIGTERM waits for calls"
+        )
+        parser.add_argument(
+            "--drain-delay-s", type=float, default=d.drain_delay_s, help="NOT_SERVING this long before refusing calls"
+        )
+        parser.add_argument(
+            "--health-interval-s", type=float, default=d.health_interval_s, help="how often the store is pinged"
+        )
+        parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def from_args(self, args: argparse.Namespace) -> NetworkSettings:
+        return NetworkSettings(
+            port=args.port,
+            host=args.host,
+            max_message_bytes=args.max_message_bytes,
+            max_concurrent=args.max_concurrent,
+            api_keys=ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.disabled(),
+            shutdown_grace_s=args.shutdown_grace_s,
+            drain_delay_s=args.drain_delay_s,
+            health_interval_s=max(args.health_interval_s, 0.05),
+        )
+
+
+class StoreArguments:
+    """Where contexts live, their lifetime, the upload limit and the decoded-node cache."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        d = StoreSettings()
+        parser.add_argument("--store-url", default=d.url, help="redis://, rediss:// or memory://")
+        parser.add_argument("--default-ttl-s", type=float, default=d.default_ttl_s, help="context lifetime; 0: none")
+        parser.add_argument(
+            "--max-document-bytes", type=int, default=d.max_document_bytes, help="largest streamed document"
+        )
+        parser.add_argument(
+            "--decoded-cache-mib",
+            type=int,
+            default=d.decoded_cache_bytes // MIB,
+            help="verified context nodes kept decoded in memory for repeat questions; 0: none",
+        )
+
+    def from_args(self, args: argparse.Namespace) -> StoreSettings:
+        if args.decoded_cache_mib < 0:
+            raise InvalidInput(f"--decoded-cache-mib must be >= 0, got {args.decoded_cache_mib}")
+        return StoreSettings(
+            url=args.store_url,
+            default_ttl_s=args.default_ttl_s or None,
+            max_document_bytes=args.max_document_bytes,
+            decoded_cache_bytes=args.decoded_cache_mib * MIB,
+        )
+
+
+class ServerArguments:
+    """Every flag of `sharedllm serve`, each also settable as SHAREDLLM_<FLAG> in the environment.
+
+    Why both: a developer types flags; a container sets environment variables. Flags win over
+    the environment, which wins over the built-in default; `--help` names the variable of each.
+    """
+
+    def __init__(self, default_port: int) -> None:
+        self.network = NetworkArguments(default_port)
+        self.store = StoreArguments()
+        self.model = ModelArguments()
+        self.evidence = EvidenceArguments(tuning=True)
+
+    def add_arguments(self, parser: argparse.ArgumentParser, environ: Mapping[str, str] = os.environ) -> None:
+        self.network.add_arguments(parser.add_argument_group("network"))
+        self.store.add_arguments(parser.add_argument_group("store"))
+        model = parser.add_argument_group("model")
+        self.model.add_arguments(model)
+        model.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's choice)")
+        self.evidence.add_arguments(parser.add_argument_group("evidence (decoder defaults; requests may override)"))
+        apply_env_defaults(parser, environ)
+
+    def from_args(self, args: argparse.Namespace) -> ServerConfig:
+        return ServerConfig(
+            network=self.network.from_args(args),
+            store=self.store.from_args(args),
+            model=self.model.from_args(args),
+            evidence=self.evidence.from_args(args),
+            torch_threads=args.torch_threads,
+        )
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Let SHAREDLLM_<FLAG> (e.g. SHAREDLLM_STORE_URL for --store-url) set each flag's default."""
+    for action in parser._actions:  # argparse has no public way to list a parser's options
+        flag = next((s for s in action.option_strings if s.startswith("--")), None)
+        if flag is None or action.dest == "help":
+            continue
+        name = ENV_PREFIX + flag[2:].upper().replace("-", "_")
+        action.help = f"{action.help or ''} [env {name}]".strip()
+        if name not in environ:
+            continue
+        raw = environ[name]
+        if action.nargs == 0:  # a switch
+            action.default = raw.strip().lower() in TRUE_WORDS
+            continue
+        try:
+            value = action.type(raw) if callable(action.type) else raw
+        except (TypeError, ValueError):
+            value = None
+        if value is None or (action.choices is not None and value not in action.choices):
+            # The serve parser is built before parsing: a broken environment is reported at once.
+            parser.exit(2, f"sharedllm: error: environment variable {name}={raw!r} is not a valid value for {flag}\n")
+        action.default = value
