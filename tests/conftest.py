@@ -18,6 +18,28 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_adapter(tiny_model_dir, tmp_path_factory):
+    """An adapter file for the tiny model and tree (tiny_model.TINY_TREE) whose injection changes
+    the output (o_proj not zero), so that equal answers from two paths show they read the same
+    context, not merely that both ignored it. What the services, cells and workers load."""
+    import torch
+    from tiny_model import TINY_TREE
+
+    from sharedllm.common.engine.adapter import InjectionAdapter
+    from sharedllm.common.engine.llama import LlamaBody
+    from sharedllm.common.model_loading import load_model
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    adapter = InjectionAdapter.initialise(LlamaBody(loaded.model), TINY_TREE)
+    generator = torch.Generator().manual_seed(0)
+    for block in adapter.blocks:
+        block.o_proj.weight.copy_(torch.randn(block.o_proj.weight.shape, generator=generator) * 0.05)
+    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
+    adapter.save(path, loaded.fingerprint)
+    return path
+
+
+@pytest.fixture(scope="session")
 def real_model():
     """The real default model (SmolLM2-135M-Instruct), loaded once for the whole session."""
     from sharedllm.common.model_loading import load_model

@@ -11,24 +11,13 @@ import json
 import statistics
 
 import pytest
+from tiny_model import TINY_TREE
 
 from sharedllm.cli import main
 from sharedllm.common.benchmark.runner import RATIOS, TARGETS, BenchConfig, plan, summarize
 from sharedllm.common.benchmark.services import GrpcUnavailable, grpc_stack
-from sharedllm.common.config import TreeConfig
-from sharedllm.common.engine.engine import Engine
 
-TINY_TREE = TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=4)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_model_dir, tmp_path_factory):
-    """An untrained adapter with a tiny tree, saved as a file: what the cells and services both load."""
-    engine = Engine.load(str(tiny_model_dir), tree_config=TINY_TREE)
-    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
-    engine.adapter.save(path, engine.loaded.fingerprint)
-    return path
 
 
 def _metric(cells, method, length, metric):

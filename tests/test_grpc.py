@@ -23,7 +23,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_stack import (
     NOT_SERVING,
@@ -37,18 +36,17 @@ from grpc_stack import (
     wait_until,
 )
 from redis_server import free_port
+from tiny_model import TINY_TREE
 
 from sharedllm.cli.server_options import ServerArguments
 from sharedllm.common.config import TreeConfig
 from sharedllm.common.engine.adapter import InjectionAdapter
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.engine.llama import LlamaBody
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import Finished, TokenDelta
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as cpb
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as dpb
-from sharedllm.common.model_loading import load_model
 from sharedllm.common.rpc.config import ServerConfig
 from sharedllm.common.rpc.server import load_runtime
 from sharedllm.common.runtime import ContextRuntime
@@ -59,7 +57,6 @@ from sharedllm.decoder_service.server import SPEC as DECODER
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TREE = TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=4)
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
 QUESTION = "Where is the cat?"
 DOCUMENT = "The cat sat on the mat. The dog lay by the door. " * 40  # about 550 tokens, 9 chunks
@@ -80,20 +77,6 @@ def loop():
     thread = EventLoopThread()
     yield thread
     thread.close()
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    """An adapter whose injection changes the output (o_proj not zero), so that an answer equal to
-    embedded mode's shows the service read the right context, not merely that it ignored it."""
-    loaded = load_model(str(tiny_model_dir), device="cpu")
-    adapter = InjectionAdapter.initialise(LlamaBody(loaded.model), TINY_TREE)
-    generator = torch.Generator().manual_seed(0)
-    for block in adapter.blocks:
-        block.o_proj.weight.copy_(torch.randn(block.o_proj.weight.shape, generator=generator) * 0.05)
-    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
-    adapter.save(path, loaded.fingerprint)
-    return path
 
 
 @pytest.fixture(scope="module")

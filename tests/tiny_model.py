@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
+from sharedllm.common.config import TreeConfig
 from sharedllm.common.random_model import write_random_model
+
+TINY_TREE = TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=4)  # the tests' tree: many chunks from little text
 
 
 def make_tiny_model_dir(target: Path, seed: int = 0, window: int = 1024) -> Path:

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("sharedllm.cli.remote", "compress a document on a compressor service; prints the id"),
     "generate": ("sharedllm.cli.remote", "ask a decoder service about a compressed context; streams"),
     "serve": ("sharedllm.cli.serve", "run a gRPC service (flags also read SHAREDLLM_<FLAG> variables)"),
+    "batch": ("sharedllm.cli.batch", "batch jobs on Celery: submit documents, follow, fetch results, cancel"),
+    "worker": ("sharedllm.cli.worker", "run a Celery worker for batch jobs (model embedded, or the gRPC services)"),
     "data": ("sharedllm.cli.data", "fetch the training and evaluation corpora; write the demo document"),
     "train": ("sharedllm.cli.train", "train an injection adapter (resumes from --run-dir)"),
     "eval": ("sharedllm.cli.evaluate", "perplexity, needle retrieval and the RULER-style suite, with baselines"),

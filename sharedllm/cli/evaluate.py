@@ -14,7 +14,7 @@ from sharedllm.common.data.corpora import CORPORA
 from sharedllm.common.data.synthetic import Filler, needle_haystack_text
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.evaluation import needle, ppl, ruler
+from sharedllm.common.evaluation import needle, ppl, ruler, summary
 from sharedllm.common.evaluation.heldout import heldout_book_text, heldout_documents
 from sharedllm.common.evaluation.methods import METHODS, PPL_METHODS
 
@@ -56,7 +56,7 @@ def _tree_config(args: argparse.Namespace) -> TreeConfig | None:
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
-    """`eval ppl`, `eval needle` and `eval ruler`."""
+    """`eval ppl`, `eval needle`, `eval ruler` and `eval summary`."""
     evaluate = sub.add_parser(name, help=help_text)
     commands = evaluate.add_subparsers(dest="eval_command", required=True)
 
@@ -96,6 +96,17 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     r.add_argument("--no-retrieval", action="store_true", help="SharedLLM always expands the most recent child")
     EVIDENCE.add_arguments(r.add_argument_group("evidence"))
     r.set_defaults(handler=run_ruler, lengths=None)
+
+    m = commands.add_parser(
+        "summary", help="summaries of the held-out narratives: main names mentioned, names invented, vs the base model"
+    )
+    MODEL.add_arguments(m.add_argument_group("model"))
+    add_data_dir_argument(m)
+    m.add_argument("--max-tokens", type=int, default=32768, help="each document's first tokens (default 32768)")
+    m.add_argument("--max-new-tokens", type=int, default=120, help="per section note and per baseline summary")
+    m.add_argument("--documents", nargs="+", help="only these held-out documents (e.g. persuasion Ruth)")
+    m.add_argument("--json", type=Path, help="write the full report here")
+    m.set_defaults(handler=run_summary)
 
 
 def _load(args: argparse.Namespace) -> tuple[Engine, StreamingLLM | None, dict[str, Any]]:
@@ -216,4 +227,23 @@ def run_ruler(args: argparse.Namespace) -> int:
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         print(f"wrote {ruler.plot_heatmap(report, args.plot, _title(setup))}")
+    return 0
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    if args.max_tokens < 1 or args.max_new_tokens < 1:
+        raise InvalidInput("--max-tokens and --max-new-tokens must be >= 1")
+    engine = MODEL.from_args(args).load()
+    documents = summary.heldout_narratives(args.data_dir, engine.tokenizer, args.max_tokens)
+    if args.documents:
+        unknown = set(args.documents) - {d.name for d in documents}
+        if unknown:
+            raise InvalidInput(f"no held-out narrative named {', '.join(sorted(unknown))}")
+        documents = [d for d in documents if d.name in args.documents]
+    report = summary.evaluate_summaries(engine, documents, args.max_new_tokens)
+    print(summary.format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
     return 0

@@ -119,7 +119,7 @@ class ServerArguments:
         )
 
 
-def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str] = os.environ) -> None:
     """Let SHAREDLLM_<FLAG> (e.g. SHAREDLLM_STORE_URL for --store-url) set each flag's default."""
     for action in parser._actions:  # argparse has no public way to list a parser's options
         flag = next((s for s in action.option_strings if s.startswith("--")), None)

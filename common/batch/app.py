@@ -1,0 +1,108 @@
+"""The Celery application of batch jobs: Redis as broker and result backend, JSON only, and the
+settings long model work needs.
+
+Why these settings: a document takes minutes, so a worker takes one task at a time
+(prefetch 1) and acknowledges it only when done (late ack), so a worker that dies mid-task
+leaves its task to be redelivered after the visibility timeout, which must outlast the longest
+task or a live task would be handed out twice. Soft and hard time limits bound a stuck task.
+Compression and generation have queues of their own, so workers (and their priorities) can be
+split between them. Pickle is never accepted: a message is data, not code.
+
+`app` is configured from SHAREDLLM_BROKER_URL at import, so Celery's own tools work on it:
+    celery --app sharedllm.common.batch.app flower
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+COMPRESS_QUEUE = "sharedllm.compress"
+GENERATE_QUEUE = "sharedllm.generate"
+TASK_QUEUES = {
+    "sharedllm.batch.compress": COMPRESS_QUEUE,
+    "sharedllm.batch.summarize": GENERATE_QUEUE,
+    "sharedllm.batch.answer": GENERATE_QUEUE,
+}
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    broker_url: str = "redis://localhost:6379/0"
+    soft_time_limit_s: int = 3300  # a task is told to stop (the document fails with the reason)
+    time_limit_s: int = 3600  # the task's process is killed
+    visibility_timeout_s: int = 7200  # an unacknowledged task is redelivered after this long
+    max_retries: int = 8  # of a task that met an unavailable or full service or store
+    max_deliveries: int = 3  # of one task without finishing (its worker died each time)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.soft_time_limit_s <= self.time_limit_s < self.visibility_timeout_s:
+            raise ValueError(
+                "need 0 < soft time limit <= time limit < visibility timeout, got "
+                f"{self.soft_time_limit_s}, {self.time_limit_s}, {self.visibility_timeout_s}"
+            )
+        if self.max_retries < 0 or self.max_deliveries < 1:
+            raise ValueError("max_retries must be >= 0 and max_deliveries >= 1")
+
+    @classmethod
+    def from_env(cls) -> BatchSettings:
+        """SHAREDLLM_BROKER_URL and SHAREDLLM_BATCH_<FIELD> (e.g. SHAREDLLM_BATCH_TIME_LIMIT_S)."""
+        values: dict[str, str | int] = {}
+        if "SHAREDLLM_BROKER_URL" in os.environ:
+            values["broker_url"] = os.environ["SHAREDLLM_BROKER_URL"]
+        for name in ("soft_time_limit_s", "time_limit_s", "visibility_timeout_s", "max_retries", "max_deliveries"):
+            raw = os.environ.get(f"SHAREDLLM_BATCH_{name.upper()}")
+            if raw is not None:
+                values[name] = int(raw)
+        return cls(**values)
+
+
+def configure(app: Celery, settings: BatchSettings) -> None:
+    """Apply `settings` to `app` (the tasks read the limits back through `settings_of`)."""
+    _settings[id(app)] = settings
+    app.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.broker_url,
+        result_expires=24 * 3600,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        task_soft_time_limit=settings.soft_time_limit_s,
+        task_time_limit=settings.time_limit_s,
+        task_queues=tuple(Queue(q, Exchange(q, "direct"), routing_key=q) for q in (COMPRESS_QUEUE, GENERATE_QUEUE)),
+        task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
+        task_default_queue=GENERATE_QUEUE,
+        task_track_started=True,  # task states for Flower; a document's progress and results live in jobs.py
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+
+
+def settings_of(app: Celery) -> BatchSettings:
+    return _settings[id(app)]
+
+
+def sending_app(broker_url: str) -> Celery:
+    """An app that only sends tasks to `broker_url` (a client's: several brokers may be used in
+    one process). No result backend: a sender never waits for task results, which would hold a
+    subscription per task; progress and results are read from the job record."""
+    sender = Celery("sharedllm-client", set_as_current=False)
+    configure(sender, BatchSettings(broker_url=broker_url))
+    sender.conf.result_backend = None
+    return sender
+
+
+_settings: dict[int, BatchSettings] = {}
+
+
+app = Celery("sharedllm")
+configure(app, BatchSettings.from_env())

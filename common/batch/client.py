@@ -1,0 +1,92 @@
+"""Submitting and following batch jobs: the Python API behind `sharedllm batch`.
+
+    client = BatchClient("redis://localhost:6379/0")
+    job_id = client.submit(read_documents([Path("reports/")]), JobSpec(None, ("Who signed it?",)))
+    client.status(job_id).state       # queued, running, done, done_with_errors, cancelled
+    client.results(job_id)            # one dict per document: summary, answers, or its error
+
+Submitting needs only Redis: the documents' text goes into the job record and the tasks are
+sent by name, so the submitting process loads no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from celery import chain, group
+
+from sharedllm.common.batch.app import app, sending_app
+from sharedllm.common.batch.jobs import DocumentInput, JobSpec, JobStatus, JobStore
+
+MAX_DOCUMENT_BYTES = 4 << 20  # well above a 131,072-token document (about 0.6 MB of English)
+
+
+def read_documents(paths: Iterable[Path], max_bytes: int = MAX_DOCUMENT_BYTES) -> list[DocumentInput]:
+    """Files, and the files of folders (sorted, recursively), as job documents. One that cannot be
+    read, is not UTF-8 text, is empty or too large becomes a document that fails with the reason."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            files.append(path)
+    return [_read(path, max_bytes) for path in files]
+
+
+def _read(path: Path, max_bytes: int) -> DocumentInput:
+    name = str(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            return DocumentInput(name, None, f"{size} bytes; the limit is {max_bytes}")
+        data = path.read_bytes()
+    except OSError as exc:
+        return DocumentInput(name, None, f"cannot read: {exc.strerror or exc}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return DocumentInput(name, None, f"not UTF-8 text (invalid byte at offset {exc.start})")
+    if "\x00" in text:
+        return DocumentInput(name, None, "contains NUL bytes: binary, not text")
+    if not text.strip():
+        return DocumentInput(name, None, "empty")
+    return DocumentInput(name, text)
+
+
+class BatchClient:
+    def __init__(self, broker_url: str | None = None) -> None:
+        """broker_url: the Redis of the jobs (default: $SHAREDLLM_BROKER_URL, or localhost)."""
+        self.app = sending_app(broker_url or app.conf.broker_url)
+        self.jobs = JobStore.from_url(self.app.conf.broker_url)
+
+    def submit(self, documents: list[DocumentInput], spec: JobSpec) -> str:
+        """Record the job, then send one chain per readable document (compress, summarise,
+        answer) as one group; returns the job id."""
+        job_id = self.jobs.create(spec, documents)
+        chains = [
+            chain(
+                self.app.signature("sharedllm.batch.compress", (job_id, i), immutable=True),
+                self.app.signature("sharedllm.batch.summarize", (job_id, i), immutable=True),
+                self.app.signature("sharedllm.batch.answer", (job_id, i), immutable=True),
+            )
+            for i, doc in enumerate(documents)
+            if doc.error is None
+        ]
+        if chains:
+            group(chains, app=self.app).apply_async()
+        return job_id
+
+    def status(self, job_id: str) -> JobStatus:
+        return self.jobs.status(job_id)
+
+    def results(self, job_id: str) -> list[dict[str, Any]]:
+        """Per document: its name and state, then its result or its error."""
+        return [
+            {"document": d.name, "state": d.state, **(d.result or {}), **({"error": d.error} if d.error else {})}
+            for d in self.jobs.status(job_id).documents
+        ]
+
+    def cancel(self, job_id: str) -> JobStatus:
+        return self.jobs.cancel(job_id)

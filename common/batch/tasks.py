@@ -1,0 +1,157 @@
+"""The tasks of a batch job: compress, summarise and answer one document each.
+
+Every task is idempotent: it reads the document and what earlier deliveries saved from the job
+record, skips what is done, and records progress as it goes. So a redelivered task (its worker
+died) resumes rather than repeats, and a finished document is never processed again.
+Failures of one document are recorded on it and end its chain; the job goes on. Only a
+transient failure (a service or the store unavailable or full) is retried, with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from sharedllm.common.batch import summaries
+from sharedllm.common.batch.app import app, settings_of
+from sharedllm.common.batch.backends import Backend, DocumentFailed, Transient
+from sharedllm.common.batch.jobs import DocumentStatus, JobSpec, JobStore
+from sharedllm.common.engine.params import SamplingParams
+
+log = logging.getLogger(__name__)
+_backend_factory: Callable[[], Backend] | None = None
+_backend: Backend | None = None
+
+
+class Cancelled(Exception):
+    """The job was cancelled while this document was being worked on."""
+
+
+def use_backend(factory: Callable[[], Backend]) -> None:
+    """Set how this worker process reaches the model (called before the worker starts)."""
+    global _backend_factory, _backend
+    _backend_factory, _backend = factory, None
+
+
+def backend() -> Backend:
+    global _backend
+    if _backend is None:
+        if _backend_factory is None:
+            raise RuntimeError("no backend: start workers with `sharedllm worker`")
+        _backend = _backend_factory()
+    return _backend
+
+
+def job_store() -> JobStore:
+    return JobStore.from_url(settings_of(app).broker_url)
+
+
+def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobStore, DocumentStatus], None]) -> None:
+    """One stage of one document, with the job's bookkeeping around it."""
+    store = job_store()
+    doc = store.begin(job_id, index, stage)
+    if doc is None:
+        return  # finished already (a redelivery after the work was done), or cancelled
+    settings = settings_of(app)
+    deliveries = store.count_delivery(job_id, index, stage, task.request.retries)
+    if deliveries > settings.max_deliveries:
+        store.finish(job_id, index, "failed", error=f"{stage} was delivered {deliveries - 1} times without finishing")
+        return
+    started = time.perf_counter()
+    try:
+        work(store, doc)
+    except Transient as exc:
+        if task.request.retries >= settings.max_retries:
+            store.finish(job_id, index, "failed", error=f"{stage}: gave up after {settings.max_retries} retries: {exc}")
+            return
+        log.warning("document %d of job %s: %s; retrying", index, job_id, exc)
+        raise task.retry(exc=exc, countdown=min(2 ** (task.request.retries + 1), 60)) from None
+    except DocumentFailed as exc:
+        store.finish(job_id, index, "failed", error=f"{stage}: {exc}")
+    except Cancelled:
+        store.finish(job_id, index, "cancelled", error="the job was cancelled")
+    except SoftTimeLimitExceeded:
+        store.finish(job_id, index, "failed", error=f"{stage} took longer than {settings.soft_time_limit_s} s")
+    finally:
+        store.add_timing(job_id, index, f"{stage}_s", time.perf_counter() - started)
+
+
+def _params(store: JobStore, job_id: str) -> tuple[SamplingParams, JobSpec]:
+    spec = store.spec(job_id)
+    return SamplingParams(max_new_tokens=spec.max_new_tokens, seed=spec.seed, repetition_penalty=1.1), spec
+
+
+@app.task(name="sharedllm.batch.compress", bind=True)
+def compress(self: Task, job_id: str, index: int) -> None:
+    def work(store: JobStore, doc: DocumentStatus) -> None:
+        stored = backend().ensure_context(store.text(job_id, index))
+        store.update(
+            job_id, index, context_id=stored.context_id, reused_context=stored.reused, document_tokens=stored.tokens
+        )
+
+    _run(self, job_id, index, "compressing", work)
+
+
+@app.task(name="sharedllm.batch.summarize", bind=True)
+def summarize(self: Task, job_id: str, index: int) -> None:
+    def work(store: JobStore, doc: DocumentStatus) -> None:
+        params, spec = _params(store, job_id)
+        if not spec.summarize or store.partial(job_id, index, "summary"):
+            return
+        text, context_id = store.text(job_id, index), _context_of(doc)
+
+        def saved(notes: list[str], total: int) -> None:
+            store.save_partial(job_id, index, "sections", notes)
+            store.update(job_id, index, progress=len(notes), total=total)
+            if store.cancelled(job_id):
+                raise Cancelled
+
+        summary, _ = summaries.summarize(
+            text,
+            lambda prompt: backend().generate(context_id, prompt, params, evidence_tokens=0),
+            spec.instruction,
+            done=store.partial(job_id, index, "sections"),
+            on_section=saved,
+            max_chars=spec.section_chars,
+        )
+        store.save_partial(job_id, index, "summary", [summary])
+
+    _run(self, job_id, index, "summarizing", work)
+
+
+@app.task(name="sharedllm.batch.answer", bind=True)
+def answer(self: Task, job_id: str, index: int) -> None:
+    """Answer the job's questions, then record the document's result: the last stage."""
+
+    def work(store: JobStore, doc: DocumentStatus) -> None:
+        params, spec = _params(store, job_id)
+        context_id = _context_of(doc)
+        answers = store.partial(job_id, index, "answers")
+        for question in spec.questions[len(answers) :]:
+            if store.cancelled(job_id):
+                raise Cancelled
+            answers.append(backend().generate(context_id, question, params).strip())
+            store.save_partial(job_id, index, "answers", answers)
+            store.update(job_id, index, progress=len(answers), total=len(spec.questions))
+        summary = store.partial(job_id, index, "summary")
+        result = {
+            "context_id": context_id,
+            "reused_context": doc.reused_context,
+            "document_tokens": doc.document_tokens,
+            "summary": summary[0] if summary else None,
+            "section_summaries": store.partial(job_id, index, "sections"),
+            "answers": [{"question": q, "answer": a} for q, a in zip(spec.questions, answers, strict=True)],
+        }
+        store.finish(job_id, index, "done", result=result)
+
+    _run(self, job_id, index, "answering", work)
+
+
+def _context_of(doc: DocumentStatus) -> str:
+    if doc.context_id is None:
+        raise DocumentFailed("the document has no stored context (its compression did not finish)")
+    return doc.context_id

@@ -1,0 +1,100 @@
+"""`sharedllm worker`: a Celery worker for batch jobs, with the model in it or on the services.
+
+    sharedllm worker --embedded                                    # one machine: Redis + this
+    sharedllm worker --compressor HOST:50051 --decoder HOST:50052  # a thin client of the services
+    sharedllm worker --embedded -- --concurrency 1 --loglevel DEBUG  # after --: Celery's own options
+
+The worker runs Celery's own worker (`celery worker`) on the batch app: one task at a time per
+process (the solo pool, unless Celery options say otherwise), both queues unless `--queues`.
+Every flag can also be set as SHAREDLLM_<FLAG>.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sharedllm.cli.batch import add_broker_argument
+from sharedllm.cli.options import ModelArguments
+from sharedllm.cli.server_options import apply_env_defaults
+from sharedllm.common.batch.app import COMPRESS_QUEUE, GENERATE_QUEUE, BatchSettings
+
+MODEL = ModelArguments()
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text, description=__doc__.split("\n")[0])
+    mode = parser.add_argument_group("where the model runs (one of)")
+    mode.add_argument("--embedded", action="store_true", help="load the model in this worker")
+    mode.add_argument("--compressor", help="HOST:PORT of the compressor service")
+    mode.add_argument("--decoder", help="HOST:PORT of the decoder service")
+    mode.add_argument("--api-key", help="API key for the services")
+    embedded = parser.add_argument_group("embedded mode")
+    MODEL.add_arguments(embedded)
+    embedded.add_argument("--store-url", help="where contexts are stored (default: the broker's Redis)")
+    embedded.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    work = parser.add_argument_group("jobs")
+    add_broker_argument(work)
+    d = BatchSettings()
+    work.add_argument("--queues", default=f"{COMPRESS_QUEUE},{GENERATE_QUEUE}", help="queues to take tasks from")
+    work.add_argument("--soft-time-limit-s", type=int, default=d.soft_time_limit_s, help="a task is asked to stop")
+    work.add_argument("--time-limit-s", type=int, default=d.time_limit_s, help="a task is killed")
+    work.add_argument(
+        "--visibility-timeout-s", type=int, default=d.visibility_timeout_s, help="an unacknowledged task returns"
+    )
+    work.add_argument("--max-retries", type=int, default=d.max_retries, help="on an unavailable or full service")
+    work.add_argument("--max-deliveries", type=int, default=d.max_deliveries, help="of a task whose worker died")
+    work.add_argument("--loglevel", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("celery_args", nargs=argparse.REMAINDER, help="after --: options of `celery worker`")
+    apply_env_defaults(parser)
+    parser.set_defaults(handler=run_worker)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from sharedllm.common.batch import tasks
+    from sharedllm.common.batch.app import app, configure
+    from sharedllm.common.errors import InvalidInput
+
+    remote = args.compressor or args.decoder
+    if args.embedded == bool(remote) or (remote and not (args.compressor and args.decoder)):
+        raise InvalidInput("choose --embedded, or both --compressor and --decoder")
+    try:
+        settings = BatchSettings(
+            broker_url=args.broker_url,
+            soft_time_limit_s=args.soft_time_limit_s,
+            time_limit_s=args.time_limit_s,
+            visibility_timeout_s=args.visibility_timeout_s,
+            max_retries=args.max_retries,
+            max_deliveries=args.max_deliveries,
+        )
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    configure(app, settings)
+    if args.embedded:
+        choice, store_url, threads = MODEL.from_args(args), args.store_url or args.broker_url, args.torch_threads
+        tasks.use_backend(lambda: _embedded_backend(choice, store_url, threads))
+    else:
+        tasks.use_backend(lambda: _remote_backend(args.compressor, args.decoder, args.api_key))
+    tasks.backend()  # load the model (or dial the services) now: a bad flag fails at start, not on a task
+    celery_args = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
+    argv = ["worker", "--pool", "solo", "--queues", args.queues, "--loglevel", args.loglevel]
+    argv += ["--without-gossip", "--without-mingle", *celery_args]
+    app.worker_main(argv)
+    return 0
+
+
+def _embedded_backend(choice, store_url: str, threads: int | None):
+    import torch
+
+    from sharedllm.common.batch.backends import EmbeddedBackend
+    from sharedllm.common.runtime import ContextRuntime
+    from sharedllm.common.store import open_store
+
+    if threads:
+        torch.set_num_threads(threads)
+    return EmbeddedBackend(ContextRuntime(choice.load(), open_store(store_url)))
+
+
+def _remote_backend(compressor: str, decoder: str, api_key: str | None):
+    from sharedllm.common.batch.backends import RemoteBackend
+
+    return RemoteBackend(compressor, decoder, api_key)

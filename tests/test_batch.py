@@ -1,0 +1,255 @@
+"""Batch jobs on Celery, against a real redis-server, real worker processes and real gRPC services.
+
+The worker processes run `sharedllm worker` exactly as a user starts it, on the tiny model, with
+short time limits and visibility timeouts so that a killed worker's task comes back in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from grpc_stack import SERVING, EventLoopThread, InProcessServer, server_config, wait_for_health
+
+from sharedllm.cli import main
+from sharedllm.common.batch import summaries
+from sharedllm.common.batch.client import BatchClient, read_documents
+from sharedllm.common.batch.grounding import Vocabulary, grounded
+from sharedllm.common.batch.jobs import DocumentInput, JobNotFound, JobSpec, JobStore
+from sharedllm.common.errors import InvalidInput
+from sharedllm.common.evaluation.summary import check_summary
+from sharedllm.compressor_service.server import SPEC as COMPRESSOR
+from sharedllm.decoder_service.server import SPEC as DECODER
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = JobSpec(instruction=None, questions=("Who is Naomi?",), max_new_tokens=6, seed=3, section_chars=400)
+PARAGRAPH = (
+    "Naomi went with Ruth to Bethlehem in the days when the judges ruled. Boaz saw Ruth in the field "
+    "and spoke kindly to her. The elders sat at the gate and the women praised the child. "
+)
+
+
+def document(n: int, paragraphs: int = 3) -> str:
+    return "\n\n".join(f"Part {n}.{p}. " + PARAGRAPH * 2 for p in range(paragraphs))
+
+
+@pytest.fixture
+def docs(tmp_path) -> list[Path]:
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"doc{i}.txt"
+        path.write_text(document(i), encoding="utf-8")
+        paths.append(path)
+    (tmp_path / "binary.dat").write_bytes(b"\x00\x01\x02 not text")
+    return [*paths, tmp_path / "binary.dat"]
+
+
+@contextmanager
+def worker(broker: str, log: Path, *mode: str, visibility_s: int = 30, limit_s: int = 20) -> Iterator[subprocess.Popen]:
+    """`sharedllm worker` in its own process; stopped (or found killed) at the end."""
+    command = [sys.executable, "-m", "sharedllm", "worker", *mode, "--broker-url", broker, "--torch-threads", "1"]
+    command += ["--soft-time-limit-s", str(limit_s - 1), "--time-limit-s", str(limit_s)]
+    command += ["--visibility-timeout-s", str(visibility_s), "--loglevel", "WARNING"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with log.open("a") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def embedded(tiny_model_dir: Path, tiny_adapter: Path) -> tuple[str, ...]:
+    return ("--embedded", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter))
+
+
+def wait_for(client: BatchClient, job_id: str, log: Path, timeout: float = 240.0, states=("done", "done_with_errors")):
+    deadline = time.monotonic() + timeout
+    while (status := client.status(job_id)).state not in states:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {status.state} after {timeout} s; worker log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return status
+
+
+def comparable(results: list[dict]) -> list[tuple]:
+    return [(r["state"], r.get("summary"), r.get("section_summaries"), r.get("answers")) for r in results]
+
+
+# ---- units -------------------------------------------------------------------------------
+
+
+def test_sections_cut_between_paragraphs_then_sentences_and_cover_the_text():
+    text = "\n\n".join(f"Paragraph {i}. " + "A sentence here. " * 20 for i in range(6))
+    parts = summaries.sections(text, 800)
+    assert all(0 < len(p) <= 800 for p in parts) and len(parts) > 1
+    assert " ".join(" ".join(parts).split()) == " ".join(text.split())  # nothing lost, nothing added
+    assert all(p.endswith(".") for p in parts)  # never cut inside a sentence when one ends in reach
+    with pytest.raises(ValueError):
+        summaries.sections(text, 10)
+
+
+def test_grounding_drops_invented_names_loops_other_scripts_repeats_and_cut_sentences():
+    vocabulary = Vocabulary.of("Naomi went with Ruth to Bethlehem. The elders praised the child of Boaz.")
+    summary = (
+        "Naomi and Ruth went to Bethlehem. Tophusa argued with Boaz. The son of Boaz, the son of Boaz, "
+        "the son of Boaz, the son of Boaz. Naomi and Ruth went to Bethlehem. \u05db\u05bc\u05dc\u05d5\u05b9 "
+        "appears. The elders praised the child. Then Ruth"
+    )
+    assert grounded(summary, vocabulary) == "Naomi and Ruth went to Bethlehem. The elders praised the child."
+
+
+def test_summary_check_counts_the_documents_names_and_finds_invented_ones():
+    text = "Naomi spoke. Ruth answered Naomi. Boaz came from Bethlehem. The reapers sang. " * 3
+    check = check_summary(text, "Naomi and Ruth met Zephath near the reapers. Summary of it.")
+    assert set(check.names) == {"Naomi", "Ruth", "Boaz", "Bethlehem"}  # "The" is written lower case too
+    assert set(check.mentioned) == {"Naomi", "Ruth"} and check.invented == ("Zephath",)
+
+
+def test_documents_that_cannot_be_processed_fail_alone(tmp_path):
+    (tmp_path / "ok.txt").write_text("Some text.")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "big.txt").write_text("x" * 300)
+    read = {Path(d.name).name: d for d in read_documents([tmp_path, tmp_path / "missing.txt"], max_bytes=200)}
+    assert read["ok.txt"].text == "Some text." and read["ok.txt"].error is None
+    assert read["empty.txt"].error == "empty"
+    assert "not UTF-8" in read["latin1.txt"].error
+    assert "limit is 200" in read["big.txt"].error
+    assert "cannot read" in read["missing.txt"].error
+
+
+def test_a_document_finishes_once(redis_server):
+    store = JobStore.from_url(redis_server.url)
+    documents = [DocumentInput("a", "text"), DocumentInput("b", "text"), DocumentInput("c", None, "empty")]
+    job = store.create(SPEC, documents)
+    assert store.status(job).finished == 1  # the broken one failed at submission
+    assert store.finish(job, 0, "done", result={"summary": "x"}) is True
+    assert store.finish(job, 0, "done", result={"summary": "y"}) is False  # a redelivered task got there too
+    assert store.status(job).state == "queued"
+    store.finish(job, 1, "failed", error="boom")
+    status = store.status(job)
+    assert status.state == "done_with_errors" and status.finished == 3
+    assert status.documents[0].result == {"summary": "x"}
+    with pytest.raises(JobNotFound):
+        store.status("no-such-job")
+    with pytest.raises(InvalidInput, match="needs at least one question"):
+        JobSpec(None, (), summarize=False)
+
+
+# ---- real workers ------------------------------------------------------------------------
+
+
+def test_jobs_complete_embedded_and_over_grpc_with_the_same_results(
+    tiny_model_dir, tiny_adapter, make_redis_server, docs, tmp_path
+):
+    redis = make_redis_server()
+    client = BatchClient(redis.url)
+    log = tmp_path / "worker.log"
+    with worker(redis.url, log, *embedded(tiny_model_dir, tiny_adapter)):
+        job = client.submit(read_documents(docs), SPEC)
+        status = wait_for(client, job, log)
+    assert status.state == "done_with_errors"  # the binary file failed alone
+    results = client.results(job)
+    assert [r["state"] for r in results] == ["done", "done", "done", "failed"]
+    assert "binary" in results[3]["error"]
+    for path, result in zip(docs, results[:3], strict=False):
+        notes = result["section_summaries"]
+        assert len(notes) == len(summaries.sections(path.read_text(), SPEC.section_chars)) > 1
+        assert isinstance(result["summary"], str) and result["answers"][0]["question"] == SPEC.questions[0]
+        assert result["reused_context"] is False and result["document_tokens"] > 0
+
+    # The same documents through the gRPC services and a worker that only sends requests.
+    loop = EventLoopThread()
+    try:
+        flags = ("--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--store-url", redis.url)
+        config = server_config(*flags)
+        with InProcessServer(loop, COMPRESSOR, config) as c, InProcessServer(loop, DECODER, config) as d:
+            for server in (c, d):
+                wait_for_health(server.target, SERVING)
+            with worker(redis.url, log, "--compressor", c.target, "--decoder", d.target):
+                remote_job = client.submit(read_documents(docs), SPEC)
+                wait_for(client, remote_job, log)
+    finally:
+        loop.close()
+    assert comparable(client.results(remote_job)) == comparable(results)
+
+
+def test_a_killed_worker_loses_nothing_and_repeats_nothing(tiny_model_dir, tiny_adapter, make_redis_server, tmp_path):
+    redis = make_redis_server()
+    client = BatchClient(redis.url)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"long{i}.txt")
+        paths[-1].write_text(document(10 + i, paragraphs=8), encoding="utf-8")
+    log = tmp_path / "worker.log"
+    mode = embedded(tiny_model_dir, tiny_adapter)
+    with worker(redis.url, log, *mode, visibility_s=6, limit_s=5) as first:
+        job = client.submit(read_documents(paths), SPEC)
+        deadline = time.monotonic() + 120
+        while not any(d.state == "summarizing" and d.progress >= 1 for d in client.status(job).documents):
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)  # in the middle of a document's sections
+        first.wait(10)
+    interrupted = next(d for d in client.status(job).documents if d.state == "summarizing")
+    with worker(redis.url, log, *mode, visibility_s=6, limit_s=5):
+        status = wait_for(client, job, log)
+    assert status.state == "done" and status.finished == 3
+    again = status.documents[interrupted.index]
+    assert again.attempts > interrupted.attempts  # its task was delivered again, and resumed
+
+    # Every document once, and as an uninterrupted run makes it.
+    with worker(redis.url, log, *mode):
+        fresh = client.submit(read_documents(paths), SPEC)
+        wait_for(client, fresh, log)
+    assert comparable(client.results(job)) == comparable(client.results(fresh))
+    assert all(r["reused_context"] for r in client.results(fresh))  # resubmitted: nothing compressed again
+
+
+def test_cancel_stops_what_is_left_and_resubmitting_reuses_contexts(
+    tiny_model_dir, tiny_adapter, make_redis_server, docs, tmp_path, capsys
+):
+    redis = make_redis_server()
+    client = BatchClient(redis.url)
+    readable = docs[:3]
+    job = client.submit(read_documents(readable), SPEC)  # no worker yet: everything waits
+    assert main(["batch", "cancel", job, "--broker-url", redis.url, "--json"]) == 0
+    cancelled = json.loads(capsys.readouterr().out)
+    assert cancelled["state"] == "cancelled" and {d["state"] for d in cancelled["documents"]} == {"cancelled"}
+
+    log = tmp_path / "worker.log"
+    with worker(redis.url, log, *embedded(tiny_model_dir, tiny_adapter)):
+        done = client.submit(read_documents(readable), SPEC)
+        wait_for(client, done, log)
+        contexts = len(redis.client().keys("sllm:*:manifest"))
+        again = client.submit(read_documents(readable), SPEC)
+        wait_for(client, again, log)
+    assert client.status(job).state == "cancelled"  # its tasks came up after the cancel and did nothing
+    assert [r["state"] for r in client.results(job)] == ["cancelled"] * 3
+    assert [r["reused_context"] for r in client.results(done)] == [False] * 3
+    assert [r["reused_context"] for r in client.results(again)] == [True] * 3
+    assert len(redis.client().keys("sllm:*:manifest")) == contexts > 0  # no second copy stored
+
+    assert main(["batch", "results", again, "--broker-url", redis.url, "--out", str(tmp_path / "out")]) == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["0000-doc0.txt.txt", "0001-doc1.txt.txt", "0002-doc2.txt.txt", "results.json"]
+
+
+def test_an_unknown_job_is_a_clear_error(redis_server, capsys):
+    assert main(["batch", "status", "no-such-job", "--broker-url", redis_server.url]) == 2
+    assert "no job 'no-such-job'" in capsys.readouterr().err
