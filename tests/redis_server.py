@@ -46,10 +46,14 @@ class TlsFiles:
         return cls(cert, key)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(highest: int = 65535) -> int:
+    """A free loopback port, at most `highest` (the kernel's choice when that is no limit)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port <= highest:
+            return port
 
 
 def _die_with_parent() -> None:
@@ -67,12 +71,16 @@ class RedisServer:
         appendonly: bool = False,
         password: str | None = None,
         tls: TlsFiles | None = None,
+        cluster: bool = False,
     ) -> None:
         self.directory = directory
         self.appendonly = appendonly
+        self.cluster = cluster
+        self.bus_port = free_port()  # a cluster's node-to-node port (default port + 10000 may be taken)
         self.password = password
         self.tls = tls
-        self.port = free_port()
+        # Redis 7.0 refuses a cluster node above 55535 (it would put its bus port 10000 higher).
+        self.port = free_port(55535 if cluster else 65535)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -97,6 +105,15 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.cluster:
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]
         if self.tls:
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
             args += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
@@ -150,3 +167,57 @@ class RedisServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class RedisClusterServers:
+    """A real Redis Cluster of `masters` primaries on loopback, made with `redis-cli --cluster create`."""
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        self.nodes = []
+        for i in range(masters):
+            (directory / f"node{i}").mkdir(parents=True, exist_ok=True)
+            self.nodes.append(RedisServer(directory / f"node{i}", cluster=True))
+
+    def url(self, node: int = 0) -> str:
+        """The store URL through one node (the client learns the others from it)."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[node].port}"
+
+    def _cli(self, *args: str, timeout: float = 120.0) -> str:
+        done = subprocess.run(["redis-cli", *args], capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli {' '.join(args)} failed: {done.stdout[-1500:]} {done.stderr[-1500:]}")
+        return done.stdout
+
+    def node_id(self, node: int) -> str:
+        return self.nodes[node].client().execute_command("CLUSTER", "MYID").decode()
+
+    def slots_of(self, node: int) -> int:
+        """How many hash slots `node` serves."""
+        for line in self.nodes[node].client().execute_command("CLUSTER", "NODES").decode().splitlines():
+            fields = line.split()
+            if "myself" in fields[2]:
+                return sum(int(b) - int(a) + 1 for a, _, b in (r.partition("-") for r in fields[8:] if "[" not in r))
+        return 0
+
+    def reshard(self, source: int, target: int, slots: int) -> None:
+        """Move `slots` hash slots (and their keys) from one primary to another, as an operator does."""
+        self._cli(
+            "--cluster", "reshard", f"127.0.0.1:{self.nodes[0].port}",
+            "--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target),
+            "--cluster-slots", str(slots), "--cluster-yes", "--cluster-pipeline", "10",
+        )  # fmt: skip
+
+    def __enter__(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        self._cli("--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-yes")
+        deadline = time.monotonic() + 30
+        while not all(b"cluster_state:ok" in n.client().execute_command("CLUSTER", "INFO") for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not become ready within 30 s")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for node in self.nodes:
+            node.stop()

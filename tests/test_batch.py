@@ -57,7 +57,7 @@ def worker(broker: str, log: Path, *mode: str, visibility_s: int = 30, limit_s: 
     """`sharedllm worker` in its own process; stopped (or found killed) at the end."""
     command = [sys.executable, "-m", "sharedllm", "worker", *mode, "--broker-url", broker, "--torch-threads", "1"]
     command += ["--soft-time-limit-s", str(limit_s - 1), "--time-limit-s", str(limit_s)]
-    command += ["--visibility-timeout-s", str(visibility_s), "--loglevel", "WARNING"]
+    command += ["--visibility-timeout-s", str(visibility_s), "--log-level", "WARNING"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with log.open("a") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)

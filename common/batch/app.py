@@ -81,7 +81,10 @@ def configure(app: Celery, settings: BatchSettings) -> None:
         task_queues=tuple(Queue(q, Exchange(q, "direct"), routing_key=q) for q in (COMPRESS_QUEUE, GENERATE_QUEUE)),
         task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
         task_default_queue=GENERATE_QUEUE,
-        task_track_started=True,  # task states for Flower; a document's progress and results live in jobs.py
+        # Task states and events for Flower; a document's progress and results live in jobs.py.
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )

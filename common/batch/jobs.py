@@ -7,7 +7,7 @@ write is one Redis command or one transaction, a document reaches a terminal sta
 document's partial work (its context id, the summaries of the sections done) survives a crash
 so the redelivered task resumes instead of starting over.
 
-Keys (one job; all expire together, `ttl_s` after the job's last write):
+Keys (one job; all expire together, `ttl_s` after submission: 7 days by default):
     sharedllm:batch:{job}            hash: spec, state, created/finished times, counts, cancelled
     sharedllm:batch:{job}:doc:{i}    hash: name, state, stage, progress, attempts, context id, partial
                                      work, result, error, timings

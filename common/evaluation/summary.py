@@ -111,6 +111,7 @@ def evaluate_summaries(
         suffix = f"\n\n{SECTION_INSTRUCTION}"
         room = min(baseline_tokens, engine.window) - max_new_tokens - len(engine.prompt_ids(suffix)) - 16
         head = engine.tokenizer.decode(engine.tokenizer(doc.text, add_special_tokens=False)["input_ids"][:room])
+        head = head[: engine.limits.max_prompt_chars - len(suffix)]  # and what a prompt may hold
         plan = QuestionPlan(engine.prompt_ids(head + suffix))
         baseline = run_to_end(engine.decode(plan, params)).text.strip()
         rows.append(

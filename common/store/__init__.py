@@ -31,13 +31,17 @@ from sharedllm.common.store.redis_store import RedisStore
 
 
 def open_store(url: str = "memory://") -> ContextStore:
-    """A store from its URL: memory://[?max_bytes=N], redis://..., rediss://... (TLS)."""
+    """A store from its URL: memory://[?max_bytes=N], redis://..., rediss://... (TLS),
+    redis+cluster://... or rediss+cluster://... (a Redis Cluster, any one of its nodes)."""
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme == "memory":
         return MemoryStore.from_url(url)
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         return RedisStore(url)
-    raise InvalidInput(f"store URL must start with memory://, redis:// or rediss://, got scheme {scheme!r}")
+    raise InvalidInput(
+        f"store URL must start with memory://, redis://, rediss://, redis+cluster:// or rediss+cluster://, "
+        f"got scheme {scheme!r}"
+    )
 
 
 __all__ = [

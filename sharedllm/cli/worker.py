@@ -2,7 +2,7 @@
 
     sharedllm worker --embedded                                    # one machine: Redis + this
     sharedllm worker --compressor HOST:50051 --decoder HOST:50052  # a thin client of the services
-    sharedllm worker --embedded -- --concurrency 1 --loglevel DEBUG  # after --: Celery's own options
+    sharedllm worker --embedded -- --hostname gpu1@%h --max-tasks-per-child 50  # after --: Celery's options
 
 The worker runs Celery's own worker (`celery worker`) on the batch app: one task at a time per
 process (the solo pool, unless Celery options say otherwise), both queues unless `--queues`.
@@ -43,7 +43,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     )
     work.add_argument("--max-retries", type=int, default=d.max_retries, help="on an unavailable or full service")
     work.add_argument("--max-deliveries", type=int, default=d.max_deliveries, help="of a task whose worker died")
-    work.add_argument("--loglevel", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    work.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.add_argument("celery_args", nargs=argparse.REMAINDER, help="after --: options of `celery worker`")
     apply_env_defaults(parser)
     parser.set_defaults(handler=run_worker)
@@ -76,7 +76,7 @@ def run_worker(args: argparse.Namespace) -> int:
         tasks.use_backend(lambda: _remote_backend(args.compressor, args.decoder, args.api_key))
     tasks.backend()  # load the model (or dial the services) now: a bad flag fails at start, not on a task
     celery_args = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
-    argv = ["worker", "--pool", "solo", "--queues", args.queues, "--loglevel", args.loglevel]
+    argv = ["worker", "--pool", "solo", "--queues", args.queues, "--loglevel", args.log_level]
     argv += ["--without-gossip", "--without-mingle", *celery_args]
     app.worker_main(argv)
     return 0
