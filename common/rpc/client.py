@@ -6,6 +6,7 @@ dial the services the same way; what a call needs besides its request lives here
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -38,9 +39,41 @@ def call_metadata(api_key: str | None) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {api_key}")] if api_key else []
 
 
+# Replicas: calls spread round-robin over the addresses a target resolves to, and a call refused
+# with UNAVAILABLE (a replica stopping, restarting or still loading its model) is retried on
+# another, with backoff, before any response arrived. Streams too large to buffer are not retried.
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": "sharedllm.v1.CompressorService"}, {"service": "sharedllm.v1.DecoderService"}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+
+
+def channel_target(target: str) -> str:
+    """HOST:PORT, several IPv4 HOST:PORT joined by commas (replicas), or any gRPC target URI
+    (e.g. dns:///decoder.sharedllm.svc:50052, which resolves to every replica of a headless Service)."""
+    if "," in target and ":" in target and "://" not in target and not target.startswith(("ipv4:", "ipv6:")):
+        return "ipv4:" + target
+    return target
+
+
 def open_channel(target: str) -> grpc.Channel:
-    """A channel to HOST:PORT of a service."""
-    return grpc.insecure_channel(target)
+    """A channel to a service: one address or several replicas (channel_target)."""
+    return grpc.insecure_channel(
+        channel_target(target), options=[("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+    )
 
 
 def upload(
