@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from opentelemetry import trace
 
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.evidence import PassageIndex
@@ -30,6 +31,7 @@ from sharedllm.common.store import (
     validate_name,
 )
 from sharedllm.common.store.decoded_cache import DEFAULT_CACHE_BYTES, DecodedCache
+from sharedllm.common.telemetry import tracing
 
 ProgressFn = Callable[[int, int], None]
 WARM_UP_TEXT = "A short text that runs every part of the model once before the first request."
@@ -115,7 +117,8 @@ class ContextRuntime:
 
     def compress_text(self, text: str, **kwargs) -> CompressOutcome:
         started = time.perf_counter()
-        ids = self.engine.tokenize_document(text)
+        with tracing.span("tokenize", characters=len(text)):
+            ids = self.engine.tokenize_document(text)
         tokenized = time.perf_counter() - started
         outcome = self.compress_ids(ids, **kwargs)
         timings = dataclasses.replace(
@@ -141,32 +144,38 @@ class ContextRuntime:
         if context_id is not None:
             validate_name(context_id, "context id")
         self.engine.check_token_ids(token_ids)
-        compressed = self.engine.compress(token_ids, progress)
-        t_store = time.perf_counter()
-        encoded = encode(
-            compressed.tree,
-            fingerprints=self.fingerprints,
-            base_n_layers=self.engine.loaded.base_n_layers,
-            tenant=tenant,
-            source_sha256=source_digest(token_ids),
-            ttl_s=None if pin else self.default_ttl_s if ttl_s is None else ttl_s,
-        )
-        context_id = context_id or new_context_id()
-        self.store.put(context_id, encoded)
-        done = time.perf_counter()
-        report = storage_report(encoded.manifest, encoded.nbytes)
-        cfg = self.engine.adapter.config
-        entries = compressed.tree.n_chunks * cfg.selected_per_chunk * cfg.pool_size
-        return CompressOutcome(
-            context_id=context_id,
-            n_tokens=len(token_ids),
-            chunks=compressed.tree.n_chunks,
-            stored_bytes=encoded.nbytes,
-            bytes_per_token=report.bytes_per_token,
-            kv_cache_ratio=report.kv_cache_ratio,
-            compression_ratio=len(token_ids) / max(1, min(entries, len(token_ids))),
-            timings=CompressTimings(compress_s=compressed.seconds, store_s=done - t_store, total_s=done - started),
-        )
+        with tracing.span("compress", tenant=tenant, tokens=len(token_ids)) as current:
+            with tracing.span("lower model and pooling", tokens=len(token_ids)):
+                compressed = self.engine.compress(token_ids, progress)
+            t_store = time.perf_counter()
+            encoded = encode(
+                compressed.tree,
+                fingerprints=self.fingerprints,
+                base_n_layers=self.engine.loaded.base_n_layers,
+                tenant=tenant,
+                source_sha256=source_digest(token_ids),
+                ttl_s=None if pin else self.default_ttl_s if ttl_s is None else ttl_s,
+            )
+            context_id = context_id or new_context_id()
+            with tracing.span("store write", bytes=encoded.nbytes):
+                self.store.put(context_id, encoded)
+            done = time.perf_counter()
+            current.set_attributes(
+                {"context_id": context_id, "chunks": compressed.tree.n_chunks, "bytes": encoded.nbytes}
+            )
+            report = storage_report(encoded.manifest, encoded.nbytes)
+            cfg = self.engine.adapter.config
+            entries = compressed.tree.n_chunks * cfg.selected_per_chunk * cfg.pool_size
+            return CompressOutcome(
+                context_id=context_id,
+                n_tokens=len(token_ids),
+                chunks=compressed.tree.n_chunks,
+                stored_bytes=encoded.nbytes,
+                bytes_per_token=report.bytes_per_token,
+                kv_cache_ratio=report.kv_cache_ratio,
+                compression_ratio=len(token_ids) / max(1, min(entries, len(token_ids))),
+                timings=CompressTimings(compress_s=compressed.seconds, store_s=done - t_store, total_s=done - started),
+            )
 
     def evidence_settings(self, tokens: int | None = None, mode: str | None = None) -> EvidenceSettings:
         """The runtime's evidence settings with a request's overrides, validated."""
@@ -192,41 +201,81 @@ class ContextRuntime:
         selects are fetched (by the decoder, through the StoredContext). evidence_tokens and
         evidence_mode override the runtime's evidence settings for this request (None: keep).
         """
-        started = time.perf_counter()
-        evidence = self.evidence_settings(evidence_tokens, evidence_mode)
-        self.engine.check_request(question, params)  # before any store read or TTL refresh
-        source = index = None
-        if context_id is not None:
-            source = self.store.open(context_id, self.fingerprints, tenant=tenant, cache=self.cache)
-        opened = time.perf_counter() - started
-        index_s = 0.0
-        if source is not None and evidence.tokens > 0 and self.passage_indexes is not None:
-            key = (tenant, source.index_digest, evidence.passage_tokens)
-            index = self.passage_indexes.get(key, lambda: self.engine.passage_index(source, evidence.passage_tokens))
-            index_s = time.perf_counter() - started - opened
-        first_token_s: float | None = None
-        events = self.engine.generate(source, question, params, retrieval=retrieval, evidence=evidence, index=index)
-        for event in events:
-            if isinstance(event, TokenDelta):
-                if first_token_s is None:
-                    first_token_s = time.perf_counter() - started
-                yield event
-                continue
-            # Times as the caller meets them: from the request's start, store reads included.
-            if first_token_s is None:  # the first token was EOS: nothing streamed before the end
-                first_token_s = time.perf_counter() - started
-            timings = dataclasses.replace(
-                event.timings,
-                context_open_s=opened,
-                evidence_s=event.timings.evidence_s + index_s,
-                time_to_first_token_s=first_token_s,
-            )
-            context = None
-            if source is not None:
-                context = ContextRead(
-                    tokens=sum(source.chunk_lengths),
-                    chunks=len(source.chunk_lengths),
-                    bytes_read=source.bytes_read,
-                    cached_nodes=source.cached_nodes,
+        with tracing.span("generate", tenant=tenant, context_id=context_id or "") as current:
+            started, started_ns = time.perf_counter(), tracing.now_ns()
+            evidence = self.evidence_settings(evidence_tokens, evidence_mode)
+            self.engine.check_request(question, params)  # before any store read or TTL refresh
+            source = index = None
+            if context_id is not None:
+                with tracing.span("context open"):
+                    source = self.store.open(context_id, self.fingerprints, tenant=tenant, cache=self.cache)
+                current.add_event(
+                    "context loaded", {"tokens": sum(source.chunk_lengths), "chunks": len(source.chunk_lengths)}
                 )
-            yield dataclasses.replace(event, timings=timings, context=context)
+            opened = time.perf_counter() - started
+            index_s = 0.0
+            if source is not None and evidence.tokens > 0 and self.passage_indexes is not None:
+                key = (tenant, source.index_digest, evidence.passage_tokens)
+                index = self.passage_indexes.get(
+                    key, lambda: self.engine.passage_index(source, evidence.passage_tokens)
+                )
+                index_s = time.perf_counter() - started - opened
+            first_token_s: float | None = None
+            events = self.engine.generate(source, question, params, retrieval=retrieval, evidence=evidence, index=index)
+            for event in events:
+                if isinstance(event, TokenDelta):
+                    if first_token_s is None:
+                        first_token_s = time.perf_counter() - started
+                        current.add_event("first token")
+                    yield event
+                    continue
+                # Times as the caller meets them: from the request's start, store reads included.
+                if first_token_s is None:  # the first token was EOS: nothing streamed before the end
+                    first_token_s = time.perf_counter() - started
+                timings = dataclasses.replace(
+                    event.timings,
+                    context_open_s=opened,
+                    evidence_s=event.timings.evidence_s + index_s,
+                    time_to_first_token_s=first_token_s,
+                )
+                context = None
+                if source is not None:
+                    context = ContextRead(
+                        tokens=sum(source.chunk_lengths),
+                        chunks=len(source.chunk_lengths),
+                        bytes_read=source.bytes_read,
+                        cached_nodes=source.cached_nodes,
+                    )
+                finished = dataclasses.replace(event, timings=timings, context=context)
+                _record(current, finished, started_ns + int(opened * 1e9))
+                yield finished
+
+
+def _record(current: trace.Span, finished: Finished, engine_start_ns: int) -> None:
+    """What an answer read and produced, on its span, and the engine's phases as child spans
+    (measured by the engine, laid end to end from when the context was open)."""
+    t = finished.timings
+    current.set_attributes(
+        {
+            "prompt_tokens": finished.prompt_tokens,
+            "completion_tokens": finished.completion_tokens,
+            "evidence_tokens": finished.evidence_tokens,
+            "finish_reason": finished.reason,
+            **(
+                {"bytes_read": finished.context.bytes_read, "cached_nodes": finished.context.cached_nodes}
+                if finished.context is not None
+                else {}
+            ),
+        }
+    )
+    tracing.phases(
+        engine_start_ns,
+        [
+            ("passage selection", t.evidence_s),
+            ("node selection", t.selection_s),
+            ("context load", t.context_load_s),
+            ("injection layout", max(0.0, t.prepare_s - t.selection_s - t.context_load_s)),
+            ("prefill", t.prefill_s),
+            ("decode", t.decode_s),
+        ],
+    )

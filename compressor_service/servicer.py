@@ -21,6 +21,7 @@ from sharedllm.common.rpc.server import ServerState
 from sharedllm.common.rpc.workers import ShouldStop, Stopped
 from sharedllm.common.runtime import CompressOutcome
 from sharedllm.common.store import ContextInfo
+from sharedllm.common.telemetry import metrics
 
 MAX_TTL_S = 366 * 24 * 3600.0
 
@@ -167,6 +168,7 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
             return runtime.compress_ids(document, progress=progress, **kwargs)
 
         outcome = await self._state.workers.call(work)
+        metrics.observe_compress(outcome.n_tokens, outcome.stored_bytes, outcome.timings)
         return compressed_context(outcome, time.perf_counter() - started)
 
     async def GetContext(

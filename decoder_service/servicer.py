@@ -20,6 +20,7 @@ from sharedllm.common.rpc.interceptor import current_tenant
 from sharedllm.common.rpc.server import ServerState
 from sharedllm.common.store.codec import tree_config_message
 from sharedllm.common.store.decoded_cache import CacheStats
+from sharedllm.common.telemetry import metrics
 
 FINISH_REASONS = {
     "eos": pb.FINISH_REASON_EOS,
@@ -124,6 +125,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 ids = [] if event.token_id is None else [event.token_id]
                 yield pb.GenerateResponse(text=event.text, token_ids=ids)
             else:
+                metrics.observe_generate(event)
                 yield last_message(event)
 
     async def GetServerInfo(

@@ -108,7 +108,7 @@ def test_grounding_drops_invented_names_loops_other_scripts_repeats_and_cut_sent
     summary = (
         "Naomi and Ruth went to Bethlehem. Tophusa argued with Boaz. The son of Boaz, the son of Boaz, "
         "the son of Boaz, the son of Boaz. Naomi and Ruth went to Bethlehem. \u05db\u05bc\u05dc\u05d5\u05b9 "
-        "appears. The elders praised the child. Then Ruth"
+        "appears. The elders praised the child. The elders greatly praised the child. Then Ruth"
     )
     assert grounded(summary, vocabulary) == "Naomi and Ruth went to Bethlehem. The elders praised the child."
 

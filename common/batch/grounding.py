@@ -7,7 +7,9 @@ checked against the document, and one that fails is dropped:
 - a name the document does not contain (a capitalised word that is neither a common English
   word nor a word the document writes in lower case, like "Tophusa" in a text about Elkanah);
 - a letter the document never uses (another script);
-- a phrase looping (one three-word sequence four times or more), or a repeat of an earlier sentence;
+- a phrase looping (one three-word sequence four times or more), or a near repeat of an earlier
+  sentence (most of its longer words already said: the model's "The family affairs were entirely
+  different... were wholly different... were completely different...");
 - an unfinished last sentence (the token budget ran out), when a finished one precedes it.
 """
 
@@ -24,6 +26,8 @@ CAPITALISED = re.compile(r"\b[A-Z][a-z]+(?:'[a-z]+)?\b")
 _LOWER_WORD = re.compile(r"\b[a-z]+\b")
 _SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+[\"')\]]*|$)")
 _LOOP_REPEATS = 4
+_LONG_WORD = re.compile(r"[a-z]{4,}")
+_REPEAT_SHARE = 0.7  # of the shorter sentence's longer words, already in one earlier sentence
 
 
 @cache
@@ -74,17 +78,23 @@ def _loops(sentence: str) -> bool:
     return bool(trigrams) and max(trigrams.values()) >= _LOOP_REPEATS
 
 
+def _repeats(words: set[str], earlier: list[set[str]]) -> bool:
+    return any(
+        len(words & other) >= _REPEAT_SHARE * min(len(words), len(other)) for other in earlier if other and words
+    )
+
+
 def grounded(summary: str, vocabulary: Vocabulary) -> str:
     """The summary without the sentences that fail the checks above (possibly empty)."""
     kept: list[str] = []
-    seen: set[str] = set()
+    said: list[set[str]] = []
     sentences = [s.strip() for s in _SENTENCE.findall(summary) if s.strip()]
     for i, sentence in enumerate(sentences):
-        key = " ".join(sentence.lower().split())
+        words = set(_LONG_WORD.findall(sentence.lower()))
         unfinished = i == len(sentences) - 1 and sentence[-1] not in ".!?\"')]" and kept
         foreign = any(c.isalpha() and c not in vocabulary.letters for c in sentence)
-        if unfinished or foreign or key in seen or _loops(sentence) or vocabulary.unknown_names(sentence):
+        if unfinished or foreign or _repeats(words, said) or _loops(sentence) or vocabulary.unknown_names(sentence):
             continue
-        seen.add(key)
+        said.append(words)
         kept.append(sentence)
     return " ".join(kept)

@@ -26,6 +26,7 @@ import redis
 
 from sharedllm.common.batch.summaries import SECTION_CHARS
 from sharedllm.common.errors import InvalidInput
+from sharedllm.common.telemetry import metrics
 
 PREFIX = "sharedllm:batch:"
 DEFAULT_TTL_S = 7 * 24 * 3600
@@ -219,6 +220,7 @@ class JobStore:
             raise ValueError(f"not a terminal state: {state}")
         if not self.client.hsetnx(self._doc(job_id, index), "terminal", 1):
             return False
+        metrics.DOCUMENTS.labels(state).inc()
         fields: dict[str, Any] = {"state": state, "finished": time.time()}
         if result is not None:
             fields["result"] = json.dumps(result)

@@ -8,9 +8,11 @@ of the context). Health and reflection pass through untouched, so probes need no
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 
 import grpc
@@ -18,6 +20,7 @@ import grpc
 from sharedllm.common.errors import SharedLLMError
 from sharedllm.common.rpc.auth import ApiKeys
 from sharedllm.common.rpc.errors import status_code
+from sharedllm.common.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +51,37 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _guard(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+        """Authenticate, map errors to statuses, and count, time and log the call (one line at INFO)."""
+        name = method.rsplit("/", 1)[-1]
+        started = time.perf_counter()
+        code, detail = grpc.StatusCode.OK, ""
+        metrics.IN_FLIGHT.labels(name).inc()
         try:
             _tenant.set(self._api_keys.tenant(context.invocation_metadata()))
             yield
         except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
             raise  # the servicer already chose a status
         except SharedLLMError as exc:
             code = status_code(exc)
-            log.info("%s -> %s: %s", method, code.name, exc)
+            detail = f": {exc}"
+            if code == grpc.StatusCode.DATA_LOSS:
+                metrics.INTEGRITY_FAILURES.inc()
             await context.abort(code, str(exc))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:
+            code = grpc.StatusCode.INTERNAL
             log.exception("%s failed with an unexpected error", method)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log")
+        finally:
+            seconds = time.perf_counter() - started
+            metrics.IN_FLIGHT.labels(name).dec()
+            metrics.REQUESTS.labels(name, code.name).inc()
+            metrics.REQUEST_SECONDS.labels(name).observe(seconds)
+            fields = {"method": name, "code": code.name, "seconds": round(seconds, 4)}
+            log.info("%s -> %s in %.3f s%s", method, code.name, seconds, detail, extra=fields)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The same handler with its behaviour run inside `_guard`, for each of the four kinds."""

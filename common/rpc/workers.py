@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sharedllm.common.errors import ResourceExhausted
+from sharedllm.common.telemetry import metrics
 
 T = TypeVar("T")
 ShouldStop = Callable[[], bool]
@@ -98,7 +101,14 @@ class WorkerPool:
         if self.active >= self.limit:
             raise ResourceExhausted(f"the server is at its limit of {self.limit} concurrent requests; retry later")
         loop = asyncio.get_running_loop()
-        work = self._executor.submit(fn, *args)
+        # The caller's context goes with the work (the request's tenant, its trace's current span).
+        queued = time.perf_counter()
+
+        def run() -> T:
+            metrics.QUEUE_SECONDS.observe(time.perf_counter() - queued)
+            return fn(*args)
+
+        work = self._executor.submit(contextvars.copy_context().run, run)
         self.active += 1
         self.started_total += 1
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from sharedllm.cli.evidence import format_evidence
+from sharedllm.cli.observability import client_trace
 from sharedllm.cli.options import EvidenceArguments, ModelArguments, SamplingArguments
 from sharedllm.common.engine.engine import SUMMARY_INSTRUCTION
 from sharedllm.common.engine.generation import run_to_end
@@ -32,6 +33,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     EVIDENCE.add_arguments(parser.add_argument_group("evidence"))
     parser.add_argument("--evidence", action="store_true", help="print the excerpts the answer read, under it")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    parser.add_argument("--trace", action="store_true", help="print this run's spans (phases and timings) on stderr")
     parser.set_defaults(handler=run_ask)
 
 
@@ -53,6 +55,11 @@ def read_document(path: Path) -> str:
 
 
 def run_ask(args: argparse.Namespace) -> int:
+    with client_trace(args.command, "console" if args.trace else None):
+        return _ask(args)
+
+
+def _ask(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     text = read_document(args.document)

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from sharedllm.cli.observability import client_trace
 from sharedllm.common.batch.client import BatchClient, read_documents
 from sharedllm.common.batch.jobs import TERMINAL, JobSpec, JobStatus
 
@@ -71,7 +72,8 @@ def run_submit(args: argparse.Namespace) -> int:
         section_chars=args.section_chars,
     )
     client = BatchClient(args.broker_url)
-    job_id = client.submit(read_documents(args.paths), spec)
+    with client_trace("batch submit", celery=True):
+        job_id = client.submit(read_documents(args.paths), spec)
     print(json.dumps(client.status(job_id).to_dict(), indent=2) if args.json else job_id)
     return 0
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from sharedllm.cli.evidence import format_evidence
+from sharedllm.cli.observability import client_trace
 from sharedllm.cli.options import ClientArguments, EvidenceArguments, SamplingArguments
 from sharedllm.common.engine.params import SAMPLING_FIELDS
 from sharedllm.common.engine.results import Passage
@@ -57,7 +58,12 @@ def run_compress(args: argparse.Namespace) -> int:
         options.context_id = args.context_id
     if args.ttl_s is not None:
         options.ttl_seconds = args.ttl_s
-    with args.document.open("rb") as document, open_channel(args.target) as channel, remote_errors():
+    with (
+        client_trace("compress"),
+        args.document.open("rb") as document,
+        open_channel(args.target) as channel,
+        remote_errors(),
+    ):
         stub = compressor_pb2_grpc.CompressorServiceStub(channel)
         context = stub.CompressStream(upload(options, document), **call_options(args)).context
     print(json.dumps(as_dict(context), indent=2) if args.json else context.context_id)
@@ -88,7 +94,7 @@ def run_generate(args: argparse.Namespace) -> int:
     text: list[str] = []
     token_ids: list[int] = []
     last = decoder_pb2.GenerateResponse()
-    with open_channel(args.target) as channel, remote_errors():
+    with client_trace("generate"), open_channel(args.target) as channel, remote_errors():
         for response in decoder_pb2_grpc.DecoderServiceStub(channel).Generate(request, **call_options(args)):
             if response.token_ids and first_token_s is None:
                 first_token_s = time.perf_counter() - started

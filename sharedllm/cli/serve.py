@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
+from sharedllm.cli import observability
 from sharedllm.cli.server_options import ServerArguments
 from sharedllm.common.rpc.server import ServiceSpec, serve
+from sharedllm.common.telemetry import tracing
 from sharedllm.compressor_service.server import SPEC as COMPRESSOR
 from sharedllm.decoder_service.server import SPEC as DECODER
 
@@ -30,9 +31,12 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
 
 def run_serve(args: argparse.Namespace) -> int:
     config = args.arguments.from_args(args)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    observability.start(args, f"sharedllm-{args.spec.name}", grpc_server=True)
     if config.torch_threads:
         import torch
 
         torch.set_num_threads(config.torch_threads)
-    return asyncio.run(serve(args.spec, config))
+    try:
+        return asyncio.run(serve(args.spec, config))
+    finally:
+        tracing.shutdown()

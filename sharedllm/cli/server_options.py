@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from sharedllm.cli.observability import ObservabilityArguments
 from sharedllm.cli.options import EvidenceArguments, ModelArguments
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.rpc.auth import ApiKeys
@@ -107,6 +108,7 @@ class ServerArguments:
         self.model.add_arguments(model)
         model.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's choice)")
         self.evidence.add_arguments(parser.add_argument_group("evidence (decoder defaults; requests may override)"))
+        ObservabilityArguments().add_arguments(parser.add_argument_group("telemetry"))
         apply_env_defaults(parser, environ)
 
     def from_args(self, args: argparse.Namespace) -> ServerConfig:

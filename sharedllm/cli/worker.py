@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 
+from sharedllm.cli import observability
 from sharedllm.cli.batch import add_broker_argument
+from sharedllm.cli.observability import ObservabilityArguments
 from sharedllm.cli.options import ModelArguments
 from sharedllm.cli.server_options import apply_env_defaults
 from sharedllm.common.batch.app import COMPRESS_QUEUE, GENERATE_QUEUE, BatchSettings
+from sharedllm.common.telemetry import tracing
 
 MODEL = ModelArguments()
 
@@ -44,6 +47,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     work.add_argument("--max-retries", type=int, default=d.max_retries, help="on an unavailable or full service")
     work.add_argument("--max-deliveries", type=int, default=d.max_deliveries, help="of a task whose worker died")
     work.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    ObservabilityArguments().add_arguments(parser.add_argument_group("telemetry"))
     parser.add_argument("celery_args", nargs=argparse.REMAINDER, help="after --: options of `celery worker`")
     apply_env_defaults(parser)
     parser.set_defaults(handler=run_worker)
@@ -69,6 +73,7 @@ def run_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     configure(app, settings)
+    observability.start(args, "sharedllm-worker", celery=True)
     if args.embedded:
         choice, store_url, threads = MODEL.from_args(args), args.store_url or args.broker_url, args.torch_threads
         tasks.use_backend(lambda: _embedded_backend(choice, store_url, threads))
@@ -78,7 +83,10 @@ def run_worker(args: argparse.Namespace) -> int:
     celery_args = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
     argv = ["worker", "--pool", "solo", "--queues", args.queues, "--loglevel", args.log_level]
     argv += ["--without-gossip", "--without-mingle", *celery_args]
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:
+        tracing.shutdown()
     return 0
 
 
