@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every figure the README reports, on this machine, in one go (not timed in one go; the quality runs of step 2 alone took about two hours on 2 CPU cores, step 5 about one hour).
+# Every figure the README reports, on this machine, in one go (not timed in one go; the quality runs of step 2 alone took about two hours on 2 CPU cores, step 5 about one hour, step 6 about 40 minutes).
 # Writes JSON, tables and plots under bench/results/. Run after `make setup` and `sharedllm data fetch`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,3 +90,18 @@ $BIN/sharedllm bench --threads 2 --repeats 1 --max-new-tokens 16 --lengths 32768
   --no-grpc --json "$EV/bench-32k.json" | tee "$EV/bench-32k.txt"
 $BIN/python bench/planted_codes.py --json "$EV/planted-codes.json" | tee "$EV/planted-codes.txt"
 $BIN/python bench/demo_questions.py --json "$EV/demo-questions.json" | tee "$EV/demo-questions.txt"
+
+# 6. Batch jobs (the Celery issue): summaries of the held-out narratives checked for names (the
+#    product against the base model on the first window), documents per minute of 32K-token
+#    documents with the embedded worker and with the services, and one decoder's questions per
+#    second for the capacity table.
+BA="$OUT/batch"
+mkdir -p "$BA"
+$BIN/sharedllm eval summary --json "$BA/summary.json" | tee "$BA/summary.txt"
+$BIN/python bench/batch_throughput.py --documents 2 --tokens 32768 --json "$BA/throughput.json" | tee "$BA/throughput.txt"
+$BIN/python bench/decoder_load.py --tokens 32768 --questions 16 --concurrency 1 2 4 \
+  --json "$BA/decoder_load.json" | tee "$BA/decoder_load.txt"
+
+# 7. Tracing (the observability issue): its cost on a repeat question, and one question's spans.
+mkdir -p "$OUT/telemetry"
+$BIN/python bench/trace_overhead.py --tokens 32768 --repeats 9 --out "$OUT/telemetry" | tee "$OUT/telemetry/overhead.txt"

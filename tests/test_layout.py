@@ -107,7 +107,7 @@ def test_help_starts_in_under_a_second():
     assert elapsed < 1.0, f"`sharedllm --help` took {elapsed:.2f} s"
 
 
-@pytest.mark.parametrize("command", ["--help", "generate", "compress", "data"])
+@pytest.mark.parametrize("command", ["--help", "generate", "compress", "data", "batch", "health"])
 def test_light_commands_do_not_load_torch(command):
     """The clients and `data` parse (and show their help) without torch or transformers."""
     argv = [command, "--help"] if command != "--help" else ["--help"]
