@@ -211,6 +211,16 @@ def test_repetition_penalty_and_stop_strings(tiny):
     assert len(set(penalised)) >= len(set(tokens))
 
 
+@pytest.mark.parametrize("temperature", [1e-38, 5e-324])
+def test_a_vanishing_temperature_samples_the_greedy_answer(tiny, temperature):
+    """Accepted by validation, so it must work: before, logits / 5e-324 overflowed to NaN
+    probabilities and the request ended in INTERNAL (found by a fuzzer)."""
+    engine = engine_for(tiny)
+    greedy, _ = collect(engine.generate(None, "Hi", SamplingParams(max_new_tokens=8)))
+    cold, _ = collect(engine.generate(None, "Hi", SamplingParams(max_new_tokens=8, temperature=temperature, seed=1)))
+    assert cold == greedy
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -222,6 +232,7 @@ def test_repetition_penalty_and_stop_strings(tiny):
         SamplingParams(top_p=1.5),
         SamplingParams(min_p=1.0),
         SamplingParams(repetition_penalty=0.0),
+        SamplingParams(repetition_penalty=1e-40, temperature=1.0),  # found by a fuzzer: INTERNAL before
         SamplingParams(stop=tuple(str(i) for i in range(17))),
         SamplingParams(stop=("",)),
     ],

@@ -126,16 +126,24 @@ def test_a_writer_that_dies_before_publishing_leaves_nothing_visible(store, clie
         raise redis.ConnectionError("the writer's connection dropped after staging its parts")
 
     monkeypatch.setattr(store, "_publish", die)
-    for context_id in ("doc-1", "doc-2"):
-        with pytest.raises(StoreUnavailable):
-            store.put(context_id, encode_tree(make_tree(seed=2), tenant=tenant))
+    published = set(context_keys(client, tenant))
+    with pytest.raises(StoreUnavailable):
+        store.put("doc-1", encode_tree(make_tree(seed=2), tenant=tenant))
+    assert set(context_keys(client, tenant)) == published  # the failed write removed what it staged
+
+    def unreachable(*_: object) -> None:
+        raise redis.ConnectionError("Redis went away before the writer could clean up")
+
+    monkeypatch.setattr(store._redis, "unlink", unreachable)
+    with pytest.raises(StoreUnavailable):
+        store.put("doc-2", encode_tree(make_tree(seed=2), tenant=tenant))
     monkeypatch.undo()
     _, nodes = fetch_tree(store, "doc-1", tenant)
     assert_same_nodes(nodes, old.fetch(ALL_NODES))
     with pytest.raises(ContextNotFound):
         store.open("doc-2", FP, tenant=tenant)
-    staged = {name: ttl for name, ttl in context_keys(client, tenant).items() if "doc-1}:manifest" not in name}
-    assert len(staged) == 3 * 19 and all(0 < ttl <= STAGING_TTL_MS + PART_MARGIN_MS for ttl in staged.values())
+    staged = {name: ttl for name, ttl in context_keys(client, tenant).items() if name not in published}
+    assert len(staged) == 19 and all(0 < ttl <= STAGING_TTL_MS for ttl in staged.values())  # gone in minutes
 
 
 def test_a_full_redis_refuses_the_write_and_keeps_the_previous_version(make_redis_server, tenant, make_tree):
@@ -145,8 +153,10 @@ def test_a_full_redis_refuses_the_write_and_keeps_the_previous_version(make_redi
         store.put("doc-1", encode_tree(old, tenant=tenant))
         used = client.info("memory")["used_memory"]
         client.config_set("maxmemory", used + 4096)  # room for a few parts, not for the whole tree
+        before = client.dbsize()
         with pytest.raises(ResourceExhausted, match="out of memory"):
             store.put("doc-1", encode_tree(new, tenant=tenant))
+        assert client.dbsize() == before  # nothing of the failed write stays to keep Redis full
         client.config_set("maxmemory", 0)
         _, nodes = fetch_tree(store, "doc-1", tenant)
         assert_same_nodes(nodes, old.fetch(ALL_NODES))

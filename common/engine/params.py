@@ -18,6 +18,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TOP_K = 1_000_000
 MAX_REPETITION_PENALTY = 10.0
+# Below this a penalty would divide logits by ~0 (overflow to inf, then NaN probabilities).
+MIN_REPETITION_PENALTY = 0.01
 # SamplingParams fields that travel as optional scalars of a GenerateRequest, under the same names.
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 
@@ -51,8 +53,9 @@ class SamplingParams:
             raise bad("top_p", "in (0, 1]", self.top_p)
         if not math.isfinite(self.min_p) or not 0.0 <= self.min_p < 1.0:
             raise bad("min_p", "in [0, 1)", self.min_p)
-        if not math.isfinite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise bad("repetition_penalty", f"in (0, {MAX_REPETITION_PENALTY}]", self.repetition_penalty)
+        penalty = self.repetition_penalty
+        if not math.isfinite(penalty) or not MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]", penalty)
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise bad("seed", "in [0, 2**63)", self.seed)
         if len(self.stop) > MAX_STOP_STRINGS:

@@ -28,7 +28,10 @@ class Sampler:
             logits = logits.scatter(0, seen, penalised)
         if p.temperature == 0:
             return int(logits.argmax())
-        logits = logits / p.temperature
+        # Shifted so the best logit is 0 before scaling, in float64 (a temperature of 5e-324 is 0 in
+        # float32): a tiny temperature then sends the others to -inf (probability 0) instead of every
+        # logit to +-inf (NaN probabilities), and sampling becomes greedy.
+        logits = (logits.double() - logits.max()) / p.temperature
         if p.top_k > 0 and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -55,7 +55,9 @@ from sharedllm.common.store.codec import EncodedContext
 
 log = logging.getLogger(__name__)
 
-STAGING_TTL_MS = 3_600_000  # parts of a generation whose writer died before publishing
+# Parts of a generation not yet published expire this soon: a writer that fails removes them at
+# once, and one that dies (or cannot reach Redis to clean up) leaves them only this long.
+STAGING_TTL_MS = 300_000
 PART_MARGIN_MS = 60_000  # parts outlive their manifest key by this much
 GRACE_MS = 60_000  # a replaced generation stays readable this long
 _GENERATION = re.compile(rb"[0-9a-f]{16}")
@@ -248,19 +250,31 @@ class RedisStore(ContextStore):
         keys, manifest, gen = _Keys.of(key), encoded.manifest, secrets.token_hex(8)
         parts = keys.parts(gen, manifest)
         with self._errors():
-            pipe = self._redis.pipeline(transaction=False)
-            for name, payload in zip(parts, (encoded.retrieval_keys, *encoded.nodes), strict=True):
-                pipe.set(name, payload, px=STAGING_TTL_MS)
-            pipe.execute()
-            old_gen, old_frame = self._publish(
-                keys=[keys.head, keys.retired, *parts],
-                args=[gen, encoded.manifest_frame, codec.lifetime_ms(manifest) or 0, PART_MARGIN_MS, GRACE_MS],
-            )
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for name, payload in zip(parts, (encoded.retrieval_keys, *encoded.nodes), strict=True):
+                    pipe.set(name, payload, px=STAGING_TTL_MS)
+                pipe.execute()
+                old_gen, old_frame = self._publish(
+                    keys=[keys.head, keys.retired, *parts],
+                    args=[gen, encoded.manifest_frame, codec.lifetime_ms(manifest) or 0, PART_MARGIN_MS, GRACE_MS],
+                )
+            except BaseException:
+                self._discard(parts)  # a full Redis must not stay full of a write that failed
+                raise
             if old_gen is not None and old_gen != gen.encode():
                 pipe = self._redis.pipeline(transaction=False)
                 for name in self._parts_of(keys, old_gen, old_frame):
                     pipe.pexpire(name, GRACE_MS)
                 pipe.execute()
+
+    def _discard(self, parts: list[str]) -> None:
+        """Remove what a failed write staged, best effort (what stays expires with STAGING_TTL_MS)."""
+        try:
+            self._redis.unlink(*parts)
+        except redis.RedisError as exc:
+            log.warning("could not remove %d staged parts of a failed write (%s); they expire within %d s",
+                        len(parts), exc, STAGING_TTL_MS // 1000)  # fmt: skip
 
     def _open(self, key: ContextKey) -> tuple[bytes, PartReader]:
         keys = _Keys.of(key)
