@@ -44,6 +44,7 @@ from sharedllm.common.engine.adapter import InjectionAdapter
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import Finished, TokenDelta
+from sharedllm.common.errors import ResourceExhausted
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as cpb
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as dpb
@@ -501,3 +502,26 @@ def test_real_model_over_grpc_and_redis_matches_embedded(loop, redis_server, tmp
             == embedded_answer(embedded, local.context_id, prompt, SamplingParams(max_new_tokens=24))[0]
         )
         assert report["usage"]["context_chunks"] == local.chunks
+
+
+def test_health_says_when_the_store_has_no_room_for_a_context(loop, tiny_model_dir, tiny_adapter, make_redis_server):
+    """A Redis at its memory limit still serves reads: the decoder stays SERVING while the
+    compressor, whose every Compress would fail, says NOT_SERVING until there is room again."""
+    redis = make_redis_server()
+    config = server_config(
+        "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--store-url", redis.url,
+        "--health-interval-s", "0.1",
+    )  # fmt: skip
+    with InProcessServer(loop, COMPRESSOR, config) as compressor, InProcessServer(loop, DECODER, config) as decoder:
+        for server in (compressor, decoder):
+            wait_for_health(server.target, SERVING)
+        client = redis.client()
+        client.config_set("maxmemory", client.info("memory")["used_memory"])  # full from now on
+        try:
+            wait_for_health(compressor.target, NOT_SERVING, timeout=10)
+            assert health(decoder.target) == SERVING
+            with pytest.raises(ResourceExhausted, match="would not fit"):
+                open_store(redis.url).ping(writes=True)
+        finally:
+            client.config_set("maxmemory", 0)
+        wait_for_health(compressor.target, SERVING, timeout=10)

@@ -56,7 +56,7 @@ class ServiceSpec:
     full_name: str  # protobuf service name, for health, reflection and the interceptor
     default_port: int
     register: Callable[[ServerState, grpc.aio.Server], None]  # make the servicer and add it
-    lower_only: bool  # needs only the compressor's layers of the model
+    lower_only: bool  # the compressor: needs only the lower layers, and stores contexts (health checks room)
 
 
 _LOADING = threading.Lock()
@@ -98,7 +98,7 @@ class RpcServer:
         self.spec = spec
         self.config = config
         self.state = ServerState(config)
-        self.health = Health([spec.full_name], config.network.health_interval_s)
+        self.health = Health([spec.full_name], config.network.health_interval_s, writes=spec.lower_only)
         self.stopped = asyncio.Event()  # set when the server should stop: a signal or a failed start
         self.failure: BaseException | None = None
         self._load = load

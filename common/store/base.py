@@ -334,8 +334,9 @@ class ContextStore(ABC):
     def stats(self) -> StoreStats: ...
 
     @abstractmethod
-    def ping(self) -> None:
-        """Raise StoreUnavailable if the store cannot answer now (health checks)."""
+    def ping(self, *, writes: bool = False) -> None:
+        """Raise StoreUnavailable if the store cannot answer reads now, or with `writes` if it could
+        not take a context now either (ResourceExhausted: no room) (health checks)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -77,8 +77,8 @@ class MemoryStore(ContextStore):
             raise InvalidInput(f"max_bytes must be an integer in {url!r}") from exc
         return cls(max_bytes)
 
-    def ping(self) -> None:
-        """Always answers: it lives in this process."""
+    def ping(self, *, writes: bool = False) -> None:
+        """Always answers, and always has room: it lives in this process and evicts to make room."""
 
     def close(self) -> None:
         """Nothing to release; the contexts stay until the object is dropped."""

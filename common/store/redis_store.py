@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 # once, and one that dies (or cannot reach Redis to clean up) leaves them only this long.
 STAGING_TTL_MS = 300_000
 PART_MARGIN_MS = 60_000  # parts outlive their manifest key by this much
+WRITE_HEADROOM = 0.95  # a Redis this full of its maxmemory takes no new context: a compressor is NOT_SERVING
 GRACE_MS = 60_000  # a replaced generation stays readable this long
 _GENERATION = re.compile(rb"[0-9a-f]{16}")
 _INCOMPLETE = "SLLM_INCOMPLETE"
@@ -211,9 +212,21 @@ class RedisStore(ContextStore):
         self._publish = self._redis.register_script(_PUBLISH)
         self._expire = self._redis.register_script(_EXPIRE)
 
-    def ping(self) -> None:
+    def ping(self, *, writes: bool = False) -> None:
+        """A PING answers reads; a Redis still loading its dataset answers PING but nothing else, and
+        one at its memory limit takes no new context: health must say so (INFO on one server)."""
         with self._errors():
             self._redis.ping()
+            if isinstance(self._redis, RedisCluster):
+                return  # INFO answers per node there; a node that cannot take writes fails the write
+            info = self._redis.info()
+        if info.get("loading"):
+            raise StoreUnavailable(f"Redis at {self.url} is loading its dataset; retry shortly")
+        limit = int(info.get("maxmemory", 0))
+        if writes and limit and int(info.get("used_memory", 0)) >= WRITE_HEADROOM * limit:
+            raise ResourceExhausted(
+                f"Redis at {self.url} uses {int(info['used_memory'])} of its {limit} bytes; a context would not fit"
+            )
 
     def close(self) -> None:
         self._redis.close()
