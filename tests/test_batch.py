@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from grpc_stack import SERVING, EventLoopThread, InProcessServer, server_config, wait_for_health
+from processes import stop_all
 
 from sharedllm.cli import main
 from sharedllm.common.batch import summaries
@@ -64,13 +65,7 @@ def worker(broker: str, log: Path, *mode: str, visibility_s: int = 30, limit_s: 
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_all([process])
 
 
 def embedded(tiny_model_dir: Path, tiny_adapter: Path) -> tuple[str, ...]:

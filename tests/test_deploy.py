@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from processes import stop_all
 from redis_server import free_port
 
 from sharedllm.cli import build_parser
@@ -239,10 +239,4 @@ def test_the_compose_commands_run_as_processes(tiny_model_dir, tiny_adapter, mak
             time.sleep(0.2)
         assert client.results(job)[0]["state"] == "done"
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from processes import stop_all
 from redis_server import free_port
 
 from sharedllm.common.batch.client import BatchClient
@@ -198,10 +198,4 @@ def test_one_trace_per_action_across_processes_and_metrics(
         assert counts["sharedllm-cli"] >= 1
         assert metric(metrics_ports["worker"], "sharedllm_batch_documents_total", state="done") == 1
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
