@@ -202,7 +202,7 @@ class ContextRuntime:
         evidence_mode override the runtime's evidence settings for this request (None: keep).
         """
         with tracing.span("generate", tenant=tenant, context_id=context_id or "") as current:
-            started, started_ns = time.perf_counter(), tracing.now_ns()
+            started, started_ns = time.perf_counter(), time.time_ns()
             evidence = self.evidence_settings(evidence_tokens, evidence_mode)
             self.engine.check_request(question, params)  # before any store read or TTL refresh
             source = index = None

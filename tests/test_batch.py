@@ -122,7 +122,7 @@ def test_documents_that_cannot_be_processed_fail_alone(tmp_path):
     (tmp_path / "big.txt").write_text("x" * 300)
     read = {Path(d.name).name: d for d in read_documents([tmp_path, tmp_path / "missing.txt"], max_bytes=200)}
     assert read["ok.txt"].text == "Some text." and read["ok.txt"].error is None
-    assert read["empty.txt"].error == "empty"
+    assert read["empty.txt"].error == "is empty"
     assert "not UTF-8" in read["latin1.txt"].error
     assert "limit is 200" in read["big.txt"].error
     assert "cannot read" in read["missing.txt"].error

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -46,30 +47,16 @@ def render(overlay: Path) -> list[dict]:
 
 
 def env_names(argv: list[str]) -> set[str]:
-    """The SHAREDLLM_* variables a command reads: one per flag (server_options.apply_env_defaults)."""
+    """The SHAREDLLM_* variables the command in `argv` reads: one per flag of its own parser
+    (server_options.apply_env_defaults), found by following argv's words down the subcommands."""
     parser = build_parser(argv)
-    names = set()
-    for action in parser._subparsers._group_actions[0].choices[argv[0]]._actions:  # the command's own parser
-        names |= _names(action)
-    return names
-
-
-def _names(action) -> set[str]:
-    if hasattr(action, "choices") and isinstance(action.choices, dict):  # nested subcommands (serve X)
-        return {n for sub in action.choices.values() for a in sub._actions for n in _names(a)}
-    return {"SHAREDLLM_" + s[2:].upper().replace("-", "_") for s in action.option_strings if s.startswith("--")}
-
-
-def command_env(argv: list[str]) -> set[str]:
-    command = argv[:2] if argv[0] == "serve" else argv[:1]
-    return env_names(command) if argv[0] != "serve" else _serve_env(argv[1])
-
-
-def _serve_env(service: str) -> set[str]:
-    parser = build_parser(["serve"])
-    serve = parser._subparsers._group_actions[0].choices["serve"]
-    sub = next(a for a in serve._actions if isinstance(getattr(a, "choices", None), dict)).choices[service]
-    return {n for a in sub._actions for n in _names(a)}
+    for word in argv:
+        commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if commands is None or word not in commands.choices:
+            break
+        parser = commands.choices[word]
+    flags = (s for action in parser._actions for s in action.option_strings if s.startswith("--"))
+    return {"SHAREDLLM_" + flag[2:].upper().replace("-", "_") for flag in flags}
 
 
 @pytest.fixture(scope="module", params=["cpu", "gpu"])
@@ -129,7 +116,7 @@ def test_manifests_agree_with_the_programs(overlay):
         (container,) = pod["containers"]
         argv = container["args"]
         build_parser(argv)  # a real command
-        allowed = command_env(argv) | NOT_FLAGS
+        allowed = env_names(argv) | NOT_FLAGS
         env = {e["name"] for e in container.get("env", [])}
         for source in container.get("envFrom", []):
             env |= set(config_maps[source["configMapRef"]["name"]]["data"])
@@ -180,7 +167,7 @@ def test_compose_agrees_with_the_programs_and_the_image():
         port = PORTS[name]
         assert service["command"] == ["serve", name] and service["ports"] == [f"{port}:{port}"]
         assert service["healthcheck"]["test"] == ["CMD", "sharedllm", "health", "--target", f"localhost:{port}"]
-        assert set(service["environment"]) - _serve_env(name) == set()
+        assert set(service["environment"]) - env_names(["serve", name]) == set()
     assert set(services["worker"]["environment"]) - env_names(["worker"]) == set()
     assert services["worker"]["command"][:1] == ["worker"]
     assert services["model-init"]["command"] == ["model", "prepare"]

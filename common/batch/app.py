@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from celery import Celery
 from kombu import Exchange, Queue
 
+from sharedllm.common.config import ConfigError
+
 COMPRESS_QUEUE = "sharedllm.compress"
 GENERATE_QUEUE = "sharedllm.generate"
 TASK_QUEUES = {
@@ -40,12 +42,12 @@ class BatchSettings:
 
     def __post_init__(self) -> None:
         if not 0 < self.soft_time_limit_s <= self.time_limit_s < self.visibility_timeout_s:
-            raise ValueError(
+            raise ConfigError(
                 "need 0 < soft time limit <= time limit < visibility timeout, got "
                 f"{self.soft_time_limit_s}, {self.time_limit_s}, {self.visibility_timeout_s}"
             )
         if self.max_retries < 0 or self.max_deliveries < 1:
-            raise ValueError("max_retries must be >= 0 and max_deliveries >= 1")
+            raise ConfigError("max_retries must be >= 0 and max_deliveries >= 1")
 
     @classmethod
     def from_env(cls) -> BatchSettings:

@@ -77,16 +77,15 @@ class EmbeddedBackend:
 
     def ensure_context(self, text: str) -> StoredDocument:
         started = time.perf_counter()
+        context_id = content_id(self.fingerprint, text.encode("utf-8"))
         try:
-            ids = self.runtime.engine.tokenize_document(text)
-            context_id = content_id(self.fingerprint, text.encode("utf-8"))
-            try:
+            try:  # stored already: nothing to tokenise or compress
                 info = self.runtime.store.info(context_id)
                 self.runtime.store.touch(context_id)
                 return StoredDocument(context_id, True, info.manifest.n_tokens, time.perf_counter() - started)
             except ContextNotFound:
                 pass
-            outcome = self.runtime.compress_ids(ids, context_id=context_id)
+            outcome = self.runtime.compress_text(text, context_id=context_id)
         except (StoreUnavailable, ResourceExhausted) as exc:
             raise Transient(str(exc)) from exc
         except SharedLLMError as exc:

@@ -19,6 +19,8 @@ from celery import chain, group
 
 from sharedllm.common.batch.app import app, sending_app
 from sharedllm.common.batch.jobs import DocumentInput, JobSpec, JobStatus, JobStore
+from sharedllm.common.data.documents import read_text
+from sharedllm.common.errors import InvalidInput
 
 MAX_DOCUMENT_BYTES = 4 << 20  # well above a 131,072-token document (about 0.6 MB of English)
 
@@ -36,23 +38,12 @@ def read_documents(paths: Iterable[Path], max_bytes: int = MAX_DOCUMENT_BYTES) -
 
 
 def _read(path: Path, max_bytes: int) -> DocumentInput:
-    name = str(path)
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            return DocumentInput(name, None, f"{size} bytes; the limit is {max_bytes}")
-        data = path.read_bytes()
+        return DocumentInput(str(path), read_text(path, max_bytes))
+    except InvalidInput as exc:
+        return DocumentInput(str(path), None, str(exc))
     except OSError as exc:
-        return DocumentInput(name, None, f"cannot read: {exc.strerror or exc}")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return DocumentInput(name, None, f"not UTF-8 text (invalid byte at offset {exc.start})")
-    if "\x00" in text:
-        return DocumentInput(name, None, "contains NUL bytes: binary, not text")
-    if not text.strip():
-        return DocumentInput(name, None, "empty")
-    return DocumentInput(name, text)
+        return DocumentInput(str(path), None, f"cannot read: {exc.strerror or exc}")
 
 
 class BatchClient:

@@ -9,6 +9,7 @@ transient failure (a service or the store unavailable or full) is retried, with 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -46,8 +47,14 @@ def backend() -> Backend:
     return _backend
 
 
+@functools.cache
+def _job_store(broker_url: str) -> JobStore:
+    return JobStore.from_url(broker_url)
+
+
 def job_store() -> JobStore:
-    return JobStore.from_url(settings_of(app).broker_url)
+    """This process's job store (one connection pool, not one per task)."""
+    return _job_store(settings_of(app).broker_url)
 
 
 def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobStore, DocumentStatus], None]) -> None:

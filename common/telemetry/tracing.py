@@ -11,7 +11,6 @@ none. W3C trace context crosses gRPC metadata and Celery headers through the ins
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -86,15 +85,11 @@ def span(name: str, **attributes: str | int | float | bool) -> Iterator[trace.Sp
         yield current
 
 
-def phases(parent_start_ns: int, phases: Iterable[tuple[str, float]]) -> None:
+def phases(parent_start_ns: int, durations: Iterable[tuple[str, float]]) -> None:
     """Child spans for consecutive phases measured by the engine (name, seconds), laid end to end
     from parent_start_ns: the engine times its phases without knowing about tracing."""
     start = parent_start_ns
-    for name, seconds in phases:
+    for name, seconds in durations:
         end = start + int(seconds * 1e9)
         tracer.start_span(name, start_time=start).end(end_time=end)
         start = end
-
-
-def now_ns() -> int:
-    return time.time_ns()

@@ -10,6 +10,7 @@ from pathlib import Path
 from sharedllm.cli.evidence import format_evidence
 from sharedllm.cli.observability import client_trace
 from sharedllm.cli.options import EvidenceArguments, ModelArguments, SamplingArguments
+from sharedllm.common.data.documents import read_text
 from sharedllm.common.engine.engine import SUMMARY_INSTRUCTION
 from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.results import TokenDelta
@@ -39,19 +40,10 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
 
 def read_document(path: Path) -> str:
     """Read a UTF-8 text file; binary or oversized files are refused with the reason."""
-    size = path.stat().st_size
-    if size > MAX_DOCUMENT_BYTES:
-        raise InvalidInput(f"{path} is {size} bytes; the limit is {MAX_DOCUMENT_BYTES}")
-    data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"{path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
-    if "\x00" in text:
-        raise InvalidInput(f"{path} contains NUL bytes; it looks binary, not text")
-    if not text.strip():
-        raise InvalidInput(f"{path} is empty")
-    return text
+        return read_text(path, MAX_DOCUMENT_BYTES)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{path} {exc}") from None
 
 
 def run_ask(args: argparse.Namespace) -> int:

@@ -61,17 +61,14 @@ def run_worker(args: argparse.Namespace) -> int:
     remote = args.compressor or args.decoder
     if args.embedded == bool(remote) or (remote and not (args.compressor and args.decoder)):
         raise InvalidInput("choose --embedded, or both --compressor and --decoder")
-    try:
-        settings = BatchSettings(
-            broker_url=args.broker_url,
-            soft_time_limit_s=args.soft_time_limit_s,
-            time_limit_s=args.time_limit_s,
-            visibility_timeout_s=args.visibility_timeout_s,
-            max_retries=args.max_retries,
-            max_deliveries=args.max_deliveries,
-        )
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
+    settings = BatchSettings(
+        broker_url=args.broker_url,
+        soft_time_limit_s=args.soft_time_limit_s,
+        time_limit_s=args.time_limit_s,
+        visibility_timeout_s=args.visibility_timeout_s,
+        max_retries=args.max_retries,
+        max_deliveries=args.max_deliveries,
+    )
     configure(app, settings)
     observability.start(args, "sharedllm-worker", celery=True)
     if args.embedded:
