@@ -11,7 +11,6 @@ summarises every document and answers one question; the time is from submission 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sharedllm.cli.options import default_data_dir
 from sharedllm.common.batch.client import BatchClient, read_documents
 from sharedllm.common.batch.jobs import JobSpec
+from sharedllm.common.benchmark.report import write_json
 from sharedllm.common.benchmark.services import child_env, grpc_stack, private_redis
 from sharedllm.common.data.corpora import find_entry, load_text
 
@@ -100,8 +100,7 @@ def main() -> int:
                 report["modes"][mode] = run_job(broker, paths, work / f"{mode}.log")
             print(f"{mode}: {report['modes'][mode]['documents_per_minute']} documents/minute", flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_json(report, args.json)
     return 0
 
 

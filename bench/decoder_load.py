@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sharedllm.common.benchmark.report import write_json
 from sharedllm.common.benchmark.services import grpc_stack
 from sharedllm.common.benchmark.workload import QUESTIONS, document_tokens
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
@@ -78,8 +79,7 @@ def main() -> int:
             report["runs"].append(run)
             print(json.dumps(run), flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_json(report, args.json)
     return 0
 
 

@@ -8,7 +8,9 @@ Nothing here imports torch, so that every front end can parse and check its flag
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sharedllm.common.errors import InvalidInput
@@ -105,6 +107,12 @@ def node_count(depth: int) -> int:
 def node_index(level: int, position: int) -> int:
     """Index of node `position` of `level` (1-based levels) in a chunk's flat node table."""
     return (2**level - 2) + position
+
+
+def cache_root() -> Path:
+    """The per-user folder for what the product makes for itself (converted models, the demo
+    document): $SHAREDLLM_CACHE_DIR, else ~/.cache/sharedllm."""
+    return Path(os.environ.get("SHAREDLLM_CACHE_DIR") or Path.home() / ".cache" / "sharedllm")
 
 
 DEFAULT_MAX_DOCUMENT_TOKENS = 131_072

@@ -36,5 +36,9 @@ class ResourceExhausted(SharedLLMError):
     """Over a capacity or concurrency limit (RESOURCE_EXHAUSTED)."""
 
 
+class QuotaExceeded(ResourceExhausted):
+    """A tenant's stored contexts or bytes would pass its quota (RESOURCE_EXHAUSTED, with the numbers)."""
+
+
 class ModelUnavailable(SharedLLMError):
     """Model or adapter files are missing or do not match (FAILED_PRECONDITION at start-up)."""

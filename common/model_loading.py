@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from sharedllm.common.config import cache_root
 from sharedllm.common.errors import InvalidInput, ModelUnavailable
 
 DEFAULT_MODEL = "default"
@@ -47,9 +48,8 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    """Where converted models live: $SHAREDLLM_CACHE_DIR, else ~/.cache/sharedllm."""
-    root = os.environ.get("SHAREDLLM_CACHE_DIR") or os.path.join(Path.home(), ".cache", "sharedllm")
-    return Path(root) / "models"
+    """Where converted models live, under the cache root."""
+    return cache_root() / "models"
 
 
 def sha256_file(path: Path) -> str:

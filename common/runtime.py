@@ -21,15 +21,20 @@ from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.evidence import PassageIndex
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 from sharedllm.common.engine.results import CompressTimings, ContextRead, Finished, TokenDelta
+from sharedllm.common.errors import ContextNotFound, DataCorruption, IncompatibleContext
+from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import (
     DEFAULT_TENANT,
     ContextStore,
     Fingerprints,
+    Quota,
+    codec,
+    content_context_id,
     encode,
-    new_context_id,
     storage_report,
     validate_name,
 )
+from sharedllm.common.store.codec import FORMAT_VERSION
 from sharedllm.common.store.decoded_cache import DEFAULT_CACHE_BYTES, DecodedCache
 from sharedllm.common.telemetry import tracing
 
@@ -40,6 +45,7 @@ WARM_UP_TEXT = "A short text that runs every part of the model once before the f
 @dataclass(frozen=True)
 class CompressOutcome:
     context_id: str
+    reused: bool  # the same document was stored already (same tenant, model, adapter): nothing was computed
     n_tokens: int
     chunks: int
     stored_bytes: int
@@ -95,10 +101,12 @@ class ContextRuntime:
         default_ttl_s: float | None = 24 * 3600,
         decoded_cache_bytes: int = DEFAULT_CACHE_BYTES,
         evidence: EvidenceSettings | None = None,
+        quota: Quota | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
         self.default_ttl_s = default_ttl_s
+        self.quota = quota or Quota()
         self.cache = DecodedCache(decoded_cache_bytes) if decoded_cache_bytes > 0 else None
         # Kept with the decoded cache (and off with it): both serve repeat questions about a document.
         self.passage_indexes = PassageIndexCache() if decoded_cache_bytes > 0 else None
@@ -137,13 +145,30 @@ class ContextRuntime:
         progress: ProgressFn | None = None,
     ) -> CompressOutcome:
         """Compress and store. The context expires ttl_s after each use (None: the runtime's
-        default lifetime); pin=True: it never expires."""
+        default lifetime); pin=True: it never expires.
+
+        Without a context_id the id derives from the tenant, model, adapter and document, so the
+        same document compressed again reuses what is stored (CompressOutcome.reused) instead of
+        storing it twice; a caller that names its context_id always gets a fresh compression.
+        """
         started = time.perf_counter()
         # Names first: a malformed id must not cost a whole compression before it is refused.
         validate_name(tenant, "tenant")
         if context_id is not None:
             validate_name(context_id, "context id")
         self.engine.check_token_ids(token_ids)
+        lifetime_s = None if pin else self.default_ttl_s if ttl_s is None else ttl_s
+        digest = source_digest(token_ids)
+        if context_id is None:
+            context_id = self._content_id(tenant, digest)
+            reused = self._reuse(context_id, tenant, lifetime_s, started)
+            if reused is not None:
+                return reused
+        # Before spending the computation: a store that is gone or full, or a tenant at its quota,
+        # would refuse the write anyway.
+        self.store.ping(writes=True)
+        if self.quota.limited:
+            self.quota.check(tenant, self.store.usage(tenant), 0)
         with tracing.span("compress", tenant=tenant, tokens=len(token_ids)) as current:
             with tracing.span("lower model and pooling", tokens=len(token_ids)):
                 compressed = self.engine.compress(token_ids, progress)
@@ -153,29 +178,60 @@ class ContextRuntime:
                 fingerprints=self.fingerprints,
                 base_n_layers=self.engine.loaded.base_n_layers,
                 tenant=tenant,
-                source_sha256=source_digest(token_ids),
-                ttl_s=None if pin else self.default_ttl_s if ttl_s is None else ttl_s,
+                source_sha256=digest,
+                ttl_s=lifetime_s,
             )
-            context_id = context_id or new_context_id()
             with tracing.span("store write", bytes=encoded.nbytes):
-                self.store.put(context_id, encoded)
+                self.store.put(context_id, encoded, self.quota)
             done = time.perf_counter()
             current.set_attributes(
                 {"context_id": context_id, "chunks": compressed.tree.n_chunks, "bytes": encoded.nbytes}
             )
-            report = storage_report(encoded.manifest, encoded.nbytes)
-            cfg = self.engine.adapter.config
-            entries = compressed.tree.n_chunks * cfg.selected_per_chunk * cfg.pool_size
-            return CompressOutcome(
-                context_id=context_id,
-                n_tokens=len(token_ids),
-                chunks=compressed.tree.n_chunks,
-                stored_bytes=encoded.nbytes,
-                bytes_per_token=report.bytes_per_token,
-                kv_cache_ratio=report.kv_cache_ratio,
-                compression_ratio=len(token_ids) / max(1, min(entries, len(token_ids))),
-                timings=CompressTimings(compress_s=compressed.seconds, store_s=done - t_store, total_s=done - started),
-            )
+            timings = CompressTimings(compress_s=compressed.seconds, store_s=done - t_store, total_s=done - started)
+            return self._outcome(context_id, False, encoded.manifest, encoded.nbytes, timings)
+
+    def _content_id(self, tenant: str, digest: bytes) -> str:
+        """The id of a document as this runtime stores it: everything the stored bytes depend on."""
+        setup = f"compress\0{self.fingerprints.model}\0{self.fingerprints.adapter}\0{FORMAT_VERSION}\0"
+        return content_context_id(tenant, setup.encode() + digest)
+
+    def _reuse(self, context_id: str, tenant: str, lifetime_s: float | None, started: float) -> CompressOutcome | None:
+        """The stored context of the same document, if it lives at least as long as asked (its
+        expiry restarted, or removed when asked to pin); None: compress it (again)."""
+        try:
+            info = self.store.info(context_id, tenant=tenant)
+        except (ContextNotFound, IncompatibleContext, DataCorruption):
+            return None  # absent, or unusable: a fresh compression replaces it
+        stored_s = codec.lifetime_ms(info.manifest)
+        if lifetime_s is not None and stored_s is not None and stored_s < lifetime_s * 1000:
+            return None  # stored to live shorter than asked: store it anew with the longer lifetime
+        try:
+            self.store.touch(context_id, tenant=tenant, pin=lifetime_s is None and stored_s is not None)
+        except ContextNotFound:
+            return None  # expired between the two calls
+        done = time.perf_counter()
+        return self._outcome(
+            context_id, True, info.manifest, info.stored_bytes, CompressTimings(total_s=done - started)
+        )
+
+    def _outcome(
+        self, context_id: str, reused: bool, manifest: pb.ContextManifest, stored_bytes: int, timings: CompressTimings
+    ) -> CompressOutcome:
+        report = storage_report(manifest, stored_bytes)
+        cfg = self.engine.adapter.config
+        n_tokens, chunks = manifest.n_tokens, manifest.n_chunks
+        entries = chunks * cfg.selected_per_chunk * cfg.pool_size
+        return CompressOutcome(
+            context_id=context_id,
+            reused=reused,
+            n_tokens=n_tokens,
+            chunks=chunks,
+            stored_bytes=stored_bytes,
+            bytes_per_token=report.bytes_per_token,
+            kv_cache_ratio=report.kv_cache_ratio,
+            compression_ratio=n_tokens / max(1, min(entries, n_tokens)),
+            timings=timings,
+        )
 
     def evidence_settings(self, tokens: int | None = None, mode: str | None = None) -> EvidenceSettings:
         """The runtime's evidence settings with a request's overrides, validated."""

@@ -7,12 +7,14 @@ interceptor; the tenant comes from the caller's API key, never from the request.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import math
 import time
 
 import grpc
 
 from sharedllm.common.config import node_index
+from sharedllm.common.engine.token_budget import TokenBudget, max_document_bytes
 from sharedllm.common.errors import ContextNotFound, InvalidInput
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as pb
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc as pb_grpc
@@ -27,13 +29,20 @@ MAX_TTL_S = 366 * 24 * 3600.0
 
 
 class DocumentUpload:
-    """A document gathered from one message or many, refused as soon as it grows past a limit."""
+    """A document gathered from one message or many, refused as soon as it grows past a limit.
 
-    def __init__(self, max_bytes: int, max_tokens: int) -> None:
+    Text is decoded and its tokens counted as pieces arrive (TokenBudget), so an upload over
+    the token limit is refused after about one limit's worth of text, whatever its size.
+    """
+
+    def __init__(self, max_bytes: int, max_tokens: int, budget: TokenBudget) -> None:
         self._max_bytes = max_bytes
         self._max_tokens = max_tokens
+        self._budget = budget
         self._kind: str | None = None
-        self._text = bytearray()
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._text: list[str] = []
+        self._bytes = 0
         self._ids: list[int] = []
 
     def add(self, message: pb.CompressRequest | pb.CompressStreamRequest, oneof: str) -> None:
@@ -44,13 +53,26 @@ class DocumentUpload:
             raise InvalidInput(f"a document is sent as text or as token_ids, not both (got {self._kind}, then {kind})")
         self._kind = kind
         if kind == "text":
-            self._text += message.text
-            if len(self._text) > self._max_bytes:
-                raise InvalidInput(f"document has at least {len(self._text)} bytes; the limit is {self._max_bytes}")
+            self._add_text(message.text)
         else:
             self._ids += message.token_ids.ids
             if len(self._ids) > self._max_tokens:
                 raise InvalidInput(f"document has at least {len(self._ids)} tokens; the limit is {self._max_tokens}")
+
+    def _add_text(self, piece: bytes) -> None:
+        if self._bytes + len(piece) > self._max_bytes:
+            raise InvalidInput(
+                f"document has at least {self._bytes + len(piece)} bytes; the limit is {self._max_bytes} "
+                f"(for {self._max_tokens} tokens)"
+            )
+        try:
+            text = self._decoder.decode(piece)
+        except UnicodeDecodeError as exc:
+            offset = self._bytes + exc.start  # within 3 bytes: the decoder may hold a character's start
+            raise InvalidInput(f"document is not valid UTF-8 (invalid byte near offset {offset})") from None
+        self._bytes += len(piece)
+        self._text.append(text)
+        self._budget.add(text)
 
     def document(self) -> str | list[int]:
         """The UTF-8 decoded text, or the token ids."""
@@ -59,9 +81,11 @@ class DocumentUpload:
         if self._kind == "token_ids":
             return self._ids
         try:
-            return self._text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(f"document is not valid UTF-8 (invalid byte at offset {exc.start})") from None
+            self._text.append(self._decoder.decode(b"", final=True))
+        except UnicodeDecodeError:
+            raise InvalidInput("document is not valid UTF-8 (it ends inside a character)") from None
+        self._budget.finish()
+        return "".join(self._text)
 
 
 def lifetime(options: pb.CompressOptions) -> dict[str, float | bool | None]:
@@ -87,6 +111,7 @@ def compressed_context(outcome: CompressOutcome, total_s: float) -> pb.Compresse
     t = outcome.timings
     return pb.CompressedContext(
         context_id=outcome.context_id,
+        reused=outcome.reused,
         document_tokens=outcome.n_tokens,
         chunks=outcome.chunks,
         stored_bytes=outcome.stored_bytes,
@@ -125,15 +150,17 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
         self._state = state
 
     def _upload(self) -> DocumentUpload:
-        return DocumentUpload(
-            self._state.config.store.max_document_bytes, self._state.runtime.engine.limits.max_document_tokens
-        )
+        engine = self._state.runtime.engine
+        max_tokens = engine.limits.max_document_tokens
+        max_bytes = self._state.config.store.max_document_bytes or max_document_bytes(max_tokens)
+        return DocumentUpload(max_bytes, max_tokens, engine.token_budget())
 
     async def Compress(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         started = time.perf_counter()
         upload = self._upload()
-        upload.add(request, "document")
-        return pb.CompressResponse(context=await self._compress(upload.document(), request.options, started))
+        await asyncio.to_thread(upload.add, request, "document")  # counting tokens takes a while
+        document = await asyncio.to_thread(upload.document)
+        return pb.CompressResponse(context=await self._compress(document, request.options, started))
 
     async def CompressStream(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.CompressStreamResponse:
         started = time.perf_counter()
@@ -144,8 +171,8 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
                 options = message.options
             elif message.HasField("options"):
                 raise InvalidInput("options belong in the first message of the stream only")
-            upload.add(message, "piece")
-        document = upload.document()
+            await asyncio.to_thread(upload.add, message, "piece")
+        document = await asyncio.to_thread(upload.document)
         return pb.CompressStreamResponse(context=await self._compress(document, options, started))
 
     async def _compress(

@@ -7,6 +7,7 @@ are produced, so GetServerInfo shows that decoding really stopped.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -132,7 +133,8 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
         runtime, config, workers = self._state.runtime, self._state.config, self._state.workers
-        engine = runtime.engine
+        engine, tenant = runtime.engine, current_tenant()
+        usage = await asyncio.to_thread(runtime.store.usage, tenant)
         return pb.GetServerInfoResponse(
             model_name=engine.loaded.name,
             model_fingerprint=runtime.fingerprints.model,
@@ -155,4 +157,11 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 **cache_counters(runtime.cache.stats() if runtime.cache is not None else None),
             ),
             store_url=runtime.store.url,
+            usage=pb.TenantUsage(
+                tenant=tenant,
+                contexts=usage.contexts,
+                stored_bytes=usage.stored_bytes,
+                max_contexts=runtime.quota.max_contexts or 0,
+                max_bytes=runtime.quota.max_bytes or 0,
+            ),
         )

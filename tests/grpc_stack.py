@@ -19,8 +19,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sharedllm.cli.server_options import ServerArguments
+from sharedllm.common.rpc.client import open_channel
 from sharedllm.common.rpc.config import ServerConfig
 from sharedllm.common.rpc.server import RpcServer, ServiceSpec, load_runtime
+from sharedllm.common.rpc.tls import ClientTls
 from sharedllm.common.runtime import ContextRuntime
 
 T = TypeVar("T")
@@ -45,11 +47,13 @@ class EventLoopThread:
 
 
 def server_config(*flags: str) -> ServerConfig:
-    """A ServerConfig parsed from `sharedllm serve` flags (loopback, any free port by default)."""
+    """A ServerConfig parsed from `sharedllm serve` flags (loopback, any free port, and no drain
+    delay by default: no load balancer watches a test's server, and every stop would wait for it)."""
     parser = argparse.ArgumentParser()
     arguments = ServerArguments(default_port=0)
     arguments.add_arguments(parser)
-    return arguments.from_args(parser.parse_args(["--host", "127.0.0.1", "--log-level", "WARNING", *flags]))
+    defaults = ["--host", "127.0.0.1", "--log-level", "WARNING", "--drain-delay-s", "0"]
+    return arguments.from_args(parser.parse_args([*defaults, *flags]))
 
 
 class InProcessServer:
@@ -78,9 +82,10 @@ class InProcessServer:
         self._loop.run(self.server.stop())
 
 
-def health(target: str, service: str = "") -> int | grpc.StatusCode:
-    """The health status, or the status code of a failed check (e.g. UNAVAILABLE once stopped)."""
-    with grpc.insecure_channel(target) as channel:
+def health(target: str, service: str = "", tls: ClientTls | None = None) -> int | grpc.StatusCode:
+    """The health status, or the status code of a failed check (e.g. UNAVAILABLE once stopped),
+    over a new connection (in plaintext, or over TLS as `tls` says)."""
+    with grpc.insecure_channel(target) if tls is None else open_channel(target, tls) as channel:
         try:
             request = health_pb2.HealthCheckRequest(service=service)
             return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
@@ -88,9 +93,11 @@ def health(target: str, service: str = "") -> int | grpc.StatusCode:
             return exc.code()
 
 
-def wait_for_health(target: str, expected: int, timeout: float = 60.0, service: str = "") -> None:
+def wait_for_health(
+    target: str, expected: int, timeout: float = 60.0, service: str = "", tls: ClientTls | None = None
+) -> None:
     deadline = time.monotonic() + timeout
-    while (status := health(target, service)) != expected:
+    while (status := health(target, service, tls)) != expected:
         if time.monotonic() > deadline:
             raise AssertionError(f"health of {target} is {status}, expected {expected} within {timeout} s")
         time.sleep(0.05)

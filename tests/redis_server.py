@@ -141,6 +141,15 @@ class RedisServer:
         self.stop(kill=kill)
         self.start()
 
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers, like a hung or swapping server."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def client(self) -> redis.Redis:
         """A plain client (no retries) for tests that inspect or damage keys directly."""
         return redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=1)

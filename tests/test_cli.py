@@ -13,9 +13,16 @@ import pytest
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def sharedllm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def sharedllm(
+    *args: str, timeout: int = 600, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sharedllm", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+        [sys.executable, "-m", "sharedllm", *args],
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+        cwd=cwd,
+        timeout=timeout,
     )
 
 
@@ -81,3 +88,27 @@ def test_a_bad_tree_flag_is_one_line_not_a_traceback():
     result = sharedllm("eval", "ppl", "--depth", "0")
     assert result.returncode == 2 and "depth must be in [1, 8]" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_path_is_absolute_in_the_cache_and_leaves_the_working_directory_alone(tmp_path: Path):
+    """`make demo` passes the printed path to `ask`: it must not depend on the working directory,
+    and running the demo from some folder must not write into that folder."""
+    from sharedllm.common.data.corpora import CorpusUnavailable, check_available
+
+    try:
+        check_available(("bible",))
+    except CorpusUnavailable as exc:
+        pytest.skip(str(exc))
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    work.mkdir()
+    result = sharedllm("data", "demo", "--path-only", cwd=work, env={"SHAREDLLM_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip())
+    assert path.is_absolute() and path.is_file(), result.stdout
+    assert path.is_relative_to(cache.resolve()) and path.read_text(encoding="utf-8").startswith("Ruth\n")
+    assert not any(work.iterdir())
+    again = sharedllm("data", "demo", "--path-only", cwd=tmp_path, env={"SHAREDLLM_CACHE_DIR": str(cache)})
+    assert again.returncode == 0 and Path(again.stdout.strip()) == path  # the same file from another folder
+    relative = sharedllm("data", "demo", "--path-only", "--data-dir", "mine", cwd=work)
+    assert relative.returncode == 0, relative.stderr
+    assert Path(relative.stdout.strip()) == (work / "mine" / "demo" / "ruth-1samuel.txt").resolve()

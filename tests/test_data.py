@@ -328,7 +328,9 @@ def test_cli_fetch_prints_a_summary(tmp_path, capsys, monkeypatch):
     if reason := _missing("bible"):
         pytest.skip(reason)
     monkeypatch.setenv("SHAREDLLM_DATA_DIR", str(tmp_path / "env"))
-    assert build_parser(["data"]).parse_args(["data", "demo"]).data_dir == tmp_path / "env"
+    monkeypatch.setenv("SHAREDLLM_CACHE_DIR", str(tmp_path / "cache"))
+    assert build_parser(["data"]).parse_args(["data", "fetch"]).data_dir == tmp_path / "env"
+    assert build_parser(["data"]).parse_args(["data", "demo"]).data_dir == tmp_path / "cache"
     argv = ["data", "fetch", "--data-dir", str(tmp_path), "--corpus", "bible"]
     args = build_parser(argv).parse_args(argv)
     assert args.handler(args) == 0

@@ -246,11 +246,12 @@ def test_compress_manage_and_generate_like_embedded(stack, tiny_engine, redis_se
 
 def test_bad_requests_get_their_status_codes(stack, tiny_engine, redis_server):
     code = grpc.StatusCode
+    # Four documents: one document compressed twice would be one context (deduplicated).
     ok = stack.compress()
-    expired = stack.compress(ttl_seconds=0.2)
-    deleted = stack.compress()
+    expired = stack.compress("Expiring. " + DOCUMENT, ttl_seconds=0.2)
+    deleted = stack.compress("Deleted. " + DOCUMENT)
     stack.compressor.DeleteContext(cpb.DeleteContextRequest(context_id=deleted), metadata=auth())
-    corrupted = stack.compress()
+    corrupted = stack.compress("Corrupted. " + DOCUMENT)
     with redis_server.client() as client:
         nodes = list(client.scan_iter(match=f"sllm:{{alice:{corrupted}}}:*:node:*"))
         assert nodes

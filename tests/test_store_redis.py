@@ -303,3 +303,28 @@ def test_urls():
     assert redact("redis://localhost") == "redis://localhost"
     with pytest.raises(InvalidInput):
         RedisStore("redis://localhost?socket_timeout=soon")
+
+
+@pytest.mark.parametrize("part", ["manifest", "retrieval keys", "node"])
+def test_a_key_of_the_wrong_type_is_data_loss_not_missing(store, client, tenant, make_tree, part):
+    """A context key holding another type (another program's key of the same name, a damaged
+    keyspace) is corruption of that context, never "not found"."""
+    store.put("doc-1", encode_tree(make_tree(), tenant=tenant))
+    head, rkeys, nodes = stored_keys(client, tenant)
+    key = {"manifest": head, "retrieval keys": rkeys, "node": nodes[3]}[part]
+    client.delete(key)
+    client.rpush(key, b"a list, not a string or a hash")
+    with pytest.raises(DataCorruption, match="wrong type"):
+        fetch_tree(store, "doc-1", tenant)
+    if part == "manifest":
+        for call in (store.info, store.touch, store.delete):
+            with pytest.raises(DataCorruption, match="wrong type"):
+                call("doc-1", tenant=tenant)
+
+
+def test_a_usage_index_of_the_wrong_type_is_data_loss(store, client, tenant, make_tree):
+    client.set(f"sllm:usage:{{{tenant}}}", b"a string, not a hash")
+    with pytest.raises(DataCorruption, match="wrong type"):
+        store.put("doc-1", encode_tree(make_tree(), tenant=tenant))
+    with pytest.raises(DataCorruption, match="wrong type"):
+        store.usage(tenant)

@@ -118,6 +118,7 @@ def test_one_trace_per_action_across_processes_and_metrics(
         for name, port in ports.items():
             command = ["serve", name, "--host", "127.0.0.1", "--port", str(port), "--store-url", redis.url, *model]
             command += ["--metrics-port", str(metrics_ports[name]), "--log-json", "--health-interval-s", "0.2"]
+            command += ["--drain-delay-s", "0"]
             processes.append(start(command, env, tmp_path / f"{name}.log"))
         for name, port in ports.items():
             deadline = time.monotonic() + 120

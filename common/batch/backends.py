@@ -25,6 +25,7 @@ from sharedllm.common.engine.params import SAMPLING_FIELDS, SamplingParams
 from sharedllm.common.errors import ContextNotFound, ResourceExhausted, SharedLLMError, StoreUnavailable
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
 from sharedllm.common.rpc.client import call_metadata, open_channel, upload
+from sharedllm.common.rpc.tls import ClientTls
 from sharedllm.common.store import content_context_id
 
 TRANSIENT_CODES = (
@@ -109,10 +110,18 @@ class EmbeddedBackend:
 class RemoteBackend:
     """The compressor and decoder services; this worker only sends requests."""
 
-    def __init__(self, compressor: str, decoder: str, api_key: str | None, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        compressor: str,
+        decoder: str,
+        api_key: str | None,
+        timeout_s: float = 600.0,
+        tls: ClientTls | None = None,
+    ) -> None:
+        """tls: how to secure both channels (None: plaintext, the services' default)."""
         self.metadata = call_metadata(api_key)
         self.timeout_s = timeout_s
-        self.channels = (open_channel(compressor), open_channel(decoder))
+        self.channels = (open_channel(compressor, tls), open_channel(decoder, tls))
         self.compressor = compressor_pb2_grpc.CompressorServiceStub(self.channels[0])
         self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[1])
         self._fingerprint: str | None = None

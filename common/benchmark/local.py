@@ -33,7 +33,7 @@ from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import Finished
 from sharedllm.common.model_loading import dtype_from_name
 from sharedllm.common.runtime import ContextRuntime
-from sharedllm.common.store import full_kv_cache_bytes, open_store
+from sharedllm.common.store import full_kv_cache_bytes, new_context_id, open_store
 
 PROMPT_ROOM = 512  # cache slots kept after the document for a question's prompt (questions are short)
 
@@ -81,7 +81,8 @@ class EmbeddedSharedLLM:
         self.context_id: str | None = None
 
     def store(self, tokens: list[int]) -> Stored:
-        outcome = self.runtime.compress_ids(tokens)
+        # A fresh id each repetition: without one the runtime would hand back the stored context.
+        outcome = self.runtime.compress_ids(tokens, context_id=new_context_id())
         self.context_id = outcome.context_id
         t = outcome.timings
         return Stored(t.total_s, outcome.stored_bytes, {"tree_s": t.compress_s, "store_s": t.store_s})

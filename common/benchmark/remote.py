@@ -2,8 +2,10 @@
 
 The document goes up as token ids (the same ids the embedded cell compresses, so the two paths
 do the same work); times are wall-clock on the client: the Compress call, and from sending a
-Generate request to the first streamed token. Contexts are pinned while the cell runs (no
-expiry mid-measurement) and deleted at the end, so Redis does not fill up across cells. No
+Generate request to the first streamed token. Each Compress names a fresh context id, so the
+compressor computes it every time instead of handing back the context it stored for the same
+document in an earlier repetition. Contexts are pinned while the cell runs (no expiry
+mid-measurement) and deleted at the end, so Redis does not fill up across cells. No
 peak memory here: the services' processes serve every cell, so their peaks are not a cell's.
 """
 
@@ -14,6 +16,7 @@ import time
 from sharedllm.common.benchmark.measure import Answer, Stored
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
 from sharedllm.common.rpc.client import call_metadata, open_channel
+from sharedllm.common.store import new_context_id
 
 
 class RemoteSharedLLM:
@@ -26,9 +29,8 @@ class RemoteSharedLLM:
         self.context_ids: list[str] = []
 
     def store(self, tokens: list[int]) -> Stored:
-        request = compressor_pb2.CompressRequest(
-            token_ids=compressor_pb2.TokenIds(ids=tokens), options=compressor_pb2.CompressOptions(pin=True)
-        )
+        options = compressor_pb2.CompressOptions(context_id=new_context_id(), pin=True)
+        request = compressor_pb2.CompressRequest(token_ids=compressor_pb2.TokenIds(ids=tokens), options=options)
         started = time.perf_counter()
         context = self.compressor.Compress(request, metadata=self.metadata).context
         seconds = time.perf_counter() - started

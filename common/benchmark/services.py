@@ -35,6 +35,7 @@ class GrpcTargets:
     compressor: str
     decoder: str
     api_keys: dict[str, str]  # tenant -> its API key
+    pids: dict[str, int]  # service -> its process id, for memory readings
 
 
 def cell_tenant(repeat: int, length: int) -> str:
@@ -145,11 +146,12 @@ def grpc_stack(
             service_port = _free_port()
             args = [sys.executable, "-m", "sharedllm", "serve", service, "--host", "127.0.0.1"]
             args += ["--port", str(service_port), "--store-url", store_url, "--log-level", "WARNING", *model_flags]
-            args += ["--api-keys-file", str(keys_file)]
+            args += ["--api-keys-file", str(keys_file), "--drain-delay-s", "0"]  # a private stack: no one to warn
             if threads:
                 args += ["--torch-threads", str(threads)]
             log = workdir / f"{service}.log"
             targets[service] = (f"127.0.0.1:{service_port}", stack.enter_context(_process(args, log, env)), log)
         for service, (target, process, log) in targets.items():
             _wait_ready(process, log, lambda target=target: _serving(target), f"the {service} service", deadline)
-        yield GrpcTargets(targets["compressor"][0], targets["decoder"][0], api_keys)
+        pids = {service: process.pid for service, (_, process, _) in targets.items()}
+        yield GrpcTargets(targets["compressor"][0], targets["decoder"][0], api_keys, pids)

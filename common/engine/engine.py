@@ -26,6 +26,7 @@ from sharedllm.common.engine.llama import LlamaBody
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 from sharedllm.common.engine.results import Finished, GenerateTimings, Passage, TokenDelta
 from sharedllm.common.engine.retrieval import node_similarity
+from sharedllm.common.engine.token_budget import TokenBudget
 from sharedllm.common.engine.tree import ContextSource, ContextTree
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.model_loading import LoadedModel, load_model
@@ -158,9 +159,16 @@ class Engine:
             raise InvalidInput("document is empty")
         if "\x00" in text:
             raise InvalidInput("document contains NUL bytes; it looks binary, not text")
+        budget = self.token_budget()
+        budget.add(text)  # refuses a text far over the limit before tokenising it whole
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         self.check_document_tokens(len(ids))
         return ids
+
+    def token_budget(self) -> TokenBudget:
+        """A counter that refuses a document once it passes the token limit (for text that
+        arrives in pieces, or is too long to tokenise whole before knowing it fits)."""
+        return TokenBudget(self.tokenizer, self.limits.max_document_tokens)
 
     def check_document_tokens(self, n: int) -> None:
         if n == 0:

@@ -1,7 +1,7 @@
 """Client side of the two services: channels, credentials, uploads and errors, for every caller.
 
-The `sharedllm compress`/`generate` commands, the benchmark's gRPC cell and the batch worker all
-dial the services the same way; what a call needs besides its request lives here once.
+The `sharedllm compress`/`generate`/`health` commands, the benchmark's gRPC cell and the batch
+worker all dial the services the same way; what a call needs besides its request lives here once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from sharedllm.common.errors import SharedLLMError
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2
+from sharedllm.common.rpc.tls import ClientTls
 
 PIECE_BYTES = 1 << 20  # CompressStream piece size: well under any sensible message limit
 
@@ -69,11 +70,23 @@ def channel_target(target: str) -> str:
     return target
 
 
-def open_channel(target: str) -> grpc.Channel:
-    """A channel to a service: one address or several replicas (channel_target)."""
-    return grpc.insecure_channel(
-        channel_target(target), options=[("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
-    )
+def channel_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
+    """TLS credentials from the client's PEM files, read now (a bad file is a ConfigError here,
+    not a failed handshake later)."""
+    private_key, certificate_chain = tls.key_pair()
+    return grpc.ssl_channel_credentials(tls.root_certificates(), private_key, certificate_chain)
+
+
+def open_channel(target: str, tls: ClientTls | None = None) -> grpc.Channel:
+    """A channel to a service: one address or several replicas (channel_target), in plaintext
+    (tls None, the services' default) or over TLS, verifying the server and, with a client
+    certificate, proving who the client is (mutual TLS)."""
+    options: list[tuple[str, str | int]] = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+    if tls is None:
+        return grpc.insecure_channel(channel_target(target), options=options)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.secure_channel(channel_target(target), channel_credentials(tls), options=options)
 
 
 def upload(

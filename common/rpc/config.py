@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sharedllm.common.config import ConfigError, ModelChoice
 from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.rpc.auth import ApiKeys
+from sharedllm.common.rpc.tls import check_key_pair
+from sharedllm.common.store import DEFAULT_TIMEOUT_S, ContextStore, Quota, open_store
 from sharedllm.common.store.decoded_cache import DEFAULT_CACHE_BYTES
 
 MIB = 1 << 20
@@ -32,7 +35,11 @@ def _check_positive(**values: int) -> None:
 
 @dataclass(frozen=True)
 class NetworkSettings:
-    """Where a service listens, what it admits, and how it shuts down."""
+    """Where a service listens, what it admits, how it encrypts, and how it shuts down.
+
+    drain_delay_s defaults to a few seconds rather than 0: probes and load balancers poll, and
+    one that still sees the port open and NOT_SERVING stops sending work before calls are refused.
+    """
 
     port: int
     host: str = "[::]"
@@ -40,8 +47,11 @@ class NetworkSettings:
     max_concurrent: int = 4  # Compress/Generate calls at once; more are refused
     api_keys: ApiKeys = field(default_factory=ApiKeys.disabled)
     shutdown_grace_s: float = 30.0  # how long SIGTERM waits for calls in flight
-    drain_delay_s: float = 0.0  # NOT_SERVING this long before refusing calls
+    drain_delay_s: float = 5.0  # NOT_SERVING this long, port still open, before refusing calls
     health_interval_s: float = 2.0  # how often the store is pinged
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the port speaks TLS instead of plaintext
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    tls_client_ca: Path | None = None  # PEM roots; set: clients must present a certificate they signed (mTLS)
 
     def __post_init__(self) -> None:
         _check_positive(max_message_bytes=self.max_message_bytes, max_concurrent=self.max_concurrent)
@@ -52,6 +62,15 @@ class NetworkSettings:
         )
         if not 0 <= self.port < 1 << 16:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        check_key_pair(self.tls_cert, self.tls_key, "--tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(
+                "--tls-client-ca asks clients for a certificate, which needs TLS: set --tls-cert and --tls-key too"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True)
@@ -60,15 +79,27 @@ class StoreSettings:
 
     url: str = "redis://localhost:6379/0"
     default_ttl_s: float | None = 24 * 3600.0  # lifetime after each use; None: contexts never expire
-    max_document_bytes: int = 64 * MIB  # largest streamed document
+    # Largest streamed document; None: derived from the token limit (token_budget.max_document_bytes).
+    max_document_bytes: int | None = None
     decoded_cache_bytes: int = DEFAULT_CACHE_BYTES  # verified nodes kept decoded for repeat questions; 0: none
+    timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait for one answer from the store
+    retries: int | None = None  # further tries after a timeout or lost connection (None: 1, 5 on a cluster)
+    quota: Quota = field(default_factory=Quota)  # per tenant
 
     def __post_init__(self) -> None:
-        _check_positive(max_document_bytes=self.max_document_bytes)
+        if self.max_document_bytes is not None:
+            _check_positive(max_document_bytes=self.max_document_bytes)
         if self.default_ttl_s is not None:
             _check_seconds(default_ttl_s=self.default_ttl_s)
         if self.decoded_cache_bytes < 0:
             raise ConfigError(f"decoded_cache_bytes must be >= 0, got {self.decoded_cache_bytes}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ConfigError(f"store timeout_s must be finite and > 0, got {self.timeout_s}")
+        if self.retries is not None and self.retries < 0:
+            raise ConfigError(f"store retries must be >= 0, got {self.retries}")
+
+    def open(self) -> ContextStore:
+        return open_store(self.url, timeout_s=self.timeout_s, retries=self.retries)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         """services: full names (`sharedllm.v1.DecoderService`) whose methods are guarded."""
         self._services = frozenset(services)
         self._api_keys = api_keys
+        # Set by the server when it stops taking calls: a call cancelled from then on was cut short
+        # by the shutdown (or its caller left during it), worth a WARNING rather than a routine line.
+        self.shutting_down = False
 
     async def intercept_service(
         self,
@@ -51,10 +54,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _guard(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
-        """Authenticate, map errors to statuses, and count, time and log the call (one line at INFO)."""
+        """Authenticate, map errors to statuses, and count, time and log the call: one line, at INFO,
+        or at WARNING for a call cancelled while the server shuts down (no traceback: not a bug)."""
         name = method.rsplit("/", 1)[-1]
         started = time.perf_counter()
-        code, detail = grpc.StatusCode.OK, ""
+        code, detail, level = grpc.StatusCode.OK, "", logging.INFO
         metrics.IN_FLIGHT.labels(name).inc()
         try:
             _tenant.set(self._api_keys.tenant(context.invocation_metadata()))
@@ -70,6 +74,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(code, str(exc))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
+            if self.shutting_down:
+                detail, level = ": cancelled during the server's shutdown", logging.WARNING
             raise
         except Exception as exc:
             code = grpc.StatusCode.INTERNAL
@@ -81,7 +87,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             metrics.REQUESTS.labels(name, code.name).inc()
             metrics.REQUEST_SECONDS.labels(name).observe(seconds)
             fields = {"method": name, "code": code.name, "seconds": round(seconds, 4)}
-            log.info("%s -> %s in %.3f s%s", method, code.name, seconds, detail, extra=fields)
+            log.log(level, "%s -> %s in %.3f s%s", method, code.name, seconds, detail, extra=fields)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The same handler with its behaviour run inside `_guard`, for each of the four kinds."""

@@ -3,9 +3,16 @@
 Order of events. The port opens first with health NOT_SERVING, so orchestrators see a live
 process that is not ready yet (the model takes seconds to minutes to load). The runtime is
 loaded and warmed in a thread; from then on health follows the store. On SIGTERM or SIGINT:
-health goes NOT_SERVING, new calls are still accepted for `drain_delay_s` (load balancers
-need a moment to notice), then the server refuses new calls and waits up to
-`shutdown_grace_s` for the calls in flight, then cancels what is left and exits 0.
+health goes NOT_SERVING while the port stays open and new calls are still accepted for
+`drain_delay_s` (5 s by default: probes and load balancers poll, and need a moment to notice),
+then the server refuses new calls and waits up to `shutdown_grace_s` for the calls in flight,
+then cancels what is left and exits 0. Each call cut short that way is one WARNING line from the
+interceptor; `serve` lets those calls unwind before the event loop closes, because grpc logs a
+call task that asyncio.run has to cancel as an ERROR with a traceback.
+
+Transport: plaintext by default, TLS with `tls_cert`/`tls_key`, mutual TLS with
+`tls_client_ca` too (docs/architecture.md §9). Plaintext on an address other hosts can reach
+is logged as a WARNING at start: API keys travel in the metadata of every call.
 """
 
 from __future__ import annotations
@@ -22,15 +29,17 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.rpc.config import ServerConfig
+from sharedllm.common.rpc.config import NetworkSettings, ServerConfig
 from sharedllm.common.rpc.errors import ServiceUnavailable
 from sharedllm.common.rpc.health import NOT_SERVING, Health
 from sharedllm.common.rpc.interceptor import ServiceInterceptor
+from sharedllm.common.rpc.tls import plaintext_warning, read_pem
 from sharedllm.common.rpc.workers import WorkerPool
 from sharedllm.common.runtime import ContextRuntime
-from sharedllm.common.store import open_store
 
 log = logging.getLogger(__name__)
+
+UNWIND_TIMEOUT_S = 5.0  # for the calls a shutdown cancelled to finish; they take milliseconds
 
 
 class ServerState:
@@ -77,13 +86,25 @@ def serving_runtime(engine: Engine, config: ServerConfig) -> ContextRuntime:
     """A runtime over `engine` with the configured store, lifetimes, cache and evidence, warmed up."""
     runtime = ContextRuntime(
         engine,
-        open_store(config.store.url),
+        config.store.open(),
         default_ttl_s=config.store.default_ttl_s,
         decoded_cache_bytes=config.store.decoded_cache_bytes,
         evidence=config.evidence,
+        quota=config.store.quota,
     )
     runtime.warm_up()
     return runtime
+
+
+def server_credentials(network: NetworkSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files (read now: a bad file stops the start), or
+    None for plaintext. With a client CA, a client without a certificate it signed is refused."""
+    if network.tls_cert is None or network.tls_key is None:
+        return None
+    chain = read_pem(network.tls_cert, "TLS certificate (--tls-cert)")
+    key = read_pem(network.tls_key, "TLS private key (--tls-key)")
+    client_ca = read_pem(network.tls_client_ca, "TLS client CA (--tls-client-ca)") if network.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=bool(client_ca))
 
 
 class RpcServer:
@@ -102,29 +123,37 @@ class RpcServer:
         self.stopped = asyncio.Event()  # set when the server should stop: a signal or a failed start
         self.failure: BaseException | None = None
         self._load = load
+        self._interceptor = ServiceInterceptor([spec.full_name], config.network.api_keys)
         self._server: grpc.aio.Server | None = None
         self._supervisor: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Open the port (NOT_SERVING), start loading the model; returns the bound port."""
         network = self.config.network
+        credentials = server_credentials(network)
         limit = network.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor([self.spec.full_name], network.api_keys)],
+            interceptors=[self._interceptor],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         self.spec.register(self.state, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection([self.spec.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = f"{network.host}:{network.port}"
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"cannot listen on {address}")
+        if warning := plaintext_warning(network.host, network.tls):
+            log.warning("%s %s", self.spec.name, warning)
         await self.health.set(NOT_SERVING)
         await server.start()
         self._server = server
         self._supervisor = asyncio.create_task(self._become_ready())
-        log.info("%s listening on %s:%d; loading the model", self.spec.name, network.host, port)
+        transport = ("mutual TLS" if network.tls_client_ca else "TLS") if network.tls else "plaintext"
+        log.info("%s listening on %s:%d (%s); loading the model", self.spec.name, network.host, port, transport)
         return port
 
     async def _become_ready(self) -> None:
@@ -143,9 +172,11 @@ class RpcServer:
         assert self._server is not None, "stop() before start()"
         network = self.config.network
         await self.health.shut_down()
+        log.info("%s stopping: NOT_SERVING, still taking calls for %g s", self.spec.name, network.drain_delay_s)
         if network.drain_delay_s > 0:
             await asyncio.sleep(network.drain_delay_s)
-        log.info("%s draining: waiting up to %.0f s for calls in flight", self.spec.name, network.shutdown_grace_s)
+        log.info("%s draining: waiting up to %g s for calls in flight", self.spec.name, network.shutdown_grace_s)
+        self._interceptor.shutting_down = True
         await self._server.stop(network.shutdown_grace_s)
         if self._supervisor is not None:
             self._supervisor.cancel()
@@ -164,4 +195,14 @@ async def serve(spec: ServiceSpec, config: ServerConfig) -> int:
         loop.add_signal_handler(sig, server.stopped.set)
     await server.stopped.wait()
     await server.stop()
+    await _unwind_calls(UNWIND_TIMEOUT_S)
     return 1 if server.failure is not None else 0
+
+
+async def _unwind_calls(timeout_s: float) -> None:
+    """Wait for the tasks still running, mostly calls the shutdown has just cancelled: grpc's stop
+    returns before their tasks finish, and one that asyncio.run then cancels a second time is
+    logged by grpc as an ERROR with a traceback, for a call that ended as planned."""
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    if others:
+        await asyncio.wait(others, timeout=timeout_s)

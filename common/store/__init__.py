@@ -18,26 +18,31 @@ from sharedllm.common.store.base import (
     DEFAULT_TENANT,
     ContextInfo,
     ContextStore,
+    Quota,
     StoreCounters,
     StoredContext,
     StoreStats,
+    TenantUsage,
     content_context_id,
     new_context_id,
     validate_name,
 )
 from sharedllm.common.store.codec import EncodedContext, Fingerprints, decode, encode
 from sharedllm.common.store.memory import MemoryStore
-from sharedllm.common.store.redis_store import RedisStore
+from sharedllm.common.store.redis_store import DEFAULT_TIMEOUT_S, RedisStore
 
 
-def open_store(url: str = "memory://") -> ContextStore:
+def open_store(
+    url: str = "memory://", *, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int | None = None
+) -> ContextStore:
     """A store from its URL: memory://[?max_bytes=N], redis://..., rediss://... (TLS),
-    redis+cluster://... or rediss+cluster://... (a Redis Cluster, any one of its nodes)."""
+    redis+cluster://... or rediss+cluster://... (a Redis Cluster, any one of its nodes).
+    timeout_s and retries bound how long a network store may hold a call (RedisStore)."""
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme == "memory":
         return MemoryStore.from_url(url)
     if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
-        return RedisStore(url)
+        return RedisStore(url, timeout_s=timeout_s, retries=retries)
     raise InvalidInput(
         f"store URL must start with memory://, redis://, rediss://, redis+cluster:// or rediss+cluster://, "
         f"got scheme {scheme!r}"
@@ -51,11 +56,13 @@ __all__ = [
     "EncodedContext",
     "Fingerprints",
     "MemoryStore",
+    "Quota",
     "RedisStore",
     "StorageReport",
     "StoreCounters",
     "StoreStats",
     "StoredContext",
+    "TenantUsage",
     "content_context_id",
     "decode",
     "encode",

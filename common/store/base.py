@@ -26,7 +26,7 @@ import torch
 
 from sharedllm.common.config import TreeConfig
 from sharedllm.common.engine.tree import SelectedNodes
-from sharedllm.common.errors import ContextNotFound, DataCorruption, InvalidInput
+from sharedllm.common.errors import ContextNotFound, DataCorruption, InvalidInput, QuotaExceeded
 from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import codec
 from sharedllm.common.store.codec import EncodedContext, Fingerprints
@@ -94,6 +94,47 @@ class StoreCounters:
     bytes_read: int = 0
     integrity_failures: int = 0
     evictions: int = 0  # contexts dropped to stay within a capacity (the memory store's LRU)
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per-tenant limits on what a store holds (None: no limit). Why per tenant: one client
+    compressing in a loop must not fill the store every other tenant shares."""
+
+    max_contexts: int | None = None
+    max_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_contexts", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidInput(f"quota {name} must be >= 1 (or none), got {value}")
+
+    @property
+    def limited(self) -> bool:
+        return self.max_contexts is not None or self.max_bytes is not None
+
+    def check(self, tenant: str, others: TenantUsage, adding_bytes: int) -> None:
+        """Raise QuotaExceeded if the tenant's other contexts (`others`: all but the one being
+        written, which a write replaces) plus one of `adding_bytes` would pass a limit."""
+        if self.max_contexts is not None and others.contexts + 1 > self.max_contexts:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {others.contexts} stored contexts; its quota is {self.max_contexts} "
+                "(delete some or let them expire)"
+            )
+        if self.max_bytes is not None and others.stored_bytes + adding_bytes > self.max_bytes:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} stores {others.stored_bytes} bytes; this context needs {adding_bytes} more "
+                f"and the quota is {self.max_bytes} bytes (delete some contexts or let them expire)"
+            )
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What one tenant has stored: live contexts and their bytes."""
+
+    contexts: int
+    stored_bytes: int
 
 
 @dataclass(frozen=True)
@@ -277,11 +318,19 @@ class ContextStore(ABC):
     def __init__(self) -> None:
         self._counters = _Counters()
 
-    def put(self, context_id: str, encoded: EncodedContext) -> None:
-        """Store (or atomically replace) a context under the tenant named in its manifest."""
+    def put(self, context_id: str, encoded: EncodedContext, quota: Quota | None = None) -> None:
+        """Store (or atomically replace) a context under the tenant named in its manifest.
+
+        quota: the tenant's limits, checked with the write (QuotaExceeded when it would pass one;
+        the context it replaces does not count). Every store keeps per-tenant usage either way.
+        """
         key = ContextKey.of(encoded.manifest.tenant, context_id)
-        self._put(key, encoded)
+        self._put(key, encoded, quota or Quota())
         self._counters.add(bytes_written=encoded.nbytes)
+
+    def usage(self, tenant: str) -> TenantUsage:
+        """The tenant's live contexts and stored bytes (expired ones no longer count)."""
+        return self._usage(validate_name(tenant, "tenant"))
 
     def open(
         self,
@@ -359,7 +408,10 @@ class ContextStore(ABC):
         return manifest
 
     @abstractmethod
-    def _put(self, key: ContextKey, encoded: EncodedContext) -> None: ...
+    def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota) -> None: ...
+
+    @abstractmethod
+    def _usage(self, tenant: str) -> TenantUsage: ...
 
     @abstractmethod
     def _open(self, key: ContextKey) -> tuple[bytes, PartReader]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from sharedllm.common.errors import InvalidInput, ResourceExhausted
 from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import codec
-from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, StoreStats
+from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, Quota, StoreStats, TenantUsage
 from sharedllm.common.store.codec import EncodedContext
 
 DEFAULT_MAX_BYTES = 1 << 30
@@ -89,21 +89,34 @@ class MemoryStore(ContextStore):
             contexts, stored = len(self._entries), self._bytes
         return StoreStats(self.url, contexts, stored, self._max_bytes, self._counters.snapshot())
 
-    def _put(self, key: ContextKey, encoded: EncodedContext) -> None:
+    def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota) -> None:
         size = encoded.nbytes
         if size > self._max_bytes:
             raise ResourceExhausted(f"context of {size} bytes exceeds the memory store's max_bytes {self._max_bytes}")
         lifetime_ms = codec.lifetime_ms(encoded.manifest)
         entry = _Entry(encoded, None if lifetime_ms is None else lifetime_ms / 1000, None)
         with self._lock:
-            self._remove(key)
             self._drop_expired()
+            if quota.limited:
+                quota.check(key.tenant, self._tenant_usage(key.tenant, excluding=key), size)
+            self._remove(key)
             while self._bytes + size > self._max_bytes:
                 self._remove(next(iter(self._entries)))
                 self._counters.add(evictions=1)
             entry.restart(self._clock())
             self._entries[key] = entry
             self._bytes += size
+
+    def _usage(self, tenant: str) -> TenantUsage:
+        with self._lock:
+            self._drop_expired()
+            return self._tenant_usage(tenant)
+
+    def _tenant_usage(self, tenant: str, excluding: ContextKey | None = None) -> TenantUsage:
+        """Live contexts of `tenant` (lock held, expired entries dropped): a walk over the entries,
+        which an in-process store holds few enough of."""
+        sizes = [e.encoded.nbytes for k, e in self._entries.items() if k.tenant == tenant and k != excluding]
+        return TenantUsage(len(sizes), sum(sizes))
 
     def _open(self, key: ContextKey) -> tuple[bytes, PartReader]:
         with self._lock:

@@ -7,6 +7,7 @@ Layout, one hash tag per context so that a Redis Cluster keeps all of it in one 
     sllm:{<tenant>:<id>}:<gen>:rkeys                   retrieval-keys payload
     sllm:{<tenant>:<id>}:<gen>:node:<chunk>:<node>     one node payload
     sllm:{<tenant>:<id>}:retired                       hash: replaced generation -> its manifest
+    sllm:usage:{<tenant>}                              hash: context id -> stored bytes (quotas)
 
 Why generations: a writer stages every part under a fresh random generation, then one Lua
 script checks that they all exist and points the manifest key at them. Readers follow that
@@ -18,6 +19,14 @@ Expiry: the manifest key expires after the context's lifetime and its parts PART
 later, so parts exist whenever the manifest does; every use restarts all of them in one script,
 and pinning removes the expiry of all of them. Run Redis with `maxmemory-policy noeviction`:
 an evicted part is lost data, which reads then report as DataCorruption.
+
+Usage: a tenant's index of stored sizes is written with each context and removed with it. It
+lives in the tenant's own slot, so it is updated beside the context's writes, not in their
+script. A context that expires leaves its entry behind until the index is next summed for a
+quota or a usage report; then the entries of contexts that no longer exist are dropped.
+
+Timeouts: a call waits at most `timeout_s` for Redis to answer and is tried `retries` more times,
+so a frozen or vanished Redis frees a worker in seconds (UNAVAILABLE), never minutes.
 
 Redis Cluster: a `redis+cluster://host:port` URL (`rediss+cluster://` with TLS) names any one
 node; the client learns the others and follows MOVED/ASK redirections. Every key of a context
@@ -50,7 +59,7 @@ from sharedllm.common.errors import (
 )
 from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import codec
-from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, StoreStats
+from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, Quota, StoreStats, TenantUsage
 from sharedllm.common.store.codec import EncodedContext
 
 log = logging.getLogger(__name__)
@@ -64,19 +73,10 @@ GRACE_MS = 60_000  # a replaced generation stays readable this long
 _GENERATION = re.compile(rb"[0-9a-f]{16}")
 _INCOMPLETE = "SLLM_INCOMPLETE"
 
-# Connection defaults; options in the URL's query string take precedence.
-_POOL_DEFAULTS = {
-    "socket_connect_timeout": 2.0,
-    "socket_timeout": 10.0,
-    "health_check_interval": 30,
-    "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-}
-# A cluster client retries a little longer: a failover or a slot migration takes seconds.
-_CLUSTER_DEFAULTS = {
-    "socket_connect_timeout": 2.0,
-    "socket_timeout": 10.0,
-    "retry": Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=5),
-}
+DEFAULT_TIMEOUT_S = 3.0  # per answer: a 180 MB write of a 64K-token context is answered within ~1 s
+DEFAULT_RETRIES = 1
+# A cluster client retries longer: a failover or a slot migration takes seconds.
+DEFAULT_CLUSTER_RETRIES = 5
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # Redirections and refusals while a cluster changes shape: worth retrying, nothing is lost.
 _CLUSTER_CHANGING = (
@@ -112,6 +112,27 @@ for i = 3, #KEYS do
   end
 end
 return old
+"""
+
+# KEYS[1] a tenant's usage hash; ARGV: context id, its stored bytes, max contexts (0: none), max
+# bytes (0: none). Records the context unless that would pass a limit; the context it replaces
+# does not count. Returns {recorded (1/0), contexts, bytes, replaced bytes or false}, the usage
+# without this context.
+_RESERVE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local count = redis.call('HLEN', KEYS[1])
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+if old then
+  count = count - 1
+  total = total - tonumber(old)
+end
+local max_contexts, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[4])
+if (max_contexts > 0 and count + 1 > max_contexts) or (max_bytes > 0 and total + tonumber(ARGV[2]) > max_bytes) then
+  return {0, count, total, old or false}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return {1, count, total, old or false}
 """
 
 # KEYS[1] manifest key, KEYS[2] retrieval keys, KEYS[3..] nodes; ARGV: generation,
@@ -195,15 +216,28 @@ class RedisStore(ContextStore):
     rediss:// for TLS (e.g. ?ssl_ca_certs=/path/ca.pem), redis+cluster:// or rediss+cluster://
     for a Redis Cluster (any one node); options are redis-py's."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int | None = None) -> None:
+        """timeout_s: longest wait for an answer (and for a connection); retries: further tries of a
+        call that timed out or lost its connection (None: 1, or 5 on a cluster)."""
         super().__init__()
         scheme = urllib.parse.urlsplit(url).scheme
+        cluster = scheme in CLUSTER_SCHEMES
+        retries = (DEFAULT_CLUSTER_RETRIES if cluster else DEFAULT_RETRIES) if retries is None else retries
+        if not (timeout_s > 0 and retries >= 0):
+            raise InvalidInput(f"store timeout must be > 0 and retries >= 0, got {timeout_s} and {retries}")
+        # Options in the URL's query string take precedence over these.
+        options = {
+            "socket_connect_timeout": timeout_s,
+            "socket_timeout": timeout_s,
+            "retry": Retry(ExponentialBackoff(cap=1.0 if cluster else 0.5, base=0.1 if cluster else 0.05), retries),
+        }
         try:
-            if scheme in CLUSTER_SCHEMES:
+            if cluster:
                 node = CLUSTER_SCHEMES[scheme] + url[len(scheme) :]
-                self._redis: redis.Redis | RedisCluster = RedisCluster.from_url(node, **_CLUSTER_DEFAULTS)
+                self._redis: redis.Redis | RedisCluster = RedisCluster.from_url(node, **options)
             else:
-                self._redis = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, **_POOL_DEFAULTS))
+                pool = redis.ConnectionPool.from_url(url, health_check_interval=30, **options)
+                self._redis = redis.Redis(connection_pool=pool)
         except ValueError as exc:  # redis-py's messages name the bad part, never the password
             raise InvalidInput(f"invalid Redis URL: {exc}") from exc
         except (redis.ConnectionError, redis.TimeoutError, *_CLUSTER_CHANGING) as exc:  # asked for its nodes
@@ -211,6 +245,7 @@ class RedisStore(ContextStore):
         self.url = redact(url)
         self._publish = self._redis.register_script(_PUBLISH)
         self._expire = self._redis.register_script(_EXPIRE)
+        self._reserve = self._redis.register_script(_RESERVE)
 
     def ping(self, *, writes: bool = False) -> None:
         """A PING answers reads; a Redis still loading its dataset answers PING but nothing else, and
@@ -259,9 +294,10 @@ class RedisStore(ContextStore):
                 raise DataCorruption(f"a context key in Redis at {self.url} has the wrong type: {exc}") from exc
             raise
 
-    def _put(self, key: ContextKey, encoded: EncodedContext) -> None:
+    def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota) -> None:
         keys, manifest, gen = _Keys.of(key), encoded.manifest, secrets.token_hex(8)
         parts = keys.parts(gen, manifest)
+        replaced = self._record_usage(key, encoded.nbytes, quota)
         with self._errors():
             try:
                 pipe = self._redis.pipeline(transaction=False)
@@ -274,12 +310,55 @@ class RedisStore(ContextStore):
                 )
             except BaseException:
                 self._discard(parts)  # a full Redis must not stay full of a write that failed
+                self._restore_usage(key, replaced)
                 raise
             if old_gen is not None and old_gen != gen.encode():
                 pipe = self._redis.pipeline(transaction=False)
                 for name in self._parts_of(keys, old_gen, old_frame):
                     pipe.pexpire(name, GRACE_MS)
                 pipe.execute()
+
+    def _record_usage(self, key: ContextKey, nbytes: int, quota: Quota) -> bytes | None:
+        """Count the context in its tenant's usage, within the quota; returns the size recorded for
+        the context it replaces (None: none). Over the quota, the entries of contexts that have
+        expired are dropped and the count is tried once more before QuotaExceeded."""
+        args = [key.context_id, nbytes, quota.max_contexts or 0, quota.max_bytes or 0]
+        for attempt in range(2):
+            with self._errors():
+                recorded, contexts, stored, replaced = self._reserve(keys=[_usage_key(key.tenant)], args=args)
+            if recorded:
+                return replaced or None
+            if attempt == 0:
+                self._prune_usage(key.tenant)
+        quota.check(key.tenant, TenantUsage(contexts, stored), nbytes)  # raises QuotaExceeded with the numbers
+        raise AssertionError("the usage script and Quota.check disagree")  # pragma: no cover
+
+    def _restore_usage(self, key: ContextKey, replaced: bytes | None) -> None:
+        """Undo _record_usage after a failed write (best effort: a stale entry is pruned later)."""
+        try:
+            if replaced is None:
+                self._redis.hdel(_usage_key(key.tenant), key.context_id)
+            else:
+                self._redis.hset(_usage_key(key.tenant), key.context_id, replaced)
+        except redis.RedisError as exc:
+            log.warning("could not undo the usage of a failed write of %s (%s)", key.context_id, exc)
+
+    def _usage(self, tenant: str) -> TenantUsage:
+        sizes = self._prune_usage(tenant)
+        return TenantUsage(len(sizes), sum(sizes.values()))
+
+    def _prune_usage(self, tenant: str) -> dict[str, int]:
+        """Drop the usage entries of contexts that no longer exist (expired); the live sizes."""
+        usage = _usage_key(tenant)
+        with self._errors():
+            entries = {k.decode(): int(v) for k, v in self._redis.hgetall(usage).items()}
+            pipe = self._redis.pipeline(transaction=False)
+            for context_id in entries:
+                pipe.exists(_Keys.of(ContextKey(tenant, context_id)).head)
+            gone = [c for c, exists in zip(entries, pipe.execute(), strict=True) if not exists]
+            if gone:
+                self._redis.hdel(usage, *gone)
+        return {c: size for c, size in entries.items() if c not in set(gone)}
 
     def _discard(self, parts: list[str]) -> None:
         """Remove what a failed write staged, best effort (what stays expires with STAGING_TTL_MS)."""
@@ -331,6 +410,7 @@ class RedisStore(ContextStore):
             ]
             if parts:
                 self._redis.unlink(*parts)
+            self._redis.hdel(_usage_key(key.tenant), key.context_id)
         return bool(head)
 
     def _expire_script(self, keys: _Keys, gen: str, manifest: pb.ContextManifest, mode: str) -> list:
@@ -353,6 +433,10 @@ class RedisStore(ContextStore):
             return keys.parts(gen.decode(), codec.decode_manifest(frame or b""))
         except (DataCorruption, IncompatibleContext):
             return [k.decode() for k in self._redis.scan_iter(match=f"{keys.prefix}:{gen.decode()}:*", count=1000)]
+
+
+def _usage_key(tenant: str) -> str:
+    return f"sllm:usage:{{{tenant}}}"
 
 
 def _current(key: ContextKey, head: dict[bytes, bytes]) -> tuple[str, bytes]:

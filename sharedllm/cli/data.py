@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import shlex
 from collections import defaultdict
+from pathlib import Path
 
 from sharedllm.cli.options import add_data_dir_argument
+from sharedllm.common.config import cache_root
 from sharedllm.common.data.corpora import CORPORA, SPLITS, fetch
 from sharedllm.common.data.demo import DEMO_QUESTION, demo_document
 
@@ -26,10 +28,17 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     )
     fetch_parser.set_defaults(handler=run_fetch)
     demo_parser = commands.add_parser("demo", help="write the demo document (needs only pip packages)")
-    demo_parser.add_argument("--path-only", action="store_true", help="print only the document's path")
+    demo_parser.add_argument("--path-only", action="store_true", help="print only the document's absolute path")
+    # The demo document is a per-user cache, not data of the working directory: its path must not
+    # depend on where `make demo` or a user runs from, nor litter that folder.
+    demo_parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=cache_root(),
+        help="write demo/ruth-1samuel.txt under this directory (default: $SHAREDLLM_CACHE_DIR or ~/.cache/sharedllm)",
+    )
     demo_parser.set_defaults(handler=run_demo)
-    for parser in (fetch_parser, demo_parser):
-        add_data_dir_argument(parser, "data directory")
+    add_data_dir_argument(fetch_parser, "data directory")
 
 
 def run_fetch(args: argparse.Namespace) -> int:
@@ -51,8 +60,11 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Write the demo document and show the command that asks the demo question about it."""
-    path = demo_document(args.data_dir)
+    """Write the demo document and show the command that asks the demo question about it.
+
+    The path is printed absolute, so that `sharedllm ask "$(sharedllm data demo --path-only)"`
+    works from any folder and a `--data-dir` given relative still names the same file later."""
+    path = demo_document(args.data_dir).resolve()
     print(path)
     if args.path_only:
         return 0

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from sharedllm.cli.options import EvidenceArguments, ModelArguments, TreeArguments, add_data_dir_argument
 from sharedllm.common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
+from sharedllm.common.benchmark.report import write_json
 from sharedllm.common.config import TreeConfig
 from sharedllm.common.data.corpora import CORPORA
 from sharedllm.common.data.synthetic import Filler, needle_haystack_text
@@ -149,8 +149,7 @@ def _finish(report: dict[str, Any], table: str, setup: dict[str, Any], args: arg
     for note in notes:
         print(f"note: {note}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_json(report, args.json)
         print(f"wrote {args.json}")
 
 
@@ -243,7 +242,6 @@ def run_summary(args: argparse.Namespace) -> int:
     report = summary.evaluate_summaries(engine, documents, args.max_new_tokens)
     print(summary.format_table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_json(report, args.json)
         print(f"wrote {args.json}")
     return 0

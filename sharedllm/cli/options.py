@@ -17,7 +17,10 @@ from typing import Any
 
 from sharedllm.common.config import DTYPE_CHOICES, ENCODINGS, POOLINGS, POSITIONS, ModelChoice, TreeConfig
 from sharedllm.common.engine.params import EVIDENCE_MODES, EvidenceSettings, SamplingParams
+from sharedllm.common.rpc.tls import ClientTls
 from sharedllm.common.shipped import adapter_help
+
+TRUE_WORDS = ("1", "true", "yes", "on")  # what a switch's SHAREDLLM_<FLAG> variable turns on with
 
 
 def default_data_dir() -> Path:
@@ -198,8 +201,65 @@ class EvidenceArguments:
         return settings
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+class ClientTlsArguments:
+    """--tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name: how a client secures its channel.
+
+    Each defaults to SHAREDLLM_<FLAG> in the environment, as --api-key does, so that a container's
+    health check or a script picks up the deployment's files without repeating them. Any of them
+    turns TLS on; none leaves the channel in plaintext, as the services listen by default.
+    """
+
+    def add_arguments(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        switch = os.environ.get("SHAREDLLM_TLS", "").strip().lower() in TRUE_WORDS
+        parser.add_argument(
+            "--tls",
+            action="store_true",
+            default=switch,
+            help="use TLS, verifying the server against gRPC's default roots (default: $SHAREDLLM_TLS)",
+        )
+        parser.add_argument(
+            "--tls-ca",
+            type=Path,
+            default=_env_path("SHAREDLLM_TLS_CA"),
+            help="PEM roots the server's certificate must chain to; turns TLS on (default: $SHAREDLLM_TLS_CA)",
+        )
+        parser.add_argument(
+            "--tls-cert",
+            type=Path,
+            default=_env_path("SHAREDLLM_TLS_CERT"),
+            help="PEM certificate chain to present, for mutual TLS (default: $SHAREDLLM_TLS_CERT)",
+        )
+        parser.add_argument(
+            "--tls-key",
+            type=Path,
+            default=_env_path("SHAREDLLM_TLS_KEY"),
+            help="PEM private key of --tls-cert (default: $SHAREDLLM_TLS_KEY)",
+        )
+        parser.add_argument(
+            "--tls-server-name",
+            default=os.environ.get("SHAREDLLM_TLS_SERVER_NAME") or None,
+            help="name the server's certificate must carry when the target does not say it, e.g. replicas "
+            "listed by address (default: $SHAREDLLM_TLS_SERVER_NAME)",
+        )
+
+    def from_args(self, args: argparse.Namespace) -> ClientTls | None:
+        """The channel's TLS settings, checked; None for plaintext."""
+        files = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+        if not args.tls and all(value is None for value in files):
+            return None
+        return ClientTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+
+
 class ClientArguments:
-    """How a client reaches a service: --target, --api-key, --timeout-s; --json output."""
+    """How a client reaches a service: --target, --api-key, --timeout-s, TLS; --json output."""
+
+    def __init__(self) -> None:
+        self.tls = ClientTlsArguments()
 
     def add_arguments(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
         parser.add_argument("--target", required=True, help="HOST:PORT of the service")
@@ -208,3 +268,4 @@ class ClientArguments:
         )
         parser.add_argument("--timeout-s", type=float, help="deadline of the call (default: none)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
+        self.tls.add_arguments(parser)

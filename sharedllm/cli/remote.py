@@ -3,7 +3,8 @@
     ID=$(sharedllm compress --target localhost:50051 book.txt)
     sharedllm generate --target localhost:50052 --context "$ID" "Who is Naomi?"
 
-The clients read the API key from SHAREDLLM_API_KEY (or --api-key). `compress` always uploads
+The clients read the API key from SHAREDLLM_API_KEY (or --api-key), and their TLS files from
+SHAREDLLM_TLS_CA/_CERT/_KEY (or --tls-ca/--tls-cert/--tls-key). `compress` always uploads
 through CompressStream, so documents of any size within the server's limits go through. Neither
 loads torch: they build requests, stream responses and print.
 """
@@ -61,7 +62,7 @@ def run_compress(args: argparse.Namespace) -> int:
     with (
         client_trace("compress"),
         args.document.open("rb") as document,
-        open_channel(args.target) as channel,
+        open_channel(args.target, CLIENT.tls.from_args(args)) as channel,
         remote_errors(),
     ):
         stub = compressor_pb2_grpc.CompressorServiceStub(channel)
@@ -94,7 +95,8 @@ def run_generate(args: argparse.Namespace) -> int:
     text: list[str] = []
     token_ids: list[int] = []
     last = decoder_pb2.GenerateResponse()
-    with client_trace("generate"), open_channel(args.target) as channel, remote_errors():
+    tls = CLIENT.tls.from_args(args)
+    with client_trace("generate"), open_channel(args.target, tls) as channel, remote_errors():
         for response in decoder_pb2_grpc.DecoderServiceStub(channel).Generate(request, **call_options(args)):
             if response.token_ids and first_token_s is None:
                 first_token_s = time.perf_counter() - started

@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sharedllm.cli.observability import ObservabilityArguments
-from sharedllm.cli.options import EvidenceArguments, ModelArguments
+from sharedllm.cli.options import TRUE_WORDS, EvidenceArguments, ModelArguments
+from sharedllm.common.engine.token_budget import BYTES_PER_TOKEN_BOUND
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.rpc.auth import ApiKeys
 from sharedllm.common.rpc.config import MIB, NetworkSettings, ServerConfig, StoreSettings
+from sharedllm.common.store import Quota
 
 ENV_PREFIX = "SHAREDLLM_"
-TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 class NetworkArguments:
@@ -40,10 +41,18 @@ class NetworkArguments:
             "--shutdown-grace-s", type=float, default=d.shutdown_grace_s, help="how long SIGTERM waits for calls"
         )
         parser.add_argument(
-            "--drain-delay-s", type=float, default=d.drain_delay_s, help="NOT_SERVING this long before refusing calls"
+            "--drain-delay-s",
+            type=float,
+            default=d.drain_delay_s,
+            help="after SIGTERM, NOT_SERVING this long with the port open (probes notice) before refusing calls",
         )
         parser.add_argument(
             "--health-interval-s", type=float, default=d.health_interval_s, help="how often the store is pinged"
+        )
+        parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
+        parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+        parser.add_argument(
+            "--tls-client-ca", type=Path, help="PEM CA: clients must present a certificate it signed (mutual TLS)"
         )
         parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -57,6 +66,9 @@ class NetworkArguments:
             shutdown_grace_s=args.shutdown_grace_s,
             drain_delay_s=args.drain_delay_s,
             health_interval_s=max(args.health_interval_s, 0.05),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
         )
 
 
@@ -68,8 +80,24 @@ class StoreArguments:
         parser.add_argument("--store-url", default=d.url, help="redis://, rediss:// or memory://")
         parser.add_argument("--default-ttl-s", type=float, default=d.default_ttl_s, help="context lifetime; 0: none")
         parser.add_argument(
-            "--max-document-bytes", type=int, default=d.max_document_bytes, help="largest streamed document"
+            "--max-document-bytes",
+            type=int,
+            default=0,
+            help=f"largest document upload; 0: {BYTES_PER_TOKEN_BOUND} bytes per token of the token limit",
         )
+        parser.add_argument(
+            "--store-timeout-s", type=float, default=d.timeout_s, help="longest wait for one answer from Redis"
+        )
+        parser.add_argument(
+            "--store-retries",
+            type=int,
+            default=-1,
+            help="further tries after a timeout or a lost connection; -1: 1, or 5 on a Redis Cluster",
+        )
+        parser.add_argument(
+            "--tenant-max-contexts", type=int, default=0, help="stored contexts per tenant; 0: no limit"
+        )
+        parser.add_argument("--tenant-max-bytes", type=int, default=0, help="stored bytes per tenant; 0: no limit")
         parser.add_argument(
             "--decoded-cache-mib",
             type=int,
@@ -83,8 +111,11 @@ class StoreArguments:
         return StoreSettings(
             url=args.store_url,
             default_ttl_s=args.default_ttl_s or None,
-            max_document_bytes=args.max_document_bytes,
+            max_document_bytes=args.max_document_bytes or None,
             decoded_cache_bytes=args.decoded_cache_mib * MIB,
+            timeout_s=args.store_timeout_s,
+            retries=None if args.store_retries == -1 else args.store_retries,
+            quota=Quota(max_contexts=args.tenant_max_contexts or None, max_bytes=args.tenant_max_bytes or None),
         )
 
 

@@ -2,6 +2,7 @@
 
     sharedllm worker --embedded                                    # one machine: Redis + this
     sharedllm worker --compressor HOST:50051 --decoder HOST:50052  # a thin client of the services
+    sharedllm worker --compressor HOST:50051 --decoder HOST:50052 --tls-ca ca.pem  # services behind TLS
     sharedllm worker --embedded -- --hostname gpu1@%h --max-tasks-per-child 50  # after --: Celery's options
 
 The worker runs Celery's own worker (`celery worker`) on the batch app: one task at a time per
@@ -16,12 +17,14 @@ import argparse
 from sharedllm.cli import observability
 from sharedllm.cli.batch import add_broker_argument
 from sharedllm.cli.observability import ObservabilityArguments
-from sharedllm.cli.options import ModelArguments
+from sharedllm.cli.options import ClientTlsArguments, ModelArguments
 from sharedllm.cli.server_options import apply_env_defaults
 from sharedllm.common.batch.app import COMPRESS_QUEUE, GENERATE_QUEUE, BatchSettings
+from sharedllm.common.rpc.tls import ClientTls
 from sharedllm.common.telemetry import tracing
 
 MODEL = ModelArguments()
+TLS = ClientTlsArguments()
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -31,6 +34,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     mode.add_argument("--compressor", help="HOST:PORT of the compressor service")
     mode.add_argument("--decoder", help="HOST:PORT of the decoder service")
     mode.add_argument("--api-key", help="API key for the services")
+    TLS.add_arguments(parser.add_argument_group("TLS to the services (services started with --tls-cert)"))
     embedded = parser.add_argument_group("embedded mode")
     MODEL.add_arguments(embedded)
     embedded.add_argument("--store-url", help="where contexts are stored (default: the broker's Redis)")
@@ -75,7 +79,8 @@ def run_worker(args: argparse.Namespace) -> int:
         choice, store_url, threads = MODEL.from_args(args), args.store_url or args.broker_url, args.torch_threads
         tasks.use_backend(lambda: _embedded_backend(choice, store_url, threads))
     else:
-        tasks.use_backend(lambda: _remote_backend(args.compressor, args.decoder, args.api_key))
+        tls = TLS.from_args(args)
+        tasks.use_backend(lambda: _remote_backend(args.compressor, args.decoder, args.api_key, tls))
     tasks.backend()  # load the model (or dial the services) now: a bad flag fails at start, not on a task
     celery_args = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
     argv = ["worker", "--pool", "solo", "--queues", args.queues, "--loglevel", args.log_level]
@@ -99,7 +104,7 @@ def _embedded_backend(choice, store_url: str, threads: int | None):
     return EmbeddedBackend(ContextRuntime(choice.load(), open_store(store_url)))
 
 
-def _remote_backend(compressor: str, decoder: str, api_key: str | None):
+def _remote_backend(compressor: str, decoder: str, api_key: str | None, tls: ClientTls | None):
     from sharedllm.common.batch.backends import RemoteBackend
 
-    return RemoteBackend(compressor, decoder, api_key)
+    return RemoteBackend(compressor, decoder, api_key, tls=tls)

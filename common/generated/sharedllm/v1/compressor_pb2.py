@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sharedllm.common.generated.sharedllm.v1 import context_pb2 as sharedllm_dot_v1_dot_context__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsharedllm/v1/compressor.proto\x12\x0csharedllm.v1\x1a\x1asharedllm/v1/context.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"p\n\x0f\x43ompressOptions\x12\x17\n\ncontext_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0b\n\x03pin\x18\x03 \x01(\x08\x42\r\n\x0b_context_idB\x0e\n\x0c_ttl_seconds\"\x8a\x01\n\x0f\x43ompressRequest\x12\x0e\n\x04text\x18\x01 \x01(\x0cH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.sharedllm.v1.TokenIdsH\x00\x12.\n\x07options\x18\x03 \x01(\x0b\x32\x1d.sharedllm.v1.CompressOptionsB\n\n\x08\x64ocument\"\xe2\x01\n\x11\x43ompressedContext\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64ocument_tokens\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\r\x12\x14\n\x0cstored_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompression_ratio\x18\x05 \x01(\x01\x12\x17\n\x0f\x62ytes_per_token\x18\x06 \x01(\x01\x12\x16\n\x0ekv_cache_ratio\x18\x07 \x01(\x01\x12.\n\x07timings\x18\x08 \x01(\x0b\x32\x1d.sharedllm.v1.CompressTimings\"s\n\x0f\x43ompressTimings\x12\x18\n\x10tokenize_seconds\x18\x01 \x01(\x01\x12\x18\n\x10\x63ompress_seconds\x18\x02 \x01(\x01\x12\x15\n\rstore_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"D\n\x10\x43ompressResponse\x12\x30\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1f.sharedllm.v1.CompressedContext\"\x8d\x01\n\x15\x43ompressStreamRequest\x12.\n\x07options\x18\x01 \x01(\x0b\x32\x1d.sharedllm.v1.CompressOptions\x12\x0e\n\x04text\x18\x02 \x01(\x0cH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.sharedllm.v1.TokenIdsH\x00\x42\x07\n\x05piece\"J\n\x16\x43ompressStreamResponse\x12\x30\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1f.sharedllm.v1.CompressedContext\"\'\n\x11GetContextRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\":\n\tTreeLevel\x12\r\n\x05level\x18\x01 \x01(\r\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\"\xe3\x02\n\x12GetContextResponse\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1b\n\x13\x61\x64\x61pter_fingerprint\x18\x03 \x01(\t\x12\x12\n\ncompatible\x18\x04 \x01(\x08\x12-\n\x0btree_config\x18\x05 \x01(\x0b\x32\x18.sharedllm.v1.TreeConfig\x12\x17\n\x0f\x64ocument_tokens\x18\x06 \x01(\x04\x12\x15\n\rchunk_lengths\x18\x07 \x03(\r\x12\'\n\x06levels\x18\x08 \x03(\x0b\x32\x17.sharedllm.v1.TreeLevel\x12\x14\n\x0cstored_bytes\x18\t \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x1f\n\x12\x65xpires_in_seconds\x18\x0b \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_expires_in_seconds\"*\n\x14\x44\x65leteContextRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteContextResponse\"6\n\x13TouchContextRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"N\n\x14TouchContextResponse\x12\x1f\n\x12\x65xpires_in_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_expires_in_seconds2\xbf\x03\n\x11\x43ompressorService\x12I\n\x08\x43ompress\x12\x1d.sharedllm.v1.CompressRequest\x1a\x1e.sharedllm.v1.CompressResponse\x12]\n\x0e\x43ompressStream\x12#.sharedllm.v1.CompressStreamRequest\x1a$.sharedllm.v1.CompressStreamResponse(\x01\x12O\n\nGetContext\x12\x1f.sharedllm.v1.GetContextRequest\x1a .sharedllm.v1.GetContextResponse\x12X\n\rDeleteContext\x12\".sharedllm.v1.DeleteContextRequest\x1a#.sharedllm.v1.DeleteContextResponse\x12U\n\x0cTouchContext\x12!.sharedllm.v1.TouchContextRequest\x1a\".sharedllm.v1.TouchContextResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsharedllm/v1/compressor.proto\x12\x0csharedllm.v1\x1a\x1asharedllm/v1/context.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"p\n\x0f\x43ompressOptions\x12\x17\n\ncontext_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0b\n\x03pin\x18\x03 \x01(\x08\x42\r\n\x0b_context_idB\x0e\n\x0c_ttl_seconds\"\x8a\x01\n\x0f\x43ompressRequest\x12\x0e\n\x04text\x18\x01 \x01(\x0cH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.sharedllm.v1.TokenIdsH\x00\x12.\n\x07options\x18\x03 \x01(\x0b\x32\x1d.sharedllm.v1.CompressOptionsB\n\n\x08\x64ocument\"\xf2\x01\n\x11\x43ompressedContext\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64ocument_tokens\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\r\x12\x14\n\x0cstored_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompression_ratio\x18\x05 \x01(\x01\x12\x17\n\x0f\x62ytes_per_token\x18\x06 \x01(\x01\x12\x16\n\x0ekv_cache_ratio\x18\x07 \x01(\x01\x12.\n\x07timings\x18\x08 \x01(\x0b\x32\x1d.sharedllm.v1.CompressTimings\x12\x0e\n\x06reused\x18\t \x01(\x08\"s\n\x0f\x43ompressTimings\x12\x18\n\x10tokenize_seconds\x18\x01 \x01(\x01\x12\x18\n\x10\x63ompress_seconds\x18\x02 \x01(\x01\x12\x15\n\rstore_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"D\n\x10\x43ompressResponse\x12\x30\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1f.sharedllm.v1.CompressedContext\"\x8d\x01\n\x15\x43ompressStreamRequest\x12.\n\x07options\x18\x01 \x01(\x0b\x32\x1d.sharedllm.v1.CompressOptions\x12\x0e\n\x04text\x18\x02 \x01(\x0cH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.sharedllm.v1.TokenIdsH\x00\x42\x07\n\x05piece\"J\n\x16\x43ompressStreamResponse\x12\x30\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1f.sharedllm.v1.CompressedContext\"\'\n\x11GetContextRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\":\n\tTreeLevel\x12\r\n\x05level\x18\x01 \x01(\r\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\"\xe3\x02\n\x12GetContextResponse\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1b\n\x13\x61\x64\x61pter_fingerprint\x18\x03 \x01(\t\x12\x12\n\ncompatible\x18\x04 \x01(\x08\x12-\n\x0btree_config\x18\x05 \x01(\x0b\x32\x18.sharedllm.v1.TreeConfig\x12\x17\n\x0f\x64ocument_tokens\x18\x06 \x01(\x04\x12\x15\n\rchunk_lengths\x18\x07 \x03(\r\x12\'\n\x06levels\x18\x08 \x03(\x0b\x32\x17.sharedllm.v1.TreeLevel\x12\x14\n\x0cstored_bytes\x18\t \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x1f\n\x12\x65xpires_in_seconds\x18\x0b \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_expires_in_seconds\"*\n\x14\x44\x65leteContextRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteContextResponse\"6\n\x13TouchContextRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"N\n\x14TouchContextResponse\x12\x1f\n\x12\x65xpires_in_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_expires_in_seconds2\xbf\x03\n\x11\x43ompressorService\x12I\n\x08\x43ompress\x12\x1d.sharedllm.v1.CompressRequest\x1a\x1e.sharedllm.v1.CompressResponse\x12]\n\x0e\x43ompressStream\x12#.sharedllm.v1.CompressStreamRequest\x1a$.sharedllm.v1.CompressStreamResponse(\x01\x12O\n\nGetContext\x12\x1f.sharedllm.v1.GetContextRequest\x1a .sharedllm.v1.GetContextResponse\x12X\n\rDeleteContext\x12\".sharedllm.v1.DeleteContextRequest\x1a#.sharedllm.v1.DeleteContextResponse\x12U\n\x0cTouchContext\x12!.sharedllm.v1.TouchContextRequest\x1a\".sharedllm.v1.TouchContextResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,29 +39,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPRESSREQUEST']._serialized_start=215
   _globals['_COMPRESSREQUEST']._serialized_end=353
   _globals['_COMPRESSEDCONTEXT']._serialized_start=356
-  _globals['_COMPRESSEDCONTEXT']._serialized_end=582
-  _globals['_COMPRESSTIMINGS']._serialized_start=584
-  _globals['_COMPRESSTIMINGS']._serialized_end=699
-  _globals['_COMPRESSRESPONSE']._serialized_start=701
-  _globals['_COMPRESSRESPONSE']._serialized_end=769
-  _globals['_COMPRESSSTREAMREQUEST']._serialized_start=772
-  _globals['_COMPRESSSTREAMREQUEST']._serialized_end=913
-  _globals['_COMPRESSSTREAMRESPONSE']._serialized_start=915
-  _globals['_COMPRESSSTREAMRESPONSE']._serialized_end=989
-  _globals['_GETCONTEXTREQUEST']._serialized_start=991
-  _globals['_GETCONTEXTREQUEST']._serialized_end=1030
-  _globals['_TREELEVEL']._serialized_start=1032
-  _globals['_TREELEVEL']._serialized_end=1090
-  _globals['_GETCONTEXTRESPONSE']._serialized_start=1093
-  _globals['_GETCONTEXTRESPONSE']._serialized_end=1448
-  _globals['_DELETECONTEXTREQUEST']._serialized_start=1450
-  _globals['_DELETECONTEXTREQUEST']._serialized_end=1492
-  _globals['_DELETECONTEXTRESPONSE']._serialized_start=1494
-  _globals['_DELETECONTEXTRESPONSE']._serialized_end=1517
-  _globals['_TOUCHCONTEXTREQUEST']._serialized_start=1519
-  _globals['_TOUCHCONTEXTREQUEST']._serialized_end=1573
-  _globals['_TOUCHCONTEXTRESPONSE']._serialized_start=1575
-  _globals['_TOUCHCONTEXTRESPONSE']._serialized_end=1653
-  _globals['_COMPRESSORSERVICE']._serialized_start=1656
-  _globals['_COMPRESSORSERVICE']._serialized_end=2103
+  _globals['_COMPRESSEDCONTEXT']._serialized_end=598
+  _globals['_COMPRESSTIMINGS']._serialized_start=600
+  _globals['_COMPRESSTIMINGS']._serialized_end=715
+  _globals['_COMPRESSRESPONSE']._serialized_start=717
+  _globals['_COMPRESSRESPONSE']._serialized_end=785
+  _globals['_COMPRESSSTREAMREQUEST']._serialized_start=788
+  _globals['_COMPRESSSTREAMREQUEST']._serialized_end=929
+  _globals['_COMPRESSSTREAMRESPONSE']._serialized_start=931
+  _globals['_COMPRESSSTREAMRESPONSE']._serialized_end=1005
+  _globals['_GETCONTEXTREQUEST']._serialized_start=1007
+  _globals['_GETCONTEXTREQUEST']._serialized_end=1046
+  _globals['_TREELEVEL']._serialized_start=1048
+  _globals['_TREELEVEL']._serialized_end=1106
+  _globals['_GETCONTEXTRESPONSE']._serialized_start=1109
+  _globals['_GETCONTEXTRESPONSE']._serialized_end=1464
+  _globals['_DELETECONTEXTREQUEST']._serialized_start=1466
+  _globals['_DELETECONTEXTREQUEST']._serialized_end=1508
+  _globals['_DELETECONTEXTRESPONSE']._serialized_start=1510
+  _globals['_DELETECONTEXTRESPONSE']._serialized_end=1533
+  _globals['_TOUCHCONTEXTREQUEST']._serialized_start=1535
+  _globals['_TOUCHCONTEXTREQUEST']._serialized_end=1589
+  _globals['_TOUCHCONTEXTRESPONSE']._serialized_start=1591
+  _globals['_TOUCHCONTEXTRESPONSE']._serialized_end=1669
+  _globals['_COMPRESSORSERVICE']._serialized_start=1672
+  _globals['_COMPRESSORSERVICE']._serialized_end=2119
 # @@protoc_insertion_point(module_scope)

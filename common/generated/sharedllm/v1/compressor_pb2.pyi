@@ -34,7 +34,7 @@ class CompressRequest(_message.Message):
     def __init__(self, text: _Optional[bytes] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., options: _Optional[_Union[CompressOptions, _Mapping]] = ...) -> None: ...
 
 class CompressedContext(_message.Message):
-    __slots__ = ("context_id", "document_tokens", "chunks", "stored_bytes", "compression_ratio", "bytes_per_token", "kv_cache_ratio", "timings")
+    __slots__ = ("context_id", "document_tokens", "chunks", "stored_bytes", "compression_ratio", "bytes_per_token", "kv_cache_ratio", "timings", "reused")
     CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class CompressedContext(_message.Message):
     BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_RATIO_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    REUSED_FIELD_NUMBER: _ClassVar[int]
     context_id: str
     document_tokens: int
     chunks: int
@@ -51,7 +52,8 @@ class CompressedContext(_message.Message):
     bytes_per_token: float
     kv_cache_ratio: float
     timings: CompressTimings
-    def __init__(self, context_id: _Optional[str] = ..., document_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., bytes_per_token: _Optional[float] = ..., kv_cache_ratio: _Optional[float] = ..., timings: _Optional[_Union[CompressTimings, _Mapping]] = ...) -> None: ...
+    reused: bool
+    def __init__(self, context_id: _Optional[str] = ..., document_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., bytes_per_token: _Optional[float] = ..., kv_cache_ratio: _Optional[float] = ..., timings: _Optional[_Union[CompressTimings, _Mapping]] = ..., reused: _Optional[bool] = ...) -> None: ...
 
 class CompressTimings(_message.Message):
     __slots__ = ("tokenize_seconds", "compress_seconds", "store_seconds", "total_seconds")

@@ -156,7 +156,7 @@ class ServerStats(_message.Message):
     def __init__(self, active_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., decoded_cache_bytes: _Optional[int] = ..., decoded_cache_capacity_bytes: _Optional[int] = ..., decoded_cache_hits: _Optional[int] = ..., decoded_cache_misses: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_fingerprint", "adapter_fingerprint", "adapter_trained", "tree_config", "limits", "stats", "store_url")
+    __slots__ = ("model_name", "model_fingerprint", "adapter_fingerprint", "adapter_trained", "tree_config", "limits", "stats", "store_url", "usage")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class GetServerInfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     STORE_URL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_fingerprint: str
     adapter_fingerprint: str
@@ -173,4 +174,19 @@ class GetServerInfoResponse(_message.Message):
     limits: ServerLimits
     stats: ServerStats
     store_url: str
-    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., adapter_fingerprint: _Optional[str] = ..., adapter_trained: _Optional[bool] = ..., tree_config: _Optional[_Union[_context_pb2.TreeConfig, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., store_url: _Optional[str] = ...) -> None: ...
+    usage: TenantUsage
+    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., adapter_fingerprint: _Optional[str] = ..., adapter_trained: _Optional[bool] = ..., tree_config: _Optional[_Union[_context_pb2.TreeConfig, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., store_url: _Optional[str] = ..., usage: _Optional[_Union[TenantUsage, _Mapping]] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("tenant", "contexts", "stored_bytes", "max_contexts", "max_bytes")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    contexts: int
+    stored_bytes: int
+    max_contexts: int
+    max_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., contexts: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., max_contexts: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
