@@ -13,6 +13,7 @@ import time
 
 import grpc
 
+from sharedllm.common import process_memory
 from sharedllm.common.config import node_index
 from sharedllm.common.engine.token_budget import TokenBudget, max_document_bytes
 from sharedllm.common.errors import ContextNotFound, InvalidInput
@@ -190,9 +191,12 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
                 if should_stop():
                     raise Stopped(f"compression abandoned after {done} of {total} chunks: the caller left")
 
-            if isinstance(document, str):
-                return runtime.compress_text(document, progress=progress, **kwargs)
-            return runtime.compress_ids(document, progress=progress, **kwargs)
+            try:
+                if isinstance(document, str):
+                    return runtime.compress_text(document, progress=progress, **kwargs)
+                return runtime.compress_ids(document, progress=progress, **kwargs)
+            finally:
+                process_memory.give_back()  # activations and the encoded context are freed by now
 
         outcome = await self._state.workers.call(work)
         metrics.observe_compress(outcome.n_tokens, outcome.stored_bytes, outcome.timings)

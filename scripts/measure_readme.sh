@@ -105,3 +105,7 @@ $BIN/python bench/decoder_load.py --tokens 32768 --questions 16 --concurrency 1 
 # 7. Tracing (the observability issue): its cost on a repeat question, and one question's spans.
 mkdir -p "$OUT/telemetry"
 $BIN/python bench/trace_overhead.py --tokens 32768 --repeats 9 --out "$OUT/telemetry" | tee "$OUT/telemetry/overhead.txt"
+
+# 8. Hardening (the hardening issue): what hostile and legitimate uploads cost the compressor.
+mkdir -p "$OUT/hardening"
+$BIN/python bench/upload_limits.py --json "$OUT/hardening/uploads.json" | tee "$OUT/hardening/uploads.txt"
