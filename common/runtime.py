@@ -27,7 +27,7 @@ from sharedllm.common.store import (
     DEFAULT_TENANT,
     ContextStore,
     Fingerprints,
-    Quota,
+    TenantQuotas,
     codec,
     content_context_id,
     encode,
@@ -101,12 +101,12 @@ class ContextRuntime:
         default_ttl_s: float | None = 24 * 3600,
         decoded_cache_bytes: int = DEFAULT_CACHE_BYTES,
         evidence: EvidenceSettings | None = None,
-        quota: Quota | None = None,
+        quotas: TenantQuotas | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
         self.default_ttl_s = default_ttl_s
-        self.quota = quota or Quota()
+        self.quotas = quotas or TenantQuotas()
         self.cache = DecodedCache(decoded_cache_bytes) if decoded_cache_bytes > 0 else None
         # Kept with the decoded cache (and off with it): both serve repeat questions about a document.
         self.passage_indexes = PassageIndexCache() if decoded_cache_bytes > 0 else None
@@ -167,8 +167,9 @@ class ContextRuntime:
         # Before spending the computation: a store that is gone or full, or a tenant at its quota,
         # would refuse the write anyway.
         self.store.ping(writes=True)
-        if self.quota.limited:
-            self.quota.check(tenant, self.store.usage(tenant), 0)
+        quota = self.quotas.of(tenant)
+        if quota.limited:
+            quota.check(tenant, self.store.usage(tenant), 0)
         with tracing.span("compress", tenant=tenant, tokens=len(token_ids)) as current:
             with tracing.span("lower model and pooling", tokens=len(token_ids)):
                 compressed = self.engine.compress(token_ids, progress)
@@ -182,7 +183,7 @@ class ContextRuntime:
                 ttl_s=lifetime_s,
             )
             with tracing.span("store write", bytes=encoded.nbytes):
-                self.store.put(context_id, encoded, self.quota)
+                self.store.put(context_id, encoded, quota)
             done = time.perf_counter()
             current.set_attributes(
                 {"context_id": context_id, "chunks": compressed.tree.n_chunks, "bytes": encoded.nbytes}

@@ -134,7 +134,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
     ) -> pb.GetServerInfoResponse:
         runtime, config, workers = self._state.runtime, self._state.config, self._state.workers
         engine, tenant = runtime.engine, current_tenant()
-        usage = await asyncio.to_thread(runtime.store.usage, tenant)
+        usage, quota = await asyncio.to_thread(runtime.store.usage, tenant), runtime.quotas.of(tenant)
         return pb.GetServerInfoResponse(
             model_name=engine.loaded.name,
             model_fingerprint=runtime.fingerprints.model,
@@ -161,7 +161,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 tenant=tenant,
                 contexts=usage.contexts,
                 stored_bytes=usage.stored_bytes,
-                max_contexts=runtime.quota.max_contexts or 0,
-                max_bytes=runtime.quota.max_bytes or 0,
+                max_contexts=quota.max_contexts or 0,
+                max_bytes=quota.max_bytes or 0,
             ),
         )

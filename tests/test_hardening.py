@@ -28,7 +28,7 @@ from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as cpb
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as dpb
 from sharedllm.common.runtime import ContextRuntime
-from sharedllm.common.store import MemoryStore, Quota, RedisStore, open_store
+from sharedllm.common.store import MemoryStore, Quota, RedisStore, TenantQuotas, open_store
 from sharedllm.compressor_service.server import SPEC as COMPRESSOR
 from sharedllm.decoder_service.server import SPEC as DECODER
 
@@ -252,7 +252,7 @@ def test_expired_contexts_leave_the_quota(redis_server, tenant, make_tree):
 
 
 def test_a_tenant_over_its_quota_is_refused_before_computing(engine, redis_server, tenant, monkeypatch):
-    runtime = ContextRuntime(engine, open_store(redis_server.url), quota=Quota(max_contexts=1))
+    runtime = ContextRuntime(engine, open_store(redis_server.url), quotas=TenantQuotas(Quota(max_contexts=1)))
     runtime.compress_text(DOCUMENT, tenant=tenant)
     monkeypatch.setattr(engine, "compress", lambda *a, **k: pytest.fail("computed"))
     with pytest.raises(QuotaExceeded, match="quota is 1"):
@@ -260,9 +260,25 @@ def test_a_tenant_over_its_quota_is_refused_before_computing(engine, redis_serve
     assert runtime.compress_text(DOCUMENT, tenant=tenant).reused  # the stored one is still handed back
 
 
-def test_quota_over_grpc_and_usage_in_server_info(loop, tiny_model_dir, tiny_adapter, make_redis_server):
+def test_tenants_file_gives_tenants_their_own_quota(tmp_path):
+    path = tmp_path / "quotas"
+    path.write_text("# tenant limits\nacme max_contexts=10 max_bytes=1000000\nfree max_bytes=0\n")
+    quotas = TenantQuotas.from_file(path, Quota(max_contexts=2))
+    assert quotas.of("acme") == Quota(10, 1_000_000) and quotas.of("free") == Quota() and quotas.of("x") == Quota(2)
+    for bad, message in (
+        ("acme max_contexts=ten", "expected max_contexts=N"),
+        ("a/b", "tenant at"),
+        ("a\na", "already"),
+    ):
+        path.write_text(bad + "\n")
+        with pytest.raises(InvalidInput, match=message):
+            TenantQuotas.from_file(path, Quota())
+
+
+def test_quota_over_grpc_and_usage_in_server_info(loop, tiny_model_dir, tiny_adapter, make_redis_server, tmp_path):
     redis = make_redis_server()
-    flags = ("--tenant-max-contexts", "1")
+    (tmp_path / "quotas").write_text("default max_contexts=1\n")  # the tenant without an API key
+    flags = ("--tenant-max-contexts", "5", "--tenant-quotas-file", str(tmp_path / "quotas"))
     with services(loop, tiny_model_dir, tiny_adapter, redis.url, *flags) as (compressor, decoder):
         compress = compressor.Compress
         first = compress(cpb.CompressRequest(text=DOCUMENT.encode())).context

@@ -15,7 +15,7 @@ from sharedllm.common.config import ConfigError, ModelChoice
 from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.rpc.auth import ApiKeys
 from sharedllm.common.rpc.tls import check_key_pair
-from sharedllm.common.store import DEFAULT_TIMEOUT_S, ContextStore, Quota, open_store
+from sharedllm.common.store import DEFAULT_TIMEOUT_S, ContextStore, TenantQuotas, open_store
 from sharedllm.common.store.decoded_cache import DEFAULT_CACHE_BYTES
 
 MIB = 1 << 20
@@ -84,7 +84,7 @@ class StoreSettings:
     decoded_cache_bytes: int = DEFAULT_CACHE_BYTES  # verified nodes kept decoded for repeat questions; 0: none
     timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait for one answer from the store
     retries: int | None = None  # further tries after a timeout or lost connection (None: 1, 5 on a cluster)
-    quota: Quota = field(default_factory=Quota)  # per tenant
+    quotas: TenantQuotas = field(default_factory=TenantQuotas)
 
     def __post_init__(self) -> None:
         if self.max_document_bytes is not None:

@@ -90,7 +90,7 @@ def serving_runtime(engine: Engine, config: ServerConfig) -> ContextRuntime:
         default_ttl_s=config.store.default_ttl_s,
         decoded_cache_bytes=config.store.decoded_cache_bytes,
         evidence=config.evidence,
-        quota=config.store.quota,
+        quotas=config.store.quotas,
     )
     runtime.warm_up()
     return runtime

@@ -18,17 +18,16 @@ from sharedllm.common.store.base import (
     DEFAULT_TENANT,
     ContextInfo,
     ContextStore,
-    Quota,
     StoreCounters,
     StoredContext,
     StoreStats,
-    TenantUsage,
     content_context_id,
     new_context_id,
     validate_name,
 )
 from sharedllm.common.store.codec import EncodedContext, Fingerprints, decode, encode
 from sharedllm.common.store.memory import MemoryStore
+from sharedllm.common.store.quota import Quota, TenantQuotas, TenantUsage
 from sharedllm.common.store.redis_store import DEFAULT_TIMEOUT_S, RedisStore
 
 
@@ -62,6 +61,7 @@ __all__ = [
     "StoreCounters",
     "StoreStats",
     "StoredContext",
+    "TenantQuotas",
     "TenantUsage",
     "content_context_id",
     "decode",

@@ -26,11 +26,12 @@ import torch
 
 from sharedllm.common.config import TreeConfig
 from sharedllm.common.engine.tree import SelectedNodes
-from sharedllm.common.errors import ContextNotFound, DataCorruption, InvalidInput, QuotaExceeded
+from sharedllm.common.errors import ContextNotFound, DataCorruption, InvalidInput
 from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import codec
 from sharedllm.common.store.codec import EncodedContext, Fingerprints
 from sharedllm.common.store.decoded_cache import DecodedCache
+from sharedllm.common.store.quota import Quota, TenantUsage
 
 T = TypeVar("T")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -94,47 +95,6 @@ class StoreCounters:
     bytes_read: int = 0
     integrity_failures: int = 0
     evictions: int = 0  # contexts dropped to stay within a capacity (the memory store's LRU)
-
-
-@dataclass(frozen=True)
-class Quota:
-    """Per-tenant limits on what a store holds (None: no limit). Why per tenant: one client
-    compressing in a loop must not fill the store every other tenant shares."""
-
-    max_contexts: int | None = None
-    max_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_contexts", "max_bytes"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InvalidInput(f"quota {name} must be >= 1 (or none), got {value}")
-
-    @property
-    def limited(self) -> bool:
-        return self.max_contexts is not None or self.max_bytes is not None
-
-    def check(self, tenant: str, others: TenantUsage, adding_bytes: int) -> None:
-        """Raise QuotaExceeded if the tenant's other contexts (`others`: all but the one being
-        written, which a write replaces) plus one of `adding_bytes` would pass a limit."""
-        if self.max_contexts is not None and others.contexts + 1 > self.max_contexts:
-            raise QuotaExceeded(
-                f"tenant {tenant!r} has {others.contexts} stored contexts; its quota is {self.max_contexts} "
-                "(delete some or let them expire)"
-            )
-        if self.max_bytes is not None and others.stored_bytes + adding_bytes > self.max_bytes:
-            raise QuotaExceeded(
-                f"tenant {tenant!r} stores {others.stored_bytes} bytes; this context needs {adding_bytes} more "
-                f"and the quota is {self.max_bytes} bytes (delete some contexts or let them expire)"
-            )
-
-
-@dataclass(frozen=True)
-class TenantUsage:
-    """What one tenant has stored: live contexts and their bytes."""
-
-    contexts: int
-    stored_bytes: int
 
 
 @dataclass(frozen=True)

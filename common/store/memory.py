@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from sharedllm.common.errors import InvalidInput, ResourceExhausted
 from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import codec
-from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, Quota, StoreStats, TenantUsage
+from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, StoreStats
 from sharedllm.common.store.codec import EncodedContext
+from sharedllm.common.store.quota import Quota, TenantUsage
 
 DEFAULT_MAX_BYTES = 1 << 30
 

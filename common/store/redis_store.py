@@ -59,8 +59,9 @@ from sharedllm.common.errors import (
 )
 from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import codec
-from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, Quota, StoreStats, TenantUsage
+from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, StoreStats
 from sharedllm.common.store.codec import EncodedContext
+from sharedllm.common.store.quota import Quota, TenantUsage
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from sharedllm.common.engine.token_budget import BYTES_PER_TOKEN_BOUND
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.rpc.auth import ApiKeys
 from sharedllm.common.rpc.config import MIB, NetworkSettings, ServerConfig, StoreSettings
-from sharedllm.common.store import Quota
+from sharedllm.common.store import Quota, TenantQuotas
 
 ENV_PREFIX = "SHAREDLLM_"
 
@@ -99,6 +99,11 @@ class StoreArguments:
         )
         parser.add_argument("--tenant-max-bytes", type=int, default=0, help="stored bytes per tenant; 0: no limit")
         parser.add_argument(
+            "--tenant-quotas-file",
+            type=Path,
+            help="`TENANT [max_contexts=N] [max_bytes=N]` per line: tenants with their own quota",
+        )
+        parser.add_argument(
             "--decoded-cache-mib",
             type=int,
             default=d.decoded_cache_bytes // MIB,
@@ -115,8 +120,15 @@ class StoreArguments:
             decoded_cache_bytes=args.decoded_cache_mib * MIB,
             timeout_s=args.store_timeout_s,
             retries=None if args.store_retries == -1 else args.store_retries,
-            quota=Quota(max_contexts=args.tenant_max_contexts or None, max_bytes=args.tenant_max_bytes or None),
+            quotas=self._quotas(args),
         )
+
+    @staticmethod
+    def _quotas(args: argparse.Namespace) -> TenantQuotas:
+        default = Quota(max_contexts=args.tenant_max_contexts or None, max_bytes=args.tenant_max_bytes or None)
+        if args.tenant_quotas_file is None:
+            return TenantQuotas(default)
+        return TenantQuotas.from_file(args.tenant_quotas_file, default)
 
 
 class ServerArguments:
