@@ -328,3 +328,10 @@ def test_a_usage_index_of_the_wrong_type_is_data_loss(store, client, tenant, mak
         store.put("doc-1", encode_tree(make_tree(), tenant=tenant))
     with pytest.raises(DataCorruption, match="wrong type"):
         store.usage(tenant)
+
+
+def test_a_redis_loading_its_dataset_is_unavailable_with_a_retry_hint(store):
+    """What redis-py raises while a restarted Redis reads its dataset back (a real one loads the
+    suite's few keys too fast to catch in that state)."""
+    with pytest.raises(StoreUnavailable, match="loading its dataset; retry in a few seconds"), store._errors():
+        raise redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory")

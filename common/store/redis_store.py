@@ -277,6 +277,8 @@ class RedisStore(ContextStore):
         """Turn redis-py's exceptions into the product's error vocabulary."""
         try:
             yield
+        except redis.exceptions.BusyLoadingError as exc:  # restarted, reading its dataset back from disk
+            raise StoreUnavailable(f"Redis at {self.url} is loading its dataset; retry in a few seconds") from exc
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError) as exc:
             raise StoreUnavailable(f"Redis at {self.url} is unavailable ({type(exc).__name__}: {exc})") from exc
         except _CLUSTER_CHANGING as exc:
