@@ -261,19 +261,9 @@ class Engine:
         bias = None
         if source is not None and evidence.tokens > 0:
             started = time.perf_counter()
-            n_tokens = sum(source.chunk_lengths)
-            usable = index is not None and (index.passage_tokens, index.n_tokens) == (evidence.passage_tokens, n_tokens)
-            index = index if usable else self.passage_index(source, evidence.passage_tokens)
-            sims = None if query is None else node_similarity(source.retrieval_keys, query).cpu().numpy()
-            depth = source.config.depth
-            tree = None if sims is None else index.tree_scores(sims, source.chunk_lengths, depth)
             room = self.window - max_new_tokens - len(self._chat_ids(render([], question))) - len(prefix)
             budget = min(evidence.tokens, room - _EXCERPT_OVERHEAD_TOKENS)
-            # Rank for the budget that fits: a spread over the document must span all of it.
-            ranking = rank(index, question, tree, dataclasses.replace(evidence, tokens=max(budget, 0)))
-            passages = choose(index, ranking, budget)
-            if sims is not None:
-                bias = torch.from_numpy(index.node_scores(ranking.scores, source.chunk_lengths, depth))
+            passages, bias = self.choose_evidence(source, question, query, evidence, budget, index)
             evidence_s = time.perf_counter() - started
         prompt = self._chat_ids(render(passages, question)) + prefix
         while passages and len(prompt) + max_new_tokens > self.window:  # excerpt markers took more than planned
@@ -292,6 +282,31 @@ class Engine:
             injection = dataclasses.replace(injection, shielded=tuple(shielded))
             timings = timings.plus(prep).plus(GenerateTimings(prepare_s=time.perf_counter() - t0))
         return QuestionPlan(prompt, injection, tuple(passages), timings)
+
+    def choose_evidence(
+        self,
+        source: ContextSource,
+        question: str,
+        query: torch.Tensor | None,
+        evidence: EvidenceSettings,
+        budget: int,
+        index: PassageIndex | None = None,
+    ) -> tuple[list[Passage], torch.Tensor | None]:
+        """The passages for `question` within `budget` tokens, in document order, and the bias
+        their ranking puts on the tree's node selection (None without a query vector)."""
+        n_tokens = sum(source.chunk_lengths)
+        usable = index is not None and (index.passage_tokens, index.n_tokens) == (evidence.passage_tokens, n_tokens)
+        index = index if usable else self.passage_index(source, evidence.passage_tokens)
+        sims = None if query is None else node_similarity(source.retrieval_keys, query).cpu().numpy()
+        depth = source.config.depth
+        tree = None if sims is None else index.tree_scores(sims, source.chunk_lengths, depth)
+        # Rank for the budget that fits: a spread over the document must span all of it.
+        ranking = rank(index, question, tree, dataclasses.replace(evidence, tokens=max(budget, 0)))
+        passages = choose(index, ranking, budget)
+        bias = None
+        if sims is not None:
+            bias = torch.from_numpy(index.node_scores(ranking.scores, source.chunk_lengths, depth))
+        return passages, bias
 
     def _excerpt_span(self, prompt: list[int], question: str) -> tuple[int, int] | None:
         """Prompt positions from the excerpts' header to the question (None if the template hides them).
@@ -350,13 +365,16 @@ class Engine:
         source: ContextSource | None = None,
         query_ids: list[int] | None = None,
         from_position: int = 0,
+        shielded: tuple[tuple[int, int], ...] = (),
     ) -> torch.Tensor:
-        """Logits [L - from_position, V] of a whole sequence (perplexity, training, tests): the tree
-        alone, its nodes chosen by the query (None: the most recent child), no evidence, so no
-        ranking bias and no shielded positions. Gradients flow unless the caller turns them off."""
+        """Logits [L - from_position, V] of a whole sequence (perplexity, training, tests): the tree's
+        nodes chosen by the query (None: the most recent child), no ranking bias; `shielded`
+        position ranges read no injection (excerpts in the window, as Engine.plan shields them).
+        Gradients flow unless the caller turns them off."""
         injection = None
         if source is not None:
             query = self.decoder.query_vector(query_ids) if query_ids else None
             injection, _ = self.decoder.prepare(source, query)
+            injection = dataclasses.replace(injection, shielded=shielded)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.body.device)
         return self.body.logits(self.decoder.forward(ids, 0, None, injection)[0, from_position:])

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Collection
 
 METHODS: tuple[str, ...] = ("sharedllm", "evidence", "tree", "window", "full", "truncation", "streaming")
-# Perplexity scores a fixed decoder segment: it has no question to choose evidence for.
-PPL_METHODS: tuple[str, ...] = ("sharedllm", "window", "full", "truncation", "streaming")
+# Perplexity ranks the evidence for the decoder segment's text, as for a question (ppl.py).
+PPL_METHODS: tuple[str, ...] = ("sharedllm", "evidence", "tree", "window", "full", "truncation", "streaming")
 # The methods that read the compressed document, and how: (evidence in the window, tree injected).
 DOCUMENT_METHODS: dict[str, tuple[bool, bool]] = {
     "sharedllm": (True, True),

@@ -3,16 +3,23 @@
 For each held-out document and length L, a window is L tokens of preceding context and then
 W scored tokens. Within a document every length scores the *same* windows (placed where the
 longest length that fits has its whole context), so a change across lengths comes from the
-context alone, never from easier or harder scored text. The methods:
-- sharedllm: all but the last `decoder_tokens` of the context are compressed; the decoder reads
-  the rest of the context and the scored tokens;
-- window: the same decoder segment, no earlier text;
+context alone, never from easier or harder scored text. All but the last `decoder_tokens` of
+the context are "the document"; the decoder reads the rest of the context (the segment) and
+the scored tokens. The methods:
+- sharedllm: the document compressed and injected, and evidence excerpts of it (ranked for the
+  segment's text, as a question would rank them) in the window before the segment: the
+  product's default. With --evidence-tokens 0 it is the tree alone;
+- evidence: the same excerpts, nothing injected (a retrieval baseline with the same budget);
+- tree: the document injected, no excerpts (the paper's setting);
+- window: the segment alone, no earlier text;
 - truncation: the last tokens of the context that fit the base window with the scored ones;
 - full: the whole context in the base window. It exists only where L + W fits the window,
   and there it *is* truncation (nothing is cut), so it is computed once and reported as such;
 - streaming: the whole context streamed through a StreamingLLM sink cache.
-The first three share `example_loss` with training, so they score exactly the tokens the
-trainer's held-out evaluation would.
+As in serving, the excerpts' positions (and, unless `inject_answer`, the scored tokens) read no
+injection; node selection follows the language-modelling protocol of training (no query: the
+most recent child). `tree`, `window` and `full` share `example_loss` with training, so they
+score exactly the tokens the trainer's held-out evaluation would.
 """
 
 from __future__ import annotations
@@ -27,13 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from sharedllm.common.baselines.streaming import StreamingLLM
 from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.evidence import render
+from sharedllm.common.engine.params import EvidenceSettings
+from sharedllm.common.engine.tree import ContextTree
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.evaluation.heldout import HeldoutDocument
-from sharedllm.common.evaluation.methods import METHODS, base_window_methods
+from sharedllm.common.evaluation.methods import METHODS, PPL_METHODS, base_window_methods
 from sharedllm.common.training.examples import Example
 from sharedllm.common.training.trainer import example_loss, gap_closed
 
@@ -56,7 +67,8 @@ class PplSettings:
     windows: int = 2  # per document and length
     scored: int = 256  # W
     decoder_tokens: int = 256  # context tokens the decoder reads before the scored ones
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = PPL_METHODS
+    evidence: EvidenceSettings = dataclasses.field(default_factory=EvidenceSettings)  # sharedllm's and evidence's
 
     def validate(self, window: int) -> None:
         if not self.lengths or self.windows < 1 or self.scored < 1:
@@ -66,14 +78,15 @@ class PplSettings:
                 f"--decoder-tokens must be in [1, {min(self.lengths)}) (below the shortest length), "
                 f"got {self.decoder_tokens}"
             )
-        if self.decoder_tokens + self.scored > window:
+        self.evidence.validate()
+        if self.evidence.tokens + self.decoder_tokens + self.scored > window:
             raise InvalidInput(
-                f"the decoder segment ({self.decoder_tokens} + {self.scored} scored tokens) "
-                f"exceeds the window of {window}"
+                f"the evidence budget, decoder segment and scored tokens ({self.evidence.tokens} + "
+                f"{self.decoder_tokens} + {self.scored}) exceed the window of {window}"
             )
-        unknown = set(self.methods) - set(METHODS)
+        unknown = set(self.methods) - set(PPL_METHODS)
         if unknown or not self.methods:
-            raise InvalidInput(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {sorted(unknown)}")
+            raise InvalidInput(f"methods must be a non-empty subset of {', '.join(PPL_METHODS)}, got {sorted(unknown)}")
 
 
 def window_starts(n_tokens: int, lengths: Sequence[int], scored: int, windows: int) -> tuple[list[int], list[int]]:
@@ -105,14 +118,22 @@ def window_nll(
     settings: PplSettings,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Summed NLL of the scored tokens per method (full only where it fits), and seconds per method."""
-    d = settings.decoder_tokens
+    d, wanted = settings.decoder_tokens, settings.methods
     example = Example(context[:-d], context[-d:] + scored, d, None)
     fitted = fit_window(example, engine.window)
-    served = base_window_methods(settings.methods, len(fitted.document) == len(example.document))
+    served = base_window_methods(wanted, len(fitted.document) == len(example.document))
     runs: dict[str, Callable[[], float]] = {}
-    if "sharedllm" in settings.methods:
-        runs["sharedllm"] = lambda: float(example_loss(engine, example)[0])
-    if "window" in settings.methods:
+    with_excerpts = [m for m in ("sharedllm", "evidence") if m in wanted and settings.evidence.tokens > 0]
+    tree: ContextTree | None = None
+    if with_excerpts:
+        tree = engine.compressor.compress(example.document)
+        excerpts = excerpt_ids(engine, tree, context[-d:], settings.evidence)
+        for method in with_excerpts:
+            source = tree if method == "sharedllm" else None
+            runs[method] = lambda source=source: excerpts_nll(engine, excerpts, example, source, settings.evidence)
+    if "tree" in wanted or ("sharedllm" in wanted and not with_excerpts):
+        runs["tree"] = lambda: float(example_loss(engine, example)[0])
+    if "window" in wanted or ("evidence" in wanted and not with_excerpts):
         runs["window"] = lambda: float(example_loss(engine, example, inject=False)[0])
     if served:
         runs["base"] = lambda: float(example_loss(engine, fitted, full_context=True)[0])
@@ -125,11 +146,43 @@ def window_nll(
             start = time.perf_counter()
             nll[method] = run()
             seconds[method] = time.perf_counter() - start
+    # Without a budget, sharedllm is the tree alone and evidence is the window alone: one run each.
+    for method, same in (("sharedllm", "tree"), ("evidence", "window")):
+        if method in wanted and method not in nll:
+            nll[method], seconds[method] = nll[same], seconds[same]
+    for method in ("tree", "window"):
+        if method not in wanted:
+            nll.pop(method, None)
+            seconds.pop(method, None)
     if served:
         base = nll.pop("base"), seconds.pop("base")
         for method in served:
             nll[method], seconds[method] = base
     return nll, seconds
+
+
+def excerpt_ids(engine: Engine, tree: ContextTree, segment: list[int], evidence: EvidenceSettings) -> list[int]:
+    """The excerpts for a window: passages of the document ranked for the segment's text (the
+    lexical ranking and the tree's retrieval keys, as a question's), rendered as in serving."""
+    question = engine.tokenizer.decode(segment)
+    query = engine.decoder.query_vector(segment)
+    passages, _ = engine.choose_evidence(tree, question, query, evidence, evidence.tokens)
+    return engine.tokenizer(render(passages, "").rstrip() + "\n\n", add_special_tokens=False)["input_ids"]
+
+
+def excerpts_nll(
+    engine: Engine, excerpts: list[int], example: Example, tree: ContextTree | None, evidence: EvidenceSettings
+) -> float:
+    """Summed NLL of the scored tokens with the excerpts before the segment (and the tree injected
+    unless `tree` is None), the excerpts and the scored tokens shielded as Engine.plan shields them."""
+    ids = excerpts + example.decoder
+    first = len(excerpts) + example.scored_from
+    shielded = [] if evidence.inject_excerpts else [(0, len(excerpts))]
+    if not evidence.inject_answer:
+        shielded.append((first, len(ids)))
+    logits = engine.logits(ids, tree, None, from_position=first - 1, shielded=tuple(shielded))[:-1].float()
+    targets = torch.tensor(ids[first:], device=logits.device)
+    return float(F.cross_entropy(logits, targets, reduction="sum"))
 
 
 def evaluate_perplexity(

@@ -74,6 +74,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
         default=list(CORPORA),
         help="whose held-out document to score (those fetched of these)",
     )
+    EVIDENCE.add_arguments(p.add_argument_group("evidence (ranked for the decoder segment's text)"))
     p.set_defaults(handler=run_ppl)
 
     n = commands.add_parser("needle", help="passkey and needle retrieval accuracy per length x depth")
@@ -142,7 +143,10 @@ def _finish(report: dict[str, Any], table: str, setup: dict[str, Any], args: arg
     """Print the table and notes; write the JSON report."""
     notes = []
     if not setup["adapter_trained"] and "sharedllm" in args.methods:
-        notes.append("the adapter is untrained: its o_proj is zero, so sharedllm equals window alone by construction")
+        notes.append(
+            "the adapter is untrained: its o_proj is zero, so sharedllm equals evidence alone (and tree equals "
+            "window alone) by construction"
+        )
     report = {"setup": setup, **report, "notes": notes}
     print(_title(setup))
     print(table)
@@ -156,7 +160,12 @@ def _finish(report: dict[str, Any], table: str, setup: dict[str, Any], args: arg
 def run_ppl(args: argparse.Namespace) -> int:
     engine, streaming, setup = _load(args)
     settings = ppl.PplSettings(
-        tuple(args.lengths), args.windows, args.scored_tokens, args.decoder_tokens, tuple(args.methods)
+        tuple(args.lengths),
+        args.windows,
+        args.scored_tokens,
+        args.decoder_tokens,
+        tuple(args.methods),
+        EVIDENCE.from_args(args),
     )
     settings.validate(engine.window)
     documents = heldout_documents(args.data_dir, engine.tokenizer, args.corpora)
