@@ -123,10 +123,11 @@ class ContextRuntime:
             for _ in self.engine.generate(tree, WARM_UP_TEXT, SamplingParams(max_new_tokens=1)):
                 pass
 
-    def compress_text(self, text: str, **kwargs) -> CompressOutcome:
+    def compress_text(self, text: str, counted: bool = False, **kwargs) -> CompressOutcome:
+        """compress_ids on the text's tokens; counted=True: its tokens were counted as it arrived."""
         started = time.perf_counter()
         with tracing.span("tokenize", characters=len(text)):
-            ids = self.engine.tokenize_document(text)
+            ids = self.engine.tokenize_document(text, counted)
         tokenized = time.perf_counter() - started
         outcome = self.compress_ids(ids, **kwargs)
         timings = dataclasses.replace(
@@ -161,15 +162,15 @@ class ContextRuntime:
         digest = source_digest(token_ids)
         if context_id is None:
             context_id = self._content_id(tenant, digest)
-            reused = self._reuse(context_id, tenant, lifetime_s, started)
+            reused = self._reuse(context_id, tenant, digest, lifetime_s, started)
             if reused is not None:
                 return reused
         # Before spending the computation: a store that is gone or full, or a tenant at its quota,
         # would refuse the write anyway.
         self.store.ping(writes=True)
         quota = self.quotas.of(tenant)
-        if quota.limited:
-            quota.check(tenant, self.store.usage(tenant), 0)
+        if quota.limited:  # the context this one replaces, if any, does not count
+            quota.check(tenant, self.store.usage(tenant, excluding=context_id), 0)
         with tracing.span("compress", tenant=tenant, tokens=len(token_ids)) as current:
             with tracing.span("lower model and pooling", tokens=len(token_ids)):
                 compressed = self.engine.compress(token_ids, progress)
@@ -192,17 +193,23 @@ class ContextRuntime:
             return self._outcome(context_id, False, encoded.manifest, encoded.nbytes, timings)
 
     def _content_id(self, tenant: str, digest: bytes) -> str:
-        """The id of a document as this runtime stores it: everything the stored bytes depend on."""
-        setup = f"compress\0{self.fingerprints.model}\0{self.fingerprints.adapter}\0{FORMAT_VERSION}\0"
+        """The id of a document as this runtime stores it: everything the stored bytes depend on
+        (model, adapter with its tree, the compressor's dtype, the format, the tokens)."""
+        fp = self.fingerprints
+        setup = f"compress\0{fp.model}\0{fp.adapter}\0{self.engine.body.dtype}\0{FORMAT_VERSION}\0"
         return content_context_id(tenant, setup.encode() + digest)
 
-    def _reuse(self, context_id: str, tenant: str, lifetime_s: float | None, started: float) -> CompressOutcome | None:
+    def _reuse(
+        self, context_id: str, tenant: str, digest: bytes, lifetime_s: float | None, started: float
+    ) -> CompressOutcome | None:
         """The stored context of the same document, if it lives at least as long as asked (its
         expiry restarted, or removed when asked to pin); None: compress it (again)."""
         try:
             info = self.store.info(context_id, tenant=tenant)
         except (ContextNotFound, IncompatibleContext, DataCorruption):
             return None  # absent, or unusable: a fresh compression replaces it
+        if info.manifest.source_sha256 != digest:
+            return None  # another document a caller stored under this id by name: replaced
         stored_s = codec.lifetime_ms(info.manifest)
         if lifetime_s is not None and stored_s is not None and stored_s < lifetime_s * 1000:
             return None  # stored to live shorter than asked: store it anew with the longer lifetime

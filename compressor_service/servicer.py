@@ -149,6 +149,12 @@ def tree_levels(info: ContextInfo) -> list[pb.TreeLevel]:
 class CompressorServicer(pb_grpc.CompressorServiceServicer):
     def __init__(self, state: ServerState) -> None:
         self._state = state
+        # Uploads count their tokens in threads, no more at once than calls may compress.
+        self._counting = asyncio.Semaphore(state.config.network.max_concurrent)
+
+    async def _in_thread(self, call, *args):
+        async with self._counting:
+            return await asyncio.to_thread(call, *args)
 
     def _upload(self) -> DocumentUpload:
         engine = self._state.runtime.engine
@@ -159,8 +165,8 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
     async def Compress(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         started = time.perf_counter()
         upload = self._upload()
-        await asyncio.to_thread(upload.add, request, "document")  # counting tokens takes a while
-        document = await asyncio.to_thread(upload.document)
+        await self._in_thread(upload.add, request, "document")  # counting tokens takes a while
+        document = await self._in_thread(upload.document)
         return pb.CompressResponse(context=await self._compress(document, request.options, started))
 
     async def CompressStream(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.CompressStreamResponse:
@@ -172,8 +178,8 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
                 options = message.options
             elif message.HasField("options"):
                 raise InvalidInput("options belong in the first message of the stream only")
-            await asyncio.to_thread(upload.add, message, "piece")
-        document = await asyncio.to_thread(upload.document)
+            await self._in_thread(upload.add, message, "piece")
+        document = await self._in_thread(upload.document)
         return pb.CompressStreamResponse(context=await self._compress(document, options, started))
 
     async def _compress(
@@ -192,8 +198,8 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
                     raise Stopped(f"compression abandoned after {done} of {total} chunks: the caller left")
 
             try:
-                if isinstance(document, str):
-                    return runtime.compress_text(document, progress=progress, **kwargs)
+                if isinstance(document, str):  # its tokens were counted on arrival
+                    return runtime.compress_text(document, counted=True, progress=progress, **kwargs)
                 return runtime.compress_ids(document, progress=progress, **kwargs)
             finally:
                 process_memory.give_back()  # activations and the encoded context are freed by now

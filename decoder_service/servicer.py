@@ -15,6 +15,7 @@ import grpc
 
 from sharedllm.common.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SAMPLING_FIELDS, SamplingParams
 from sharedllm.common.engine.results import Finished, Passage, TokenDelta
+from sharedllm.common.errors import StoreUnavailable
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as pb
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2_grpc as pb_grpc
 from sharedllm.common.rpc.interceptor import current_tenant
@@ -134,7 +135,17 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
     ) -> pb.GetServerInfoResponse:
         runtime, config, workers = self._state.runtime, self._state.config, self._state.workers
         engine, tenant = runtime.engine, current_tenant()
-        usage, quota = await asyncio.to_thread(runtime.store.usage, tenant), runtime.quotas.of(tenant)
+        quota = runtime.quotas.of(tenant)
+        try:
+            usage = await asyncio.to_thread(runtime.store.usage, tenant)
+        except StoreUnavailable:  # left out: the rest still helps diagnose why the store is unreachable
+            usage = None
+        tenant_usage = None
+        if usage is not None:
+            limits = {"max_contexts": quota.max_contexts or 0, "max_bytes": quota.max_bytes or 0}
+            tenant_usage = pb.TenantUsage(
+                tenant=tenant, contexts=usage.contexts, stored_bytes=usage.stored_bytes, **limits
+            )
         return pb.GetServerInfoResponse(
             model_name=engine.loaded.name,
             model_fingerprint=runtime.fingerprints.model,
@@ -157,11 +168,5 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 **cache_counters(runtime.cache.stats() if runtime.cache is not None else None),
             ),
             store_url=runtime.store.url,
-            usage=pb.TenantUsage(
-                tenant=tenant,
-                contexts=usage.contexts,
-                stored_bytes=usage.stored_bytes,
-                max_contexts=quota.max_contexts or 0,
-                max_bytes=quota.max_bytes or 0,
-            ),
+            usage=tenant_usage,
         )

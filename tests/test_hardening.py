@@ -28,7 +28,8 @@ from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as cpb
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as dpb
 from sharedllm.common.runtime import ContextRuntime
-from sharedllm.common.store import MemoryStore, Quota, RedisStore, TenantQuotas, open_store
+from sharedllm.common.store import MemoryStore, Quota, RedisStore, TenantQuotas, TenantUsage, open_store
+from sharedllm.common.store.base import ContextKey
 from sharedllm.compressor_service.server import SPEC as COMPRESSOR
 from sharedllm.decoder_service.server import SPEC as DECODER
 
@@ -65,19 +66,33 @@ def test_the_token_budget_counts_what_whole_tokenisation_counts_and_stops_early(
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     text = " ".join(f"{WORDS} ({i}) \n\n  indented   {i * 7919}" for i in range(3000))
     exact = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    budget = TokenBudget(tokenizer, limit=exact // 6, block_chars=4096)  # counting starts at once
-    budget._count_after = 0
-    with pytest.raises(InvalidInput, match=f"more than {exact // 6} tokens"):
+    limit = exact // 6
+    budget = TokenBudget(tokenizer, limit=limit, block_chars=4096)
+    with pytest.raises(InvalidInput, match=f"more than {limit} tokens"):
         for start in range(0, len(text), 1000):
             budget.add(text[start : start + 1000])
-    assert budget.tokens < exact // 6 + 2000  # stopped within a block of the limit, not at the end
+    assert budget.tokens < limit + 2 * 4096  # stopped within a block of the limit, not at the end
     whole = TokenBudget(tokenizer, limit=exact, block_chars=4096)
-    whole._count_after = 0
     for start in range(0, len(text), 777):
         whole.add(text[start : start + 777])
     whole.finish()
     assert abs(whole.tokens - exact) <= 2 * whole._blocks  # whitespace cuts: the count of the whole text
     assert max_document_bytes(131_072) == 2 << 20  # the default byte limit at 128K tokens: 2 MiB
+    short = TokenBudget(tokenizer, limit=len(WORDS.encode()))
+    short.add(WORDS)
+    short.finish()
+    assert short.tokens == 0  # no more bytes than the limit has tokens: nothing to count
+
+
+def test_the_token_budget_bounds_tokens_in_any_script(tiny_model_dir):
+    """CJK text has more tokens than characters: counting must not wait for a character count."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "春眠不覺曉，處處聞啼鳥。夜來風雨聲，花落知多少。" * 4000
+    limit = 10_000
+    budget = TokenBudget(tokenizer, limit=limit, block_chars=4096)
+    with pytest.raises(InvalidInput, match=f"more than {limit} tokens"):
+        budget.add(text)
+    assert budget.tokens < limit + 2 * 4096 and budget._characters < len(text) // 4
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -238,6 +253,38 @@ def test_quotas_count_contexts_and_bytes_per_tenant(any_store, tenant, make_tree
     assert store.usage(tenant).contexts == 2
 
 
+def test_a_write_in_progress_keeps_its_place_in_the_quota(redis_server, tenant, make_tree):
+    """A usage report or a refused writer prunes entries of contexts that do not exist; a context
+    still being written does not exist yet, and must not be pruned (it would let a second writer
+    past the quota)."""
+    with RedisStore(redis_server.url) as store:
+        quota = Quota(max_contexts=1)
+        one = encode_tree(make_tree(), tenant=tenant)
+        pending, _ = store._record_usage(ContextKey(tenant, "in-progress"), one.nbytes, quota)
+        assert store.usage(tenant).contexts == 1  # counted, and not pruned by the report
+        with pytest.raises(QuotaExceeded):
+            store.put("second", one, quota)
+        store._swap_usage(ContextKey(tenant, "in-progress"), pending, b"")  # the writer gives up
+        store.put("second", one, quota)
+        store.put("second", one, quota)  # replacing at the quota is allowed
+        assert store.usage(tenant) == TenantUsage(1, one.nbytes)
+        assert store.usage(tenant, excluding="second") == TenantUsage(0, 0)
+        store.delete("second", tenant=tenant)
+        assert store.usage(tenant) == TenantUsage(0, 0)
+
+
+def test_without_a_quota_expired_entries_do_not_pile_up(redis_server, tenant, make_tree):
+    with RedisStore(redis_server.url) as store:
+        for i in range(20):
+            store.put(f"short-{i}", encode_tree(make_tree(), tenant=tenant, ttl_s=0.05))
+        time.sleep(0.2)
+        for i in range(20):
+            store.put(f"kept-{i}", encode_tree(make_tree(), tenant=tenant))
+        entries = store._redis.hlen(f"sllm:usage:{{{tenant}}}")
+        assert entries < 40  # writes prune a sample of expired entries as they go
+        assert store.usage(tenant).contexts == 20 == store._redis.hlen(f"sllm:usage:{{{tenant}}}")
+
+
 def test_expired_contexts_leave_the_quota(redis_server, tenant, make_tree):
     with RedisStore(redis_server.url) as store:
         quota = Quota(max_contexts=1)
@@ -253,6 +300,9 @@ def test_expired_contexts_leave_the_quota(redis_server, tenant, make_tree):
 
 def test_a_tenant_over_its_quota_is_refused_before_computing(engine, redis_server, tenant, monkeypatch):
     runtime = ContextRuntime(engine, open_store(redis_server.url), quotas=TenantQuotas(Quota(max_contexts=1)))
+    runtime.compress_text(DOCUMENT, tenant=tenant, context_id="named")
+    runtime.compress_text(DOCUMENT, tenant=tenant, context_id="named")  # replacing it at the quota is allowed
+    runtime.store.delete("named", tenant=tenant)
     runtime.compress_text(DOCUMENT, tenant=tenant)
     monkeypatch.setattr(engine, "compress", lambda *a, **k: pytest.fail("computed"))
     with pytest.raises(QuotaExceeded, match="quota is 1"):

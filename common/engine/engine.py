@@ -154,13 +154,17 @@ class Engine:
 
     # ---- documents -------------------------------------------------------------------
 
-    def tokenize_document(self, text: str) -> list[int]:
+    def tokenize_document(self, text: str, counted: bool = False) -> list[int]:
+        """The document's token ids, within the limit. counted=True: the caller has already fed
+        the text to a token_budget(), which refuses an oversized one early."""
         if not text.strip():
             raise InvalidInput("document is empty")
         if "\x00" in text:
             raise InvalidInput("document contains NUL bytes; it looks binary, not text")
-        budget = self.token_budget()
-        budget.add(text)  # refuses a text far over the limit before tokenising it whole
+        if not counted:
+            budget = self.token_budget()
+            budget.add(text)  # refuses a text far over the limit before tokenising it whole
+            budget.finish()
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         self.check_document_tokens(len(ids))
         return ids

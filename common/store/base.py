@@ -288,9 +288,10 @@ class ContextStore(ABC):
         self._put(key, encoded, quota or Quota())
         self._counters.add(bytes_written=encoded.nbytes)
 
-    def usage(self, tenant: str) -> TenantUsage:
-        """The tenant's live contexts and stored bytes (expired ones no longer count)."""
-        return self._usage(validate_name(tenant, "tenant"))
+    def usage(self, tenant: str, *, excluding: str | None = None) -> TenantUsage:
+        """The tenant's live contexts and stored bytes (expired ones no longer count; writes in
+        progress do), leaving out context `excluding` (one about to be replaced)."""
+        return self._usage(validate_name(tenant, "tenant"), excluding)
 
     def open(
         self,
@@ -371,7 +372,7 @@ class ContextStore(ABC):
     def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota) -> None: ...
 
     @abstractmethod
-    def _usage(self, tenant: str) -> TenantUsage: ...
+    def _usage(self, tenant: str, excluding: str | None) -> TenantUsage: ...
 
     @abstractmethod
     def _open(self, key: ContextKey) -> tuple[bytes, PartReader]:

@@ -108,10 +108,10 @@ class MemoryStore(ContextStore):
             self._entries[key] = entry
             self._bytes += size
 
-    def _usage(self, tenant: str) -> TenantUsage:
+    def _usage(self, tenant: str, excluding: str | None) -> TenantUsage:
         with self._lock:
             self._drop_expired()
-            return self._tenant_usage(tenant)
+            return self._tenant_usage(tenant, None if excluding is None else ContextKey(tenant, excluding))
 
     def _tenant_usage(self, tenant: str, excluding: ContextKey | None = None) -> TenantUsage:
         """Live contexts of `tenant` (lock held, expired entries dropped): a walk over the entries,

@@ -72,7 +72,11 @@ class TenantQuotas:
         from sharedllm.common.store.base import validate_name  # base imports this module
 
         tenants: dict[str, Quota] = {}
-        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"cannot read the tenant quotas file {path}: {exc}") from None
+        for number, line in enumerate(text.splitlines(), 1):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
                 continue
@@ -83,7 +87,7 @@ class TenantQuotas:
             limits: dict[str, int | None] = {}
             for item in fields[1:]:
                 name, _, value = item.partition("=")
-                if name not in ("max_contexts", "max_bytes") or not value.isdigit():
+                if name not in ("max_contexts", "max_bytes") or not (value.isascii() and value.isdigit()):
                     raise InvalidInput(f"{where}: expected max_contexts=N or max_bytes=N, got {item!r}")
                 limits[name] = int(value) or None
             tenants[tenant] = Quota(**limits)

@@ -41,6 +41,7 @@ import contextlib
 import logging
 import re
 import secrets
+import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ GRACE_MS = 60_000  # a replaced generation stays readable this long
 _GENERATION = re.compile(rb"[0-9a-f]{16}")
 _INCOMPLETE = "SLLM_INCOMPLETE"
 
-DEFAULT_TIMEOUT_S = 3.0  # per answer: a 180 MB write of a 64K-token context is answered within ~1 s
+DEFAULT_TIMEOUT_S = 3.0  # per answer; the replies to a 361 MB write (a 128K-token context) start within ~1 s
 DEFAULT_RETRIES = 1
 # A cluster client retries longer: a failover or a slot migration takes seconds.
 DEFAULT_CLUSTER_RETRIES = 5
@@ -115,26 +116,44 @@ end
 return old
 """
 
-# KEYS[1] a tenant's usage hash; ARGV: context id, its stored bytes, max contexts (0: none), max
-# bytes (0: none). Records the context unless that would pass a limit; the context it replaces
-# does not count. Returns {recorded (1/0), contexts, bytes, replaced bytes or false}, the usage
-# without this context.
+# A tenant's usage hash maps context id -> "<stored bytes>:<unix ms>", with ":pending" appended
+# while the context is being written (its manifest does not exist yet, so pruning must not take
+# it for an expired one).
+#
+# KEYS[1] the usage hash; ARGV: context id, the pending value, its bytes, max contexts (0: none),
+# max bytes (0: none). Records the context unless that would pass a limit (the context it
+# replaces does not count); without limits it only records. Returns {recorded (1/0), contexts,
+# bytes (the usage without this context; 0, 0 without limits), the replaced value or false}.
 _RESERVE = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
+local max_contexts, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
+if max_contexts == 0 and max_bytes == 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return {1, 0, 0, old or false}
+end
 local count = redis.call('HLEN', KEYS[1])
 local total = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(string.match(v, '^%d+')) end
 if old then
   count = count - 1
-  total = total - tonumber(old)
+  total = total - tonumber(string.match(old, '^%d+'))
 end
-local max_contexts, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[4])
-if (max_contexts > 0 and count + 1 > max_contexts) or (max_bytes > 0 and total + tonumber(ARGV[2]) > max_bytes) then
+if (max_contexts > 0 and count + 1 > max_contexts) or (max_bytes > 0 and total + tonumber(ARGV[3]) > max_bytes) then
   return {0, count, total, old or false}
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return {1, count, total, old or false}
 """
+
+# KEYS[1] the usage hash; ARGV: context id, the value expected, the new value ('': remove).
+# Changes the entry only if it still holds the value expected, so a writer never undoes or
+# prunes what a concurrent writer of the same id recorded since. Returns 1 if it changed.
+_SWAP = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+return 1
+"""
+USAGE_SAMPLE = 8  # usage entries checked for expired contexts after each write
 
 # KEYS[1] manifest key, KEYS[2] retrieval keys, KEYS[3..] nodes; ARGV: generation,
 # mode ('use' | 'check' | 'touch' | 'pin'), lifetime ms, part margin ms.
@@ -247,6 +266,7 @@ class RedisStore(ContextStore):
         self._publish = self._redis.register_script(_PUBLISH)
         self._expire = self._redis.register_script(_EXPIRE)
         self._reserve = self._redis.register_script(_RESERVE)
+        self._swap = self._redis.register_script(_SWAP)
 
     def ping(self, *, writes: bool = False) -> None:
         """A PING answers reads; a Redis still loading its dataset answers PING but nothing else, and
@@ -300,7 +320,7 @@ class RedisStore(ContextStore):
     def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota) -> None:
         keys, manifest, gen = _Keys.of(key), encoded.manifest, secrets.token_hex(8)
         parts = keys.parts(gen, manifest)
-        replaced = self._record_usage(key, encoded.nbytes, quota)
+        pending, replaced = self._record_usage(key, encoded.nbytes, quota)
         with self._errors():
             try:
                 pipe = self._redis.pipeline(transaction=False)
@@ -313,55 +333,71 @@ class RedisStore(ContextStore):
                 )
             except BaseException:
                 self._discard(parts)  # a full Redis must not stay full of a write that failed
-                self._restore_usage(key, replaced)
+                self._swap_usage(key, pending, replaced or b"")  # unless another writer recorded since
                 raise
+            self._swap_usage(key, pending, pending.removesuffix(b":pending"))  # published: no longer pending
             if old_gen is not None and old_gen != gen.encode():
                 pipe = self._redis.pipeline(transaction=False)
                 for name in self._parts_of(keys, old_gen, old_frame):
                     pipe.pexpire(name, GRACE_MS)
                 pipe.execute()
+        if not quota.limited:
+            self._prune_usage(key.tenant, sample=USAGE_SAMPLE)  # keeps the index from growing with expiries
 
-    def _record_usage(self, key: ContextKey, nbytes: int, quota: Quota) -> bytes | None:
-        """Count the context in its tenant's usage, within the quota; returns the size recorded for
-        the context it replaces (None: none). Over the quota, the entries of contexts that have
-        expired are dropped and the count is tried once more before QuotaExceeded."""
-        args = [key.context_id, nbytes, quota.max_contexts or 0, quota.max_bytes or 0]
+    def _record_usage(self, key: ContextKey, nbytes: int, quota: Quota) -> tuple[bytes, bytes | None]:
+        """Count the context in its tenant's usage as pending, within the quota; returns the value
+        recorded and the one it replaced (None: none). Over the quota, the entries of contexts that
+        have expired are dropped and the count is tried once more before QuotaExceeded."""
+        pending = f"{nbytes}:{int(time.time() * 1000)}:pending".encode()
+        args = [key.context_id, pending, nbytes, quota.max_contexts or 0, quota.max_bytes or 0]
         for attempt in range(2):
             with self._errors():
                 recorded, contexts, stored, replaced = self._reserve(keys=[_usage_key(key.tenant)], args=args)
             if recorded:
-                return replaced or None
+                return pending, replaced or None
             if attempt == 0:
                 self._prune_usage(key.tenant)
         quota.check(key.tenant, TenantUsage(contexts, stored), nbytes)  # raises QuotaExceeded with the numbers
         raise AssertionError("the usage script and Quota.check disagree")  # pragma: no cover
 
-    def _restore_usage(self, key: ContextKey, replaced: bytes | None) -> None:
-        """Undo _record_usage after a failed write (best effort: a stale entry is pruned later)."""
+    def _swap_usage(self, key: ContextKey, expected: bytes, new: bytes) -> None:
+        """Set (or with b"" remove) the context's usage entry if it still holds `expected`; best
+        effort: an entry left behind is pruned later."""
         try:
-            if replaced is None:
-                self._redis.hdel(_usage_key(key.tenant), key.context_id)
-            else:
-                self._redis.hset(_usage_key(key.tenant), key.context_id, replaced)
+            self._swap(keys=[_usage_key(key.tenant)], args=[key.context_id, expected, new])
         except redis.RedisError as exc:
-            log.warning("could not undo the usage of a failed write of %s (%s)", key.context_id, exc)
+            log.warning("could not update the usage entry of %s (%s); it is pruned later", key.context_id, exc)
 
-    def _usage(self, tenant: str) -> TenantUsage:
-        sizes = self._prune_usage(tenant)
+    def _usage(self, tenant: str, excluding: str | None) -> TenantUsage:
+        sizes = {c: size for c, size in self._prune_usage(tenant).items() if c != excluding}
         return TenantUsage(len(sizes), sum(sizes.values()))
 
-    def _prune_usage(self, tenant: str) -> dict[str, int]:
-        """Drop the usage entries of contexts that no longer exist (expired); the live sizes."""
-        usage = _usage_key(tenant)
+    def _prune_usage(self, tenant: str, sample: int | None = None) -> dict[str, int]:
+        """Drop the usage entries of contexts that no longer exist: published ones whose manifest
+        is gone (expired), and pending ones older than a write may take (their writer died).
+        Looks at every entry, or at `sample` random ones; returns the sizes of those kept."""
+        usage, now_ms = _usage_key(tenant), time.time() * 1000
         with self._errors():
-            entries = {k.decode(): int(v) for k, v in self._redis.hgetall(usage).items()}
+            if sample is None:
+                entries = self._redis.hgetall(usage)
+            else:
+                pairs = self._redis.hrandfield(usage, sample, withvalues=True) or []
+                entries = dict(zip(pairs[::2], pairs[1::2], strict=True))
             pipe = self._redis.pipeline(transaction=False)
             for context_id in entries:
-                pipe.exists(_Keys.of(ContextKey(tenant, context_id)).head)
-            gone = [c for c, exists in zip(entries, pipe.execute(), strict=True) if not exists]
-            if gone:
-                self._redis.hdel(usage, *gone)
-        return {c: size for c, size in entries.items() if c not in set(gone)}
+                pipe.exists(_Keys.of(ContextKey(tenant, context_id.decode())).head)
+            exists = pipe.execute()
+            kept, gone = {}, []
+            for (context_id, value), live in zip(entries.items(), exists, strict=True):
+                size, stamp, *pending = value.split(b":")
+                dead = now_ms - int(stamp) > STAGING_TTL_MS if pending else not live
+                if dead:
+                    gone.append((context_id, value))
+                else:
+                    kept[context_id.decode()] = int(size)
+            for context_id, value in gone:  # one by one: a cluster pipeline takes no scripts
+                self._swap(keys=[usage], args=[context_id, value, b""])
+        return kept
 
     def _discard(self, parts: list[str]) -> None:
         """Remove what a failed write staged, best effort (what stays expires with STAGING_TTL_MS)."""
@@ -413,7 +449,9 @@ class RedisStore(ContextStore):
             ]
             if parts:
                 self._redis.unlink(*parts)
-            self._redis.hdel(_usage_key(key.tenant), key.context_id)
+            usage = self._redis.hget(_usage_key(key.tenant), key.context_id)
+        if head and usage is not None and not usage.endswith(b":pending"):  # not a concurrent writer's
+            self._swap_usage(key, usage, b"")
         return bool(head)
 
     def _expire_script(self, keys: _Keys, gen: str, manifest: pb.ContextManifest, mode: str) -> list:
