@@ -84,10 +84,12 @@ $BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 3 --methods
   --json "$EV/ruler.json" --plot "$EV/ruler.png" | tee "$EV/ruler.txt"
 $BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 1 --methods full truncation \
   --json "$EV/ruler-baselines.json" --plot "$EV/ruler-baselines.png" | tee "$EV/ruler-baselines.txt"
+$BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 1 --methods streaming \
+  --json "$EV/ruler-streaming.json" --plot "$EV/ruler-streaming.png" | tee "$EV/ruler-streaming.txt"
 $BIN/sharedllm eval ruler --lengths 65536 131072 --per-cell 2 --tasks single_noise single_prose \
   --methods sharedllm evidence --json "$EV/ruler-single-128k.json" | tee "$EV/ruler-single-128k.txt"
-$BIN/sharedllm bench --threads 2 --repeats 1 --max-new-tokens 16 --lengths 32768 --methods sharedllm full \
-  --no-grpc --json "$EV/bench-32k.json" | tee "$EV/bench-32k.txt"
+$BIN/sharedllm bench --threads 2 --repeats 2 --max-new-tokens 16 --lengths 32768 --methods sharedllm full \
+  --grpc --json "$EV/bench-32k.json" | tee "$EV/bench-32k.txt"
 $BIN/python bench/planted_codes.py --json "$EV/planted-codes.json" | tee "$EV/planted-codes.txt"
 $BIN/python bench/demo_questions.py --json "$EV/demo-questions.json" | tee "$EV/demo-questions.txt"
 
