@@ -76,8 +76,8 @@ class TokenBudget:
         self._blocks += 1
         if self.tokens > self._limit + SLACK_PER_BLOCK * self._blocks:
             raise InvalidInput(
-                f"document has more than {self._limit} tokens (the limit): {self.tokens} counted "
-                f"in its first {self._characters} characters"
+                f"document has more than {self._limit} tokens ({self.tokens} counted in its first "
+                f"{self._characters} characters); the limit is {self._limit}"
             )
 
 
