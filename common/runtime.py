@@ -210,11 +210,11 @@ class ContextRuntime:
             return None  # absent, or unusable: a fresh compression replaces it
         if info.manifest.source_sha256 != digest:
             return None  # another document a caller stored under this id by name: replaced
-        stored_s = codec.lifetime_ms(info.manifest)
-        if lifetime_s is not None and stored_s is not None and stored_s < lifetime_s * 1000:
+        stored_ms = codec.lifetime_ms(info.manifest)
+        if lifetime_s is not None and stored_ms is not None and stored_ms < lifetime_s * 1000:
             return None  # stored to live shorter than asked: store it anew with the longer lifetime
         try:
-            self.store.touch(context_id, tenant=tenant, pin=lifetime_s is None and stored_s is not None)
+            self.store.touch(context_id, tenant=tenant, pin=lifetime_s is None and stored_ms is not None)
         except ContextNotFound:
             return None  # expired between the two calls
         done = time.perf_counter()

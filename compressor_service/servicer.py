@@ -10,6 +10,8 @@ import asyncio
 import codecs
 import math
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 
@@ -27,6 +29,7 @@ from sharedllm.common.store import ContextInfo
 from sharedllm.common.telemetry import metrics
 
 MAX_TTL_S = 366 * 24 * 3600.0
+T = TypeVar("T")
 
 
 class DocumentUpload:
@@ -152,7 +155,7 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
         # Uploads count their tokens in threads, no more at once than calls may compress.
         self._counting = asyncio.Semaphore(state.config.network.max_concurrent)
 
-    async def _in_thread(self, call, *args):
+    async def _in_thread(self, call: Callable[..., T], *args: object) -> T:
         async with self._counting:
             return await asyncio.to_thread(call, *args)
 
