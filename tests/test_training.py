@@ -14,7 +14,15 @@ import torch
 
 from sharedllm.common.config import TreeConfig
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.training.examples import Example
+from sharedllm.common.engine.evidence import EXCERPTS_HEADER
+from sharedllm.common.engine.params import EvidenceSettings
+from sharedllm.common.training.examples import (
+    QUERY_TOKENS,
+    Example,
+    Excerpts,
+    LanguageModelling,
+    SyntheticQuestions,
+)
 from sharedllm.common.training.trainer import Trainer, TrainSettings, example_loss
 
 TREE = ["--layers", "2", "--chunk-size", "64", "--depth", "2", "--pool-size", "4"]
@@ -113,6 +121,36 @@ def small_run(model_dir: Path, data_dir: Path, run_dir: Path, tree: bool = True)
     ]
 
 
+def test_evidence_shaped_examples_put_excerpts_before_the_question_and_shield_them(tiny_model_dir):
+    engine = Engine.load(str(tiny_model_dir), tree_config=TreeConfig(2, 64, 2, 4), device="cpu")
+    tokenizer = engine.tokenizer
+    excerpts = Excerpts(tokenizer, EvidenceSettings(tokens=96, passage_tokens=16), fraction=1.0, seed=0)
+    filler = "The river ran past the mill and the miller counted his sacks of grain. " * 200
+    questions = SyntheticQuestions(tokenizer, filler, 512, engine.prompt_ids, 0, seed=3, excerpts=excerpts)
+    for _ in range(3):
+        example = questions()
+        text = tokenizer.decode(example.decoder[: example.scored_from])
+        assert EXCERPTS_HEADER in text and len(example.decoder) - example.scored_from >= 2  # answer + EOS
+        (start, end), answer = example.shielded
+        assert tokenizer.decode(example.decoder[start:end]).lstrip().startswith(EXCERPTS_HEADER)
+        assert (
+            tokenizer.decode(example.decoder[end : example.scored_from])
+            .strip()
+            .startswith(tokenizer.decode(example.query).strip())
+        )  # the question reads the injection
+        assert answer == (example.scored_from, len(example.decoder))  # the answer does not (served default)
+        assert example_loss(engine, example)[1] == len(example.decoder) - example.scored_from
+
+    class OneSpan:  # the sampler's interface over one fixed span of the filler
+        def sample(self, count: int) -> list[torch.Tensor]:
+            return [torch.tensor(tokenizer(filler)["input_ids"][: 256 + 128])]
+
+    lm = LanguageModelling(OneSpan(), 256, excerpts)()
+    (start, end), scored = lm.shielded
+    assert start == 0 and end > 0 and scored == (lm.scored_from, len(lm.decoder))
+    assert lm.scored_from == end + QUERY_TOKENS and len(lm.decoder) == end + 128
+
+
 def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
     run = tmp_path / "run"
     common = small_run(tiny_model_dir, bible_data, run)
@@ -141,8 +179,10 @@ def test_train_resume_and_export(tiny_model_dir, bible_data, tmp_path):
         "--init-adapter",
         str(run / "adapter.safetensors"),
     ]
-    run_train(*tuned_args, "--steps", "50", "--max-minutes", "0.0001")
+    evidence = ["--evidence-fraction", "1", "--evidence-tokens", "64"]  # every example evidence-shaped
+    run_train(*tuned_args, *evidence, "--steps", "50", "--max-minutes", "0.0001")
     provenance = json.loads((tuned / "adapter.safetensors.json").read_text())["provenance"]
+    assert (provenance["evidence_fraction"], provenance["evidence_tokens"]) == (1.0, 64)
     assert provenance["initialised_from"] == engine.adapter.fingerprint()
     assert provenance["steps"] == 1 and provenance["stopped_by_time_budget"]
     assert "initialised_from_tree_config" not in provenance

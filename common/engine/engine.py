@@ -21,7 +21,7 @@ from sharedllm.common.config import DEFAULT_MAX_DOCUMENT_TOKENS, Limits, TreeCon
 from sharedllm.common.engine.adapter import InjectionAdapter, read_adapter_config
 from sharedllm.common.engine.compressor import Compressor, ProgressFn
 from sharedllm.common.engine.decoder import Decoder, Injection
-from sharedllm.common.engine.evidence import EXCERPTS_HEADER, PassageIndex, choose, rank, render
+from sharedllm.common.engine.evidence import PassageIndex, choose, excerpt_span, rank, render
 from sharedllm.common.engine.llama import LlamaBody
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 from sharedllm.common.engine.results import Finished, GenerateTimings, Passage, TokenDelta
@@ -45,12 +45,6 @@ class Compressed:
 
 
 _log = logging.getLogger(__name__)
-
-
-def find_tokens(sequence: list[int], part: list[int], last: bool = False) -> int | None:
-    """Where `part` starts in `sequence` (its first or last occurrence), or None."""
-    starts = range(len(sequence) - len(part), -1, -1) if last else range(len(sequence) - len(part) + 1)
-    return next((i for i in starts if sequence[i : i + len(part)] == part), None)
 
 
 @dataclass(frozen=True)
@@ -320,12 +314,10 @@ class Engine:
         the suite checks it). Where one merges them with their neighbours, the excerpts read the
         injection like the rest of the prompt, and a warning says so.
         """
-        start = find_tokens(prompt, self.tokenizer(EXCERPTS_HEADER, add_special_tokens=False)["input_ids"])
-        end = find_tokens(prompt, self.tokenizer(question, add_special_tokens=False)["input_ids"], last=True)
-        if start is None or end is None or start >= end:
+        span = excerpt_span(prompt, self.tokenizer, question)
+        if span is None:
             _log.warning("the chat template changes the excerpts' tokens; they read the injection too")
-            return None
-        return start, end
+        return span
 
     def generate(
         self,

@@ -268,6 +268,26 @@ def choose(index: PassageIndex, ranking: Ranking, budget: int) -> list[Passage]:
     return [index.passage(i, ranking.scores[i]) for i in sorted(chosen)]
 
 
+def find_tokens(sequence: list[int], part: list[int], last: bool = False) -> int | None:
+    """Where `part` starts in `sequence` (its first or last occurrence), or None."""
+    starts = range(len(sequence) - len(part), -1, -1) if last else range(len(sequence) - len(part) + 1)
+    return next((i for i in starts if sequence[i : i + len(part)] == part), None)
+
+
+def excerpt_span(prompt: list[int], tokenizer: Any, question: str) -> tuple[int, int] | None:
+    """Positions of a templated prompt from the excerpts' header to the question (None if the
+    template merged their tokens with their neighbours')."""
+    start = find_tokens(prompt, tokenizer(EXCERPTS_HEADER, add_special_tokens=False)["input_ids"])
+    end = find_tokens(prompt, tokenizer(question, add_special_tokens=False)["input_ids"], last=True)
+    return (start, end) if start is not None and end is not None and start < end else None
+
+
+def render_excerpts(passages: Sequence[Passage]) -> str:
+    """The excerpts alone, as `render` lays them out, for a window with no question (language
+    modelling: perplexity and training put them before the text to continue)."""
+    return render(passages, "").rstrip() + "\n\n"
+
+
 def render(passages: Sequence[Passage], question: str) -> str:
     """The user message: the excerpts (adjacent passages joined into one), then the question."""
     if not passages:

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from sharedllm.common.baselines.streaming import StreamingLLM
 from sharedllm.common.data.synthetic import Filler, Task, generate_tasks
-from sharedllm.common.engine.engine import Engine, QuestionPlan, find_tokens
+from sharedllm.common.engine.engine import Engine, QuestionPlan
+from sharedllm.common.engine.evidence import find_tokens
 from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 from sharedllm.common.errors import InvalidInput

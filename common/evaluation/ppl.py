@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from sharedllm.common.baselines.streaming import StreamingLLM
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.engine.evidence import render
+from sharedllm.common.engine.evidence import render_excerpts
 from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.engine.tree import ContextTree
 from sharedllm.common.errors import InvalidInput
@@ -167,7 +167,7 @@ def excerpt_ids(engine: Engine, tree: ContextTree, segment: list[int], evidence:
     question = engine.tokenizer.decode(segment)
     query = engine.decoder.query_vector(segment)
     passages, _ = engine.choose_evidence(tree, question, query, evidence, evidence.tokens)
-    return engine.tokenizer(render(passages, "").rstrip() + "\n\n", add_special_tokens=False)["input_ids"]
+    return engine.tokenizer(render_excerpts(passages), add_special_tokens=False)["input_ids"]
 
 
 def excerpts_nll(

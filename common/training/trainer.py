@@ -71,7 +71,8 @@ def example_loss(
     tree = engine.compressor.compress(example.document, split_noise=noise) if inject and not full_context else None
     ids = prefix + example.decoder
     first = len(prefix) + example.scored_from  # index of the first scored token
-    logits = engine.logits(ids, tree, example.query, from_position=first - 1)[:-1].float()
+    shielded = () if full_context else example.shielded  # the base window reads no injection anyway
+    logits = engine.logits(ids, tree, example.query, from_position=first - 1, shielded=shielded)[:-1].float()
     targets = torch.tensor(ids[first:], device=logits.device)
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 

@@ -16,8 +16,15 @@ from sharedllm.common.config import TreeConfig
 from sharedllm.common.data.corpora import read_manifest
 from sharedllm.common.data.shards import SpanSampler, load_shards
 from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.training.examples import LanguageModelling, SyntheticQuestions, fixed_lm_examples
+from sharedllm.common.training.examples import (
+    QUERY_TOKENS,
+    Excerpts,
+    LanguageModelling,
+    SyntheticQuestions,
+    fixed_lm_examples,
+)
 from sharedllm.common.training.trainer import FINAL_ADAPTER, Trainer, TrainSettings
 
 TRAIN_CORPORA = ("austen", "bible", "stdlib", "pydocs")
@@ -57,6 +64,16 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--synthetic-fraction", type=float, default=0.25)
+    p.add_argument(
+        "--evidence-fraction",
+        type=float,
+        default=0.0,
+        help="share of examples given evidence-shaped windows: excerpts of the document chosen for the question "
+        "(or the segment's opening) before it, shielded from the injection as served",
+    )
+    p.add_argument(
+        "--evidence-tokens", type=int, default=EvidenceSettings().tokens, help="excerpt budget of those windows"
+    )
     p.add_argument("--no-split-noise", action="store_true")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-examples", type=int, default=16)
@@ -67,8 +84,9 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if not (0 <= args.synthetic_fraction <= 1):
-        raise InvalidInput(f"--synthetic-fraction must be in [0, 1], got {args.synthetic_fraction}")
+    for flag in ("synthetic_fraction", "evidence_fraction"):
+        if not (0 <= getattr(args, flag) <= 1):
+            raise InvalidInput(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise InvalidInput(f"--max-minutes must be positive, got {args.max_minutes}")
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
@@ -97,7 +115,14 @@ def run_train(args: argparse.Namespace) -> int:
     corpora = [c for c in args.corpora if c in available]
     train = load_shards(args.data_dir, "train", tokenizer, corpora)
     heldout = load_shards(args.data_dir, "heldout", tokenizer, corpora)
-    lm = LanguageModelling(SpanSampler(train, span, seed=args.seed + 17 * rank), context_tokens)
+    excerpts = None
+    if args.evidence_fraction > 0:
+        evidence = EvidenceSettings(tokens=args.evidence_tokens)
+        evidence.validate()
+        if evidence.tokens + args.decoder_tokens + QUERY_TOKENS > engine.window:
+            raise InvalidInput(f"--evidence-tokens + --decoder-tokens exceed the model window ({engine.window})")
+        excerpts = Excerpts(tokenizer, evidence, args.evidence_fraction, seed=args.seed + 31 * rank)
+    lm = LanguageModelling(SpanSampler(train, span, seed=args.seed + 17 * rank), context_tokens, excerpts)
     synthetic = None
     if args.synthetic_fraction > 0:
         filler_doc = max(train.documents, key=lambda d: d.length if d.corpus in ("austen", "bible") else 0)
@@ -108,7 +133,7 @@ def run_train(args: argparse.Namespace) -> int:
             else (tokenizer.eos_token_id)
         )
         synthetic = SyntheticQuestions(
-            tokenizer, filler_text, context_tokens, engine.prompt_ids, eos, seed=args.seed + rank
+            tokenizer, filler_text, context_tokens, engine.prompt_ids, eos, seed=args.seed + rank, excerpts=excerpts
         )
     eval_set = fixed_lm_examples(SpanSampler(heldout, span, seed=12345), context_tokens, args.eval_examples)
     settings = TrainSettings(
@@ -127,6 +152,8 @@ def run_train(args: argparse.Namespace) -> int:
         "corpora": corpora,
         "context_tokens": context_tokens,
         "decoder_tokens": args.decoder_tokens,
+        "evidence_fraction": args.evidence_fraction,
+        "evidence_tokens": args.evidence_tokens if args.evidence_fraction > 0 else 0,
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "device": str(engine.body.device),
         "dtype": str(engine.body.dtype),
