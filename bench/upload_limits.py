@@ -27,22 +27,19 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sharedllm.common.benchmark.memory import peak_resident_bytes, reset_peak, resident_bytes
 from sharedllm.common.benchmark.report import write_json
 from sharedllm.common.benchmark.services import grpc_stack
 from sharedllm.common.benchmark.workload import document_tokens
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc
 from sharedllm.common.rpc.client import PIECE_BYTES, call_metadata, open_channel
 
+MIB = 1 << 20
 PROSE = b"Then Naomi her mother in law said unto her, My daughter, shall I not seek rest for thee?\n"
 
 
 def memory_mib(pid: int) -> dict[str, float]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {name: int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM")}
-
-
-def reset_peak(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
+    return {"VmRSS": resident_bytes(pid) / MIB, "VmHWM": peak_resident_bytes(pid) / MIB}
 
 
 def pieces(data: bytes, repeats: int = 1) -> Iterator[compressor_pb2.CompressStreamRequest]:

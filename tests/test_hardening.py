@@ -21,6 +21,7 @@ from redis_server import REDIS_SERVER, free_port
 from test_codec import encode_tree
 from transformers import AutoTokenizer
 
+from sharedllm.common.benchmark.memory import peak_resident_bytes, resident_bytes
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.token_budget import TokenBudget, max_document_bytes
 from sharedllm.common.errors import ContextNotFound, InvalidInput, QuotaExceeded, StoreUnavailable
@@ -95,11 +96,6 @@ def test_the_token_budget_bounds_tokens_in_any_script(tiny_model_dir):
     assert budget.tokens < limit + 2 * 4096 and budget._characters < len(text) // 4
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {name: int(fields[name].split()[0]) for name in ("VmRSS", "VmHWM")}
-
-
 def test_a_60_mb_upload_is_refused_early_and_costs_little_memory(tiny_model_dir, tiny_adapter, tmp_path):
     """The probe's 60 MB CompressStream held a worker for 93 s and peaked at 10 GB."""
     port = free_port()
@@ -116,7 +112,7 @@ def test_a_60_mb_upload_is_refused_early_and_costs_little_memory(tiny_model_dir,
         wait_for_health(target, SERVING, timeout=180)
         with grpc.insecure_channel(target) as channel:
             stub = compressor_pb2_grpc.CompressorServiceStub(channel)
-            before = memory_kib(process.pid)
+            before = resident_bytes(process.pid)
             piece = (WORDS + "\n").encode() * ((1 << 20) // len(WORDS))  # ~1 MiB of prose
             started = time.monotonic()
             messages = (cpb.CompressStreamRequest(text=piece) for _ in range(60))
@@ -129,7 +125,7 @@ def test_a_60_mb_upload_is_refused_early_and_costs_little_memory(tiny_model_dir,
             with pytest.raises(grpc.RpcError) as counted:
                 stub.CompressStream(iter([cpb.CompressStreamRequest(text=b"a " * 500_000)]), timeout=60)
             tokens_s = time.monotonic() - started
-            after = memory_kib(process.pid)
+            after = {"rss": resident_bytes(process.pid), "peak": peak_resident_bytes(process.pid)}
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -138,10 +134,10 @@ def test_a_60_mb_upload_is_refused_early_and_costs_little_memory(tiny_model_dir,
     assert "the limit is 1048576 (for 65536 tokens)" in refused.value.details()
     assert counted.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "more than 65536 tokens" in counted.value.details()
-    print(f"refusals: {bytes_s:.2f} s and {tokens_s:.2f} s; memory KiB before {before}, after {after}")
+    print(f"refusals: {bytes_s:.2f} s and {tokens_s:.2f} s; resident bytes before {before}, after {after}")
     assert bytes_s < 10 and tokens_s < 10
-    assert after["VmHWM"] - before["VmRSS"] < 256 << 10  # peak: < 256 MiB above the idle server
-    assert after["VmRSS"] - before["VmRSS"] < 128 << 10
+    assert after["peak"] - before < 256 << 20  # peak: < 256 MiB above the idle server
+    assert after["rss"] - before < 128 << 20
 
 
 # --- Fail fast when the store is gone or frozen -----------------------------------------------

@@ -25,6 +25,7 @@ from grpc_stack import SERVING, health, wait_until
 from processes import stop_all
 from redis_server import REDIS_SERVER, RedisServer, free_port
 
+from sharedllm.common.benchmark.memory import resident_bytes
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as cpb
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as dpb
@@ -58,14 +59,6 @@ def document(seed: int, chars: int = 3000) -> str:
     while sum(map(len, sentences)) < chars:
         sentences.append(f"Document {seed}: the {' '.join(rng.choices(WORDS, k=rng.randint(5, 12)))}.")
     return " ".join(sentences)
-
-
-def resident_bytes(pid: int) -> int:
-    """VmRSS of a process: what it holds in memory now (psutil is not a dependency)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
 
 
 @dataclass

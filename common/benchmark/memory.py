@@ -11,22 +11,30 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
 
-
-def _status_kib(field: str) -> int | None:
+def _status_kib(field: str, pid: int | str = "self") -> int | None:
     try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
     except OSError:
         return None
     return int(match.group(1)) if match else None
 
 
-def resident_bytes() -> int | None:
-    """The process's resident memory now (Linux), else None."""
-    kib = _status_kib("VmRSS")
+def resident_bytes(pid: int | str = "self") -> int | None:
+    """A process's resident memory now (Linux), else None."""
+    kib = _status_kib("VmRSS", pid)
     return None if kib is None else kib << 10
+
+
+def peak_resident_bytes(pid: int | str) -> int | None:
+    """A process's resident high-water mark (Linux), else None."""
+    kib = _status_kib("VmHWM", pid)
+    return None if kib is None else kib << 10
+
+
+def reset_peak(pid: int | str = "self") -> None:
+    """Set a process's high-water mark to its resident size now (Linux; OSError elsewhere)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def _peak_resident_bytes() -> int:
@@ -49,7 +57,7 @@ class PeakMemory:
 
     def reset(self) -> None:
         try:
-            _CLEAR_REFS.write_text("5")
+            reset_peak()
             self.since = "reset after warm-up"
         except OSError:
             self.since = "process start"
