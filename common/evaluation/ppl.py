@@ -18,8 +18,9 @@ the scored tokens. The methods:
 - streaming: the whole context streamed through a StreamingLLM sink cache.
 As in serving, the excerpts' positions (and, unless `inject_answer`, the scored tokens) read no
 injection; node selection follows the language-modelling protocol of training (no query: the
-most recent child). `tree`, `window` and `full` share `example_loss` with training, so they
-score exactly the tokens the trainer's held-out evaluation would.
+most recent child). Every method but streaming scores through training's `example_loss` (the
+excerpts as an evidence-shaped Example, as training builds them), so they score exactly the
+tokens the trainer's held-out evaluation would.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from sharedllm.common.baselines.streaming import StreamingLLM
@@ -45,7 +45,7 @@ from sharedllm.common.engine.tree import ContextTree
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.evaluation.heldout import HeldoutDocument
 from sharedllm.common.evaluation.methods import METHODS, PPL_METHODS, base_window_methods
-from sharedllm.common.training.examples import Example
+from sharedllm.common.training.examples import Example, shielded_spans
 from sharedllm.common.training.trainer import example_loss, gap_closed
 
 DEFAULT_LENGTHS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
@@ -128,9 +128,13 @@ def window_nll(
     if with_excerpts:
         tree = engine.compressor.compress(example.document)
         excerpts = excerpt_ids(engine, tree, context[-d:], settings.evidence)
+        decoder = excerpts + example.decoder
+        first = len(excerpts) + example.scored_from
+        shielded = shielded_spans(settings.evidence, (0, len(excerpts)), first, len(decoder))
+        shaped = Example(example.document, decoder, first, None, shielded)
         for method in with_excerpts:
-            source = tree if method == "sharedllm" else None
-            runs[method] = lambda source=source: excerpts_nll(engine, excerpts, example, source, settings.evidence)
+            inject = method == "sharedllm"
+            runs[method] = lambda inject=inject: float(example_loss(engine, shaped, inject=inject, tree=tree)[0])
     if "tree" in wanted or ("sharedllm" in wanted and not with_excerpts):
         runs["tree"] = lambda: float(example_loss(engine, example)[0])
     if "window" in wanted or ("evidence" in wanted and not with_excerpts):
@@ -168,21 +172,6 @@ def excerpt_ids(engine: Engine, tree: ContextTree, segment: list[int], evidence:
     query = engine.decoder.query_vector(segment)
     passages, _ = engine.choose_evidence(tree, question, query, evidence, evidence.tokens)
     return engine.tokenizer(render_excerpts(passages), add_special_tokens=False)["input_ids"]
-
-
-def excerpts_nll(
-    engine: Engine, excerpts: list[int], example: Example, tree: ContextTree | None, evidence: EvidenceSettings
-) -> float:
-    """Summed NLL of the scored tokens with the excerpts before the segment (and the tree injected
-    unless `tree` is None), the excerpts and the scored tokens shielded as Engine.plan shields them."""
-    ids = excerpts + example.decoder
-    first = len(excerpts) + example.scored_from
-    shielded = [] if evidence.inject_excerpts else [(0, len(excerpts))]
-    if not evidence.inject_answer:
-        shielded.append((first, len(ids)))
-    logits = engine.logits(ids, tree, None, from_position=first - 1, shielded=tuple(shielded))[:-1].float()
-    targets = torch.tensor(ids[first:], device=logits.device)
-    return float(F.cross_entropy(logits, targets, reduction="sum"))
 
 
 def evaluate_perplexity(

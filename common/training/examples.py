@@ -67,10 +67,18 @@ class Excerpts:
         return choose(index, rank(index, question, None, self.settings), self.settings.tokens)
 
     def shielded(self, excerpts: tuple[int, int], scored_from: int, length: int) -> tuple[tuple[int, int], ...]:
-        spans = [] if self.settings.inject_excerpts else [excerpts]
-        if not self.settings.inject_answer:
-            spans.append((scored_from, length))
-        return tuple(spans)
+        return shielded_spans(self.settings, excerpts, scored_from, length)
+
+
+def shielded_spans(
+    settings: EvidenceSettings, excerpts: tuple[int, int], scored_from: int, length: int
+) -> tuple[tuple[int, int], ...]:
+    """The decoder positions that read no injection, as Engine.plan shields them: the excerpts
+    (unless inject_excerpts) and the scored tokens (unless inject_answer)."""
+    spans = [] if settings.inject_excerpts else [excerpts]
+    if not settings.inject_answer:
+        spans.append((scored_from, length))
+    return tuple(spans)
 
 
 class LanguageModelling:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.tree import ContextTree
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.training.examples import Example
 
@@ -61,14 +62,19 @@ def example_loss(
     inject: bool = True,
     full_context: bool = False,
     noise: torch.Generator | None = None,
+    tree: ContextTree | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the scored decoder tokens, and how many were scored.
 
     inject=False is the window-alone baseline; full_context=True puts the document in the
     base model's window instead (the full-attention baseline); both score the same tokens.
+    tree: the document already compressed (a caller that needed it before, e.g. to rank excerpts).
     """
     prefix = example.document if full_context else []
-    tree = engine.compressor.compress(example.document, split_noise=noise) if inject and not full_context else None
+    if not inject or full_context:
+        tree = None
+    elif tree is None:
+        tree = engine.compressor.compress(example.document, split_noise=noise)
     ids = prefix + example.decoder
     first = len(prefix) + example.scored_from  # index of the first scored token
     shielded = () if full_context else example.shielded  # the base window reads no injection anyway
