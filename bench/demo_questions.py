@@ -5,7 +5,9 @@ For each question with a known answer in the demo document (Ruth and 1 Samuel 1-
 - `passage`: the base model with the 600 characters around the answer in its window, then the
   question (can it answer when the right passage is in front of it?);
 - `product`: `sharedllm ask` with its defaults (tree + evidence), and `evidence`: the same
-  excerpts without the tree.
+  excerpts without the tree;
+- `retrieved`: whether the text next to the answer is among those excerpts, which tells a
+  retrieval miss from a reading miss.
 A fair demo question is one that `passage` answers and `none` does not; whether the product
 answers it is then the measurement, not the reason for the choice.
 
@@ -68,11 +70,17 @@ def main() -> int:
         for method, inject in (("product", True), ("evidence", False)):
             plan = engine.plan(tree, question, max_new_tokens=32, evidence=EvidenceSettings(), inject=inject)
             outputs[method] = answer(plan)
-        row = {"question": question, "expected": expected, **{k: expected in v for k, v in outputs.items()}}
+        excerpts = "".join(p.text for p in plan.evidence)  # the same passages for both methods
+        row = {
+            "question": question,
+            "expected": expected,
+            **{k: expected in v for k, v in outputs.items()},
+            "retrieved": anchor in excerpts,  # the answer's sentence reached the window
+        }
         rows.append({**row, "outputs": outputs})
         print(json.dumps(row), flush=True)
     fair = [r for r in rows if r["passage"] and not r["none"]]
-    summary = {m: f"{sum(r[m] for r in fair)} of {len(fair)}" for m in ("product", "evidence")}
+    summary = {m: f"{sum(r[m] for r in fair)} of {len(fair)}" for m in ("product", "evidence", "retrieved")}
     print(f"fair questions (passage answers, none does not): {len(fair)}; answered: {summary}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

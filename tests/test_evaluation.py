@@ -294,6 +294,7 @@ def test_eval_ruler_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
         "--methods",
         "sharedllm",
         "evidence",
+        "bm25",
         "tree",
         "full",
         "truncation",
@@ -303,10 +304,10 @@ def test_eval_ruler_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
         str(tmp_path / "ruler.png"),
     )
     report = json.loads((tmp_path / "ruler.json").read_text())
-    assert len(report["cells"]) == 5 * 7 * 2  # methods x tasks x lengths
+    assert len(report["cells"]) == 6 * 7 * 2  # methods x tasks x lengths
     full = {c["length"]: c["score"] for c in report["cells"] if c["method"] == "full"}
     assert full[1536] is None and full[512] is not None
-    assert {s["method"] for s in report["samples"]} == {"sharedllm", "evidence", "tree", "full", "truncation"}
+    assert {s["method"] for s in report["samples"]} == {"sharedllm", "evidence", "bm25", "tree", "full", "truncation"}
     at_512 = {s["method"]: s["output"] for s in report["samples"] if s["length"] == 512 and s["task"] == "variables"}
     assert at_512["full"] == at_512["truncation"]  # where the document fits, one base-window run serves both
     assert report["protocol"]["evidence"]["tokens"] == 128

@@ -23,6 +23,7 @@ from sharedllm.common.engine.evidence import (
 )
 from sharedllm.common.engine.retrieval import select_nodes
 from sharedllm.common.errors import InvalidInput
+from sharedllm.common.evaluation.methods import PLAIN_PASSAGE_TOKENS, plain_bm25
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 TREE = TreeConfig(n_layers=2, chunk_size=64, depth=2, pool_size=4)
@@ -114,7 +115,41 @@ def test_multi_hop_follows_a_chain_of_assignments(tokenizer):
         return {n for n in names if any(f"VAR {n} =" in p.text for p in chosen)}
 
     assert found(hops=3) == set(names)
+    assert found(hops=2) == set(names[:3])  # each hop brings exactly one more link
     assert found(hops=0) == {"QWXZT"}  # the question names only the value: without hops, one link
+
+
+def test_plain_bm25_keeps_the_budget_and_drops_what_the_method_adds(tokenizer):
+    """The `bm25` baseline: same budget, ~100-token passages, no hops: one link of the chain."""
+    names = ("QWXZT", "PLMKO", "ZZRTY")
+    chain = {0.1: "VAR QWXZT = 52817.", 0.5: "VAR PLMKO = VAR QWXZT.", 0.9: "VAR ZZRTY = VAR PLMKO."}
+    _, ids = planted(tokenizer, chain, n_filler=400)
+    question = "Find all variables that are assigned the value 52817 in the text above."
+    found = {}
+    for name, settings in (
+        ("product", EvidenceSettings(tokens=192)),
+        ("plain", plain_bm25(EvidenceSettings(tokens=192))),
+    ):
+        index = PassageIndex(ids, tokenizer, settings.passage_tokens)
+        chosen = choose(index, rank(index, question, None, settings), settings.tokens)
+        assert sum(p.token_end - p.token_start for p in chosen) <= 192
+        found[name] = {n for n in names if any(f"VAR {n} =" in p.text for p in chosen)}
+    assert plain_bm25(EvidenceSettings()).passage_tokens == PLAIN_PASSAGE_TOKENS
+    assert found == {"product": set(names), "plain": {"QWXZT"}}
+
+
+def test_the_default_hops_follow_rulers_five_name_chain_to_its_end(tokenizer):
+    """RULER's variable tracking has 4 assignments after the value: 4 hops, one more than the old default."""
+    names = ("QWXZT", "PLMKO", "ZZRTY", "BNMVC", "HJKLQ")
+    chain = {0.1: f"VAR {names[0]} = 52817."} | {
+        0.1 + 0.2 * i: f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, len(names))
+    }
+    _, ids = planted(tokenizer, chain, n_filler=400)
+    index = PassageIndex(ids, tokenizer, 24)
+    question = "Find all variables that are assigned the value 52817 in the text above."
+    settings = EvidenceSettings(tokens=8 * 24, passage_tokens=24)
+    chosen = choose(index, rank(index, question, None, settings), settings.tokens)
+    assert {n for n in names if any(f"VAR {n} =" in p.text for p in chosen)} == set(names)
 
 
 def test_no_lexical_match_spreads_over_the_document_and_spread_mode_covers_it(tokenizer):

@@ -72,7 +72,7 @@ class EvidenceSettings:
     tokens: int = 512  # budget of raw document tokens in the window; 0: none (the paper's setting)
     passage_tokens: int = 32
     tree_weight: float = 0.25  # weight of the tree score next to the lexical score
-    hops: int = 3
+    hops: int = 8  # a chain is followed until it ends, at most this many links (each costs one passage)
     hop_max_df: int = 3
     neighbours_of: int = 4  # the best question hits that bring their neighbouring passages
     min_score: float = 0.25  # passages below this share of the best score are left out, budget or not

@@ -1,7 +1,10 @@
 """The methods every evaluation compares, and the one rule that relates two of them.
 
 - `sharedllm`: the product: the tree injected and evidence passages in the window;
-- `evidence`: the same passages with no tree (a retrieval baseline with the same budget);
+- `evidence`: the same passages with no tree injected: what the injection adds, and nothing else;
+- `bm25`: plain retrieval, no tree at all: BM25 over ~100-token passages, the best ones until
+  the same budget is full (no hops, no neighbours, no floor): the baseline a retrieval system
+  gives without the method;
 - `tree`: the tree alone, the window holding only the question (the paper's setting);
 - `window`: no document at all; `truncation`: the last tokens that fit the window;
 - `full`: the whole document in the window, only where it fits;
@@ -14,17 +17,39 @@ and beyond the window `full` does not exist (reported as n/a, never silently tru
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
+from typing import NamedTuple
 
-METHODS: tuple[str, ...] = ("sharedllm", "evidence", "tree", "window", "full", "truncation", "streaming")
+from sharedllm.common.engine.params import EvidenceSettings
+
+METHODS: tuple[str, ...] = ("sharedllm", "evidence", "bm25", "tree", "window", "full", "truncation", "streaming")
 # Perplexity ranks the evidence for the decoder segment's text, as for a question (ppl.py).
 PPL_METHODS: tuple[str, ...] = ("sharedllm", "evidence", "tree", "window", "full", "truncation", "streaming")
-# The methods that read the compressed document, and how: (evidence in the window, tree injected).
-DOCUMENT_METHODS: dict[str, tuple[bool, bool]] = {
-    "sharedllm": (True, True),
-    "evidence": (True, False),
-    "tree": (False, True),
+
+
+class Reading(NamedTuple):
+    """How a method reads the compressed document."""
+
+    evidence: bool  # passages in the window
+    inject: bool  # the tree through the cross-attention
+    plain: bool = False  # passages ranked by plain BM25 (no tree score, no hops, no neighbours)
+
+
+DOCUMENT_METHODS: dict[str, Reading] = {
+    "sharedllm": Reading(evidence=True, inject=True),
+    "evidence": Reading(evidence=True, inject=False),
+    "bm25": Reading(evidence=True, inject=False, plain=True),
+    "tree": Reading(evidence=False, inject=True),
 }
+PLAIN_PASSAGE_TOKENS = 96  # "about 100 tokens": the passages of the issue's measured BM25 baseline
+
+
+def plain_bm25(settings: EvidenceSettings) -> EvidenceSettings:
+    """The same budget spent on the best BM25 passages alone: the ranking without what the method adds."""
+    return dataclasses.replace(
+        settings, passage_tokens=PLAIN_PASSAGE_TOKENS, tree_weight=0.0, hops=0, neighbours_of=0, min_score=0.0
+    )
 
 
 def base_window_methods(wanted: Collection[str], fits: bool) -> tuple[str, ...]:

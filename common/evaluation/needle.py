@@ -37,7 +37,7 @@ from sharedllm.common.engine.evidence import find_tokens
 from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.evaluation.methods import DOCUMENT_METHODS, METHODS, base_window_methods
+from sharedllm.common.evaluation.methods import DOCUMENT_METHODS, METHODS, base_window_methods, plain_bm25
 
 TASKS: tuple[str, ...] = ("passkey", "needle")
 DEFAULT_METHODS: tuple[str, ...] = ("sharedllm", "full", "truncation", "streaming")
@@ -139,17 +139,18 @@ class Answerer:
             if reading:
                 tree = engine.compressor.compress(document)
                 index = None
-                if any(DOCUMENT_METHODS[m][0] for m in reading) and self.evidence.tokens > 0:
+                if any(DOCUMENT_METHODS[m].evidence for m in reading) and self.evidence.tokens > 0:
                     index = engine.passage_index(tree, self.evidence.passage_tokens)
             for method in reading:
-                with_evidence, inject = DOCUMENT_METHODS[method]
+                how = DOCUMENT_METHODS[method]
+                evidence = plain_bm25(self.evidence) if how.plain else self.evidence
                 plan = engine.plan(
                     tree,
                     task.question,
                     max_new_tokens=max_new,
-                    evidence=dataclasses.replace(self.evidence, tokens=self.evidence.tokens if with_evidence else 0),
-                    retrieval=self.retrieval,
-                    inject=inject,
+                    evidence=dataclasses.replace(evidence, tokens=evidence.tokens if how.evidence else 0),
+                    retrieval=self.retrieval and not how.plain,
+                    inject=how.inject,
                     answer_prefix=task.metadata["answer_prefix"],
                     index=index,
                 )

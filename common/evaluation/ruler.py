@@ -49,7 +49,7 @@ TASKS: dict[str, tuple[str, Callable[[Filler, int, float, int], Task]]] = {
     "variables": ("noise", variables_task),
 }
 HAYSTACKS: tuple[str, ...] = ("noise", "prose", "needles")
-DEFAULT_METHODS: tuple[str, ...] = ("sharedllm", "evidence", "tree", "full", "truncation")
+DEFAULT_METHODS: tuple[str, ...] = ("sharedllm", "evidence", "bm25", "tree", "full", "truncation")
 DEFAULT_LENGTHS: tuple[int, ...] = (4096, 8192, 16384, 32768)
 SCORING = "share of the expected strings found in the answer (case-insensitive), mean over samples (RULER)"
 
