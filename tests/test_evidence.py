@@ -119,6 +119,15 @@ def test_multi_hop_follows_a_chain_of_assignments(tokenizer):
     assert found(hops=0) == {"QWXZT"}  # the question names only the value: without hops, one link
 
 
+def test_a_passage_never_ends_at_a_colon_so_a_value_stays_with_its_key(tokenizer):
+    text = " ".join(f"The sky is blue. The magic number for key{i} is: {1000 + i}." for i in range(200))
+    ids = ids_of(tokenizer, text)
+    for size in (24, 32, 96):
+        index = PassageIndex(ids, tokenizer, size)
+        assert not any(t.rstrip().endswith(":") for t in index.texts[:-1])
+        assert sum(t.count(" is: ") for t in index.texts) == 200  # no "is:" cut from the space after it
+
+
 def test_plain_bm25_keeps_the_budget_and_drops_what_the_method_adds(tokenizer):
     """The `bm25` baseline: same budget, ~100-token passages, no hops: one link of the chain."""
     names = ("QWXZT", "PLMKO", "ZZRTY")
