@@ -211,12 +211,13 @@ def test_plan_fills_the_window_within_its_limits(engine, tokenizer):
     assert any("4817" in p.text for p in plan.evidence)
     assert "4817" in tokenizer.decode(plan.prompt_ids)
 
-    # The excerpts pass through the base model as text, and the answer reads them, not the tree.
-    (low, high), answer = plan.injection.shielded
-    assert answer == (len(plan.prompt_ids), sys.maxsize)
-    assert tokenizer.decode(plan.prompt_ids[low:high]).startswith(EXCERPTS_HEADER)
-    assert "4817" in tokenizer.decode(plan.prompt_ids[low:high])
-    assert tokenizer.decode(plan.prompt_ids[high:]).startswith(question)
+    # Only the question reads the tree: the system prompt and the excerpts before it pass through
+    # the base model as text, and so do the template after it and the answer.
+    (low, high), (after, end) = plan.injection.shielded
+    assert low == 0 and end == sys.maxsize and high < after < len(plan.prompt_ids)
+    assert EXCERPTS_HEADER in tokenizer.decode(plan.prompt_ids[:high])
+    assert "4817" in tokenizer.decode(plan.prompt_ids[:high])
+    assert tokenizer.decode(plan.prompt_ids[high:after]) == question
 
     both = EvidenceSettings(tokens=200, passage_tokens=32, inject_excerpts=True, inject_answer=True)
     assert engine.plan(tree, question, max_new_tokens=8, evidence=both).injection.shielded == ()

@@ -131,14 +131,10 @@ def test_evidence_shaped_examples_put_excerpts_before_the_question_and_shield_th
         example = questions()
         text = tokenizer.decode(example.decoder[: example.scored_from])
         assert EXCERPTS_HEADER in text and len(example.decoder) - example.scored_from >= 2  # answer + EOS
-        (start, end), answer = example.shielded
-        assert tokenizer.decode(example.decoder[start:end]).lstrip().startswith(EXCERPTS_HEADER)
-        assert (
-            tokenizer.decode(example.decoder[end : example.scored_from])
-            .strip()
-            .startswith(tokenizer.decode(example.query).strip())
-        )  # the question reads the injection
-        assert answer == (example.scored_from, len(example.decoder))  # the answer does not (served default)
+        (start, end), (after, length) = example.shielded  # as Engine.plan: only the question reads the tree
+        assert start == 0 and EXCERPTS_HEADER in tokenizer.decode(example.decoder[start:end])
+        assert example.decoder[end:after] == example.query
+        assert after < example.scored_from and length == len(example.decoder)  # nor the answer (served default)
         assert example_loss(engine, example)[1] == len(example.decoder) - example.scored_from
 
     class OneSpan:  # the sampler's interface over one fixed span of the filler

@@ -21,7 +21,7 @@ from sharedllm.common.config import DEFAULT_MAX_DOCUMENT_TOKENS, Limits, TreeCon
 from sharedllm.common.engine.adapter import InjectionAdapter, read_adapter_config
 from sharedllm.common.engine.compressor import Compressor, ProgressFn
 from sharedllm.common.engine.decoder import Decoder, Injection
-from sharedllm.common.engine.evidence import PassageIndex, choose, excerpt_span, rank, render
+from sharedllm.common.engine.evidence import PassageIndex, choose, question_span, rank, render, shielded_spans
 from sharedllm.common.engine.llama import LlamaBody
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 from sharedllm.common.engine.results import Finished, GenerateTimings, Passage, TokenDelta
@@ -272,12 +272,9 @@ class Engine:
         if source is not None and inject:
             t0 = time.perf_counter()
             injection, prep = self.decoder.prepare(source, query, bias)
-            shielded = []
-            if passages and not evidence.inject_excerpts and (span := self._excerpt_span(prompt, question)):
-                shielded.append(span)
-            if passages and not evidence.inject_answer:
-                shielded.append((len(prompt), sys.maxsize))
-            injection = dataclasses.replace(injection, shielded=tuple(shielded))
+            if passages:
+                span = self._question_span(prompt, question)
+                injection = dataclasses.replace(injection, shielded=shielded_spans(evidence, span, sys.maxsize))
             timings = timings.plus(prep).plus(GenerateTimings(prepare_s=time.perf_counter() - t0))
         return QuestionPlan(prompt, injection, tuple(passages), timings)
 
@@ -306,17 +303,18 @@ class Engine:
             bias = torch.from_numpy(index.node_scores(ranking.scores, source.chunk_lengths, depth))
         return passages, bias
 
-    def _excerpt_span(self, prompt: list[int], question: str) -> tuple[int, int] | None:
-        """Prompt positions from the excerpts' header to the question (None if the template hides them).
+    def _question_span(self, prompt: list[int], question: str) -> tuple[int, int]:
+        """Prompt positions of the question, the only part of a window with excerpts that reads the tree.
 
         Found by token search rather than predicted, so it holds for any chat template that keeps
-        the header's and the question's tokens as they tokenize alone (the default model's does;
-        the suite checks it). Where one merges them with their neighbours, the excerpts read the
-        injection like the rest of the prompt, and a warning says so.
+        the question's tokens as they tokenize alone (the default model's does; the suite checks
+        it). Where one merges them with their neighbours, the whole prompt reads the injection,
+        the answer still does not, and a warning says so.
         """
-        span = excerpt_span(prompt, self.tokenizer, question)
+        span = question_span(prompt, self.tokenizer, question)
         if span is None:
-            _log.warning("the chat template changes the excerpts' tokens; they read the injection too")
+            _log.warning("the chat template changes the question's tokens; the whole prompt reads the injection")
+            return (0, len(prompt))
         return span
 
     def generate(

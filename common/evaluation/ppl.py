@@ -16,11 +16,11 @@ the scored tokens. The methods:
 - full: the whole context in the base window. It exists only where L + W fits the window,
   and there it *is* truncation (nothing is cut), so it is computed once and reported as such;
 - streaming: the whole context streamed through a StreamingLLM sink cache.
-As in serving, the excerpts' positions (and, unless `inject_answer`, the scored tokens) read no
-injection; node selection follows the language-modelling protocol of training (no query: the
-most recent child). Every method but streaming scores through training's `example_loss` (the
-excerpts as an evidence-shaped Example, as training builds them), so they score exactly the
-tokens the trainer's held-out evaluation would.
+As in serving, only the "question" reads the injection: here the decoder segment before the
+scored tokens (evidence.shielded_spans); node selection follows the language-modelling
+protocol of training (no query: the most recent child). Every method but streaming scores
+through training's `example_loss` (the excerpts as an evidence-shaped Example, as training
+builds them), so they score exactly the tokens the trainer's held-out evaluation would.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ from tqdm import tqdm
 
 from sharedllm.common.baselines.streaming import StreamingLLM
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.engine.evidence import render_excerpts
+from sharedllm.common.engine.evidence import render_excerpts, shielded_spans
 from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.engine.tree import ContextTree
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.evaluation.heldout import HeldoutDocument
 from sharedllm.common.evaluation.methods import METHODS, PPL_METHODS, base_window_methods
-from sharedllm.common.training.examples import Example, shielded_spans
+from sharedllm.common.training.examples import Example
 from sharedllm.common.training.trainer import example_loss, gap_closed
 
 DEFAULT_LENGTHS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
@@ -130,7 +130,7 @@ def window_nll(
         excerpts = excerpt_ids(engine, tree, context[-d:], settings.evidence)
         decoder = excerpts + example.decoder
         first = len(excerpts) + example.scored_from
-        shielded = shielded_spans(settings.evidence, (0, len(excerpts)), first, len(decoder))
+        shielded = shielded_spans(settings.evidence, (len(excerpts), first), len(decoder))
         shaped = Example(example.document, decoder, first, None, shielded)
         for method in with_excerpts:
             inject = method == "sharedllm"

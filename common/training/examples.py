@@ -8,9 +8,10 @@ Two kinds, mixed by the trainer:
 
 Either kind can be evidence-shaped (`Excerpts`, a share of the examples), as the product serves
 a question: excerpts of the compressed document chosen for the question (for language
-modelling, for the first QUERY_TOKENS of the segment) in the window before it, and the
-excerpts' positions and the scored tokens shielded from the injection as Engine.plan shields
-them, so the adapter learns to complement the excerpts rather than to fight them.
+modelling, for the first QUERY_TOKENS of the segment) in the window before it, and everything
+but the question (or the segment's opening) shielded from the injection as Engine.plan shields
+it (evidence.shielded_spans), so the adapter learns to complement the excerpts rather than to
+fight them.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from sharedllm.common.data.synthetic import Filler, needle_task, passkey_task, r
 from sharedllm.common.engine.evidence import (
     PassageIndex,
     choose,
-    excerpt_span,
+    question_span,
     rank,
     render,
     render_excerpts,
+    shielded_spans,
 )
 from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.engine.results import Passage
@@ -66,19 +68,8 @@ class Excerpts:
         index = PassageIndex(document, self.tokenizer, self.settings.passage_tokens)
         return choose(index, rank(index, question, None, self.settings), self.settings.tokens)
 
-    def shielded(self, excerpts: tuple[int, int], scored_from: int, length: int) -> tuple[tuple[int, int], ...]:
-        return shielded_spans(self.settings, excerpts, scored_from, length)
-
-
-def shielded_spans(
-    settings: EvidenceSettings, excerpts: tuple[int, int], scored_from: int, length: int
-) -> tuple[tuple[int, int], ...]:
-    """The decoder positions that read no injection, as Engine.plan shields them: the excerpts
-    (unless inject_excerpts) and the scored tokens (unless inject_answer)."""
-    spans = [] if settings.inject_excerpts else [excerpts]
-    if not settings.inject_answer:
-        spans.append((scored_from, length))
-    return tuple(spans)
+    def shielded(self, question: tuple[int, int], length: int) -> tuple[tuple[int, int], ...]:
+        return shielded_spans(self.settings, question, length)
 
 
 class LanguageModelling:
@@ -102,8 +93,9 @@ class LanguageModelling:
         block = x.tokenizer(render_excerpts(passages), add_special_tokens=False)["input_ids"] if passages else []
         decoder = block + example.decoder
         scored_from = len(block) + len(opening)
+        # The opening stands for the question: it alone reads the injection, as a question does.
         return Example(
-            example.document, decoder, scored_from, None, x.shielded((0, len(block)), scored_from, len(decoder))
+            example.document, decoder, scored_from, None, x.shielded((len(block), scored_from), len(decoder))
         )
 
 
@@ -145,9 +137,9 @@ class SyntheticQuestions:
             return Example(document, prompt + answer, len(prompt), query)
         passages = self.excerpts.passages(document, task.question)
         prompt = self.prompt_ids(render(passages, task.question))
-        span = excerpt_span(prompt, self.tokenizer, task.question) or (0, 0)
+        span = question_span(prompt, self.tokenizer, task.question) or (0, len(prompt))  # as Engine.plan
         decoder = prompt + answer
-        return Example(document, decoder, len(prompt), query, self.excerpts.shielded(span, len(prompt), len(decoder)))
+        return Example(document, decoder, len(prompt), query, self.excerpts.shielded(span, len(decoder)))
 
 
 def lm_example(span: list[int], context_tokens: int) -> Example:
