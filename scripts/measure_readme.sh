@@ -80,8 +80,15 @@ done
 #    default evidence budget.
 EV="$OUT/evidence"
 mkdir -p "$EV"
-$BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 3 --methods sharedllm evidence tree \
+$BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 6 --methods sharedllm evidence bm25 tree \
   --json "$EV/ruler.json" --plot "$EV/ruler.png" | tee "$EV/ruler.txt"
+$BIN/sharedllm eval ruler --lengths 65536 --per-cell 2 --methods sharedllm evidence bm25 \
+  --json "$EV/ruler-64k.json" | tee "$EV/ruler-64k.txt"
+for ablation in "base:" "tree-weight-0:--tree-weight 0" "hops-0:--evidence-hops 0"; do
+  # shellcheck disable=SC2086  # the flags are two words
+  $BIN/sharedllm eval ruler --lengths 8192 32768 --per-cell 3 --methods evidence ${ablation#*:} \
+    --json "$EV/ablation-${ablation%%:*}.json" | tee "$EV/ablation-${ablation%%:*}.txt"
+done
 $BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 1 --methods full truncation \
   --json "$EV/ruler-baselines.json" --plot "$EV/ruler-baselines.png" | tee "$EV/ruler-baselines.txt"
 $BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 1 --methods streaming \

@@ -265,6 +265,30 @@ def test_ruler_tasks_plant_what_they_ask_for(engine, data_dir):
     assert f"VAR {chain.metadata['answers'][0]} = {value}." in chain.document
 
 
+def test_the_bm25_method_reads_no_tree_and_ranks_plainly(engine, monkeypatch):
+    from sharedllm.common.data.synthetic import Filler, needle_task
+    from sharedllm.common.engine.params import EvidenceSettings
+    from sharedllm.common.evaluation.methods import PLAIN_PASSAGE_TOKENS
+    from sharedllm.common.evaluation.needle import Answerer
+
+    plans = []
+    plan = engine.plan
+
+    def spy(source, question, **options):
+        plans.append(options)
+        return plan(source, question, **options)
+
+    monkeypatch.setattr(engine, "plan", spy)
+    answer = Answerer(engine, None, ("sharedllm", "bm25"), 2, EvidenceSettings(tokens=128), True)
+    answer(needle_task(Filler(engine.tokenizer), 512, 0.5, 0))
+    product, plain = plans
+    assert (product["inject"], product["retrieval"]) == (True, True)
+    assert (plain["inject"], plain["retrieval"]) == (False, False)  # no tree injected, none ranked with
+    assert plain["evidence"].tokens == product["evidence"].tokens == 128
+    assert plain["evidence"].passage_tokens == PLAIN_PASSAGE_TOKENS and product["evidence"].passage_tokens == 32
+    assert (plain["evidence"].hops, plain["evidence"].neighbours_of, plain["evidence"].tree_weight) == (0, 0, 0.0)
+
+
 def test_ruler_score_is_the_share_of_expected_strings():
     from sharedllm.common.evaluation.ruler import score
 
@@ -311,6 +335,15 @@ def test_eval_ruler_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     at_512 = {s["method"]: s["output"] for s in report["samples"] if s["length"] == 512 and s["task"] == "variables"}
     assert at_512["full"] == at_512["truncation"]  # where the document fits, one base-window run serves both
     assert report["protocol"]["evidence"]["tokens"] == 128
+    assert report["protocol"]["bm25_evidence"] | {"tokens": 0} == {
+        **report["protocol"]["evidence"],
+        "tokens": 0,
+        "passage_tokens": 96,
+        "tree_weight": 0.0,
+        "hops": 0,
+        "neighbours_of": 0,
+        "min_score": 0.0,
+    }
     assert (tmp_path / "ruler.png").read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
     assert "RULER-style mean over 7 tasks" in table and "variables" in table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from sharedllm.common.config import TreeConfig
+from sharedllm.common.engine import engine as engine_module
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.evidence import (
     EXCERPTS_HEADER,
@@ -19,6 +21,7 @@ from sharedllm.common.engine.evidence import (
     choose,
     rank,
     render,
+    shielded_spans,
     split_passages,
 )
 from sharedllm.common.engine.retrieval import select_nodes
@@ -128,6 +131,14 @@ def test_a_passage_never_ends_at_a_colon_so_a_value_stays_with_its_key(tokenizer
         assert sum(t.count(" is: ") for t in index.texts) == 200  # no "is:" cut from the space after it
 
 
+def test_only_the_question_reads_the_injection_unless_asked():
+    question, length = (40, 52), 70
+    assert shielded_spans(EvidenceSettings(), question, length) == ((0, 40), (52, 70))
+    assert shielded_spans(EvidenceSettings(inject_excerpts=True), question, length) == ((52, 70),)
+    assert shielded_spans(EvidenceSettings(inject_answer=True), question, length) == ((0, 40),)
+    assert shielded_spans(EvidenceSettings(inject_excerpts=True, inject_answer=True), question, length) == ()
+
+
 def test_plain_bm25_keeps_the_budget_and_drops_what_the_method_adds(tokenizer):
     """The `bm25` baseline: same budget, ~100-token passages, no hops: one link of the chain."""
     names = ("QWXZT", "PLMKO", "ZZRTY")
@@ -141,7 +152,6 @@ def test_plain_bm25_keeps_the_budget_and_drops_what_the_method_adds(tokenizer):
     ):
         index = PassageIndex(ids, tokenizer, settings.passage_tokens)
         chosen = choose(index, rank(index, question, None, settings), settings.tokens)
-        assert sum(p.token_end - p.token_start for p in chosen) <= 192
         found[name] = {n for n in names if any(f"VAR {n} =" in p.text for p in chosen)}
     assert plain_bm25(EvidenceSettings()).passage_tokens == PLAIN_PASSAGE_TOKENS
     assert found == {"product": set(names), "plain": {"QWXZT"}}
@@ -199,7 +209,7 @@ def test_bias_steers_node_expansion():
     assert select_nodes(keys, query, 2, bias)[0].tolist() == [2, 3, 1]
 
 
-def test_plan_fills_the_window_within_its_limits(engine, tokenizer):
+def test_plan_fills_the_window_within_its_limits(engine, tokenizer, monkeypatch, caplog):
     _, ids = planted(tokenizer, {0.5: "The secret locker code of Amara Okafor is 4817."}, n_filler=400)
     tree = engine.compressor.compress(ids)
     question = "What is the locker code of Amara Okafor?"
@@ -218,6 +228,13 @@ def test_plan_fills_the_window_within_its_limits(engine, tokenizer):
     assert EXCERPTS_HEADER in tokenizer.decode(plan.prompt_ids[:high])
     assert "4817" in tokenizer.decode(plan.prompt_ids[:high])
     assert tokenizer.decode(plan.prompt_ids[high:after]) == question
+
+    # A template that hides the question's tokens: the whole prompt reads the tree, the answer does not.
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+        m.setattr(engine_module, "question_span", lambda *args: None)
+        hidden = engine.plan(tree, question, max_new_tokens=8, evidence=EvidenceSettings(tokens=200, passage_tokens=32))
+    assert hidden.injection.shielded == ((0, 0), (len(hidden.prompt_ids), sys.maxsize))
+    assert "the whole prompt reads the injection" in caplog.text
 
     both = EvidenceSettings(tokens=200, passage_tokens=32, inject_excerpts=True, inject_answer=True)
     assert engine.plan(tree, question, max_new_tokens=8, evidence=both).injection.shielded == ()

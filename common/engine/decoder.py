@@ -25,8 +25,7 @@ class Injection:
 
     keys/values: [M, n_kv, E, Dh] (keys already carry chunk-level RoPE); mask: [E];
     n_chunks: the RoPE position of the queries; shielded: position spans [start, end) that read
-    no injection (the raw excerpts of the document pass through the base model as text; the
-    question, and unless shielded too the answer, read both them and the tree).
+    no injection (with excerpts in the window, everything but the question: evidence.shielded_spans).
     """
 
     keys: torch.Tensor

@@ -42,7 +42,7 @@ from sharedllm.common.engine.results import Passage
 from sharedllm.common.errors import InvalidInput
 
 EXCERPTS_HEADER = "Excerpts from the document, in order:"
-# Where a passage may end. Never after a colon: it introduces what follows ("... is: 6177498."),
+# Where a passage may end. Never after a colon within a line: it introduces what follows ("... is: 6177498."),
 # and a cut there left a key in one passage and its value in the next, where a question's words
 # never find it (the plain BM25 baseline lost single needles to exactly that cut).
 _SENTENCE_END = re.compile(r"[.!?;\"')\]]\s*$|\n")

@@ -76,8 +76,9 @@ class EvidenceSettings:
     hop_max_df: int = 3
     neighbours_of: int = 4  # the best question hits that bring their neighbouring passages
     min_score: float = 0.25  # passages below this share of the best score are left out, budget or not
-    inject_excerpts: bool = False  # False: the excerpts' positions read no injection (see Injection.shielded)
-    inject_answer: bool = False  # True: with evidence, the answer's tokens read the injection too
+    # With excerpts in the window only the question reads the injection (evidence.shielded_spans):
+    inject_excerpts: bool = False  # True: what precedes the question (system prompt, excerpts) reads it too
+    inject_answer: bool = False  # True: what follows the question (the turn's end, the answer) reads it too
     mode: EvidenceMode = "auto"
 
     def validate(self) -> None:

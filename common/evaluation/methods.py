@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sharedllm.common.engine.params import EvidenceSettings
 
@@ -46,12 +46,24 @@ PLAIN_PASSAGE_TOKENS = 96  # "about 100 tokens": the passages of the issue's mea
 
 
 def plain_bm25(settings: EvidenceSettings) -> EvidenceSettings:
-    """The same budget spent on the best BM25 passages alone: the ranking without what the method adds."""
+    """The same budget spent on the best BM25 passages alone: the ranking without what the method
+    adds. A question with no word in the document gets passages spread over it, as the product's do."""
     return dataclasses.replace(
-        settings, passage_tokens=PLAIN_PASSAGE_TOKENS, tree_weight=0.0, hops=0, neighbours_of=0, min_score=0.0
+        settings,
+        passage_tokens=PLAIN_PASSAGE_TOKENS,
+        tree_weight=0.0,
+        hops=0,
+        neighbours_of=0,
+        min_score=0.0,
+        mode="auto",
     )
 
 
 def base_window_methods(wanted: Collection[str], fits: bool) -> tuple[str, ...]:
     """The methods one base-window run answers for: truncation when asked, full when asked and nothing was cut."""
     return tuple(m for m in ("truncation", "full") if m in wanted and (m == "truncation" or fits))
+
+
+def baseline_protocol(methods: Collection[str], evidence: EvidenceSettings) -> dict[str, Any]:
+    """What a report's protocol records beside the product's evidence settings: the baseline's own."""
+    return {"bm25_evidence": dataclasses.asdict(plain_bm25(evidence))} if "bm25" in methods else {}

@@ -37,7 +37,13 @@ from sharedllm.common.engine.evidence import find_tokens
 from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.evaluation.methods import DOCUMENT_METHODS, METHODS, base_window_methods, plain_bm25
+from sharedllm.common.evaluation.methods import (
+    DOCUMENT_METHODS,
+    METHODS,
+    base_window_methods,
+    baseline_protocol,
+    plain_bm25,
+)
 
 TASKS: tuple[str, ...] = ("passkey", "needle")
 DEFAULT_METHODS: tuple[str, ...] = ("sharedllm", "full", "truncation", "streaming")
@@ -220,7 +226,12 @@ def evaluate_needles(
                         }
                     )
     return {
-        "protocol": {**dataclasses.asdict(settings), "window": engine.window, "scoring": SCORING},
+        "protocol": {
+            **dataclasses.asdict(settings),
+            **baseline_protocol(settings.methods, settings.evidence),
+            "window": engine.window,
+            "scoring": SCORING,
+        },
         "cells": cells,
         "samples": samples,
     }

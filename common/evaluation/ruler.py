@@ -35,7 +35,7 @@ from sharedllm.common.data.synthetic import Filler, Task, needle_task, variables
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.evaluation.methods import METHODS
+from sharedllm.common.evaluation.methods import METHODS, baseline_protocol
 from sharedllm.common.evaluation.needle import Answerer
 
 # task name -> (haystack, builder(filler, length, depth, seed))
@@ -134,7 +134,12 @@ def evaluate_ruler(
                     }
                 )
     return {
-        "protocol": {**dataclasses.asdict(settings), "window": engine.window, "scoring": SCORING},
+        "protocol": {
+            **dataclasses.asdict(settings),
+            **baseline_protocol(settings.methods, settings.evidence),
+            "window": engine.window,
+            "scoring": SCORING,
+        },
         "cells": cells,
         "samples": samples,
     }

@@ -42,7 +42,7 @@ class Example:
     decoder: list[int]
     scored_from: int  # decoder[t] is scored for t >= scored_from (predicted from decoder[:t])
     query: list[int] | None  # None: retrieval off
-    shielded: tuple[tuple[int, int], ...] = ()  # decoder positions that read no injection (excerpts)
+    shielded: tuple[tuple[int, int], ...] = ()  # decoder positions that read no injection (evidence.shielded_spans)
 
 
 class Excerpts:
@@ -68,9 +68,6 @@ class Excerpts:
         index = PassageIndex(document, self.tokenizer, self.settings.passage_tokens)
         return choose(index, rank(index, question, None, self.settings), self.settings.tokens)
 
-    def shielded(self, question: tuple[int, int], length: int) -> tuple[tuple[int, int], ...]:
-        return shielded_spans(self.settings, question, length)
-
 
 class LanguageModelling:
     def __init__(self, sampler: SpanSampler, context_tokens: int, excerpts: Excerpts | None = None) -> None:
@@ -95,7 +92,11 @@ class LanguageModelling:
         scored_from = len(block) + len(opening)
         # The opening stands for the question: it alone reads the injection, as a question does.
         return Example(
-            example.document, decoder, scored_from, None, x.shielded((len(block), scored_from), len(decoder))
+            example.document,
+            decoder,
+            scored_from,
+            None,
+            shielded_spans(x.settings, (len(block), scored_from), len(decoder)),
         )
 
 
@@ -139,7 +140,9 @@ class SyntheticQuestions:
         prompt = self.prompt_ids(render(passages, task.question))
         span = question_span(prompt, self.tokenizer, task.question) or (0, len(prompt))  # as Engine.plan
         decoder = prompt + answer
-        return Example(document, decoder, len(prompt), query, self.excerpts.shielded(span, len(decoder)))
+        return Example(
+            document, decoder, len(prompt), query, shielded_spans(self.excerpts.settings, span, len(decoder))
+        )
 
 
 def lm_example(span: list[int], context_tokens: int) -> Example:

@@ -175,12 +175,14 @@ class EvidenceArguments:
         parser.add_argument(
             "--inject-excerpts",
             action="store_true",
-            help="let the excerpts' own positions read the tree too (default: only the question and answer do)",
+            help="let the prompt before the question (system prompt, excerpts) read the tree too "
+            "(default: with excerpts, only the question does)",
         )
         parser.add_argument(
             "--inject-answer",
             action="store_true",
-            help="with evidence, let the answer's tokens read the tree too (default: only the question does)",
+            help="with excerpts, let what follows the question (the turn's end, the answer) read the tree too "
+            "(default: only the question does)",
         )
 
     def from_args(self, args: argparse.Namespace, mode: str = "auto") -> EvidenceSettings:
