@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sharedllm.common.config import TreeConfig
-from sharedllm.common.engine import engine as engine_module
+from sharedllm.common.engine import evidence as evidence_module
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.evidence import (
     EXCERPTS_HEADER,
@@ -231,7 +231,7 @@ def test_plan_fills_the_window_within_its_limits(engine, tokenizer, monkeypatch,
 
     # A template that hides the question's tokens: the whole prompt reads the tree, the answer does not.
     with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
-        m.setattr(engine_module, "question_span", lambda *args: None)
+        m.setattr(evidence_module, "find_tokens", lambda *args, **kwargs: None)
         hidden = engine.plan(tree, question, max_new_tokens=8, evidence=EvidenceSettings(tokens=200, passage_tokens=32))
     assert hidden.injection.shielded == ((0, 0), (len(hidden.prompt_ids), sys.maxsize))
     assert "the whole prompt reads the injection" in caplog.text

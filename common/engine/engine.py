@@ -7,7 +7,6 @@ here; it speaks in token ids, text and engine types, never in protobuf or gRPC.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -42,9 +41,6 @@ class Compressed:
     tree: ContextTree
     n_tokens: int
     seconds: float
-
-
-_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -273,7 +269,7 @@ class Engine:
             t0 = time.perf_counter()
             injection, prep = self.decoder.prepare(source, query, bias)
             if passages:
-                span = self._question_span(prompt, question)
+                span = question_span(prompt, self.tokenizer, question)
                 injection = dataclasses.replace(injection, shielded=shielded_spans(evidence, span, sys.maxsize))
             timings = timings.plus(prep).plus(GenerateTimings(prepare_s=time.perf_counter() - t0))
         return QuestionPlan(prompt, injection, tuple(passages), timings)
@@ -302,20 +298,6 @@ class Engine:
         if sims is not None:
             bias = torch.from_numpy(index.node_scores(ranking.scores, source.chunk_lengths, depth))
         return passages, bias
-
-    def _question_span(self, prompt: list[int], question: str) -> tuple[int, int]:
-        """Prompt positions of the question, the only part of a window with excerpts that reads the tree.
-
-        Found by token search rather than predicted, so it holds for any chat template that keeps
-        the question's tokens as they tokenize alone (the default model's does; the suite checks
-        it). Where one merges them with their neighbours, the whole prompt reads the injection,
-        the answer still does not, and a warning says so.
-        """
-        span = question_span(prompt, self.tokenizer, question)
-        if span is None:
-            _log.warning("the chat template changes the question's tokens; the whole prompt reads the injection")
-            return (0, len(prompt))
-        return span
 
     def generate(
         self,

@@ -26,6 +26,7 @@ How passages are chosen:
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ from sharedllm.common.engine.compressor import node_spans
 from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.engine.results import Passage
 from sharedllm.common.errors import InvalidInput
+
+_log = logging.getLogger(__name__)
 
 EXCERPTS_HEADER = "Excerpts from the document, in order:"
 # Where a passage may end. Never after a colon within a line: it introduces what follows ("... is: 6177498."),
@@ -277,12 +280,21 @@ def find_tokens(sequence: list[int], part: list[int], last: bool = False) -> int
     return next((i for i in starts if sequence[i : i + len(part)] == part), None)
 
 
-def question_span(prompt: list[int], tokenizer: Any, question: str) -> tuple[int, int] | None:
-    """Positions [start, end) of the question's tokens in a templated prompt (their last
-    occurrence), or None where the template merged them with their neighbours'."""
+def question_span(prompt: list[int], tokenizer: Any, question: str) -> tuple[int, int]:
+    """Positions [start, end) of the question's tokens in a templated prompt (their last occurrence):
+    with excerpts in the window, the only part that reads the tree (shielded_spans).
+
+    Found by token search rather than predicted, so it holds for any chat template that keeps the
+    question's tokens as they tokenize alone (the default model's does; the suite checks it).
+    Where one merges them with their neighbours, the whole prompt stands for the question (it reads
+    the injection, the answer still does not), and a warning says so; serving and training alike.
+    """
     ids = tokenizer(question, add_special_tokens=False)["input_ids"]
     start = find_tokens(prompt, ids, last=True) if ids else None
-    return None if start is None else (start, start + len(ids))
+    if start is None:
+        _log.warning("the chat template changes the question's tokens; the whole prompt reads the injection")
+        return (0, len(prompt))
+    return (start, start + len(ids))
 
 
 def shielded_spans(settings: EvidenceSettings, question: tuple[int, int], length: int) -> tuple[tuple[int, int], ...]:

@@ -138,7 +138,7 @@ class SyntheticQuestions:
             return Example(document, prompt + answer, len(prompt), query)
         passages = self.excerpts.passages(document, task.question)
         prompt = self.prompt_ids(render(passages, task.question))
-        span = question_span(prompt, self.tokenizer, task.question) or (0, len(prompt))  # as Engine.plan
+        span = question_span(prompt, self.tokenizer, task.question)
         decoder = prompt + answer
         return Example(
             document, decoder, len(prompt), query, shielded_spans(self.excerpts.settings, span, len(decoder))
