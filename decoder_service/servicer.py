@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 
 from sharedllm.common.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SAMPLING_FIELDS, SamplingParams
-from sharedllm.common.engine.results import Finished, Passage, TokenDelta
-from sharedllm.common.errors import StoreUnavailable
+from sharedllm.common.engine.results import Citation, Finished, Passage, TokenDelta
+from sharedllm.common.errors import InvalidInput, StoreUnavailable
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as pb
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2_grpc as pb_grpc
 from sharedllm.common.rpc.interceptor import current_tenant
@@ -28,12 +28,17 @@ FINISH_REASONS = {
     "eos": pb.FINISH_REASON_EOS,
     "length": pb.FINISH_REASON_LENGTH,
     "stop": pb.FINISH_REASON_STOP,
+    "repetition": pb.FINISH_REASON_REPETITION,
 }
 
 
 def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     """Validation happens in the engine, which knows the window (InvalidInput names the field)."""
     fields = {name: getattr(request, name) for name in SAMPLING_FIELDS if request.HasField(name)}
+    if request.grounding not in (pb.GROUNDING_UNSPECIFIED, pb.GROUNDING_ON, pb.GROUNDING_OFF):
+        raise InvalidInput(f"grounding must be GROUNDING_ON or GROUNDING_OFF, got {request.grounding}")
+    if request.grounding != pb.GROUNDING_UNSPECIFIED:
+        fields["grounding"] = request.grounding == pb.GROUNDING_ON
     return SamplingParams(**fields, stop=tuple(request.stop))
 
 
@@ -46,6 +51,19 @@ def evidence_message(passage: Passage) -> pb.EvidencePassage:
         text=passage.text,
         score=passage.score,
     )
+
+
+def citation_message(citation: Citation) -> pb.Citation:
+    message = pb.Citation(
+        answer_start=citation.answer_start,
+        answer_end=citation.answer_end,
+        char_start=citation.char_start,
+        char_end=citation.char_end,
+        text=citation.text,
+    )
+    if citation.evidence_index is not None:
+        message.evidence_index = citation.evidence_index
+    return message
 
 
 def last_message(finished: Finished) -> pb.GenerateResponse:
@@ -70,6 +88,7 @@ def last_message(finished: Finished) -> pb.GenerateResponse:
             evidence_seconds=t.evidence_s,
         ),
         evidence=[evidence_message(p) for p in finished.evidence],
+        citations=[citation_message(c) for c in finished.citations],
     )
 
 

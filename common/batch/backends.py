@@ -24,7 +24,7 @@ import grpc
 from sharedllm.common.engine.params import SAMPLING_FIELDS, SamplingParams
 from sharedllm.common.errors import ContextNotFound, ResourceExhausted, SharedLLMError, StoreUnavailable
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
-from sharedllm.common.rpc.client import call_metadata, open_channel, upload
+from sharedllm.common.rpc.client import call_metadata, grounding_field, open_channel, upload
 from sharedllm.common.rpc.tls import ClientTls
 from sharedllm.common.store import content_context_id
 
@@ -165,7 +165,9 @@ class RemoteBackend:
 
     def generate(self, context_id: str, prompt: str, params: SamplingParams, evidence_tokens: int | None = None) -> str:
         fields = {name: getattr(params, name) for name in SAMPLING_FIELDS if getattr(params, name) is not None}
-        request = decoder_pb2.GenerateRequest(context_id=context_id, prompt=prompt, stop=params.stop, **fields)
+        request = decoder_pb2.GenerateRequest(
+            context_id=context_id, prompt=prompt, stop=params.stop, grounding=grounding_field(params), **fields
+        )
         if evidence_tokens is not None:
             request.evidence_tokens = evidence_tokens
         try:

@@ -48,6 +48,7 @@ class JobSpec:
     max_new_tokens: int = 120  # per section note and per answer
     seed: int | None = None
     section_chars: int = SECTION_CHARS  # characters summarised per call
+    grounding: bool = True  # answers copy their facts from the document (False: free generation)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:

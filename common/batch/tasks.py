@@ -9,6 +9,7 @@ transient failure (a service or the store unavailable or full) is retried, with 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -88,8 +89,13 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
 
 
 def _params(store: JobStore, job_id: str) -> tuple[SamplingParams, JobSpec]:
+    """Summaries keep a light repetition penalty; answers do without it (it stops the copying that
+    grounded answers do) and rely on the loop guard, as `sharedllm ask` does."""
     spec = store.spec(job_id)
-    return SamplingParams(max_new_tokens=spec.max_new_tokens, seed=spec.seed, repetition_penalty=1.1), spec
+    params = SamplingParams(
+        max_new_tokens=spec.max_new_tokens, seed=spec.seed, repetition_penalty=1.1, grounding=spec.grounding
+    )
+    return params, spec
 
 
 @app.task(name="sharedllm.batch.compress", bind=True)
@@ -138,6 +144,7 @@ def answer(self: Task, job_id: str, index: int) -> None:
         params, spec = _params(store, job_id)
         context_id = _context_of(doc)
         answers = store.partial(job_id, index, "answers")
+        params = dataclasses.replace(params, repetition_penalty=1.0)
         for question in spec.questions[len(answers) :]:
             if store.cancelled(job_id):
                 raise Cancelled

@@ -10,6 +10,7 @@ import torch
 
 from sharedllm.common.engine.adapter import InjectionAdapter
 from sharedllm.common.engine.generation import decode
+from sharedllm.common.engine.grounding import GroundedAnswer
 from sharedllm.common.engine.llama import LlamaBody, rms_normalise
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import Finished, GenerateTimings, TokenDelta
@@ -130,6 +131,7 @@ class Decoder:
         injection: Injection | None,
         params: SamplingParams,
         decode_text: Callable[[list[int]], str],
+        grounding: GroundedAnswer | None = None,
     ) -> Iterator[TokenDelta | Finished]:
         """Prefill the prompt with the injection, then decode (generation.decode); a Finished comes last."""
         device = self.body.device
@@ -139,4 +141,4 @@ class Decoder:
             tokens = torch.tensor([ids], dtype=torch.long, device=device)
             return self.forward(tokens, cache.length, cache, injection)[0, -1]
 
-        return decode(step, self.body.logits, prompt_ids, params, self.eos_ids, decode_text, device)
+        return decode(step, self.body.logits, prompt_ids, params, self.eos_ids, decode_text, device, grounding)

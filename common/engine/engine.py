@@ -18,9 +18,11 @@ import torch
 
 from sharedllm.common.config import DEFAULT_MAX_DOCUMENT_TOKENS, Limits, TreeConfig
 from sharedllm.common.engine.adapter import InjectionAdapter, read_adapter_config
+from sharedllm.common.engine.citations import cite
 from sharedllm.common.engine.compressor import Compressor, ProgressFn
 from sharedllm.common.engine.decoder import Decoder, Injection
 from sharedllm.common.engine.evidence import PassageIndex, choose, question_span, rank, render, shielded_spans
+from sharedllm.common.engine.grounding import DocumentFacts, GroundedAnswer
 from sharedllm.common.engine.llama import LlamaBody
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 from sharedllm.common.engine.results import Finished, GenerateTimings, Passage, TokenDelta
@@ -49,12 +51,15 @@ class QuestionPlan:
 
     prompt_ids: the chat-templated user message (evidence excerpts, then the question) and the
     answer prefix, if any; injection: the selected tree entries (None: no document, or the tree
-    left out); evidence: the excerpts in the window, in document order.
+    left out); evidence: the excerpts in the window, in document order; facts: the document's,
+    which a grounded answer copies and cites (None: no document); answer_prefix: its text.
     """
 
     prompt_ids: list[int]
     injection: Injection | None = None
     evidence: tuple[Passage, ...] = ()
+    facts: DocumentFacts | None = None
+    answer_prefix: str = ""
     # evidence_s, selection_s, context_load_s and prepare_s; decoding adds the rest.
     timings: GenerateTimings = field(default_factory=GenerateTimings)
 
@@ -255,10 +260,14 @@ class Engine:
         bias = None
         if source is not None and evidence.tokens > 0:
             started = time.perf_counter()
+            index = self.usable_index(source, evidence.passage_tokens, index)
             room = self.window - max_new_tokens - len(self._chat_ids(render([], question))) - len(prefix)
             budget = min(evidence.tokens, room - _EXCERPT_OVERHEAD_TOKENS)
             passages, bias = self.choose_evidence(source, question, query, evidence, budget, index)
             evidence_s = time.perf_counter() - started
+        facts = None
+        if source is not None:
+            facts = index.facts if index is not None else self.document_facts(source)
         prompt = self._chat_ids(render(passages, question)) + prefix
         while passages and len(prompt) + max_new_tokens > self.window:  # excerpt markers took more than planned
             passages.remove(min(passages, key=lambda p: p.score))
@@ -272,7 +281,20 @@ class Engine:
                 span = question_span(prompt, self.tokenizer, question)
                 injection = dataclasses.replace(injection, shielded=shielded_spans(evidence, span, sys.maxsize))
             timings = timings.plus(prep).plus(GenerateTimings(prepare_s=time.perf_counter() - t0))
-        return QuestionPlan(prompt, injection, tuple(passages), timings)
+        return QuestionPlan(
+            prompt, injection, tuple(passages), facts=facts, answer_prefix=answer_prefix, timings=timings
+        )
+
+    def document_facts(self, source: ContextSource) -> DocumentFacts:
+        """The facts of a document with no passage index at hand (tree alone): its decoded text."""
+        ids = source.token_ids.tolist()
+        return DocumentFacts(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def usable_index(self, source: ContextSource, passage_tokens: int, index: PassageIndex | None) -> PassageIndex:
+        """`index` if it was built for this document and passage size, else a new one."""
+        n_tokens = sum(source.chunk_lengths)
+        usable = index is not None and (index.passage_tokens, index.n_tokens) == (passage_tokens, n_tokens)
+        return index if usable else self.passage_index(source, passage_tokens)
 
     def choose_evidence(
         self,
@@ -285,9 +307,7 @@ class Engine:
     ) -> tuple[list[Passage], torch.Tensor | None]:
         """The passages for `question` within `budget` tokens, in document order, and the bias
         their ranking puts on the tree's node selection (None without a query vector)."""
-        n_tokens = sum(source.chunk_lengths)
-        usable = index is not None and (index.passage_tokens, index.n_tokens) == (evidence.passage_tokens, n_tokens)
-        index = index if usable else self.passage_index(source, evidence.passage_tokens)
+        index = self.usable_index(source, evidence.passage_tokens, index)
         sims = None if query is None else node_similarity(source.retrieval_keys, query).cpu().numpy()
         depth = source.config.depth
         tree = None if sims is None else index.tree_scores(sims, source.chunk_lengths, depth)
@@ -325,10 +345,17 @@ class Engine:
         return self.decode(plan, params)
 
     def decode(self, plan: QuestionPlan, params: SamplingParams) -> Iterator[TokenDelta | Finished]:
-        """Answer from a plan (generation.decode); the Finished carries the plan's timings and evidence."""
-        for event in self.decoder.generate(plan.prompt_ids, plan.injection, params, self.decode_text):
+        """Answer from a plan (generation.decode): grounded in the plan's document unless params say
+        otherwise; the Finished carries the plan's timings and evidence and the answer's citations."""
+        grounding = None
+        if params.grounding and plan.facts is not None:
+            grounding = GroundedAnswer(plan.facts, self.decode_text, self.decoder.eos_ids, plan.answer_prefix)
+        for event in self.decoder.generate(plan.prompt_ids, plan.injection, params, self.decode_text, grounding):
             if isinstance(event, Finished):
-                yield dataclasses.replace(event, timings=plan.timings.plus(event.timings), evidence=plan.evidence)
+                citations = cite(event.text, plan.facts, plan.evidence) if plan.facts is not None else ()
+                yield dataclasses.replace(
+                    event, timings=plan.timings.plus(event.timings), evidence=plan.evidence, citations=citations
+                )
             else:
                 yield event
 

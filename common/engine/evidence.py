@@ -31,6 +31,7 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import bm25s
@@ -38,6 +39,7 @@ import numpy as np
 import Stemmer
 
 from sharedllm.common.engine.compressor import node_spans
+from sharedllm.common.engine.grounding import DocumentFacts
 from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.engine.results import Passage
 from sharedllm.common.errors import InvalidInput
@@ -146,6 +148,11 @@ class PassageIndex:
 
     def __len__(self) -> int:
         return len(self.spans)
+
+    @cached_property
+    def facts(self) -> DocumentFacts:
+        """The document's words and text for grounded answers (built on first use, kept with the index)."""
+        return DocumentFacts("".join(self.texts))
 
     def lexical(self, query_terms: Sequence[str]) -> np.ndarray:
         """BM25 score of every passage for the stemmed terms (unknown terms score nothing)."""

@@ -13,6 +13,8 @@ from collections.abc import Callable, Collection, Iterator
 
 import torch
 
+from sharedllm.common.engine.grounding import GroundedAnswer
+from sharedllm.common.engine.loop_guard import LoopGuard
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import Finished, GenerateTimings, TokenDelta
 from sharedllm.common.engine.sampling import Sampler
@@ -30,37 +32,56 @@ def decode(
     eos_ids: Collection[int],
     decode_text: Callable[[list[int]], str],
     device: torch.device,
+    grounding: GroundedAnswer | None = None,
 ) -> Iterator[TokenDelta | Finished]:
     """Prefill the prompt, then yield text as it becomes final; a Finished comes last.
 
     logits: the model's head (final norm and projection). Stops at an end-of-sequence token
-    (not emitted), a stop string (the text ends before it) or max_new_tokens.
+    (not emitted), a stop string (the text ends before it), a loop (params.loop_guard: the
+    repeated run is not emitted) or max_new_tokens. grounding: the answer's facts are copied
+    from the document (grounding.py); None: free generation.
     """
     started = time.perf_counter()
     seen = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     sampler = Sampler(params, device)
     stream = TextStream(decode_text, params.stop)
+    guard = LoopGuard(params.loop_guard)
     h = step(prompt_ids)
     prefill_done = time.perf_counter()
-    generated: list[int] = []
+    emitted = 0
     reason = "length"
     first_token_at = None
     for n in range(1, params.max_new_tokens + 1):
-        token = sampler(logits(h), seen)
+        token = sampler(logits(h), seen, grounding, final=n == params.max_new_tokens)
         if first_token_at is None:
             first_token_at = time.perf_counter()
         if token in eos_ids:
             reason = "eos"
             break
-        generated.append(token)
-        yield TokenDelta(token, stream.push(token))
+        if grounding is not None:
+            grounding.accept(token)
+        for released in guard.push(token):
+            emitted += 1
+            yield TokenDelta(released, stream.push(released))
+            if stream.stopped:
+                break
         if stream.stopped:
             reason = "stop"
+            break
+        if guard.looped:
+            reason = "repetition"
             break
         if n == params.max_new_tokens:
             break
         seen = torch.cat([seen, torch.tensor([token], device=device)])
         h = step([token])
+    if not stream.stopped:
+        for released in guard.flush():
+            emitted += 1
+            yield TokenDelta(released, stream.push(released))
+            if stream.stopped:
+                reason = "stop"
+                break
     tail = stream.flush()
     if tail:
         yield TokenDelta(None, tail)
@@ -70,7 +91,7 @@ def decode(
         reason=reason,
         text=stream.text,
         prompt_tokens=len(prompt_ids),
-        completion_tokens=len(generated),
+        completion_tokens=emitted,
         timings=GenerateTimings(
             prefill_s=prefill_done - started, time_to_first_token_s=first - started, decode_s=end - first
         ),

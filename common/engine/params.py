@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sharedllm.common.engine.loop_guard import DEFAULT_MIN_RUN
 from sharedllm.common.errors import InvalidInput
 
 EvidenceMode = Literal["auto", "spread"]
@@ -20,13 +21,19 @@ MAX_TOP_K = 1_000_000
 MAX_REPETITION_PENALTY = 10.0
 # Below this a penalty would divide logits by ~0 (overflow to inf, then NaN probabilities).
 MIN_REPETITION_PENALTY = 0.01
+MAX_LOOP_GUARD = 1024
 # SamplingParams fields that travel as optional scalars of a GenerateRequest, under the same names.
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; 0 / 1.0 disable top_k / top_p."""
+    """How to pick tokens. temperature 0 is greedy; 0 / 1.0 disable top_k / top_p.
+
+    grounding: an answer about a document states only facts the document has (grounding.py);
+    False: free generation. loop_guard: an answer whose last this many tokens repeat an earlier
+    run of it ends there (loop_guard.py); 0: no guard.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -36,6 +43,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    grounding: bool = True
+    loop_guard: int = DEFAULT_MIN_RUN
 
     def validate(self, max_new_tokens_limit: int) -> None:
         """Raise InvalidInput naming the parameter, its limit and the value received."""
@@ -56,6 +65,8 @@ class SamplingParams:
         penalty = self.repetition_penalty
         if not math.isfinite(penalty) or not MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY:
             raise bad("repetition_penalty", f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]", penalty)
+        if not isinstance(self.loop_guard, int) or not 0 <= self.loop_guard <= MAX_LOOP_GUARD:
+            raise bad("loop_guard", f"an integer in [0, {MAX_LOOP_GUARD}]", self.loop_guard)
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise bad("seed", "in [0, 2**63)", self.seed)
         if len(self.stop) > MAX_STOP_STRINGS:

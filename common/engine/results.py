@@ -93,16 +93,44 @@ class Passage:
 
 
 @dataclass(frozen=True)
+class Citation:
+    """A run of the answer that the document states word for word (citations.py).
+
+    answer_start/answer_end: character offsets in the answer's text; char_start/char_end: in the
+    document's text, as Passage offsets are; evidence_index: the excerpt of Finished.evidence that
+    holds it (None: the document holds it outside the window's excerpts).
+    """
+
+    answer_start: int
+    answer_end: int
+    char_start: int
+    char_end: int
+    text: str
+    evidence_index: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "answer_start": self.answer_start,
+            "answer_end": self.answer_end,
+            "char_start": self.char_start,
+            "char_end": self.char_end,
+            "evidence_index": self.evidence_index,
+            "text": self.text,
+        }
+
+
+@dataclass(frozen=True)
 class Finished:
     """The last event of an answer: why it ended and everything measured on the way."""
 
-    reason: str  # "stop" (stop string), "eos", or "length"
+    reason: str  # "stop" (stop string), "eos", "length", or "repetition" (the loop guard)
     text: str
     prompt_tokens: int
     completion_tokens: int
     timings: GenerateTimings = field(default_factory=GenerateTimings)
     evidence: tuple[Passage, ...] = ()  # the excerpts the window held, in document order
     context: ContextRead | None = None  # None: the question was asked without a document
+    citations: tuple[Citation, ...] = ()  # the runs of the answer the document states word for word
 
     @property
     def evidence_tokens(self) -> int:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from sharedllm.common.engine.grounding import GroundedAnswer
 from sharedllm.common.engine.params import SamplingParams
+
+SAMPLED_CANDIDATES = 64  # with grounding and no top_k, sampling picks among this many allowed tokens
 
 
 class Sampler:
@@ -18,14 +21,20 @@ class Sampler:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
-        """logits [V] of the last position; seen: token ids of prompt and output so far."""
+    def __call__(
+        self, logits: torch.Tensor, seen: torch.Tensor, grounding: GroundedAnswer | None = None, final: bool = False
+    ) -> int:
+        """logits [V] of the last position; seen: token ids of prompt and output so far; grounding:
+        only tokens it allows are picked (final: this is the answer's last token)."""
         p = self.params
         logits = logits.float()
         if p.repetition_penalty != 1.0 and seen.numel():
             prev = logits[seen]
             penalised = torch.where(prev > 0, prev / p.repetition_penalty, prev * p.repetition_penalty)
             logits = logits.scatter(0, seen, penalised)
+        if grounding is not None:
+            keep = 1 if p.temperature == 0 else min(p.top_k or SAMPLED_CANDIDATES, SAMPLED_CANDIDATES)
+            logits = grounding.restrict(logits, keep, final)
         if p.temperature == 0:
             return int(logits.argmax())
         # Shifted so the best logit is 0 before scaling, in float64 (a temperature of 5e-324 is 0 in

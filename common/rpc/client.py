@@ -15,8 +15,9 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.errors import SharedLLMError
-from sharedllm.common.generated.sharedllm.v1 import compressor_pb2
+from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, decoder_pb2
 from sharedllm.common.rpc.tls import ClientTls
 
 PIECE_BYTES = 1 << 20  # CompressStream piece size: well under any sensible message limit
@@ -33,6 +34,12 @@ def remote_errors() -> Iterator[None]:
         yield
     except grpc.RpcError as exc:
         raise RemoteError(f"{exc.code().name}: {exc.details()}") from None
+
+
+def grounding_field(params: SamplingParams) -> int:
+    """GenerateRequest.grounding for the parameters: always explicit, so a server's default never
+    changes what a client asked for."""
+    return decoder_pb2.GROUNDING_ON if params.grounding else decoder_pb2.GROUNDING_OFF
 
 
 def call_metadata(api_key: str | None) -> list[tuple[str, str]]:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from sharedllm.cli.evidence import format_evidence
+from sharedllm.cli.evidence import format_citations, format_evidence
 from sharedllm.cli.observability import client_trace
 from sharedllm.cli.options import EvidenceArguments, ModelArguments, SamplingArguments
 from sharedllm.common.data.documents import read_text
@@ -103,12 +103,14 @@ def _ask(args: argparse.Namespace) -> int:
         "adapter_trained": engine.trained,
         "evidence_tokens": finished.evidence_tokens,
         "evidence": [p.to_dict() for p in finished.evidence],
+        "citations": [c.to_dict() for c in finished.citations],
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print()
     if args.evidence:
+        print("\n" + format_citations(finished.text, finished.citations))
         print("\n" + format_evidence(finished.evidence))
     print(
         f"\n[document {report['document_tokens']} tokens in {report['chunks']} chunks | "

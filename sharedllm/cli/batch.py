@@ -45,6 +45,9 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     submit.add_argument(
         "--section-chars", type=int, default=JobSpec(None, ()).section_chars, help="characters summarised per call"
     )
+    submit.add_argument(
+        "--grounding", choices=("on", "off"), default="on", help="answers copy their facts from the document (on)"
+    )
     submit.add_argument("--json", action="store_true", help="print the job's status as JSON instead of its id")
     submit.set_defaults(handler=run_submit)
     for command, help_line, handler in (
@@ -70,6 +73,7 @@ def run_submit(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         section_chars=args.section_chars,
+        grounding=args.grounding == "on",
     )
     client = BatchClient(args.broker_url)
     with client_trace("batch submit", celery=True):

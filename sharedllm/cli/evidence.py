@@ -1,10 +1,11 @@
-"""The excerpts an answer read, as a user reads them under it (`--evidence` of ask and generate)."""
+"""The excerpts an answer read and what it quoted, as a user reads them under it (`--evidence` of
+ask and generate)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sharedllm.common.engine.results import Passage
+from sharedllm.common.engine.results import Citation, Passage
 
 
 def format_evidence(passages: Sequence[Passage]) -> str:
@@ -15,4 +16,20 @@ def format_evidence(passages: Sequence[Passage]) -> str:
             f"  [chars {p.char_start}-{p.char_end}, tokens {p.token_start}-{p.token_end}, score {p.score:.2f}]"
         )
         lines += [f"    {line}" for line in p.text.strip().splitlines() if line.strip()]
+    return "\n".join(lines)
+
+
+def format_citations(answer: str, citations: Sequence[Citation]) -> str:
+    """The answer with [n] after each run the document states word for word, then where each run is."""
+    if not citations:
+        return "quotes: none (no run of the answer is stated word for word in the document)"
+    marked, at = [], 0
+    for n, c in enumerate(citations, 1):
+        marked += [answer[at : c.answer_end], f"[{n}]"]
+        at = c.answer_end
+    lines = ["quoted: " + "".join([*marked, answer[at:]]).strip()]
+    for n, c in enumerate(citations, 1):
+        where = "outside the excerpts" if c.evidence_index is None else f"excerpt {c.evidence_index + 1}"
+        text = " ".join(c.text.split())
+        lines.append(f"  [{n}] chars {c.char_start}-{c.char_end} ({where}): {text}")
     return "\n".join(lines)

@@ -121,6 +121,12 @@ class SamplingArguments:
         parser.add_argument("--seed", type=int)
         parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
         parser.add_argument("--no-retrieval", action="store_true", help="always expand the most recent half")
+        parser.add_argument(
+            "--grounding",
+            choices=("on", "off"),
+            default="on",
+            help="on: numbers, names, terms and quotes in the answer are copied from the document; off: free",
+        )
 
     def from_args(self, args: argparse.Namespace) -> SamplingParams:
         """The parameters as given; the engine validates them against the model's window."""
@@ -133,6 +139,7 @@ class SamplingArguments:
             repetition_penalty=args.repetition_penalty,
             seed=args.seed,
             stop=tuple(args.stop),
+            grounding=args.grounding == "on",
         )
 
 

@@ -17,13 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from sharedllm.cli.evidence import format_evidence
+from sharedllm.cli.evidence import format_citations, format_evidence
 from sharedllm.cli.observability import client_trace
 from sharedllm.cli.options import ClientArguments, EvidenceArguments, SamplingArguments
 from sharedllm.common.engine.params import SAMPLING_FIELDS
-from sharedllm.common.engine.results import Passage
+from sharedllm.common.engine.results import Citation, Passage
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
-from sharedllm.common.rpc.client import as_dict, call_metadata, open_channel, remote_errors, upload
+from sharedllm.common.rpc.client import as_dict, call_metadata, grounding_field, open_channel, remote_errors, upload
 
 CLIENT = ClientArguments()
 SAMPLING = SamplingArguments()
@@ -79,6 +79,7 @@ def generate_request(args: argparse.Namespace) -> decoder_pb2.GenerateRequest:
         prompt=args.prompt,
         stop=params.stop,
         disable_retrieval=args.no_retrieval,
+        grounding=grounding_field(params),
         **sampling,
     )
     if args.evidence_tokens is not None:
@@ -115,6 +116,7 @@ def run_generate(args: argparse.Namespace) -> int:
             "usage": as_dict(last.usage),
             "timings": as_dict(last.timings),
             "evidence": [as_dict(p) for p in last.evidence],
+            "citations": [as_dict(c) for c in last.citations],
             "client_time_to_first_token_s": first_token_s,
         }
         print(json.dumps(report, indent=2))
@@ -124,6 +126,18 @@ def run_generate(args: argparse.Namespace) -> int:
         passages = [
             Passage(p.token_start, p.token_end, p.char_start, p.char_end, p.text, p.score) for p in last.evidence
         ]
+        citations = [
+            Citation(
+                c.answer_start,
+                c.answer_end,
+                c.char_start,
+                c.char_end,
+                c.text,
+                c.evidence_index if c.HasField("evidence_index") else None,
+            )
+            for c in last.citations
+        ]
+        print("\n" + format_citations("".join(text), citations))
         print("\n" + format_evidence(passages))
     ttft = last.timings.time_to_first_token_seconds
     print(

@@ -8,19 +8,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Grounding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GROUNDING_UNSPECIFIED: _ClassVar[Grounding]
+    GROUNDING_ON: _ClassVar[Grounding]
+    GROUNDING_OFF: _ClassVar[Grounding]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_EOS: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_REPETITION: _ClassVar[FinishReason]
+GROUNDING_UNSPECIFIED: Grounding
+GROUNDING_ON: Grounding
+GROUNDING_OFF: Grounding
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
+FINISH_REASON_REPETITION: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("context_id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "disable_retrieval", "evidence_tokens", "evidence_mode")
+    __slots__ = ("context_id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "disable_retrieval", "evidence_tokens", "evidence_mode", "grounding")
     CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +45,7 @@ class GenerateRequest(_message.Message):
     DISABLE_RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_MODE_FIELD_NUMBER: _ClassVar[int]
+    GROUNDING_FIELD_NUMBER: _ClassVar[int]
     context_id: str
     prompt: str
     max_new_tokens: int
@@ -47,7 +59,24 @@ class GenerateRequest(_message.Message):
     disable_retrieval: bool
     evidence_tokens: int
     evidence_mode: str
-    def __init__(self, context_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., disable_retrieval: _Optional[bool] = ..., evidence_tokens: _Optional[int] = ..., evidence_mode: _Optional[str] = ...) -> None: ...
+    grounding: Grounding
+    def __init__(self, context_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., disable_retrieval: _Optional[bool] = ..., evidence_tokens: _Optional[int] = ..., evidence_mode: _Optional[str] = ..., grounding: _Optional[_Union[Grounding, str]] = ...) -> None: ...
+
+class Citation(_message.Message):
+    __slots__ = ("answer_start", "answer_end", "char_start", "char_end", "text", "evidence_index")
+    ANSWER_START_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_END_FIELD_NUMBER: _ClassVar[int]
+    CHAR_START_FIELD_NUMBER: _ClassVar[int]
+    CHAR_END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    answer_start: int
+    answer_end: int
+    char_start: int
+    char_end: int
+    text: str
+    evidence_index: int
+    def __init__(self, answer_start: _Optional[int] = ..., answer_end: _Optional[int] = ..., char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., text: _Optional[str] = ..., evidence_index: _Optional[int] = ...) -> None: ...
 
 class EvidencePassage(_message.Message):
     __slots__ = ("token_start", "token_end", "char_start", "char_end", "text", "score")
@@ -100,20 +129,22 @@ class GenerateTimings(_message.Message):
     def __init__(self, context_load_seconds: _Optional[float] = ..., selection_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., evidence_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timings", "evidence")
+    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timings", "evidence", "citations")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
     usage: Usage
     timings: GenerateTimings
     evidence: _containers.RepeatedCompositeFieldContainer[EvidencePassage]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ..., evidence: _Optional[_Iterable[_Union[EvidencePassage, _Mapping]]] = ...) -> None: ...
+    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[GenerateTimings, _Mapping]] = ..., evidence: _Optional[_Iterable[_Union[EvidencePassage, _Mapping]]] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
