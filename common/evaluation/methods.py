@@ -1,6 +1,8 @@
 """The methods every evaluation compares, and the one rule that relates two of them.
 
-- `sharedllm`: the product: the tree injected and evidence passages in the window;
+- `sharedllm`: the product: the tree injected, evidence passages in the window, grounded answers;
+- `free`: the same window and tree with free generation (no grounding, no loop guard): the
+  product before grounded answers, so that what grounding changes is measured in the same run;
 - `evidence`: the same passages with no tree injected: what the injection adds, and nothing else;
 - `bm25`: plain retrieval, no tree at all: BM25 over ~100-token passages, the best ones until
   the same budget is full (no hops, no neighbours, no floor): the baseline a retrieval system
@@ -13,6 +15,10 @@
 `full` puts the whole document in the base window and `truncation` the last tokens that fit;
 where the whole document fits they are the same run, so it is made once and serves both,
 and beyond the window `full` does not exist (reported as n/a, never silently truncated).
+
+Every method that reads the compressed document (`sharedllm`, `evidence`, `bm25`, `tree`) answers
+grounded in it, as the product does; `free` does not, and neither do the base-window methods
+(`window`, `truncation`, `full`, `streaming`), which are the base model as it is.
 """
 
 from __future__ import annotations
@@ -21,9 +27,19 @@ import dataclasses
 from collections.abc import Collection
 from typing import Any, NamedTuple
 
-from sharedllm.common.engine.params import EvidenceSettings
+from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 
-METHODS: tuple[str, ...] = ("sharedllm", "evidence", "bm25", "tree", "window", "full", "truncation", "streaming")
+METHODS: tuple[str, ...] = (
+    "sharedllm",
+    "free",
+    "evidence",
+    "bm25",
+    "tree",
+    "window",
+    "full",
+    "truncation",
+    "streaming",
+)
 # Perplexity ranks the evidence for the decoder segment's text, as for a question (ppl.py).
 PPL_METHODS: tuple[str, ...] = ("sharedllm", "evidence", "tree", "window", "full", "truncation", "streaming")
 
@@ -34,15 +50,22 @@ class Reading(NamedTuple):
     evidence: bool  # passages in the window
     inject: bool  # the tree through the cross-attention
     plain: bool = False  # passages ranked by plain BM25 (no tree score, no hops, no neighbours)
+    free: bool = False  # free generation: no grounding, no loop guard
 
 
 DOCUMENT_METHODS: dict[str, Reading] = {
     "sharedllm": Reading(evidence=True, inject=True),
+    "free": Reading(evidence=True, inject=True, free=True),
     "evidence": Reading(evidence=True, inject=False),
     "bm25": Reading(evidence=True, inject=False, plain=True),
     "tree": Reading(evidence=False, inject=True),
 }
 PLAIN_PASSAGE_TOKENS = 96  # "about 100 tokens": the passages of the issue's measured BM25 baseline
+
+
+def free_generation(params: SamplingParams) -> SamplingParams:
+    """The parameters of the `free` method: no grounding and no loop guard, as answers were before."""
+    return dataclasses.replace(params, grounding=False, loop_guard=0)
 
 
 def plain_bm25(settings: EvidenceSettings) -> EvidenceSettings:

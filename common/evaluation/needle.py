@@ -6,7 +6,8 @@ counting tokens and seeded per cell. Every method answers the same chat-formatte
 the assistant's turn opened with the task's answer prefix ("The pass key is"), so only the
 way the document reaches the model differs:
 - sharedllm: the document is compressed and injected (query-aware retrieval unless disabled)
-  and evidence passages chosen for the question fill the evidence budget of the window;
+  and evidence passages chosen for the question fill the evidence budget of the window; the
+  answer is grounded in the document; free: the same with free generation;
 - evidence: the same passages, no tree; tree: the tree, no passages (the paper's setting);
 - window: no document at all (the floor: what the question alone gives);
 - truncation: the last document tokens that fit the window, opening the user message before
@@ -42,6 +43,7 @@ from sharedllm.common.evaluation.methods import (
     METHODS,
     base_window_methods,
     baseline_protocol,
+    free_generation,
     plain_bm25,
 )
 
@@ -98,6 +100,7 @@ class Answerer:
         self.evidence = evidence
         self.retrieval = retrieval
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        self.free = free_generation(self.params)  # the free method and the base model's own methods
         self._separator = self._tokens("\n\n")  # between the document and the question
 
     @classmethod
@@ -111,8 +114,8 @@ class Answerer:
     def _tokens(self, text: str) -> list[int]:
         return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _greedy(self, plan: QuestionPlan) -> str:
-        return run_to_end(self.engine.decode(plan, self.params)).text
+    def _greedy(self, plan: QuestionPlan, params: SamplingParams) -> str:
+        return run_to_end(self.engine.decode(plan, params)).text
 
     def _layout(self, question: str) -> tuple[list[int], list[int]]:
         """The chat prompt of `question` cut where the question starts, so a document can open the user message.
@@ -160,16 +163,16 @@ class Answerer:
                     answer_prefix=task.metadata["answer_prefix"],
                     index=index,
                 )
-                answers[method] = self._greedy(plan)
+                answers[method] = self._greedy(plan, self.free if how.free else self.params)
             if "window" in wanted:
-                answers["window"] = self._greedy(QuestionPlan(head + tail))
+                answers["window"] = self._greedy(QuestionPlan(head + tail), self.free)
             served = base_window_methods(wanted, len(document) <= budget)
             if served:
-                base = self._greedy(QuestionPlan(with_document(document[max(0, len(document) - budget) :])))
+                base = self._greedy(QuestionPlan(with_document(document[max(0, len(document) - budget) :])), self.free)
                 answers.update(dict.fromkeys(served, base))
             if self.streaming is not None:
                 events = self.streaming.generate(
-                    with_document(document), self.params, engine.decoder.eos_ids, engine.decode_text
+                    with_document(document), self.free, engine.decoder.eos_ids, engine.decode_text
                 )
                 answers["streaming"] = run_to_end(events).text
         return answers

@@ -1,4 +1,4 @@
-"""`sharedllm eval ppl|needle|ruler`: the evaluation protocols of docs/evaluation.md."""
+"""`sharedllm eval ppl|needle|ruler|qa|summary`: the evaluation protocols of docs/evaluation.md."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sharedllm.common.data.corpora import CORPORA
 from sharedllm.common.data.synthetic import Filler, needle_haystack_text
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.evaluation import needle, ppl, ruler, summary
+from sharedllm.common.evaluation import needle, ppl, qa, ruler, summary
 from sharedllm.common.evaluation.heldout import heldout_book_text, heldout_documents
 from sharedllm.common.evaluation.methods import METHODS, PPL_METHODS
 
@@ -97,6 +97,18 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     r.add_argument("--no-retrieval", action="store_true", help="SharedLLM always expands the most recent child")
     EVIDENCE.add_arguments(r.add_argument_group("evidence"))
     r.set_defaults(handler=run_ruler, lengths=None)
+
+    q = commands.add_parser(
+        "qa", help="prose questions on held-out texts: right, in the evidence, looping; grounded, free, anchor"
+    )
+    MODEL.add_arguments(q.add_argument_group("model"))
+    add_data_dir_argument(q)
+    q.add_argument("--questions", type=Path, nargs="+", help="question files (default: the shipped ones, 48 questions)")
+    q.add_argument("--methods", nargs="+", choices=qa.METHODS, default=list(qa.METHODS))
+    q.add_argument("--max-new-tokens", type=int, default=qa.QaSettings().max_new_tokens)
+    q.add_argument("--json", type=Path, help="write the full report here")
+    EVIDENCE.add_arguments(q.add_argument_group("evidence"))
+    q.set_defaults(handler=run_qa)
 
     m = commands.add_parser(
         "summary", help="summaries of the held-out narratives: main names mentioned, names invented, vs the base model"
@@ -235,6 +247,18 @@ def run_ruler(args: argparse.Namespace) -> int:
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         print(f"wrote {ruler.plot_heatmap(report, args.plot, _title(setup))}")
+    return 0
+
+
+def run_qa(args: argparse.Namespace) -> int:
+    settings = qa.QaSettings(tuple(args.methods), args.max_new_tokens, EVIDENCE.from_args(args))
+    sets = [qa.load_questions(path) for path in args.questions or qa.shipped_question_files()]
+    engine = MODEL.from_args(args).load()
+    report = qa.evaluate_qa(engine, sets, args.data_dir, settings)
+    print(qa.format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 
