@@ -89,11 +89,15 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
 
 
 def _params(store: JobStore, job_id: str) -> tuple[SamplingParams, JobSpec]:
-    """Summaries keep a light repetition penalty; answers do without it (it stops the copying that
-    grounded answers do) and rely on the loop guard, as `sharedllm ask` does."""
+    """Summaries: a light repetition penalty and no sentence limit. Answers do without the penalty
+    (it stops the copying that grounded answers do) and end after one sentence, as `sharedllm ask`'s do."""
     spec = store.spec(job_id)
     params = SamplingParams(
-        max_new_tokens=spec.max_new_tokens, seed=spec.seed, repetition_penalty=1.1, grounding=spec.grounding
+        max_new_tokens=spec.max_new_tokens,
+        seed=spec.seed,
+        repetition_penalty=1.1,
+        grounding=spec.grounding,
+        max_sentences=0,
     )
     return params, spec
 
@@ -144,7 +148,7 @@ def answer(self: Task, job_id: str, index: int) -> None:
         params, spec = _params(store, job_id)
         context_id = _context_of(doc)
         answers = store.partial(job_id, index, "answers")
-        params = dataclasses.replace(params, repetition_penalty=1.0)
+        params = dataclasses.replace(params, repetition_penalty=1.0, max_sentences=SamplingParams().max_sentences)
         for question in spec.questions[len(answers) :]:
             if store.cancelled(job_id):
                 raise Cancelled

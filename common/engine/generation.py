@@ -18,6 +18,7 @@ from sharedllm.common.engine.loop_guard import LoopGuard
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import Finished, GenerateTimings, TokenDelta
 from sharedllm.common.engine.sampling import Sampler
+from sharedllm.common.engine.sentence_limit import SentenceLimit
 from sharedllm.common.engine.streaming import TextStream
 
 Step = Callable[[list[int]], torch.Tensor]  # token ids -> hidden state [hidden] after the last one, before the norm
@@ -37,8 +38,9 @@ def decode(
     """Prefill the prompt, then yield text as it becomes final; a Finished comes last.
 
     logits: the model's head (final norm and projection). Stops at an end-of-sequence token
-    (not emitted), a stop string (the text ends before it), a loop (params.loop_guard: the
-    repeated run is not emitted) or max_new_tokens. grounding: the answer's facts are copied
+    (not emitted), a stop string (the text ends before it), the sentence limit (the answer ends
+    with its last sentence), a loop (params.loop_guard: the repeated run is not emitted) or
+    max_new_tokens. grounding: the answer's facts are copied
     from the document (grounding.py); None: free generation.
     """
     started = time.perf_counter()
@@ -46,6 +48,7 @@ def decode(
     sampler = Sampler(params, device)
     stream = TextStream(decode_text, params.stop)
     guard = LoopGuard(params.loop_guard)
+    sentences = SentenceLimit(params.max_sentences, decode_text)
     h = step(prompt_ids)
     prefill_done = time.perf_counter()
     emitted = 0
@@ -57,6 +60,9 @@ def decode(
             first_token_at = time.perf_counter()
         if token in eos_ids:
             reason = "eos"
+            break
+        if sentences.complete_before(token):
+            reason = "stop"
             break
         if grounding is not None:
             grounding.accept(token)

@@ -9,8 +9,9 @@ The rule. A *fact* of the answer is
 - a number: a word with a digit ("1934266", "3.14", "1,000", "utf8");
 - a name or a term: a word with an underscore, with a capital after its first character ("NASA",
   "getLogger", "McCoy", "O'Brien"), or with an initial capital where no sentence starts; a
-  capitalised word that starts a sentence is a name too, unless the document also writes it in
-  lower case (so "The" and "Nevertheless" are free, "Boaz" is a name);
+  capitalised word that starts a sentence is a name too, unless it is a common function word
+  ("He", "The", "Which": the lexical index's stop words) or the document also writes it in lower
+  case (so "Nevertheless" is free where the document has "nevertheless"; "Boaz" is a name);
 - a quoted string: the text between straight or curly double quotes, or between backticks.
 A number, name or term must be a word of the document, letter for letter; a quoted string must
 be a verbatim passage of it (runs of white space count as one space). A word still being
@@ -33,6 +34,7 @@ from collections.abc import Callable, Collection, Sequence
 from functools import cached_property
 
 import torch
+from bm25s.stopwords import STOPWORDS_EN_PLUS
 
 CANDIDATES = 64  # tokens checked per step, best first; none passing ends the answer
 _CONTEXT_TOKENS = 6  # tokens decoded before a candidate, so that its spacing is right
@@ -44,6 +46,7 @@ _QUOTES = re.compile(r"[\"“”`]")
 _CLOSERS = {'"': '"”', "“": '”"', "`": "`"}  # what closes a quote opened by each mark
 _SENTENCE_ENDS = ".!?\n"
 _SPACE = re.compile(r"\s+")
+_FUNCTION_WORDS = frozenset(w for w in STOPWORDS_EN_PLUS if w.isalpha())  # free as sentence openers in any document
 
 
 def _flatten(text: str) -> str:
@@ -68,7 +71,7 @@ class DocumentFacts:
         self.text = text
         words = set(_WORD.findall(text))
         self._words = sorted(words)
-        self.lower_words = frozenset(w for w in words if w.islower())
+        self.lower_words = frozenset(w for w in words if w.islower()) | _FUNCTION_WORDS
         self._lower_sorted = sorted(self.lower_words)
 
     @cached_property

@@ -22,8 +22,18 @@ MAX_REPETITION_PENALTY = 10.0
 # Below this a penalty would divide logits by ~0 (overflow to inf, then NaN probabilities).
 MIN_REPETITION_PENALTY = 0.01
 MAX_LOOP_GUARD = 1024
+MAX_SENTENCES = 1024
 # SamplingParams fields that travel as optional scalars of a GenerateRequest, under the same names.
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+SAMPLING_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "max_sentences",
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,8 @@ class SamplingParams:
 
     grounding: an answer about a document states only facts the document has (grounding.py);
     False: free generation. loop_guard: an answer whose last this many tokens repeat an earlier
-    run of it ends there (loop_guard.py); 0: no guard.
+    run of it ends there (loop_guard.py); 0: no guard. max_sentences: an answer ends after this
+    many sentences (sentence_limit.py); 0: no limit (summaries).
     """
 
     max_new_tokens: int = 256
@@ -45,6 +56,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     grounding: bool = True
     loop_guard: int = DEFAULT_MIN_RUN
+    max_sentences: int = 1
 
     def validate(self, max_new_tokens_limit: int) -> None:
         """Raise InvalidInput naming the parameter, its limit and the value received."""
@@ -67,6 +79,8 @@ class SamplingParams:
             raise bad("repetition_penalty", f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]", penalty)
         if not isinstance(self.loop_guard, int) or not 0 <= self.loop_guard <= MAX_LOOP_GUARD:
             raise bad("loop_guard", f"an integer in [0, {MAX_LOOP_GUARD}]", self.loop_guard)
+        if not isinstance(self.max_sentences, int) or not 0 <= self.max_sentences <= MAX_SENTENCES:
+            raise bad("max_sentences", f"an integer in [0, {MAX_SENTENCES}]", self.max_sentences)
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise bad("seed", "in [0, 2**63)", self.seed)
         if len(self.stop) > MAX_STOP_STRINGS:

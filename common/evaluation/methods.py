@@ -64,8 +64,9 @@ PLAIN_PASSAGE_TOKENS = 96  # "about 100 tokens": the passages of the issue's mea
 
 
 def free_generation(params: SamplingParams) -> SamplingParams:
-    """The parameters of the `free` method: no grounding and no loop guard, as answers were before."""
-    return dataclasses.replace(params, grounding=False, loop_guard=0)
+    """The parameters of the `free` method: no grounding, no loop guard and no sentence limit, as
+    answers were before grounded answers."""
+    return dataclasses.replace(params, grounding=False, loop_guard=0, max_sentences=0)
 
 
 def plain_bm25(settings: EvidenceSettings) -> EvidenceSettings:

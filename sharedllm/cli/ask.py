@@ -58,7 +58,7 @@ def _ask(args: argparse.Namespace) -> int:
     question = getattr(args, "question", None)
     evidence = EVIDENCE.from_args(args, mode="auto" if question else "spread")
     question = question or SUMMARY_INSTRUCTION
-    params = SAMPLING.from_args(args)
+    params = SAMPLING.from_args(args, long_answer=getattr(args, "question", None) is None)
     engine = MODEL.from_args(args).load()
     params.validate(engine.window)
     engine.prompt_ids(question)

@@ -122,15 +122,24 @@ class SamplingArguments:
         parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
         parser.add_argument("--no-retrieval", action="store_true", help="always expand the most recent half")
         parser.add_argument(
+            "--max-sentences",
+            type=int,
+            help=f"the answer ends after this many sentences (default {default.max_sentences} for questions; "
+            "0: no limit, the default for summaries)",
+        )
+        parser.add_argument(
             "--grounding",
             choices=("on", "off"),
             default="on",
             help="on: numbers, names, terms and quotes in the answer are copied from the document; off: free",
         )
 
-    def from_args(self, args: argparse.Namespace) -> SamplingParams:
-        """The parameters as given; the engine validates them against the model's window."""
+    def from_args(self, args: argparse.Namespace, long_answer: bool = False) -> SamplingParams:
+        """The parameters as given; the engine validates them against the model's window.
+        long_answer: a summary, with no sentence limit unless one was given."""
+        sentences = args.max_sentences if args.max_sentences is not None else 0 if long_answer else None
         return SamplingParams(
+            **({} if sentences is None else {"max_sentences": sentences}),
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,

@@ -31,7 +31,7 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_REPETITION: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("context_id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "disable_retrieval", "evidence_tokens", "evidence_mode", "grounding")
+    __slots__ = ("context_id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "disable_retrieval", "evidence_tokens", "evidence_mode", "grounding", "max_sentences")
     CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class GenerateRequest(_message.Message):
     EVIDENCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_MODE_FIELD_NUMBER: _ClassVar[int]
     GROUNDING_FIELD_NUMBER: _ClassVar[int]
+    MAX_SENTENCES_FIELD_NUMBER: _ClassVar[int]
     context_id: str
     prompt: str
     max_new_tokens: int
@@ -60,7 +61,8 @@ class GenerateRequest(_message.Message):
     evidence_tokens: int
     evidence_mode: str
     grounding: Grounding
-    def __init__(self, context_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., disable_retrieval: _Optional[bool] = ..., evidence_tokens: _Optional[int] = ..., evidence_mode: _Optional[str] = ..., grounding: _Optional[_Union[Grounding, str]] = ...) -> None: ...
+    max_sentences: int
+    def __init__(self, context_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., disable_retrieval: _Optional[bool] = ..., evidence_tokens: _Optional[int] = ..., evidence_mode: _Optional[str] = ..., grounding: _Optional[_Union[Grounding, str]] = ..., max_sentences: _Optional[int] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("answer_start", "answer_end", "char_start", "char_end", "text", "evidence_index")

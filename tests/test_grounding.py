@@ -1,0 +1,197 @@
+"""Grounded answers, the loop guard and citations, on the default model's real tokenizer.
+
+The decode loop is driven by a scripted "model" whose logits prefer a fixed answer, so each test
+knows what free generation writes and checks what grounding lets through instead.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from sharedllm.common.engine.citations import cite
+from sharedllm.common.engine.generation import decode
+from sharedllm.common.engine.grounding import DocumentFacts, GroundedAnswer, is_fact
+from sharedllm.common.engine.loop_guard import LoopGuard
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import Finished, Passage, TokenDelta
+from sharedllm.common.model_loading import resolve_model_path
+
+DOCUMENT = (
+    "Sir Walter Elliot, of Kellynch Hall, was born March 1, 1760.\n"
+    "The pass key is 1934266. Remember it.\n"
+    'The inscription read "Laura Place, Bath" in gold letters, and nothing else.\n'
+    "Nevertheless the weather was fine, and the Laconia sailed in the summer of 1806."
+)
+NUMBERS = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(resolve_model_path(None)))
+
+
+@pytest.fixture(scope="module")
+def facts() -> DocumentFacts:
+    return DocumentFacts(DOCUMENT)
+
+
+def text_of(tokenizer):
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def scripted(tokenizer, answer: str, digits_rank: str = "0123456789"):
+    """A model that writes `answer` (then its end token), preferring digits in `digits_rank`
+    order and the end token next whenever the script's own token is refused."""
+    script = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    vocab = len(tokenizer)
+    digit_ids = [tokenizer.convert_tokens_to_ids(d) for d in digits_rank]
+    step_count = {"n": -1}
+
+    def step(ids: list[int]) -> torch.Tensor:
+        step_count["n"] += 1
+        return torch.tensor([float(min(step_count["n"], len(script) - 1))])
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(vocab)
+        for rank, d in enumerate(digit_ids):
+            out[d] = 5.0 - 0.1 * rank
+        out[tokenizer.eos_token_id] = 4.0
+        out[script[int(h.item())]] = 10.0
+        return out
+
+    return step, logits
+
+
+def run(tokenizer, answer: str, params: SamplingParams, facts: DocumentFacts | None, **kwargs) -> tuple[str, Finished]:
+    step, logits = scripted(tokenizer, answer, **kwargs)
+    eos = {tokenizer.eos_token_id}
+    grounding = GroundedAnswer(facts, text_of(tokenizer), eos) if facts is not None else None
+    events = list(decode(step, logits, [1, 2, 3], params, eos, text_of(tokenizer), torch.device("cpu"), grounding))
+    streamed = "".join(e.text for e in events if isinstance(e, TokenDelta))
+    finished = events[-1]
+    assert isinstance(finished, Finished) and streamed == finished.text
+    return streamed, finished
+
+
+@pytest.mark.parametrize(
+    ("word", "sentence_start", "fact"),
+    [
+        ("1934266", False, True),
+        ("utf8", False, True),
+        ("snake_case", False, True),
+        ("NASA", False, True),
+        ("getLogger", False, True),
+        ("Laconia", False, True),
+        ("Laconia", True, True),  # a name, though it opens a sentence: the document never writes it in lower case
+        ("Nevertheless", True, False),  # an opener the document writes in lower case
+        ("Nevertheless", False, True),  # the same word inside a sentence reads as a name
+        ("The", True, False),
+        ("I", False, False),
+        ("weather", False, False),
+    ],
+)
+def test_the_fact_rule(word, sentence_start, fact):
+    lower = {"the", "nevertheless", "weather"}
+    assert is_fact(word, sentence_start, lower) is fact
+
+
+def test_facts_must_be_words_of_the_document(facts):
+    assert facts.valid("The key is 1934266.", final=True)
+    assert not facts.valid("The key is 1934267.", final=True)
+    assert facts.valid("The key is 19342")  # may still become 1934266
+    assert not facts.valid("The key is 19342", final=True)  # may not end inside it
+    assert not facts.valid("The key is 19343")  # no number of the document starts so
+    assert facts.valid("He sailed on the Laconia in 1806.", final=True)
+    assert not facts.valid("He sailed on the Lusitania in 1806.", final=True)
+    assert facts.valid("Kellynch Hall is his home.", final=True)
+    assert not facts.valid("Zorblax is his home.", final=True)
+    assert facts.valid("The weather was fine.", final=True)  # "the": an opener the document writes in lower case
+    assert not facts.valid("Fortunately he went.", final=True)  # neither a word of it nor written in lower case
+
+
+def test_quotes_must_be_passages_of_the_document(facts):
+    assert facts.valid('It read "Laura Place, Bath" in gold.', final=True)
+    assert facts.valid('It read "Laura Place,\n  Bath".', final=True)  # white space counts as one space
+    assert not facts.valid('It read "Laura Place, London" in gold.', final=True)
+    assert facts.valid('It read "in gold')  # open, and a passage so far
+    assert not facts.valid('It read "in gold', final=True)  # an answer may not end inside a quote
+    assert not facts.valid('It read "in silver')
+
+
+def test_a_number_absent_from_the_document_is_never_emitted(tokenizer, facts):
+    free, _ = run(tokenizer, "The pass key is 1934267.", SamplingParams(grounding=False), None)
+    assert "1934267" in free  # the scripted model does write it when free
+    grounded, finished = run(tokenizer, "The pass key is 1934267.", SamplingParams(), facts)
+    assert "1934266" in grounded and "1934267" not in grounded
+    assert finished.reason == "eos"
+    # Sampling too: whatever the seed, every number written is one the document has.
+    document_numbers = set(NUMBERS.findall(DOCUMENT))
+    for seed in range(8):
+        params = SamplingParams(temperature=1.5, seed=seed, max_new_tokens=24)
+        text, _ = run(tokenizer, "Born in 1759 and 1934267, then 42.", params, facts, digits_rank="9876543210")
+        assert set(NUMBERS.findall(text)) <= document_numbers, text
+
+
+def test_an_invented_name_is_never_emitted(tokenizer, facts):
+    free, _ = run(tokenizer, "He sailed on the Lusitania.", SamplingParams(grounding=False), None)
+    assert "Lusitania" in free
+    grounded, _ = run(tokenizer, "He sailed on the Lusitania.", SamplingParams(), facts)
+    assert "Lusitania" not in grounded
+    words = re.findall(r"\w+", grounded)
+    assert all(not w[0].isupper() or facts.has_word(w) or w == "He" for w in words), grounded
+
+
+def test_the_loop_guard_ends_a_repeating_answer_before_the_repeat(tokenizer):
+    looping = "The answer is five. The answer is five. The answer is five. The answer is five."
+    params = SamplingParams(max_new_tokens=40, max_sentences=0)
+    text, finished = run(tokenizer, looping, params, None)
+    assert finished.reason == "repetition"
+    # Cut where the repeated run of tokens starts: the second sentence's "The" (tokenised with its
+    # space, unlike the first) was not part of it.
+    assert text.count("answer is five") == 1 and text.startswith("The answer is five.")
+    assert finished.completion_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    unguarded, finished = run(
+        tokenizer, looping, SamplingParams(max_new_tokens=40, loop_guard=0, max_sentences=0), None
+    )
+    assert finished.reason == "eos" and unguarded.count("The answer is five.") == 4
+
+
+def test_an_answer_ends_after_its_sentence_limit(tokenizer):
+    answer = "Mr. Elliot paid 3.14 pounds, e.g. for the house. Then he left. Then he came back."
+    one, finished = run(tokenizer, answer, SamplingParams(), None)
+    assert one == "Mr. Elliot paid 3.14 pounds, e.g. for the house." and finished.reason == "stop"
+    two, _ = run(tokenizer, answer, SamplingParams(max_sentences=2), None)
+    assert two == "Mr. Elliot paid 3.14 pounds, e.g. for the house. Then he left."
+    whole, finished = run(tokenizer, answer, SamplingParams(max_sentences=0), None)
+    assert whole == answer and finished.reason == "eos"
+    listed, _ = run(tokenizer, "The numbers are:\n1. 1858957\n2. 6265834.", SamplingParams(), None)
+    assert listed.endswith("6265834.")  # a number's period ends no sentence
+
+
+def test_the_loop_guard_releases_ordinary_text_at_once():
+    guard = LoopGuard(8)
+    released = [t for token in [5, 6, 7, 8, 9] for t in guard.push(token)]
+    assert released == [5, 6, 7, 8, 9] and not guard.looped
+    assert guard.push(5) == [] and guard.push(6) == []  # could be the start of a repeat: held back
+    assert guard.push(1) == [5, 6, 1]  # it was not
+
+
+def test_citations_point_at_the_quoted_text(facts):
+    start = DOCUMENT.index("The inscription")
+    passages = (Passage(0, 10, 0, 60, DOCUMENT[:60], 1.0), Passage(10, 40, start, len(DOCUMENT), DOCUMENT[start:], 0.9))
+    answer = "It was Laura Place, Bath in gold letters, and the Laconia sailed in the summer of 1806."
+    citations = cite(answer, facts, passages)
+    assert citations
+    for c in citations:
+        assert c.text == DOCUMENT[c.char_start : c.char_end]
+        assert " ".join(c.text.split()) == " ".join(answer[c.answer_start : c.answer_end].split())
+        assert c.evidence_index == 1  # both runs sit in the second excerpt
+    cited = [answer[c.answer_start : c.answer_end] for c in citations]
+    assert cited[0] == "Laura Place, Bath"  # the document quotes it: the quote mark ends the run
+    assert cited[1].startswith("in gold letters, and")
+    assert any("1806" in run for run in cited)
+    assert cite("Nothing here matches zorblax", facts, passages) == ()
