@@ -24,6 +24,7 @@ from sharedllm.common.store.codec import tree_config_message
 from sharedllm.common.store.decoded_cache import CacheStats
 from sharedllm.common.telemetry import metrics
 
+GROUNDINGS = {pb.GROUNDING_QUOTE: "quote", pb.GROUNDING_FACTS: "facts", pb.GROUNDING_OFF: "off"}
 FINISH_REASONS = {
     "eos": pb.FINISH_REASON_EOS,
     "length": pb.FINISH_REASON_LENGTH,
@@ -35,10 +36,11 @@ FINISH_REASONS = {
 def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     """Validation happens in the engine, which knows the window (InvalidInput names the field)."""
     fields = {name: getattr(request, name) for name in SAMPLING_FIELDS if request.HasField(name)}
-    if request.grounding not in (pb.GROUNDING_UNSPECIFIED, pb.GROUNDING_ON, pb.GROUNDING_OFF):
-        raise InvalidInput(f"grounding must be GROUNDING_ON or GROUNDING_OFF, got {request.grounding}")
     if request.grounding != pb.GROUNDING_UNSPECIFIED:
-        fields["grounding"] = request.grounding == pb.GROUNDING_ON
+        if request.grounding not in GROUNDINGS:
+            names = ", ".join(pb.Grounding.Name(g) for g in GROUNDINGS)
+            raise InvalidInput(f"grounding must be one of {names}, got {request.grounding}")
+        fields["grounding"] = GROUNDINGS[request.grounding]
     return SamplingParams(**fields, stop=tuple(request.stop))
 
 

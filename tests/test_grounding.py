@@ -17,6 +17,7 @@ from sharedllm.common.engine.generation import decode
 from sharedllm.common.engine.grounding import DocumentFacts, GroundedAnswer, is_fact
 from sharedllm.common.engine.loop_guard import LoopGuard
 from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.quotes import quote_spans, quote_text
 from sharedllm.common.engine.results import Finished, Passage, TokenDelta
 from sharedllm.common.model_loading import resolve_model_path
 
@@ -123,7 +124,7 @@ def test_quotes_must_be_passages_of_the_document(facts):
 
 
 def test_a_number_absent_from_the_document_is_never_emitted(tokenizer, facts):
-    free, _ = run(tokenizer, "The pass key is 1934267.", SamplingParams(grounding=False), None)
+    free, _ = run(tokenizer, "The pass key is 1934267.", SamplingParams(grounding="off"), None)
     assert "1934267" in free  # the scripted model does write it when free
     grounded, finished = run(tokenizer, "The pass key is 1934267.", SamplingParams(), facts)
     assert "1934266" in grounded and "1934267" not in grounded
@@ -137,7 +138,7 @@ def test_a_number_absent_from_the_document_is_never_emitted(tokenizer, facts):
 
 
 def test_an_invented_name_is_never_emitted(tokenizer, facts):
-    free, _ = run(tokenizer, "He sailed on the Lusitania.", SamplingParams(grounding=False), None)
+    free, _ = run(tokenizer, "He sailed on the Lusitania.", SamplingParams(grounding="off"), None)
     assert "Lusitania" in free
     grounded, _ = run(tokenizer, "He sailed on the Lusitania.", SamplingParams(), facts)
     assert "Lusitania" not in grounded
@@ -195,3 +196,38 @@ def test_citations_point_at_the_quoted_text(facts):
     assert cited[1].startswith("in gold letters, and")
     assert any("1806" in run for run in cited)
     assert cite("Nothing here matches zorblax", facts, passages) == ()
+
+
+def test_a_quote_is_the_best_ranked_excerpts_sentence():
+    text = (
+        "The first chapter tells of Kellynch Hall. Nothing happens there.\n\n"
+        "Lady Russell then drove to her own lodgings, in Rivers Street. It rained.\n"
+        "Admiral Croft took part in the Trafalgar action. He said so himself."
+    )
+
+    def passage(part: str, score: float) -> Passage:
+        at = text.index(part)
+        return Passage(0, 0, at, at + len(part), part, score)
+
+    question = "In which street did Lady Russell have her lodgings?"
+    lodgings = passage("then drove to her own lodgings, in Rivers", 1.0)
+    spans = quote_spans(question, text, [passage("The first chapter", 0.5), lodgings])
+    assert quote_text(text, spans) == "Lady Russell then drove to her own lodgings, in Rivers Street."
+    # Excerpts that score nearly as well are quoted too, after the best.
+    tied = [passage("took part in the Trafalgar", 0.97), lodgings]
+    quoted = quote_text(text, quote_spans(question, text, tied))
+    lodgings_sentence = "Lady Russell then drove to her own lodgings, in Rivers Street."
+    assert quoted == lodgings_sentence + " Admiral Croft took part in the Trafalgar action."
+    tied = [passage("took part in the Trafalgar", 1.0), passage("then drove to her own lodgings, in Rivers", 0.97)]
+    quoted = quote_text(text, quote_spans(question, text, tied))
+    assert quoted == "Admiral Croft took part in the Trafalgar action. " + lodgings_sentence
+    assert quote_spans(question, text, []) == []
+
+
+def test_a_long_sentence_is_quoted_around_its_excerpt():
+    text = "word " * 300 + "the needle is here " + "word " * 300
+    at = text.index("the needle")
+    spans = quote_spans("Where is the needle?", text, [Passage(0, 0, at, at + 18, "the needle is here", 1.0)])
+    ((start, end),) = spans
+    assert end - start <= 400 and start <= at and at + 18 <= end
+    assert text[start:end].split()[0] == "word" and not text[start - 1].isalnum()

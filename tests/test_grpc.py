@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +67,18 @@ LONG_PROMPT = "Tell me a story"
 MAX_DOCUMENT_TOKENS = 4096
 MAX_DOCUMENT_BYTES = 128 << 10
 MAX_MESSAGE_BYTES = 256 << 10
+
+
+def long_request(context_id: str) -> dpb.GenerateRequest:
+    """A request the tiny model answers to its token cap: free generation, no sentence limit, no loop guard."""
+    return dpb.GenerateRequest(
+        context_id=context_id,
+        prompt=LONG_PROMPT,
+        max_new_tokens=LONG_ANSWER,
+        grounding=dpb.GROUNDING_OFF,
+        max_sentences=0,
+        loop_guard=0,
+    )
 
 
 def auth(tenant: str | None = "alice", key: str | None = None) -> list[tuple[str, str]]:
@@ -244,6 +257,41 @@ def test_compress_manage_and_generate_like_embedded(stack, tiny_engine, redis_se
     assert {"sharedllm.v1.DecoderService", "grpc.health.v1.Health"} <= names
 
 
+def test_grounding_and_citations_travel_over_grpc(stack, tiny_engine, redis_server):
+    """The request's grounding, sentence limit and loop guard reach the engine (each answer equals
+    embedded mode's with the same parameters), and the citations come back with their offsets."""
+    context_id = stack.compress()
+    embedded = ContextRuntime(tiny_engine, open_store(redis_server.url))
+    free = {"grounding": dpb.GROUNDING_OFF, "max_sentences": 0, "loop_guard": 0}
+    cases = [
+        ({}, SamplingParams(max_new_tokens=24)),
+        (
+            {"grounding": dpb.GROUNDING_FACTS, "max_sentences": 2},
+            SamplingParams(max_new_tokens=24, grounding="facts", max_sentences=2),
+        ),
+        (free, SamplingParams(max_new_tokens=24, grounding="off", max_sentences=0, loop_guard=0)),
+    ]
+    answers = []
+    for fields, params in cases:
+        responses = stack.generate(context_id, max_new_tokens=24, **fields)
+        expected_text, expected_ids, finished = embedded_answer(embedded, context_id, QUESTION, params, "alice")
+        assert text_and_ids(responses) == (expected_text, expected_ids)
+        last = responses[-1]
+        assert [(c.answer_start, c.char_start, c.text) for c in last.citations] == [
+            (c.answer_start, c.char_start, c.text) for c in finished.citations
+        ]
+        for c in last.citations:
+            assert DOCUMENT[c.char_start : c.char_end] == c.text
+            assert not c.HasField("evidence_index") or last.evidence[c.evidence_index].char_start <= c.char_start
+        answers.append(expected_text)
+    assert " ".join(answers[0].split()) in " ".join(DOCUMENT.split())  # the default answer quotes the document
+    grounded_words = set(re.findall(r"\w+", answers[1]))
+    assert grounded_words <= set(re.findall(r"\w+", DOCUMENT)) | {w.capitalize() for w in re.findall(r"\w+", DOCUMENT)}
+    code = grpc.StatusCode
+    for fields in ({"grounding": 7}, {"max_sentences": -1}, {"loop_guard": 5000}):
+        assert status_of(lambda f=fields: stack.generate(context_id, **f)) == code.INVALID_ARGUMENT
+
+
 def test_bad_requests_get_their_status_codes(stack, tiny_engine, redis_server):
     code = grpc.StatusCode
     # Four documents: one document compressed twice would be one context (deduplicated).
@@ -343,7 +391,7 @@ def test_bad_requests_get_their_status_codes(stack, tiny_engine, redis_server):
 def test_cancelling_a_stream_stops_decoding(stack):
     context_id = stack.compress()
     before = stack.stats().generated_tokens_total
-    request = dpb.GenerateRequest(context_id=context_id, prompt=LONG_PROMPT, max_new_tokens=LONG_ANSWER)
+    request = long_request(context_id)
     call = stack.decoder.Generate(request, metadata=auth())
     for _ in range(3):
         next(call)
@@ -357,7 +405,7 @@ def test_cancelling_a_stream_stops_decoding(stack):
 
 def test_a_short_deadline_gives_deadline_exceeded(stack):
     context_id = stack.compress()
-    request = dpb.GenerateRequest(context_id=context_id, prompt=LONG_PROMPT, max_new_tokens=LONG_ANSWER)
+    request = long_request(context_id)
     before = stack.stats().generated_tokens_total
     with pytest.raises(grpc.RpcError) as failure:
         list(stack.decoder.Generate(request, metadata=auth(), timeout=0.5))
@@ -368,7 +416,7 @@ def test_a_short_deadline_gives_deadline_exceeded(stack):
 
 def test_requests_over_the_concurrency_limit_are_refused(stack):
     context_id = stack.compress()
-    request = dpb.GenerateRequest(context_id=context_id, prompt=LONG_PROMPT, max_new_tokens=LONG_ANSWER)
+    request = long_request(context_id)
     calls = [stack.decoder.Generate(request, metadata=auth()) for _ in range(2)]  # the limit is 2
     for call in calls:
         next(call)

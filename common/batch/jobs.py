@@ -25,6 +25,7 @@ from typing import Any
 import redis
 
 from sharedllm.common.batch.summaries import SECTION_CHARS
+from sharedllm.common.engine.params import GROUNDING_MODES, Grounding
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.telemetry import metrics
 
@@ -48,13 +49,15 @@ class JobSpec:
     max_new_tokens: int = 120  # per section note and per answer
     seed: int | None = None
     section_chars: int = SECTION_CHARS  # characters summarised per call
-    grounding: bool = True  # answers copy their facts from the document (False: free generation)
+    grounding: Grounding = "quote"  # how answers rest on the document (SamplingParams.grounding)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
             raise InvalidInput(f"max_new_tokens must be in [1, 4096], got {self.max_new_tokens}")
         if self.section_chars < 200:
             raise InvalidInput(f"section_chars must be >= 200, got {self.section_chars}")
+        if self.grounding not in GROUNDING_MODES:
+            raise InvalidInput(f"grounding must be one of {', '.join(GROUNDING_MODES)}, got {self.grounding!r}")
         if not self.summarize and not self.questions:
             raise InvalidInput("a job without a summary needs at least one question")
 

@@ -89,14 +89,16 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
 
 
 def _params(store: JobStore, job_id: str) -> tuple[SamplingParams, JobSpec]:
-    """Summaries: a light repetition penalty and no sentence limit. Answers do without the penalty
-    (it stops the copying that grounded answers do) and end after one sentence, as `sharedllm ask`'s do."""
+    """Summaries: written (grounding "facts", unless the job asks for "off"), a light repetition
+    penalty and no sentence limit. Answers do without the penalty (it stops the copying that
+    grounded answers do), end after one sentence and rest on the document as the job asks, as
+    `sharedllm ask`'s do."""
     spec = store.spec(job_id)
     params = SamplingParams(
         max_new_tokens=spec.max_new_tokens,
         seed=spec.seed,
         repetition_penalty=1.1,
-        grounding=spec.grounding,
+        grounding="off" if spec.grounding == "off" else "facts",
         max_sentences=0,
     )
     return params, spec
@@ -148,7 +150,9 @@ def answer(self: Task, job_id: str, index: int) -> None:
         params, spec = _params(store, job_id)
         context_id = _context_of(doc)
         answers = store.partial(job_id, index, "answers")
-        params = dataclasses.replace(params, repetition_penalty=1.0, max_sentences=SamplingParams().max_sentences)
+        params = dataclasses.replace(
+            params, repetition_penalty=1.0, max_sentences=SamplingParams().max_sentences, grounding=spec.grounding
+        )
         for question in spec.questions[len(answers) :]:
             if store.cancelled(job_id):
                 raise Cancelled

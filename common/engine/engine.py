@@ -22,9 +22,11 @@ from sharedllm.common.engine.citations import cite
 from sharedllm.common.engine.compressor import Compressor, ProgressFn
 from sharedllm.common.engine.decoder import Decoder, Injection
 from sharedllm.common.engine.evidence import PassageIndex, choose, question_span, rank, render, shielded_spans
+from sharedllm.common.engine.generation import replay
 from sharedllm.common.engine.grounding import DocumentFacts, GroundedAnswer
 from sharedllm.common.engine.llama import LlamaBody
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
+from sharedllm.common.engine.quotes import quote_spans, quote_text
 from sharedllm.common.engine.results import Finished, GenerateTimings, Passage, TokenDelta
 from sharedllm.common.engine.retrieval import node_similarity
 from sharedllm.common.engine.token_budget import TokenBudget
@@ -52,13 +54,15 @@ class QuestionPlan:
     prompt_ids: the chat-templated user message (evidence excerpts, then the question) and the
     answer prefix, if any; injection: the selected tree entries (None: no document, or the tree
     left out); evidence: the excerpts in the window, in document order; facts: the document's,
-    which a grounded answer copies and cites (None: no document); answer_prefix: its text.
+    which a grounded answer copies and cites (None: no document); question and answer_prefix:
+    their text.
     """
 
     prompt_ids: list[int]
     injection: Injection | None = None
     evidence: tuple[Passage, ...] = ()
     facts: DocumentFacts | None = None
+    question: str = ""
     answer_prefix: str = ""
     # evidence_s, selection_s, context_load_s and prepare_s; decoding adds the rest.
     timings: GenerateTimings = field(default_factory=GenerateTimings)
@@ -282,7 +286,13 @@ class Engine:
                 injection = dataclasses.replace(injection, shielded=shielded_spans(evidence, span, sys.maxsize))
             timings = timings.plus(prep).plus(GenerateTimings(prepare_s=time.perf_counter() - t0))
         return QuestionPlan(
-            prompt, injection, tuple(passages), facts=facts, answer_prefix=answer_prefix, timings=timings
+            prompt,
+            injection,
+            tuple(passages),
+            facts=facts,
+            question=question,
+            answer_prefix=answer_prefix,
+            timings=timings,
         )
 
     def document_facts(self, source: ContextSource) -> DocumentFacts:
@@ -334,23 +344,34 @@ class Engine:
         default settings); index: the document's passage index, if the caller keeps one.
         """
         self.check_request(question, params)
+        evidence = evidence or EvidenceSettings()
         plan = self.plan(
             source,
             question,
             max_new_tokens=params.max_new_tokens,
-            evidence=evidence or EvidenceSettings(),
+            evidence=evidence,
             retrieval=retrieval,
+            inject=not (params.grounding == "quote" and evidence.tokens > 0),  # a quote reads no tree nodes
             index=index,
         )
         return self.decode(plan, params)
 
     def decode(self, plan: QuestionPlan, params: SamplingParams) -> Iterator[TokenDelta | Finished]:
-        """Answer from a plan (generation.decode): grounded in the plan's document unless params say
-        otherwise; the Finished carries the plan's timings and evidence and the answer's citations."""
-        grounding = None
-        if params.grounding and plan.facts is not None:
-            grounding = GroundedAnswer(plan.facts, self.decode_text, self.decoder.eos_ids, plan.answer_prefix)
-        for event in self.decoder.generate(plan.prompt_ids, plan.injection, params, self.decode_text, grounding):
+        """Answer from a plan, as params.grounding asks: a quote of the plan's document (replayed),
+        or decoded (generation.decode) with its facts copied from the document, or free. The
+        Finished carries the plan's timings and evidence and the answer's citations."""
+        events = None
+        if params.grounding == "quote" and plan.facts is not None:
+            spans = quote_spans(plan.question, plan.facts.text, plan.evidence)
+            if spans:
+                quote = self.tokenizer(quote_text(plan.facts.text, spans), add_special_tokens=False)["input_ids"]
+                events = replay(quote, params, self.decode_text)
+        if events is None:
+            grounding = None
+            if params.grounding != "off" and plan.facts is not None:
+                grounding = GroundedAnswer(plan.facts, self.decode_text, self.decoder.eos_ids, plan.answer_prefix)
+            events = self.decoder.generate(plan.prompt_ids, plan.injection, params, self.decode_text, grounding)
+        for event in events:
             if isinstance(event, Finished):
                 citations = cite(event.text, plan.facts, plan.evidence) if plan.facts is not None else ()
                 yield dataclasses.replace(

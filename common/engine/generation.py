@@ -40,8 +40,8 @@ def decode(
     logits: the model's head (final norm and projection). Stops at an end-of-sequence token
     (not emitted), a stop string (the text ends before it), the sentence limit (the answer ends
     with its last sentence), a loop (params.loop_guard: the repeated run is not emitted) or
-    max_new_tokens. grounding: the answer's facts are copied
-    from the document (grounding.py); None: free generation.
+    max_new_tokens. grounding: the answer's facts are copied from the document (grounding.py);
+    None: free generation.
     """
     started = time.perf_counter()
     seen = torch.tensor(prompt_ids, dtype=torch.long, device=device)
@@ -66,11 +66,9 @@ def decode(
             break
         if grounding is not None:
             grounding.accept(token)
-        for released in guard.push(token):
+        for delta in _released(stream, guard.push(token)):
             emitted += 1
-            yield TokenDelta(released, stream.push(released))
-            if stream.stopped:
-                break
+            yield delta
         if stream.stopped:
             reason = "stop"
             break
@@ -82,15 +80,11 @@ def decode(
         seen = torch.cat([seen, torch.tensor([token], device=device)])
         h = step([token])
     if not stream.stopped:
-        for released in guard.flush():
+        for delta in _released(stream, guard.flush()):
             emitted += 1
-            yield TokenDelta(released, stream.push(released))
-            if stream.stopped:
-                reason = "stop"
-                break
-    tail = stream.flush()
-    if tail:
-        yield TokenDelta(None, tail)
+            yield delta
+        reason = "stop" if stream.stopped else reason
+    yield from _end(stream)
     end = time.perf_counter()
     first = first_token_at or end
     yield Finished(
@@ -102,6 +96,42 @@ def decode(
             prefill_s=prefill_done - started, time_to_first_token_s=first - started, decode_s=end - first
         ),
     )
+
+
+def replay(
+    token_ids: list[int], params: SamplingParams, decode_text: Callable[[list[int]], str]
+) -> Iterator[TokenDelta | Finished]:
+    """An answer whose tokens are already chosen (a quote of the document), streamed as `decode`
+    streams what it generates: the same stop strings and token cap; the model reads nothing."""
+    started = time.perf_counter()
+    stream = TextStream(decode_text, params.stop)
+    emitted = 0
+    for delta in _released(stream, token_ids[: params.max_new_tokens]):
+        emitted += 1
+        yield delta
+    reason = "stop" if stream.stopped else "length" if len(token_ids) > params.max_new_tokens else "eos"
+    yield from _end(stream)
+    yield Finished(
+        reason=reason,
+        text=stream.text,
+        prompt_tokens=0,
+        completion_tokens=emitted,
+        timings=GenerateTimings(time_to_first_token_s=time.perf_counter() - started),
+    )
+
+
+def _released(stream: TextStream, tokens: list[int]) -> Iterator[TokenDelta]:
+    """Each token's delta of text, until the stream meets a stop string."""
+    for token in tokens:
+        yield TokenDelta(token, stream.push(token))
+        if stream.stopped:
+            return
+
+
+def _end(stream: TextStream) -> Iterator[TokenDelta]:
+    tail = stream.flush()
+    if tail:
+        yield TokenDelta(None, tail)
 
 
 def run_to_end(events: Iterator[TokenDelta | Finished]) -> Finished:

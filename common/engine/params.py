@@ -14,6 +14,8 @@ from sharedllm.common.engine.loop_guard import DEFAULT_MIN_RUN
 from sharedllm.common.errors import InvalidInput
 
 EvidenceMode = Literal["auto", "spread"]
+Grounding = Literal["quote", "facts", "off"]
+GROUNDING_MODES: tuple[str, ...] = ("quote", "facts", "off")
 EVIDENCE_MODES: tuple[str, ...] = ("auto", "spread")
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -33,6 +35,7 @@ SAMPLING_FIELDS = (
     "repetition_penalty",
     "seed",
     "max_sentences",
+    "loop_guard",
 )
 
 
@@ -40,8 +43,10 @@ SAMPLING_FIELDS = (
 class SamplingParams:
     """How to pick tokens. temperature 0 is greedy; 0 / 1.0 disable top_k / top_p.
 
-    grounding: an answer about a document states only facts the document has (grounding.py);
-    False: free generation. loop_guard: an answer whose last this many tokens repeat an earlier
+    grounding, for an answer about a document: "quote" answers with the document's sentences that
+    the evidence ranking puts first (quotes.py; the model writes where there is no evidence);
+    "facts": the model writes, and states only numbers, names, terms and quotes that the document
+    has (grounding.py); "off": free generation. loop_guard: an answer whose last this many tokens repeat an earlier
     run of it ends there (loop_guard.py); 0: no guard. max_sentences: an answer ends after this
     many sentences (sentence_limit.py); 0: no limit (summaries).
     """
@@ -54,7 +59,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
-    grounding: bool = True
+    grounding: Grounding = "quote"
     loop_guard: int = DEFAULT_MIN_RUN
     max_sentences: int = 1
 
@@ -77,6 +82,8 @@ class SamplingParams:
         penalty = self.repetition_penalty
         if not math.isfinite(penalty) or not MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY:
             raise bad("repetition_penalty", f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]", penalty)
+        if self.grounding not in GROUNDING_MODES:
+            raise bad("grounding", f"one of {', '.join(GROUNDING_MODES)}", self.grounding)
         if not isinstance(self.loop_guard, int) or not 0 <= self.loop_guard <= MAX_LOOP_GUARD:
             raise bad("loop_guard", f"an integer in [0, {MAX_LOOP_GUARD}]", self.loop_guard)
         if not isinstance(self.max_sentences, int) or not 0 <= self.max_sentences <= MAX_SENTENCES:

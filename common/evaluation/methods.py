@@ -1,8 +1,11 @@
 """The methods every evaluation compares, and the one rule that relates two of them.
 
-- `sharedllm`: the product: the tree injected, evidence passages in the window, grounded answers;
-- `free`: the same window and tree with free generation (no grounding, no loop guard): the
-  product before grounded answers, so that what grounding changes is measured in the same run;
+- `sharedllm`: the product: the tree injected, evidence passages in the window, the answer
+  grounded as shipped (a quote of the document's best-ranked sentences);
+- `facts`: the same window and tree, the model writing the answer with its facts copied from the
+  document (grounding "facts");
+- `free`: the same window and tree with free generation (no grounding, no loop guard, no sentence
+  limit): the product before grounded answers, so that grounding is measured in the same run;
 - `evidence`: the same passages with no tree injected: what the injection adds, and nothing else;
 - `bm25`: plain retrieval, no tree at all: BM25 over ~100-token passages, the best ones until
   the same budget is full (no hops, no neighbours, no floor): the baseline a retrieval system
@@ -31,6 +34,7 @@ from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 
 METHODS: tuple[str, ...] = (
     "sharedllm",
+    "facts",
     "free",
     "evidence",
     "bm25",
@@ -50,12 +54,13 @@ class Reading(NamedTuple):
     evidence: bool  # passages in the window
     inject: bool  # the tree through the cross-attention
     plain: bool = False  # passages ranked by plain BM25 (no tree score, no hops, no neighbours)
-    free: bool = False  # free generation: no grounding, no loop guard
+    grounding: str | None = None  # the answer's grounding, where not as shipped ("off": free_generation)
 
 
 DOCUMENT_METHODS: dict[str, Reading] = {
     "sharedllm": Reading(evidence=True, inject=True),
-    "free": Reading(evidence=True, inject=True, free=True),
+    "facts": Reading(evidence=True, inject=True, grounding="facts"),
+    "free": Reading(evidence=True, inject=True, grounding="off"),
     "evidence": Reading(evidence=True, inject=False),
     "bm25": Reading(evidence=True, inject=False, plain=True),
     "tree": Reading(evidence=False, inject=True),
@@ -66,7 +71,14 @@ PLAIN_PASSAGE_TOKENS = 96  # "about 100 tokens": the passages of the issue's mea
 def free_generation(params: SamplingParams) -> SamplingParams:
     """The parameters of the `free` method: no grounding, no loop guard and no sentence limit, as
     answers were before grounded answers."""
-    return dataclasses.replace(params, grounding=False, loop_guard=0, max_sentences=0)
+    return dataclasses.replace(params, grounding="off", loop_guard=0, max_sentences=0)
+
+
+def method_params(reading: Reading, params: SamplingParams) -> SamplingParams:
+    """The parameters a document method answers with: as shipped, or its own grounding."""
+    if reading.grounding == "off":
+        return free_generation(params)
+    return params if reading.grounding is None else dataclasses.replace(params, grounding=reading.grounding)
 
 
 def plain_bm25(settings: EvidenceSettings) -> EvidenceSettings:

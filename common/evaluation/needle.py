@@ -44,6 +44,7 @@ from sharedllm.common.evaluation.methods import (
     base_window_methods,
     baseline_protocol,
     free_generation,
+    method_params,
     plain_bm25,
 )
 
@@ -163,7 +164,7 @@ class Answerer:
                     answer_prefix=task.metadata["answer_prefix"],
                     index=index,
                 )
-                answers[method] = self._greedy(plan, self.free if how.free else self.params)
+                answers[method] = self._greedy(plan, method_params(how, self.params))
             if "window" in wanted:
                 answers["window"] = self._greedy(QuestionPlan(head + tail), self.free)
             served = base_window_methods(wanted, len(document) <= budget)

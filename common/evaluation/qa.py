@@ -6,8 +6,10 @@ a held-out document (corpus and members, joined with a newline in the order give
 with the accepted answer strings and that sentence (`source`, verbatim).
 
 Methods, all greedy, the same question in the same chat template:
-- sharedllm: the product (the tree injected, evidence passages in the window, grounded answer);
-- free: the same window and tree, free generation (no grounding, no loop guard);
+- sharedllm: the product (the tree injected, evidence passages in the window, the answer a quote
+  of the document's best-ranked sentences);
+- facts: the same window and tree, the model writing with its facts copied from the document;
+- free: the same window and tree, free generation (no grounding, no loop guard, no sentence limit);
 - anchor: the bare base model given only the answer's own passage (about ANCHOR_CHARS characters
   around `source`, laid out as one excerpt): what the reader does when retrieval is perfect.
 
@@ -36,9 +38,9 @@ from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 from sharedllm.common.engine.results import Finished, Passage
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.evaluation.methods import free_generation
+from sharedllm.common.evaluation.methods import DOCUMENT_METHODS, free_generation, method_params
 
-METHODS: tuple[str, ...] = ("sharedllm", "free", "anchor")
+METHODS: tuple[str, ...] = ("sharedllm", "facts", "free", "anchor")
 KINDS: tuple[str, ...] = ("narrative", "reference", "technical")
 ANCHOR_CHARS = 1000
 LOOP_WORDS = 4
@@ -138,10 +140,7 @@ def evaluate_qa(engine: Engine, sets: Sequence[QuestionSet], data_dir: str | Pat
                 tree, q.question, max_new_tokens=settings.max_new_tokens, evidence=settings.evidence, index=index
             )
             in_evidence = is_right(q.answers, " ".join(p.text for p in plan.evidence))
-            runs: dict[str, tuple[QuestionPlan, SamplingParams]] = {
-                "sharedllm": (plan, greedy),
-                "free": (plan, free_generation(greedy)),
-            }
+            runs = {m: (plan, method_params(DOCUMENT_METHODS[m], greedy)) for m in ("sharedllm", "facts", "free")}
             if "anchor" in settings.methods:
                 anchor = engine.prompt_ids(render([anchor_passage(text, q.source)], q.question))
                 runs["anchor"] = (QuestionPlan(anchor), free_generation(greedy))

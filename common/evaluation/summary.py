@@ -101,7 +101,7 @@ def evaluate_summaries(
     from sharedllm.common.store import open_store
 
     backend = EmbeddedBackend(ContextRuntime(engine, open_store("memory://"), decoded_cache_bytes=0))
-    params = SamplingParams(max_new_tokens=max_new_tokens, repetition_penalty=1.1, max_sentences=0)
+    params = SamplingParams(max_new_tokens=max_new_tokens, repetition_penalty=1.1, max_sentences=0, grounding="facts")
     rows = []
     for doc in documents:
         started = time.perf_counter()

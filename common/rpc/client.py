@@ -36,10 +36,17 @@ def remote_errors() -> Iterator[None]:
         raise RemoteError(f"{exc.code().name}: {exc.details()}") from None
 
 
+GROUNDING_FIELDS = {
+    "quote": decoder_pb2.GROUNDING_QUOTE,
+    "facts": decoder_pb2.GROUNDING_FACTS,
+    "off": decoder_pb2.GROUNDING_OFF,
+}
+
+
 def grounding_field(params: SamplingParams) -> int:
     """GenerateRequest.grounding for the parameters: always explicit, so a server's default never
     changes what a client asked for."""
-    return decoder_pb2.GROUNDING_ON if params.grounding else decoder_pb2.GROUNDING_OFF
+    return GROUNDING_FIELDS[params.grounding]
 
 
 def call_metadata(api_key: str | None) -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from sharedllm.cli.observability import client_trace
 from sharedllm.common.batch.client import BatchClient, read_documents
 from sharedllm.common.batch.jobs import TERMINAL, JobSpec, JobStatus
+from sharedllm.common.engine.params import GROUNDING_MODES
 
 DEFAULT_BROKER = "redis://localhost:6379/0"
 FINAL_JOB_STATES = ("done", "done_with_errors", "cancelled")
@@ -46,7 +47,10 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
         "--section-chars", type=int, default=JobSpec(None, ()).section_chars, help="characters summarised per call"
     )
     submit.add_argument(
-        "--grounding", choices=("on", "off"), default="on", help="answers copy their facts from the document (on)"
+        "--grounding",
+        choices=GROUNDING_MODES,
+        default=JobSpec(None, ()).grounding,
+        help="how answers rest on the document, as `ask --grounding` (default: %(default)s)",
     )
     submit.add_argument("--json", action="store_true", help="print the job's status as JSON instead of its id")
     submit.set_defaults(handler=run_submit)
@@ -73,7 +77,7 @@ def run_submit(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         section_chars=args.section_chars,
-        grounding=args.grounding == "on",
+        grounding=args.grounding,
     )
     client = BatchClient(args.broker_url)
     with client_trace("batch submit", celery=True):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sharedllm.common.config import DTYPE_CHOICES, ENCODINGS, POOLINGS, POSITIONS, ModelChoice, TreeConfig
-from sharedllm.common.engine.params import EVIDENCE_MODES, EvidenceSettings, SamplingParams
+from sharedllm.common.engine.params import EVIDENCE_MODES, GROUNDING_MODES, EvidenceSettings, SamplingParams
 from sharedllm.common.rpc.tls import ClientTls
 from sharedllm.common.shipped import adapter_help
 
@@ -128,18 +128,28 @@ class SamplingArguments:
             "0: no limit, the default for summaries)",
         )
         parser.add_argument(
+            "--loop-guard",
+            type=int,
+            default=default.loop_guard,
+            help="the answer ends when its last N tokens repeat an earlier run of it (0: no guard)",
+        )
+        parser.add_argument(
             "--grounding",
-            choices=("on", "off"),
-            default="on",
-            help="on: numbers, names, terms and quotes in the answer are copied from the document; off: free",
+            choices=GROUNDING_MODES,
+            help="quote: answer with the document's best-ranked sentences; facts: the model writes, copying its "
+            f"numbers, names, terms and quotes from the document; off: free generation (default: {default.grounding} "
+            "for questions, facts for summaries)",
         )
 
     def from_args(self, args: argparse.Namespace, long_answer: bool = False) -> SamplingParams:
         """The parameters as given; the engine validates them against the model's window.
-        long_answer: a summary, with no sentence limit unless one was given."""
+        long_answer: a summary, written (grounding "facts" unless asked otherwise) with no sentence
+        limit unless one was given."""
         sentences = args.max_sentences if args.max_sentences is not None else 0 if long_answer else None
+        grounding = "facts" if long_answer and args.grounding is None else args.grounding
         return SamplingParams(
             **({} if sentences is None else {"max_sentences": sentences}),
+            **({} if grounding is None else {"grounding": grounding}),
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
@@ -148,7 +158,7 @@ class SamplingArguments:
             repetition_penalty=args.repetition_penalty,
             seed=args.seed,
             stop=tuple(args.stop),
-            grounding=args.grounding == "on",
+            loop_guard=args.loop_guard,
         )
 
 

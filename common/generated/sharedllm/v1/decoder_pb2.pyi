@@ -11,7 +11,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Grounding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     GROUNDING_UNSPECIFIED: _ClassVar[Grounding]
-    GROUNDING_ON: _ClassVar[Grounding]
+    GROUNDING_QUOTE: _ClassVar[Grounding]
+    GROUNDING_FACTS: _ClassVar[Grounding]
     GROUNDING_OFF: _ClassVar[Grounding]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -22,7 +23,8 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_REPETITION: _ClassVar[FinishReason]
 GROUNDING_UNSPECIFIED: Grounding
-GROUNDING_ON: Grounding
+GROUNDING_QUOTE: Grounding
+GROUNDING_FACTS: Grounding
 GROUNDING_OFF: Grounding
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_EOS: FinishReason
@@ -31,7 +33,7 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_REPETITION: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("context_id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "disable_retrieval", "evidence_tokens", "evidence_mode", "grounding", "max_sentences")
+    __slots__ = ("context_id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "disable_retrieval", "evidence_tokens", "evidence_mode", "grounding", "max_sentences", "loop_guard")
     CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +49,7 @@ class GenerateRequest(_message.Message):
     EVIDENCE_MODE_FIELD_NUMBER: _ClassVar[int]
     GROUNDING_FIELD_NUMBER: _ClassVar[int]
     MAX_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    LOOP_GUARD_FIELD_NUMBER: _ClassVar[int]
     context_id: str
     prompt: str
     max_new_tokens: int
@@ -62,7 +65,8 @@ class GenerateRequest(_message.Message):
     evidence_mode: str
     grounding: Grounding
     max_sentences: int
-    def __init__(self, context_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., disable_retrieval: _Optional[bool] = ..., evidence_tokens: _Optional[int] = ..., evidence_mode: _Optional[str] = ..., grounding: _Optional[_Union[Grounding, str]] = ..., max_sentences: _Optional[int] = ...) -> None: ...
+    loop_guard: int
+    def __init__(self, context_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., disable_retrieval: _Optional[bool] = ..., evidence_tokens: _Optional[int] = ..., evidence_mode: _Optional[str] = ..., grounding: _Optional[_Union[Grounding, str]] = ..., max_sentences: _Optional[int] = ..., loop_guard: _Optional[int] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("answer_start", "answer_end", "char_start", "char_end", "text", "evidence_index")
