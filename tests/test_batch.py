@@ -6,6 +6,7 @@ short time limits and visibility timeouts so that a killed worker's task comes b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -144,6 +145,10 @@ def test_a_document_finishes_once(redis_server):
         store.status("no-such-job")
     with pytest.raises(InvalidInput, match="needs at least one question"):
         JobSpec(None, (), summarize=False)
+    with pytest.raises(InvalidInput, match="grounding must be one of quote, facts, off"):
+        JobSpec(None, ("Who?",), grounding="sometimes")
+    free = store.create(dataclasses.replace(SPEC, grounding="off"), documents[:1])
+    assert store.spec(free).grounding == "off" and store.spec(job).grounding == "quote"
 
 
 # ---- real workers ------------------------------------------------------------------------
@@ -166,6 +171,8 @@ def test_jobs_complete_embedded_and_over_grpc_with_the_same_results(
         notes = result["section_summaries"]
         assert len(notes) == len(summaries.sections(path.read_text(), SPEC.section_chars)) > 1
         assert isinstance(result["summary"], str) and result["answers"][0]["question"] == SPEC.questions[0]
+        # Answers are grounded as `ask`'s are: by default a quote of the document.
+        assert " ".join(result["answers"][0]["answer"].split()) in " ".join(path.read_text().split())
         assert result["reused_context"] is False and result["document_tokens"] > 0
 
     # The same documents through the gRPC services and a worker that only sends requests.

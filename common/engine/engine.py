@@ -54,15 +54,15 @@ class QuestionPlan:
     prompt_ids: the chat-templated user message (evidence excerpts, then the question) and the
     answer prefix, if any; injection: the selected tree entries (None: no document, or the tree
     left out); evidence: the excerpts in the window, in document order; facts: the document's,
-    which a grounded answer copies and cites (None: no document); question and answer_prefix:
-    their text.
+    which a grounded answer copies and cites (None: no document); quote: the character spans of
+    the document a quoted answer copies (empty: the model writes); answer_prefix: its text.
     """
 
     prompt_ids: list[int]
     injection: Injection | None = None
     evidence: tuple[Passage, ...] = ()
     facts: DocumentFacts | None = None
-    question: str = ""
+    quote: tuple[tuple[int, int], ...] = ()
     answer_prefix: str = ""
     # evidence_s, selection_s, context_load_s and prepare_s; decoding adds the rest.
     timings: GenerateTimings = field(default_factory=GenerateTimings)
@@ -244,15 +244,18 @@ class Engine:
         inject: bool = True,
         answer_prefix: str = "",
         index: PassageIndex | None = None,
+        quote: bool = False,
     ) -> QuestionPlan:
         """Build the window and the injection for one question: the one path every front end,
-        evaluation and baseline takes (docs/method.md §3, §5a).
+        evaluation and baseline takes (docs/method.md §3, §5a, §5b).
 
         evidence.tokens > 0 fills that budget of the window (clipped to what fits beside the
         question and max_new_tokens) with passages ranked for the question; their ranking also
         steers which tree nodes expand. retrieval=False always expands the most recent child
         and ranks passages lexically only. inject=False leaves the tree out (evidence alone).
-        answer_prefix opens the assistant's turn (evaluations' "The answer is").
+        answer_prefix opens the assistant's turn (evaluations' "The answer is"). quote=True: the
+        answer will quote the document where its excerpts allow (quotes.py); then the plan holds
+        the quoted spans and no injection (a quote reads no tree node).
         """
         evidence.validate()
         evidence_s = 0.0
@@ -276,9 +279,13 @@ class Engine:
         while passages and len(prompt) + max_new_tokens > self.window:  # excerpt markers took more than planned
             passages.remove(min(passages, key=lambda p: p.score))
             prompt = self._chat_ids(render(passages, question)) + prefix
+        quoted: list[tuple[int, int]] = []
+        if quote and facts is not None:
+            # About 3 characters a token (English prose runs at 3.7-4): the quote fits the token cap.
+            quoted = quote_spans(question, facts.text, passages, max_chars=3 * max_new_tokens)
         injection = None
         timings = GenerateTimings(evidence_s=evidence_s)
-        if source is not None and inject:
+        if source is not None and inject and not quoted:
             t0 = time.perf_counter()
             injection, prep = self.decoder.prepare(source, query, bias)
             if passages:
@@ -290,7 +297,7 @@ class Engine:
             injection,
             tuple(passages),
             facts=facts,
-            question=question,
+            quote=tuple(quoted),
             answer_prefix=answer_prefix,
             timings=timings,
         )
@@ -351,8 +358,8 @@ class Engine:
             max_new_tokens=params.max_new_tokens,
             evidence=evidence,
             retrieval=retrieval,
-            inject=not (params.grounding == "quote" and evidence.tokens > 0),  # a quote reads no tree nodes
             index=index,
+            quote=params.grounding == "quote",
         )
         return self.decode(plan, params)
 
@@ -360,13 +367,10 @@ class Engine:
         """Answer from a plan, as params.grounding asks: a quote of the plan's document (replayed),
         or decoded (generation.decode) with its facts copied from the document, or free. The
         Finished carries the plan's timings and evidence and the answer's citations."""
-        events = None
-        if params.grounding == "quote" and plan.facts is not None:
-            spans = quote_spans(plan.question, plan.facts.text, plan.evidence)
-            if spans:
-                quote = self.tokenizer(quote_text(plan.facts.text, spans), add_special_tokens=False)["input_ids"]
-                events = replay(quote, params, self.decode_text)
-        if events is None:
+        if params.grounding == "quote" and plan.quote and plan.facts is not None:
+            quote = self.tokenizer(quote_text(plan.facts.text, plan.quote), add_special_tokens=False)["input_ids"]
+            events = replay(quote, params, self.decode_text)
+        else:
             grounding = None
             if params.grounding != "off" and plan.facts is not None:
                 grounding = GroundedAnswer(plan.facts, self.decode_text, self.decoder.eos_ids, plan.answer_prefix)

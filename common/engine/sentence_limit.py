@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Sequence
 
 _CONTEXT_TOKENS = 6
-_ENDS = re.compile(r"([A-Za-z]+)[)\"'”’]*[.!?][)\"'”’]*$")
+_ENDS = re.compile(r"(^|\n)?[ \t]*([A-Za-z]+|\d+)[)\"'”’]*[.!?][)\"'”’]*$")
 _ABBREVIATIONS = frozenset(
     {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "no", "vol", "pp", "cf", "eg", "ie", "fig", "al"}
 )
@@ -48,10 +48,17 @@ class SentenceLimit:
         return False
 
 
-def ends_sentence(text: str) -> bool:
-    """Whether `text` ends with a sentence's closing mark after a word (not a number, not an abbreviation)."""
+def ends_sentence(text: str, after_numbers: bool = False) -> bool:
+    """Whether `text` ends with a sentence's closing mark after a word (not an abbreviation).
+
+    after_numbers: a number's period ends a sentence too ("... is: 4403556."), unless the number
+    is a list's ordinal ("1." opening a line); False for answers being written, where a number's
+    period may still start a list ("1. 1858957").
+    """
     found = _ENDS.search(text)
     if found is None:
         return False
-    word = found.group(1)
+    word = found.group(2)
+    if word.isdigit():
+        return after_numbers and not (found.group(1) is not None and len(word) <= 2)
     return len(word) > 1 and word.lower() not in _ABBREVIATIONS

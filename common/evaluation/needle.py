@@ -163,6 +163,7 @@ class Answerer:
                     inject=how.inject,
                     answer_prefix=task.metadata["answer_prefix"],
                     index=index,
+                    quote=method_params(how, self.params).grounding == "quote",
                 )
                 answers[method] = self._greedy(plan, method_params(how, self.params))
             if "window" in wanted:

@@ -136,11 +136,19 @@ def evaluate_qa(engine: Engine, sets: Sequence[QuestionSet], data_dir: str | Pat
         tree = engine.compress(ids).tree
         index = engine.passage_index(tree, settings.evidence.passage_tokens)
         for q in spec.questions:
-            plan = engine.plan(
-                tree, q.question, max_new_tokens=settings.max_new_tokens, evidence=settings.evidence, index=index
-            )
+            runs = {}
+            for method in ("sharedllm", "facts", "free"):
+                params = method_params(DOCUMENT_METHODS[method], greedy)
+                plan = engine.plan(
+                    tree,
+                    q.question,
+                    max_new_tokens=settings.max_new_tokens,
+                    evidence=settings.evidence,
+                    index=index,
+                    quote=params.grounding == "quote",
+                )
+                runs[method] = (plan, params)
             in_evidence = is_right(q.answers, " ".join(p.text for p in plan.evidence))
-            runs = {m: (plan, method_params(DOCUMENT_METHODS[m], greedy)) for m in ("sharedllm", "facts", "free")}
             if "anchor" in settings.methods:
                 anchor = engine.prompt_ids(render([anchor_passage(text, q.source)], q.question))
                 runs["anchor"] = (QuestionPlan(anchor), free_generation(greedy))
