@@ -118,3 +118,14 @@ $BIN/python bench/trace_overhead.py --tokens 32768 --repeats 9 --out "$OUT/telem
 # 8. Hardening (the hardening issue): what hostile and legitimate uploads cost the compressor.
 mkdir -p "$OUT/hardening"
 $BIN/python bench/upload_limits.py --json "$OUT/hardening/uploads.json" | tee "$OUT/hardening/uploads.txt"
+
+# 9. Grounded answers (the grounded-answers issue): prose questions, the RULER-style suite grounded
+#    against free in one run, single needles at 128K, and what grounding costs in time.
+GR="$OUT/grounding"
+mkdir -p "$GR"
+$BIN/sharedllm eval qa --json "$GR/qa.json" | tee "$GR/qa.txt"
+$BIN/sharedllm eval ruler --lengths 8192 32768 --per-cell 6 --methods sharedllm facts free \
+  --json "$GR/ruler.json" | tee "$GR/ruler.txt"
+$BIN/sharedllm eval ruler --lengths 131072 --per-cell 2 --tasks single_noise single_prose --methods sharedllm \
+  --json "$GR/ruler-single-128k.json" | tee "$GR/ruler-single-128k.txt"
+$BIN/python bench/grounding_overhead.py --tokens 32768 --repeats 5 --out "$GR" | tee "$GR/overhead.txt"

@@ -192,7 +192,9 @@ def test_greedy_equals_hf_generate_without_context(tiny):
 def test_same_seed_same_output(tiny):
     engine = engine_for(tiny)
     tree = engine.compress(random_ids(200)).tree
-    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, min_p=0.01, seed=123)
+    params = SamplingParams(
+        max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, min_p=0.01, seed=123, grounding="off", loop_guard=0
+    )
     a, _ = collect(engine.generate(tree, "Question?", params))
     b, _ = collect(engine.generate(tree, "Question?", params))
     c, _ = collect(engine.generate(tree, "Question?", SamplingParams(**{**params.__dict__, "seed": 124})))

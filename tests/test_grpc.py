@@ -12,7 +12,6 @@ import itertools
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -260,7 +259,11 @@ def test_compress_manage_and_generate_like_embedded(stack, tiny_engine, redis_se
 def test_grounding_and_citations_travel_over_grpc(stack, tiny_engine, redis_server):
     """The request's grounding, sentence limit and loop guard reach the engine (each answer equals
     embedded mode's with the same parameters), and the citations come back with their offsets."""
-    context_id = stack.compress()
+    # One sentence that alone answers the question, among many alike: the default answer quotes it.
+    answer_sentence = "The lighthouse keeper hid the brass key under the red stone."
+    document = DOCUMENT + answer_sentence + " " + DOCUMENT
+    context_id = stack.compress(document)
+    question = "Where did the lighthouse keeper hide the brass key?"
     embedded = ContextRuntime(tiny_engine, open_store(redis_server.url))
     free = {"grounding": dpb.GROUNDING_OFF, "max_sentences": 0, "loop_guard": 0}
     cases = [
@@ -271,22 +274,24 @@ def test_grounding_and_citations_travel_over_grpc(stack, tiny_engine, redis_serv
         ),
         (free, SamplingParams(max_new_tokens=24, grounding="off", max_sentences=0, loop_guard=0)),
     ]
-    answers = []
+    answers, lasts = [], []
     for fields, params in cases:
-        responses = stack.generate(context_id, max_new_tokens=24, **fields)
-        expected_text, expected_ids, finished = embedded_answer(embedded, context_id, QUESTION, params, "alice")
+        responses = stack.generate(context_id, question, max_new_tokens=24, **fields)
+        expected_text, expected_ids, finished = embedded_answer(embedded, context_id, question, params, "alice")
         assert text_and_ids(responses) == (expected_text, expected_ids)
         last = responses[-1]
         assert [(c.answer_start, c.char_start, c.text) for c in last.citations] == [
             (c.answer_start, c.char_start, c.text) for c in finished.citations
         ]
         for c in last.citations:
-            assert DOCUMENT[c.char_start : c.char_end] == c.text
+            assert document[c.char_start : c.char_end] == c.text
             assert not c.HasField("evidence_index") or last.evidence[c.evidence_index].char_start <= c.char_start
         answers.append(expected_text)
-    assert " ".join(answers[0].split()) in " ".join(DOCUMENT.split())  # the default answer quotes the document
-    grounded_words = set(re.findall(r"\w+", answers[1]))
-    assert grounded_words <= set(re.findall(r"\w+", DOCUMENT)) | {w.capitalize() for w in re.findall(r"\w+", DOCUMENT)}
+        lasts.append(last)
+    assert answers[0] == answer_sentence
+    assert [(c.answer_start, c.answer_end, c.text) for c in lasts[0].citations] == [
+        (0, len(answer_sentence) - 1, answer_sentence[:-1])  # a run of whole words: the period is not one
+    ]
     code = grpc.StatusCode
     for fields in ({"grounding": 7}, {"max_sentences": -1}, {"loop_guard": 5000}):
         assert status_of(lambda f=fields: stack.generate(context_id, **f)) == code.INVALID_ARGUMENT
@@ -476,7 +481,8 @@ def test_sigterm_drains_an_in_flight_stream(tiny_engine, tiny_model_dir, tiny_ad
     try:
         wait_for_health(target, SERVING, timeout=180)
         with grpc.insecure_channel(target) as channel:
-            request = dpb.GenerateRequest(context_id=context_id, prompt=LONG_PROMPT, max_new_tokens=300)
+            request = long_request(context_id)
+            request.max_new_tokens = 300
             call = decoder_pb2_grpc.DecoderServiceStub(channel).Generate(request)
             first = next(call)
             process.send_signal(signal.SIGTERM)

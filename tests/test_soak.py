@@ -135,7 +135,15 @@ def test_memory_levels_off_under_rounds_of_concurrent_calls(services: Services):
 
         def generate(context_id: str) -> dpb.GenerateResponse:
             prompt = "Which stone is near the river?"
-            request = dpb.GenerateRequest(context_id=context_id, prompt=prompt, max_new_tokens=MAX_NEW_TOKENS)
+            # Free generation to the token cap: every call decodes MAX_NEW_TOKENS steps (a quote decodes none).
+            request = dpb.GenerateRequest(
+                context_id=context_id,
+                prompt=prompt,
+                max_new_tokens=MAX_NEW_TOKENS,
+                grounding=dpb.GROUNDING_OFF,
+                max_sentences=0,
+                loop_guard=0,
+            )
             return list(decoder.Generate(request, timeout=60))[-1]
 
         def server_stats() -> dpb.ServerStats:
