@@ -28,8 +28,7 @@ from sharedllm.common.benchmark.workload import QUESTIONS, document_tokens
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.grounding import DocumentFacts
-from sharedllm.common.engine.params import SamplingParams
-from sharedllm.common.evaluation.methods import free_generation
+from sharedllm.common.engine.params import SamplingParams, free_generation
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import open_store
 

@@ -120,7 +120,8 @@ class ContextRuntime:
         first allocations)."""
         tree = self.engine.compress(self.engine.tokenize_document(WARM_UP_TEXT)).tree
         if not self.engine.lower_only:
-            for _ in self.engine.generate(tree, WARM_UP_TEXT, SamplingParams(max_new_tokens=1)):
+            # Written, not quoted: a quote would run no model step.
+            for _ in self.engine.generate(tree, WARM_UP_TEXT, SamplingParams(max_new_tokens=1, grounding="facts")):
                 pass
 
     def compress_text(self, text: str, counted: bool = False, **kwargs) -> CompressOutcome:

@@ -124,7 +124,7 @@ $BIN/python bench/upload_limits.py --json "$OUT/hardening/uploads.json" | tee "$
 GR="$OUT/grounding"
 mkdir -p "$GR"
 $BIN/sharedllm eval qa --json "$GR/qa.json" | tee "$GR/qa.txt"
-$BIN/sharedllm eval ruler --lengths 8192 32768 --per-cell 6 --methods sharedllm facts free \
+$BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 6 --methods sharedllm facts free \
   --json "$GR/ruler.json" | tee "$GR/ruler.txt"
 $BIN/sharedllm eval ruler --lengths 131072 --per-cell 2 --tasks single_noise single_prose --methods sharedllm \
   --json "$GR/ruler-single-128k.json" | tee "$GR/ruler-single-128k.txt"

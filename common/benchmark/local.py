@@ -29,7 +29,7 @@ from sharedllm.common.benchmark.memory import PeakMemory, resident_bytes
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.generation import Step, decode, run_to_end
 from sharedllm.common.engine.llama import LlamaBody
-from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.params import SamplingParams, free_generation
 from sharedllm.common.engine.results import Finished
 from sharedllm.common.model_loading import dtype_from_name
 from sharedllm.common.runtime import ContextRuntime
@@ -61,7 +61,7 @@ def _ids(body: LlamaBody, tokens: list[int]) -> torch.Tensor:
 def greedy_answer(engine: Engine, step: Step, question: str, max_new_tokens: int, started: float) -> Answer:
     """A baseline's answer through the engine's own decode loop (generation.decode), so every
     method stops, samples and is timed by the same rule; `started`: the question's arrival."""
-    params = SamplingParams(max_new_tokens=max_new_tokens)
+    params = free_generation(SamplingParams(max_new_tokens=max_new_tokens))
     prompt = engine.prompt_ids(question)
     body = engine.body
     events = decode(step, body.logits, prompt, params, engine.decoder.eos_ids, engine.decode_text, body.device)
@@ -77,7 +77,7 @@ def answer_of(finished: Finished, lead_s: float = 0.0) -> Answer:
 class EmbeddedSharedLLM:
     def __init__(self, engine: Engine, max_new_tokens: int) -> None:
         self.runtime = ContextRuntime(engine, open_store("memory://"))
-        self.params = SamplingParams(max_new_tokens=max_new_tokens)
+        self.params = free_generation(SamplingParams(max_new_tokens=max_new_tokens))  # decodes as the baselines do
         self.context_id: str | None = None
 
     def store(self, tokens: list[int]) -> Stored:

@@ -6,6 +6,7 @@ without loading the model's libraries.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -95,6 +96,13 @@ class SamplingParams:
         for s in self.stop:
             if not s or len(s) > MAX_STOP_CHARS:
                 raise bad("each stop string", f"1 to {MAX_STOP_CHARS} characters", s[:40])
+
+
+def free_generation(params: SamplingParams) -> SamplingParams:
+    """The same parameters with no grounding, no loop guard and no sentence limit: answers as the
+    model writes them (the baseline grounded answers are measured against, and what the speed
+    benchmarks time: every method decodes by the same rule)."""
+    return dataclasses.replace(params, grounding="off", loop_guard=0, max_sentences=0)
 
 
 @dataclass(frozen=True)

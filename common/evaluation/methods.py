@@ -30,7 +30,7 @@ import dataclasses
 from collections.abc import Collection
 from typing import Any, NamedTuple
 
-from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
+from sharedllm.common.engine.params import EvidenceSettings, SamplingParams, free_generation
 
 METHODS: tuple[str, ...] = (
     "sharedllm",
@@ -66,12 +66,6 @@ DOCUMENT_METHODS: dict[str, Reading] = {
     "tree": Reading(evidence=False, inject=True),
 }
 PLAIN_PASSAGE_TOKENS = 96  # "about 100 tokens": the passages of the issue's measured BM25 baseline
-
-
-def free_generation(params: SamplingParams) -> SamplingParams:
-    """The parameters of the `free` method: no grounding, no loop guard and no sentence limit, as
-    answers were before grounded answers."""
-    return dataclasses.replace(params, grounding="off", loop_guard=0, max_sentences=0)
 
 
 def method_params(reading: Reading, params: SamplingParams) -> SamplingParams:

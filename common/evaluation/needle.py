@@ -36,14 +36,13 @@ from sharedllm.common.data.synthetic import Filler, Task, generate_tasks
 from sharedllm.common.engine.engine import Engine, QuestionPlan
 from sharedllm.common.engine.evidence import find_tokens
 from sharedllm.common.engine.generation import run_to_end
-from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
+from sharedllm.common.engine.params import EvidenceSettings, SamplingParams, free_generation
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.evaluation.methods import (
     DOCUMENT_METHODS,
     METHODS,
     base_window_methods,
     baseline_protocol,
-    free_generation,
     method_params,
     plain_bm25,
 )

@@ -35,10 +35,10 @@ from sharedllm.common.data.corpora import find_entry, load_text
 from sharedllm.common.engine.engine import Engine, QuestionPlan
 from sharedllm.common.engine.evidence import render
 from sharedllm.common.engine.generation import run_to_end
-from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
+from sharedllm.common.engine.params import EvidenceSettings, SamplingParams, free_generation
 from sharedllm.common.engine.results import Finished, Passage
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.evaluation.methods import DOCUMENT_METHODS, free_generation, method_params
+from sharedllm.common.evaluation.methods import DOCUMENT_METHODS, method_params
 
 METHODS: tuple[str, ...] = ("sharedllm", "facts", "free", "anchor")
 KINDS: tuple[str, ...] = ("narrative", "reference", "technical")
