@@ -24,7 +24,8 @@ _WORD = re.compile(r"\w+(?:[.,'’\-]\w+)*")
 def cite(answer: str, facts: DocumentFacts, evidence: Sequence[Passage]) -> tuple[Citation, ...]:
     """The cited runs of `answer`, in answer order; evidence: the excerpts the window held."""
     words = list(_WORD.finditer(answer))
-    within = [(p.char_start, p.char_end) for p in evidence]
+    excerpts = _excerpts(evidence)
+    within = [(start, end) for start, end, _ in excerpts]
     citations: list[Citation] = []
     i = 0
     while i < len(words):
@@ -42,7 +43,7 @@ def cite(answer: str, facts: DocumentFacts, evidence: Sequence[Passage]) -> tupl
         if len(run) >= MIN_WORDS or any(
             is_fact(w.group(), starts_sentence(answer, w.start()), facts.lower_words) for w in run
         ):
-            holder = next((k for k, (low, high) in enumerate(within) if low <= start and end <= high), None)
+            holder = next((first for low, high, first in excerpts if low <= start and end <= high), None)
             citations.append(
                 Citation(
                     answer_start=words[i].start(),
@@ -55,3 +56,15 @@ def cite(answer: str, facts: DocumentFacts, evidence: Sequence[Passage]) -> tupl
             )
         i = j + 1
     return tuple(citations)
+
+
+def _excerpts(evidence: Sequence[Passage]) -> list[tuple[int, int, int]]:
+    """The window's excerpts as character spans with the index of their first passage: adjacent
+    passages read as one excerpt (evidence.render joins them), so a run may cross their seam."""
+    merged: list[tuple[int, int, int]] = []
+    for i, p in enumerate(evidence):
+        if merged and p.char_start == merged[-1][1]:
+            merged[-1] = (merged[-1][0], p.char_end, merged[-1][2])
+        else:
+            merged.append((p.char_start, p.char_end, i))
+    return merged

@@ -368,8 +368,7 @@ class Engine:
         or decoded (generation.decode) with its facts copied from the document, or free. The
         Finished carries the plan's timings and evidence and the answer's citations."""
         if params.grounding == "quote" and plan.quote and plan.facts is not None:
-            quote = self.tokenizer(quote_text(plan.facts.text, plan.quote), add_special_tokens=False)["input_ids"]
-            events = replay(quote, params, self.decode_text)
+            events = replay(self._quote_ids(plan, params.max_new_tokens), params, self.decode_text)
         else:
             grounding = None
             if params.grounding != "off" and plan.facts is not None:
@@ -383,6 +382,18 @@ class Engine:
                 )
             else:
                 yield event
+
+    def _quote_ids(self, plan: QuestionPlan, max_new_tokens: int) -> list[int]:
+        """The quote's tokens: its sentences, best first, while whole ones fit the token cap (the
+        best one, cut, if even it does not)."""
+        assert plan.facts is not None
+        ids: list[int] = []
+        for n in range(1, len(plan.quote) + 1):
+            longer = self.tokenizer(quote_text(plan.facts.text, plan.quote[:n]), add_special_tokens=False)["input_ids"]
+            if len(longer) > max_new_tokens and ids:
+                break
+            ids = longer
+        return ids
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -97,8 +97,9 @@ class Citation:
     """A run of the answer that the document states word for word (citations.py).
 
     answer_start/answer_end: character offsets in the answer's text; char_start/char_end: in the
-    document's text, as Passage offsets are; evidence_index: the excerpt of Finished.evidence that
-    holds it (None: the document holds it outside the window's excerpts).
+    document's text, as Passage offsets are; evidence_index: the passage of Finished.evidence where
+    the excerpt that holds it starts (adjacent passages are one excerpt in the window; None: the
+    document holds it outside the window's excerpts).
     """
 
     answer_start: int

@@ -109,6 +109,8 @@ def _ask(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print()
+    # A quoted answer is copied from the document, not decoded: it has no decode speed.
+    speed = f"{tokens_per_s:.2f} tokens/s" if tokens_per_s is not None else "no decoding"
     if args.evidence:
         print("\n" + format_citations(finished.text, finished.citations))
         print("\n" + format_evidence(finished.evidence))
@@ -117,7 +119,7 @@ def _ask(args: argparse.Namespace) -> int:
         f"compression {report['compression_s']} s | stored {report['stored_bytes'] / 1e6:.1f} MB | "
         f"ratio {report['compression_ratio']}x | evidence {report['evidence_tokens']} tokens | "
         f"first token {report['time_to_first_token_s']} s | "
-        f"{report['tokens_per_s']} tokens/s | finish: {report['finish_reason']}]",
+        f"{speed} | finish: {report['finish_reason']}]",
         file=sys.stderr,
     )
     return 0
