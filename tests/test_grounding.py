@@ -114,6 +114,15 @@ def test_facts_must_be_words_of_the_document(facts):
     assert not facts.valid("Fortunately he went.", final=True)  # neither a word of it nor written in lower case
 
 
+def test_list_numbers_and_separators_are_not_cut_off():
+    facts = DocumentFacts("The numbers are 5806013 and 1,934,266. Also 42.")
+    assert facts.valid("The list:\n1. 5806013\n2. 1,934,266", final=True)  # "1." and "2." are structure
+    assert facts.valid("Numbers: 1,")  # may still become 1,934,266
+    assert facts.valid("It is 42.", final=True) and facts.valid("It is 42,")
+    assert not facts.valid("It is 43.", final=True)
+    assert not facts.valid("Page 1. 5806013", final=True)  # a number inside a line is a fact
+
+
 def test_quotes_must_be_passages_of_the_document(facts):
     assert facts.valid('It read "Laura Place, Bath" in gold.', final=True)
     assert facts.valid('It read "Laura Place,\n  Bath".', final=True)  # white space counts as one space

@@ -136,13 +136,22 @@ class DocumentFacts:
         after `since`; final=True: nothing more will be written (the last word must be whole)."""
         for match in _WORD.finditer(text, max(0, _word_start(text, since))):
             word, end = match.group(), match.end()
+            if _is_ordinal(text, match.start(), end):
+                continue
             start_of_sentence = starts_sentence(text, match.start())
-            if end < len(text) or final:
-                if is_fact(word, start_of_sentence, self.lower_words) and not self.has_word(word):
+            # A separator that ends the text may still join the next word ("1," of "1,934,266").
+            open_word = word + text[end] if end == len(text) - 1 and text[end] in _SEPARATORS else word
+            if not final and end >= len(text) - (len(open_word) - len(word)):
+                if not self._may_become_valid(open_word, start_of_sentence) and not (
+                    open_word != word and self._whole_word_valid(word, start_of_sentence)
+                ):
                     return False
-            elif not self._may_become_valid(word, start_of_sentence):
+            elif not self._whole_word_valid(word, start_of_sentence):
                 return False
         return self._quotes_valid(text, since, final)
+
+    def _whole_word_valid(self, word: str, start_of_sentence: bool) -> bool:
+        return not is_fact(word, start_of_sentence, self.lower_words) or self.has_word(word)
 
     def _may_become_valid(self, word: str, start_of_sentence: bool) -> bool:
         """A word still being written: some continuation of it passes the rule."""
@@ -172,6 +181,18 @@ def _word_start(text: str, at: int) -> int:
     while at > 0 and (text[at - 1].isalnum() or text[at - 1] in "_" + _SEPARATORS):
         at -= 1
     return at
+
+
+def _is_ordinal(text: str, start: int, end: int) -> bool:
+    """A list's number ("1." or "2)" opening a line): structure, not a fact."""
+    line_start = text.rfind("\n", 0, start) + 1
+    return (
+        end - start <= 2
+        and text[start:end].isdigit()
+        and not text[line_start:start].strip()
+        and end < len(text)
+        and text[end] in ".)"
+    )
 
 
 def starts_sentence(text: str, at: int) -> bool:
