@@ -15,7 +15,9 @@ The rule. A *fact* of the answer is
 - a quoted string: the text between straight or curly double quotes, or between backticks.
 A number, name or term must be a word of the document, letter for letter; a quoted string must
 be a verbatim passage of it (runs of white space count as one space). A word still being
-written must be able to become such a word (a prefix of one). Everything else (the words that
+written must be able to become such a word (a prefix of one; a separator at the end may still
+join the next part: "1," of "1,934,266"). A list's number opening a line ("1.", "2)") is
+structure, not a fact. Everything else (the words that
 join facts into a sentence) is written freely. So an answer can never contain a number or a
 name the document lacks, and an answer may not stop in the middle of one.
 Measured on `sharedllm eval qa` (README): the rule removes invented facts; it does not make a
