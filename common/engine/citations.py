@@ -11,19 +11,17 @@ grounding rule), so that "it is" or "the" alone never makes a citation.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-from sharedllm.common.engine.grounding import DocumentFacts, is_fact, starts_sentence
+from sharedllm.common.engine.grounding import WORD, DocumentFacts, is_fact, starts_sentence
 from sharedllm.common.engine.results import Citation, Passage
 
 MIN_WORDS = 3
-_WORD = re.compile(r"\w+(?:[.,'’\-]\w+)*")
 
 
 def cite(answer: str, facts: DocumentFacts, evidence: Sequence[Passage]) -> tuple[Citation, ...]:
     """The cited runs of `answer`, in answer order; evidence: the excerpts the window held."""
-    words = list(_WORD.finditer(answer))
+    words = list(WORD.finditer(answer))
     excerpts = _excerpts(evidence)
     within = [(start, end) for start, end, _ in excerpts]
     citations: list[Citation] = []

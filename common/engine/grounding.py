@@ -42,7 +42,7 @@ CANDIDATES = 64  # tokens checked per step, best first; none passing ends the an
 _CONTEXT_TOKENS = 6  # tokens decoded before a candidate, so that its spacing is right
 # A word: letters, digits and underscores, with inner dots, commas, apostrophes or hyphens ("3.14",
 # "1,000", "os.path", "O'Brien", "well-known").
-_WORD = re.compile(r"\w+(?:[.,'’\-]\w+)*")
+WORD = re.compile(r"\w+(?:[.,'’\-]\w+)*")
 _SEPARATORS = ".,'’-"
 _QUOTES = re.compile(r"[\"“”`]")
 _CLOSERS = {'"': '"”', "“": '”"', "`": "`"}  # what closes a quote opened by each mark
@@ -71,7 +71,7 @@ class DocumentFacts:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        words = set(_WORD.findall(text))
+        words = set(WORD.findall(text))
         self._words = sorted(words)
         self.lower_words = frozenset(w for w in words if w.islower()) | _FUNCTION_WORDS
         self._lower_sorted = sorted(self.lower_words)
@@ -136,7 +136,7 @@ class DocumentFacts:
     def valid(self, text: str, since: int = 0, final: bool = False) -> bool:
         """Whether `text` (an answer, after its prefix) obeys the rule in every word that ends at or
         after `since`; final=True: nothing more will be written (the last word must be whole)."""
-        for match in _WORD.finditer(text, max(0, _word_start(text, since))):
+        for match in WORD.finditer(text, max(0, _word_start(text, since))):
             word, end = match.group(), match.end()
             if _is_ordinal(text, match.start(), end):
                 continue
