@@ -121,6 +121,7 @@ def test_list_numbers_and_separators_are_not_cut_off():
     assert facts.valid("It is 42.", final=True) and facts.valid("It is 42,")
     assert not facts.valid("It is 43.", final=True)
     assert not facts.valid("Page 1. 5806013", final=True)  # a number inside a line is a fact
+    assert not facts.valid("47.", final=True)  # a bare number ending the answer is an answer, not a list
 
 
 def test_quotes_must_be_passages_of_the_document(facts):
@@ -205,6 +206,8 @@ def test_citations_point_at_the_quoted_text(facts):
     assert cited[1].startswith("in gold letters, and")
     assert any("1806" in run for run in cited)
     assert cite("Nothing here matches zorblax", facts, passages) == ()
+    # Runs match whole words: "ch Hall" is not cited inside "Kellynch Hall".
+    assert all(c.text.split()[0] != "ch" for c in cite("ch Hall was his home", facts, passages))
 
 
 def test_a_quote_is_the_best_ranked_excerpts_sentence():

@@ -112,11 +112,11 @@ class DocumentFacts:
         if not needle:
             return None
         for low, high in within:
-            found = self._flat.find(needle, self._to_flat(low), self._to_flat(high))
+            found = self._find(needle, self._to_flat(low), self._to_flat(high))
             if found >= 0:
                 break
         else:
-            found = self._flat.find(needle)
+            found = self._find(needle, 0, len(self._flat))
         if found < 0:
             return None
         return self._to_text(found), self._to_text(found + len(needle) - 1) + 1
@@ -131,14 +131,30 @@ class DocumentFacts:
         return i < len(words) and words[i].startswith(prefix)
 
     def has_passage(self, text: str) -> bool:
-        return _flatten(text).strip() in self._flat
+        needle = _flatten(text).strip()
+        return not needle or self._find(needle, 0, len(self._flat)) >= 0
+
+    def _find(self, needle: str, low: int, high: int) -> int:
+        """The first occurrence of `needle` in the flat text within [low, high) that does not start
+        or end inside a word ("12" is not found in "2012", "he was" not in "she was"); -1 if none."""
+        flat = self._flat
+        found = flat.find(needle, low, high)
+        while found >= 0:
+            end = found + len(needle)
+            cuts_in = (found > 0 and needle[0].isalnum() and flat[found - 1].isalnum()) or (
+                end < len(flat) and needle[-1].isalnum() and flat[end].isalnum()
+            )
+            if not cuts_in:
+                return found
+            found = flat.find(needle, found + 1, high)
+        return -1
 
     def valid(self, text: str, since: int = 0, final: bool = False) -> bool:
         """Whether `text` (an answer, after its prefix) obeys the rule in every word that ends at or
         after `since`; final=True: nothing more will be written (the last word must be whole)."""
         for match in WORD.finditer(text, max(0, _word_start(text, since))):
             word, end = match.group(), match.end()
-            if _is_ordinal(text, match.start(), end):
+            if _is_ordinal(text, match.start(), end, final):
                 continue
             start_of_sentence = starts_sentence(text, match.start())
             # A separator that ends the text may still join the next word ("1," of "1,934,266").
@@ -185,16 +201,16 @@ def _word_start(text: str, at: int) -> int:
     return at
 
 
-def _is_ordinal(text: str, start: int, end: int) -> bool:
-    """A list's number ("1." or "2)" opening a line): structure, not a fact."""
+def _is_ordinal(text: str, start: int, end: int, final: bool) -> bool:
+    """A list's number ("1." or "2)" opening a line, its item following): structure, not a fact.
+    A bare "47." that ends the answer is an answer, and checked as one."""
     line_start = text.rfind("\n", 0, start) + 1
-    return (
-        end - start <= 2
-        and text[start:end].isdigit()
-        and not text[line_start:start].strip()
-        and end < len(text)
-        and text[end] in ".)"
-    )
+    if not (end - start <= 2 and text[start:end].isdigit() and not text[line_start:start].strip()):
+        return False
+    if end >= len(text) or text[end] not in ".)":
+        return False
+    item = text[end + 1 :].split("\n", 1)[0]
+    return bool(item.strip()) or (not final and end + 1 == len(text))
 
 
 def starts_sentence(text: str, at: int) -> bool:
@@ -222,9 +238,11 @@ class GroundedAnswer:
 
     def _extended(self, token: int) -> str:
         context = self._ids[-_CONTEXT_TOKENS:]
-        before = self.decode_text(context) if context else ""
+        # A character split over tokens decodes as U+FFFD until its last byte arrives; self.text
+        # holds none of it until then, so the delta is measured from before it.
+        before = (self.decode_text(context) if context else "").rstrip("\ufffd")
         after = self.decode_text([*context, token])
-        if not after.startswith(before):  # a byte sequence completed a character: no clean delta
+        if not after.startswith(before):  # the tokenizer respaced the context: no clean delta
             return self.text
         return self.text + after[len(before) :].rstrip("\ufffd")
 

@@ -48,6 +48,8 @@ def quote_spans(
     if not evidence or _LIST_WORDS.search(question):
         return []
     best = max(p.score for p in evidence)
+    if best <= 0:
+        return []  # nothing in the window matches the question: no sentence of it answers
     chosen = sorted((p for p in evidence if p.score >= QUOTE_TIE * best), key=lambda p: -p.score)
     if len(chosen) > MAX_QUOTES:
         return []  # the question asks for several things (values, keys, a chain): a written list says them better

@@ -38,7 +38,7 @@ class SentenceLimit:
             return False
         if self._ids:
             context = self._ids[-_CONTEXT_TOKENS:]
-            before = self.decode_text(context)
+            before = self.decode_text(context).rstrip("\ufffd")  # a character still being completed
             opens_with_space = self.decode_text([*context, token])[len(before) : len(before) + 1].isspace()
             if opens_with_space and ends_sentence(before):
                 self.sentences += 1
