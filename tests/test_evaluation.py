@@ -347,3 +347,26 @@ def test_eval_ruler_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     assert (tmp_path / "ruler.png").read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
     assert "RULER-style mean over 7 tasks" in table and "variables" in table
+
+
+def test_the_shipped_prose_questions_are_well_formed():
+    from sharedllm.common.evaluation import qa
+
+    sets = [qa.load_questions(path) for path in qa.shipped_question_files()]
+    assert sum(len(s.questions) for s in sets) >= 40
+    assert {s.kind for s in sets} == set(qa.KINDS)
+    for spec in sets:
+        for q in spec.questions:
+            assert q.answers and all(a.lower() in q.source.lower() for a in q.answers), q.question
+
+
+def test_prose_scoring_rules():
+    from sharedllm.common.evaluation import qa
+
+    assert qa.is_right(("Rivers Street",), "She lodged in rivers street.")
+    assert not qa.is_right(("Rivers Street",), "She lodged in Gay Street.")
+    assert qa.loops("the cat sat down and the cat sat down")
+    assert not qa.loops("the cat sat down and the dog sat down")
+    document = "x" * 2000 + "The answer sentence." + "y" * 2000
+    passage = qa.anchor_passage(document, "The answer sentence.")
+    assert "The answer sentence." in passage.text and len(passage.text) == qa.ANCHOR_CHARS

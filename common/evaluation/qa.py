@@ -136,19 +136,25 @@ def evaluate_qa(engine: Engine, sets: Sequence[QuestionSet], data_dir: str | Pat
         tree = engine.compress(ids).tree
         index = engine.passage_index(tree, settings.evidence.passage_tokens)
         for q in spec.questions:
-            runs = {}
-            for method in ("sharedllm", "facts", "free"):
+            # One plan per way of answering: a quoted answer's plan holds its spans and no
+            # injection; the written methods (facts, free) share the other.
+            plans: dict[bool, QuestionPlan] = {}
+            runs: dict[str, tuple[QuestionPlan, SamplingParams]] = {}
+            for method in (m for m in settings.methods if m in DOCUMENT_METHODS):
                 params = method_params(DOCUMENT_METHODS[method], greedy)
-                plan = engine.plan(
-                    tree,
-                    q.question,
-                    max_new_tokens=settings.max_new_tokens,
-                    evidence=settings.evidence,
-                    index=index,
-                    quote=params.grounding == "quote",
-                )
-                runs[method] = (plan, params)
-            in_evidence = is_right(q.answers, " ".join(p.text for p in plan.evidence))
+                quote = params.grounding == "quote"
+                if quote not in plans:
+                    plans[quote] = engine.plan(
+                        tree,
+                        q.question,
+                        max_new_tokens=settings.max_new_tokens,
+                        evidence=settings.evidence,
+                        index=index,
+                        quote=quote,
+                    )
+                runs[method] = (plans[quote], params)
+            window = next(iter(plans.values())).evidence if plans else ()
+            in_evidence = is_right(q.answers, " ".join(p.text for p in window))
             if "anchor" in settings.methods:
                 anchor = engine.prompt_ids(render([anchor_passage(text, q.source)], q.question))
                 runs["anchor"] = (QuestionPlan(anchor), free_generation(greedy))
