@@ -20,13 +20,11 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from sharedllm.benchmark.report import write_json
+from sharedllm.benchmark.services import child_env, grpc_stack, private_redis
 from sharedllm.cli.options import default_data_dir
 from sharedllm.common.batch.client import BatchClient, read_documents
 from sharedllm.common.batch.jobs import JobSpec
-from sharedllm.common.benchmark.report import write_json
-from sharedllm.common.benchmark.services import child_env, grpc_stack, private_redis
 from sharedllm.common.data.corpora import find_entry, load_text
 
 BOOKS = ("Genesis", "Exodus", "Numbers", "Deuteronomy", "Judges", "Isaiah")

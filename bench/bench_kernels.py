@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from sharedllm.common.kernels import reference, triton_kernels
 
 SIZES = {"128k": 131072, "32k": 32768, "16k": 16384, "2k": 2048}

@@ -4,7 +4,7 @@
 
 A private redis-server and both services (the default model and adapter); one document of
 --tokens tokens (the serving benchmark's: the Bible from Ruth on) is compressed once, then --questions questions
-(the benchmark's two, alternating; 32 new tokens each, greedy) are sent at each concurrency.
+(the benchmark's two, alternating; 32 new tokens each, greedy, decoded freely) are sent at each concurrency.
 Reported: questions per second, and the median time to the first token as the client sees it.
 """
 
@@ -19,23 +19,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sharedllm.benchmark.report import write_json
+from sharedllm.benchmark.services import grpc_stack
+from sharedllm.benchmark.workload import QUESTIONS, document_tokens
+from sharedllm.common.engine.params import SamplingParams, free_generation
+from sharedllm.common.engine.results import TokenDelta
+from sharedllm.common.rpc.client import CompressorClient, DecoderClient
 
-from sharedllm.common.benchmark.report import write_json
-from sharedllm.common.benchmark.services import grpc_stack
-from sharedllm.common.benchmark.workload import QUESTIONS, document_tokens
-from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
-from sharedllm.common.rpc.client import call_metadata, open_channel
 
-
-def ask(target: str, metadata, context_id: str, question: str, max_new_tokens: int) -> float:
-    """One question; seconds to its first token."""
-    with open_channel(target) as channel:
-        request = decoder_pb2.GenerateRequest(context_id=context_id, prompt=question, max_new_tokens=max_new_tokens)
+def ask(target: str, api_key: str, context_id: str, question: str, max_new_tokens: int) -> float:
+    """One question, decoded freely to the token cap (a quote would time no decoding); seconds to
+    its first token."""
+    params = free_generation(SamplingParams(max_new_tokens=max_new_tokens))
+    with DecoderClient(target, api_key=api_key) as decoder:
         started = time.perf_counter()
         first = None
-        for response in decoder_pb2_grpc.DecoderServiceStub(channel).Generate(request, metadata=metadata):
-            if response.token_ids and first is None:
+        for event in decoder.generate(context_id, question, params):
+            if isinstance(event, TokenDelta) and event.token_id is not None and first is None:
                 first = time.perf_counter() - started
         return first if first is not None else time.perf_counter() - started
 
@@ -57,18 +57,16 @@ def main() -> int:
     tokens = document_tokens(tokenizer, args.tokens)
     report = {"tokens": args.tokens, "threads": args.threads, "max_new_tokens": args.max_new_tokens, "runs": []}
     with tempfile.TemporaryDirectory() as workdir, grpc_stack(Path(workdir), [], args.threads, ["load"]) as targets:
-        metadata = call_metadata(targets.api_keys["load"])
-        with open_channel(targets.compressor) as channel:
-            request = compressor_pb2.CompressRequest(token_ids=compressor_pb2.TokenIds(ids=tokens))
-            context_id = compressor_pb2_grpc.CompressorServiceStub(channel).Compress(request, metadata=metadata)
-            context_id = context_id.context.context_id
-        ask(targets.decoder, metadata, context_id, QUESTIONS[0], args.max_new_tokens)  # warm the decoded cache
+        api_key = targets.api_keys["load"]
+        with CompressorClient(targets.compressor, api_key=api_key) as compressor:
+            context_id = compressor.compress(tokens).context_id
+        ask(targets.decoder, api_key, context_id, QUESTIONS[0], args.max_new_tokens)  # warm the decoded cache
         for concurrency in args.concurrency:
             questions = [QUESTIONS[i % 2] for i in range(args.questions)]
             started = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
                 ttfts = list(
-                    pool.map(lambda q: ask(targets.decoder, metadata, context_id, q, args.max_new_tokens), questions)
+                    pool.map(lambda q: ask(targets.decoder, api_key, context_id, q, args.max_new_tokens), questions)
                 )
             seconds = time.perf_counter() - started
             run = {

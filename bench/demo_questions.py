@@ -27,9 +27,8 @@ from sharedllm.cli.options import default_data_dir
 from sharedllm.common.data.demo import demo_document
 from sharedllm.common.engine.engine import Engine, QuestionPlan
 from sharedllm.common.engine.evidence import render
-from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
-from sharedllm.common.engine.results import Passage
+from sharedllm.common.engine.results import Passage, run_to_end
 
 # (question, expected answer, text next to the answer in the document)
 QUESTIONS = (

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from sharedllm.common.benchmark.workload import QUESTIONS, document_tokens
+from sharedllm.benchmark.workload import QUESTIONS, document_tokens
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.grounding import DocumentFacts
 from sharedllm.common.engine.params import SamplingParams, free_generation
+from sharedllm.common.engine.results import run_to_end
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import open_store
 

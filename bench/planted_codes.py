@@ -21,8 +21,8 @@ import torch
 
 from sharedllm.cli.options import default_data_dir
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import run_to_end
 from sharedllm.common.evaluation.heldout import heldout_book_text
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import open_store

@@ -18,16 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
-from sharedllm.common.benchmark.services import GrpcUnavailable, private_redis
-from sharedllm.common.benchmark.workload import QUESTIONS
+from sharedllm.benchmark.services import GrpcUnavailable, private_redis
+from sharedllm.benchmark.workload import QUESTIONS
 from sharedllm.common.config import DTYPE_CHOICES
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import run_to_end
 from sharedllm.common.model_loading import dtype_from_name
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import open_store

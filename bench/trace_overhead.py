@@ -18,14 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
-from sharedllm.common.benchmark.workload import QUESTIONS, document_tokens
+from sharedllm.benchmark.workload import QUESTIONS, document_tokens
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import run_to_end
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import open_store
 

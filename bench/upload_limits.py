@@ -25,14 +25,12 @@ from pathlib import Path
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sharedllm.common.benchmark.memory import peak_resident_bytes, reset_peak, resident_bytes
-from sharedllm.common.benchmark.report import write_json
-from sharedllm.common.benchmark.services import grpc_stack
-from sharedllm.common.benchmark.workload import document_tokens
+from sharedllm.benchmark.report import write_json
+from sharedllm.benchmark.services import grpc_stack
+from sharedllm.benchmark.workload import document_tokens
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc
 from sharedllm.common.rpc.client import PIECE_BYTES, call_metadata, open_channel
+from sharedllm.common.telemetry.memory import peak_resident_bytes, reset_peak, resident_bytes
 
 MIB = 1 << 20
 PROSE = b"Then Naomi her mother in law said unto her, My daughter, shall I not seek rest for thee?\n"

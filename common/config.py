@@ -11,12 +11,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from sharedllm.common.errors import InvalidInput
-
-if TYPE_CHECKING:
-    from sharedllm.common.engine.engine import Engine
 
 Encoding = Literal["single_pass", "per_node"]
 Pooling = Literal["last", "mean"]
@@ -126,11 +123,20 @@ class Limits:
     max_document_tokens: int = DEFAULT_MAX_DOCUMENT_TOKENS
     max_prompt_chars: int = 32_768
 
+    def __post_init__(self) -> None:
+        for name in ("max_document_tokens", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class ModelChoice:
     """Which base model and adapter to load, where and in what precision (None: the defaults:
-    SmolLM2-135M-Instruct, its shipped adapter, cuda if available, the device's dtype)."""
+    SmolLM2-135M-Instruct, its shipped adapter, cuda if available, the device's dtype).
+
+    Only a description: the engine layer loads it (`Engine.from_choice`), so that describing
+    and checking a choice needs no torch and this module never imports the engine that imports it.
+    """
 
     model: str | None = None
     adapter: str | None = None
@@ -141,24 +147,9 @@ class ModelChoice:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
-        if self.max_document_tokens is not None and self.max_document_tokens < 1:
-            raise ConfigError(f"max_document_tokens must be >= 1, got {self.max_document_tokens}")
+        if self.max_document_tokens is not None:
+            Limits(max_document_tokens=self.max_document_tokens)  # checks it where the choice is made, not at load
 
     @property
     def limits(self) -> Limits | None:
         return None if self.max_document_tokens is None else Limits(max_document_tokens=self.max_document_tokens)
-
-    def load(self, *, lower_only: bool = False, tree_config: TreeConfig | None = None) -> Engine:
-        """The engine (imported here: describing a choice needs no torch, loading it does)."""
-        from sharedllm.common.engine.engine import Engine
-        from sharedllm.common.model_loading import dtype_from_name
-
-        return Engine.load(
-            self.model,
-            self.adapter,
-            self.device,
-            self.limits,
-            tree_config,
-            lower_only=lower_only,
-            dtype=dtype_from_name(self.dtype),
-        )

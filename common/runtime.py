@@ -12,7 +12,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 from opentelemetry import trace
@@ -20,7 +19,7 @@ from opentelemetry import trace
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.evidence import PassageIndex
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
-from sharedllm.common.engine.results import CompressTimings, ContextRead, Finished, TokenDelta
+from sharedllm.common.engine.results import CompressOutcome, CompressTimings, ContextRead, Finished, TokenDelta
 from sharedllm.common.errors import ContextNotFound, DataCorruption, IncompatibleContext
 from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import (
@@ -40,19 +39,6 @@ from sharedllm.common.telemetry import tracing
 
 ProgressFn = Callable[[int, int], None]
 WARM_UP_TEXT = "A short text that runs every part of the model once before the first request."
-
-
-@dataclass(frozen=True)
-class CompressOutcome:
-    context_id: str
-    reused: bool  # the same document was stored already (same tenant, model, adapter): nothing was computed
-    n_tokens: int
-    chunks: int
-    stored_bytes: int
-    bytes_per_token: float
-    kv_cache_ratio: float  # stored bytes / the base model's full KV cache for the same tokens
-    compression_ratio: float  # document tokens per entry one question injects
-    timings: CompressTimings
 
 
 class PassageIndexCache:
@@ -111,7 +97,6 @@ class ContextRuntime:
         # Kept with the decoded cache (and off with it): both serve repeat questions about a document.
         self.passage_indexes = PassageIndexCache() if decoded_cache_bytes > 0 else None
         self.evidence = evidence or EvidenceSettings()
-        self.evidence.validate()
         self.fingerprints = Fingerprints(model=engine.loaded.fingerprint, adapter=engine.adapter.fingerprint())
 
     def warm_up(self) -> None:
@@ -243,11 +228,9 @@ class ContextRuntime:
         )
 
     def evidence_settings(self, tokens: int | None = None, mode: str | None = None) -> EvidenceSettings:
-        """The runtime's evidence settings with a request's overrides, validated."""
+        """The runtime's evidence settings with a request's overrides (replace validates them: InvalidInput)."""
         changes = {k: v for k, v in (("tokens", tokens), ("mode", mode)) if v is not None}
-        settings = dataclasses.replace(self.evidence, **changes)
-        settings.validate()
-        return settings
+        return dataclasses.replace(self.evidence, **changes)
 
     def generate(
         self,

@@ -6,6 +6,7 @@ import grpc
 
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc
 from sharedllm.common.rpc.server import ServerState, ServiceSpec
+from sharedllm.compressor_service import DEFAULT_PORT
 from sharedllm.compressor_service.servicer import CompressorServicer
 
 
@@ -16,7 +17,7 @@ def register(state: ServerState, server: grpc.aio.Server) -> None:
 SPEC = ServiceSpec(
     name="compressor",
     full_name=compressor_pb2.DESCRIPTOR.services_by_name["CompressorService"].full_name,
-    default_port=50051,
+    default_port=DEFAULT_PORT,
     register=register,
     lower_only=True,
 )

@@ -17,6 +17,7 @@ import grpc
 
 from sharedllm.common import process_memory
 from sharedllm.common.config import node_index
+from sharedllm.common.engine.results import CompressOutcome
 from sharedllm.common.engine.token_budget import TokenBudget, max_document_bytes
 from sharedllm.common.errors import ContextNotFound, InvalidInput
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as pb
@@ -24,7 +25,6 @@ from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc as pb_gr
 from sharedllm.common.rpc.interceptor import current_tenant
 from sharedllm.common.rpc.server import ServerState
 from sharedllm.common.rpc.workers import ShouldStop, Stopped
-from sharedllm.common.runtime import CompressOutcome
 from sharedllm.common.store import ContextInfo
 from sharedllm.common.telemetry import metrics
 

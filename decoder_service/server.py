@@ -6,6 +6,7 @@ import grpc
 
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2, decoder_pb2_grpc
 from sharedllm.common.rpc.server import ServerState, ServiceSpec
+from sharedllm.decoder_service import DEFAULT_PORT
 from sharedllm.decoder_service.servicer import DecoderServicer
 
 
@@ -16,7 +17,7 @@ def register(state: ServerState, server: grpc.aio.Server) -> None:
 SPEC = ServiceSpec(
     name="decoder",
     full_name=decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name,
-    default_port=50052,
+    default_port=DEFAULT_PORT,
     register=register,
     lower_only=False,
 )

@@ -15,32 +15,26 @@ import grpc
 
 from sharedllm.common.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SAMPLING_FIELDS, SamplingParams
 from sharedllm.common.engine.results import Citation, Finished, Passage, TokenDelta
+from sharedllm.common.engine.scheduler import SchedulerStats
 from sharedllm.common.errors import InvalidInput, StoreUnavailable
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as pb
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2_grpc as pb_grpc
+from sharedllm.common.rpc.enums import FINISH_REASONS, GROUNDING_NAMES
 from sharedllm.common.rpc.interceptor import current_tenant
 from sharedllm.common.rpc.server import ServerState
 from sharedllm.common.store.codec import tree_config_message
 from sharedllm.common.store.decoded_cache import CacheStats
 from sharedllm.common.telemetry import metrics
 
-GROUNDINGS = {pb.GROUNDING_QUOTE: "quote", pb.GROUNDING_FACTS: "facts", pb.GROUNDING_OFF: "off"}
-FINISH_REASONS = {
-    "eos": pb.FINISH_REASON_EOS,
-    "length": pb.FINISH_REASON_LENGTH,
-    "stop": pb.FINISH_REASON_STOP,
-    "repetition": pb.FINISH_REASON_REPETITION,
-}
-
 
 def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     """Validation happens in the engine, which knows the window (InvalidInput names the field)."""
     fields = {name: getattr(request, name) for name in SAMPLING_FIELDS if request.HasField(name)}
     if request.grounding != pb.GROUNDING_UNSPECIFIED:
-        if request.grounding not in GROUNDINGS:
-            names = ", ".join(pb.Grounding.Name(g) for g in GROUNDINGS)
+        if request.grounding not in GROUNDING_NAMES:
+            names = ", ".join(pb.Grounding.Name(g) for g in GROUNDING_NAMES)
             raise InvalidInput(f"grounding must be one of {names}, got {request.grounding}")
-        fields["grounding"] = GROUNDINGS[request.grounding]
+        fields["grounding"] = GROUNDING_NAMES[request.grounding]
     return SamplingParams(**fields, stop=tuple(request.stop))
 
 
@@ -102,6 +96,17 @@ def cache_counters(stats: CacheStats | None) -> dict[str, int]:
         "decoded_cache_capacity_bytes": stats.capacity_bytes,
         "decoded_cache_hits": stats.hits,
         "decoded_cache_misses": stats.misses,
+    }
+
+
+def batch_counters(stats: SchedulerStats | None) -> dict[str, int | float]:
+    if stats is None:
+        return {}
+    return {
+        "batch_rows": stats.rows,
+        "last_batch_size": stats.last_batch,
+        "last_step_seconds": stats.step_seconds,
+        "batch_steps_total": stats.steps,
     }
 
 
@@ -181,12 +186,18 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 max_stop_chars=MAX_STOP_CHARS,
                 max_message_bytes=config.network.max_message_bytes,
                 max_concurrent_requests=workers.limit,
+                max_queued_requests=workers.max_queued,
+                queue_timeout_seconds=workers.queue_timeout_s,
+                max_batch=engine.scheduler.max_batch if engine.scheduler is not None else 0,
             ),
             stats=pb.ServerStats(
                 active_requests=workers.active,
                 requests_total=workers.started_total,
                 generated_tokens_total=self._tokens.total,
+                queued_requests=workers.queued,
+                refused_requests_total=workers.refused_total,
                 **cache_counters(runtime.cache.stats() if runtime.cache is not None else None),
+                **batch_counters(engine.scheduler.stats() if engine.scheduler is not None else None),
             ),
             store_url=runtime.store.url,
             usage=tenant_usage,

@@ -2,8 +2,8 @@
 
     python scripts/device_pack.py [--out .device] [--part-mib 44]
 
-writes .device/part-NN and .device/bundle.json, then prints one device call per part (see the
-README's "Training on a GPU"). Run `sharedllm data fetch` first.
+writes .device/part-NN and .device/bundle.json, then prints one device call per part (see
+docs/training.md, "Training on a GPU machine without network"). Run `sharedllm data fetch` first.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ import statistics
 import pytest
 from tiny_model import TINY_TREE
 
+from sharedllm.benchmark.runner import RATIOS, TARGETS, BenchConfig, plan, summarize
+from sharedllm.benchmark.services import GrpcUnavailable, grpc_stack
 from sharedllm.cli import main
-from sharedllm.common.benchmark.runner import RATIOS, TARGETS, BenchConfig, plan, summarize
-from sharedllm.common.benchmark.services import GrpcUnavailable, grpc_stack
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES_VERSION = "1.32"
 PORTS = {"compressor": COMPRESSOR.default_port, "decoder": DECODER.default_port}
 NOT_FLAGS = {"SHAREDLLM_CACHE_DIR"}  # read by model loading, not a flag
+CUSTOM_RESOURCE_GROUPS = {"keda.sh", "monitoring.coreos.com"}  # KEDA and the Prometheus Operator
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
 
 
@@ -74,13 +75,17 @@ def objects(rendered: list[dict], kind: str) -> dict[str, dict]:
 def test_every_object_of_every_overlay_is_valid_kubernetes(overlay):
     import kubernetes_validate
 
-    _, rendered = overlay
+    name, rendered = overlay
     kinds = {o["kind"] for o in rendered}
-    assert {"Deployment", "StatefulSet", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    assert {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget"} <= kinds
     assert {"NetworkPolicy", "ConfigMap", "Secret", "Namespace"} <= kinds
+    # The CPU overlay scales on CPU; the GPU overlay on queue depth, through KEDA (checked below).
+    assert ("HorizontalPodAutoscaler" in kinds) == (name == "cpu")
     for obj in rendered:
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         assert obj["metadata"].get("namespace", "sharedllm") == "sharedllm"
+        if obj["apiVersion"].split("/")[0] in CUSTOM_RESOURCE_GROUPS:
+            continue  # not in the Kubernetes API schemas: test_gpu_autoscaling_reads_queue_depth
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
 
 @needs_kubectl
@@ -123,7 +128,8 @@ def test_manifests_agree_with_the_programs(overlay):
         assert env - allowed == set(), f"{deployment['metadata']['name']} sets variables no flag reads"
         if argv[0] == "serve":
             port = PORTS[argv[1]]
-            assert [p["containerPort"] for p in container["ports"]] == [port]
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports["grpc"] == port
             assert {"name": "SHAREDLLM_PORT", "value": str(port)} in container["env"]
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert container[probe]["grpc"]["port"] == port  # native gRPC health probes
@@ -140,9 +146,53 @@ def test_manifests_agree_with_the_programs(overlay):
                 assert {"name": "SHAREDLLM_DTYPE", "value": "bfloat16"} in container["env"]
             else:
                 assert container["image"].endswith(":cpu")
+        if "SHAREDLLM_METRICS_PORT" in env:  # the port Prometheus scrapes is the one the program serves
+            settings = {**config_maps[container["envFrom"][0]["configMapRef"]["name"]]["data"]}
+            metrics_ports = [p["containerPort"] for p in container["ports"] if p["name"] == "metrics"]
+            assert metrics_ports == [int(settings["SHAREDLLM_METRICS_PORT"])]
     worker = objects(rendered, "ConfigMap")["sharedllm-worker"]["data"]
     assert worker["SHAREDLLM_COMPRESSOR"] == f"compressor:{PORTS['compressor']}"
     assert worker["SHAREDLLM_DECODER"] == f"decoder:{PORTS['decoder']}"
+
+
+@needs_kubectl
+def test_gpu_autoscaling_reads_queue_depth():
+    """KEDA scales the decoder and compressor on requests in flight plus queued (metrics the
+    services export, scraped by the PodMonitor) and the worker on the Celery queues' lengths (the
+    lists the broker keeps, in the broker's database)."""
+    from prometheus_client import REGISTRY
+
+    from sharedllm.common.batch.app import COMPRESS_QUEUE, GENERATE_QUEUE
+    from sharedllm.common.telemetry import metrics  # noqa: F401  (registers the metrics)
+
+    rendered = render(ROOT / "k8s" / "overlays" / "gpu")
+    deployments = objects(rendered, "Deployment")
+    scaled = objects(rendered, "ScaledObject")
+    assert set(scaled) == {"decoder", "compressor", "worker"}
+    exported = {m.name for m in REGISTRY.collect()} | {f"{m.name}_total" for m in REGISTRY.collect()}
+    broker = objects(rendered, "ConfigMap")["sharedllm-worker"]["data"]["SHAREDLLM_BROKER_URL"]
+    for name, obj in scaled.items():
+        assert obj["apiVersion"] == "keda.sh/v1alpha1" and obj["spec"]["scaleTargetRef"]["name"] in deployments
+        assert 1 <= obj["spec"]["minReplicaCount"] <= obj["spec"]["maxReplicaCount"]
+        for trigger in obj["spec"]["triggers"]:
+            meta = trigger["metadata"]
+            if trigger["type"] == "prometheus":
+                names = set(re.findall(r"\b(sharedllm_[a-z_]+)\{", meta["query"]))
+                assert names and names <= exported, names - exported
+                assert "sharedllm_queued_requests" in names and float(meta["threshold"]) > 0
+            else:
+                assert name == "worker" and trigger["type"] == "redis"
+                assert meta["listName"] in (COMPRESS_QUEUE, GENERATE_QUEUE)
+                assert broker.endswith("/" + meta["databaseIndex"])
+    assert {t["metadata"].get("listName") for t in scaled["worker"]["spec"]["triggers"]} == {
+        COMPRESS_QUEUE,
+        GENERATE_QUEUE,
+    }
+    (monitor,) = objects(rendered, "PodMonitor").values()
+    assert monitor["spec"]["podTargetLabels"] == ["app.kubernetes.io/name"]
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics"}
+    policy = objects(rendered, "NetworkPolicy")["metrics-from-monitoring"]["spec"]
+    assert policy["ingress"][0]["ports"] == [{"port": 9100, "protocol": "TCP"}]
 
 
 def compose() -> dict:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
+import re
 import sys
 
 import numpy as np
@@ -184,19 +186,25 @@ def test_no_lexical_match_spreads_over_the_document_and_spread_mode_covers_it(to
         assert starts[0] < len(ids) * 0.2 and starts[-1] > len(ids) * 0.6
 
 
-def test_settings_are_validated():
-    for bad in (
-        EvidenceSettings(tokens=-1),
-        EvidenceSettings(passage_tokens=2),
-        EvidenceSettings(hops=-1),
-        EvidenceSettings(mode="everything"),  # type: ignore[arg-type]
-        EvidenceSettings(min_score=1.5),
-        EvidenceSettings(tree_weight=float("nan")),
-        EvidenceSettings(hop_max_df=0),
-        EvidenceSettings(neighbours_of=-1),
-    ):
-        with pytest.raises(InvalidInput):
-            bad.validate()
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"tokens": -1}, "evidence_tokens must be >= 0, got -1"),
+        ({"passage_tokens": 2}, "passage_tokens must be in [8, 1024], got 2"),
+        ({"hops": -1}, "hops must be >= 0, got -1"),
+        ({"mode": "everything"}, "evidence mode must be one of auto, spread, got 'everything'"),
+        ({"min_score": 1.5}, "min_score must be in [0, 1], got 1.5"),
+        ({"tree_weight": float("nan")}, "tree_weight must be finite and >= 0, got nan"),
+        ({"tree_weight": -0.5}, "tree_weight must be finite and >= 0, got -0.5"),
+        ({"hop_max_df": 0}, "hop_max_df must be >= 1, got 0"),
+        ({"neighbours_of": -1}, "neighbours_of must be >= 0, got -1"),
+    ],
+)
+def test_settings_refuse_a_bad_field_where_they_are_made(bad, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        EvidenceSettings(**bad)
+    with pytest.raises(InvalidInput, match=re.escape(message)):  # a request's overrides, as the runtime applies them
+        dataclasses.replace(EvidenceSettings(), **bad)
 
 
 def test_bias_steers_node_expansion():

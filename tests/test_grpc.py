@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from sharedllm.common.errors import ResourceExhausted
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as cpb
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as dpb
+from sharedllm.common.rpc.client import CompressorClient, DecoderClient, RemoteError
 from sharedllm.common.rpc.config import ServerConfig
 from sharedllm.common.rpc.server import load_runtime
 from sharedllm.common.runtime import ContextRuntime
@@ -68,12 +70,12 @@ MAX_DOCUMENT_BYTES = 128 << 10
 MAX_MESSAGE_BYTES = 256 << 10
 
 
-def long_request(context_id: str) -> dpb.GenerateRequest:
+def long_request(context_id: str, max_new_tokens: int = LONG_ANSWER) -> dpb.GenerateRequest:
     """A request the tiny model answers to its token cap: free generation, no sentence limit, no loop guard."""
     return dpb.GenerateRequest(
         context_id=context_id,
         prompt=LONG_PROMPT,
-        max_new_tokens=LONG_ANSWER,
+        max_new_tokens=max_new_tokens,
         grounding=dpb.GROUNDING_OFF,
         max_sentences=0,
         loop_guard=0,
@@ -129,6 +131,8 @@ def stack(loop, tiny_model_dir, tiny_adapter, redis_server, tmp_path_factory):
         "--max-document-bytes", str(MAX_DOCUMENT_BYTES),
         "--max-message-bytes", str(MAX_MESSAGE_BYTES),
         "--max-concurrent", "2",
+        "--max-queued", "1",
+        "--queue-timeout-s", "2",
         "--health-interval-s", "0.2",
     )  # fmt: skip
     with InProcessServer(loop, COMPRESSOR, config) as compressor, InProcessServer(loop, DECODER, config) as decoder:
@@ -297,6 +301,34 @@ def test_grounding_and_citations_travel_over_grpc(stack, tiny_engine, redis_serv
         assert status_of(lambda f=fields: stack.generate(context_id, **f)) == code.INVALID_ARGUMENT
 
 
+def test_the_typed_client_gets_what_the_wire_carries(stack, tiny_engine):
+    """CompressorClient and DecoderClient: the runtime's results, equal to the raw messages; a
+    failed call is a RemoteError with the status code."""
+    options = {"api_key": KEYS["alice"], "timeout_s": 60}
+    with CompressorClient(stack.compressor_target, **options) as compressor:
+        outcome = compressor.compress(DOCUMENT.encode())
+        by_ids = compressor.compress(tiny_engine.tokenize_document(DOCUMENT), context_id="typed-by-ids", pin=True)
+        assert (by_ids.n_tokens, by_ids.chunks) == (outcome.n_tokens, outcome.chunks) and by_ids.n_tokens > 500
+        stored = compressor.context("typed-by-ids")
+        assert stored.compatible and stored.n_tokens == outcome.n_tokens and stored.expires_in_s is None
+        compressor.delete("typed-by-ids")
+        with pytest.raises(RemoteError) as missing:
+            compressor.context("typed-by-ids")
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND and not missing.value.transient
+    with DecoderClient(stack.decoder_target, **options) as decoder:
+        params = SamplingParams(max_new_tokens=8, grounding="off")
+        got = list(decoder.generate(outcome.context_id, QUESTION, params))
+        raw = stack.generate(outcome.context_id, max_new_tokens=8, grounding=dpb.GROUNDING_OFF)
+        finished = got[-1]
+        assert isinstance(finished, Finished) and all(isinstance(e, TokenDelta) for e in got[:-1])
+        assert (finished.text, [e.token_id for e in got[:-1] if e.token_id is not None]) == text_and_ids(raw)
+        assert finished.completion_tokens == raw[-1].usage.completion_tokens == 8 and finished.reason == "length"
+        assert finished.context.chunks == outcome.chunks
+        with pytest.raises(RemoteError) as refused:
+            list(DecoderClient(stack.decoder_target, api_key="wrong").generate(outcome.context_id, QUESTION, params))
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_bad_requests_get_their_status_codes(stack, tiny_engine, redis_server):
     code = grpc.StatusCode
     # Four documents: one document compressed twice would be one context (deduplicated).
@@ -419,15 +451,29 @@ def test_a_short_deadline_gives_deadline_exceeded(stack):
     assert stack.stats().generated_tokens_total - before < LONG_ANSWER // 2
 
 
-def test_requests_over_the_concurrency_limit_are_refused(stack):
+def test_requests_beyond_the_limit_wait_and_beyond_the_queue_are_refused(stack):
+    """Two run (the limit), one waits for a slot (the queue), a fourth is refused at once; the
+    waiting one is refused once it has waited queue_timeout_s, or runs when a slot frees."""
     context_id = stack.compress()
     request = long_request(context_id)
     calls = [stack.decoder.Generate(request, metadata=auth()) for _ in range(2)]  # the limit is 2
     for call in calls:
         next(call)
     try:
-        third = status_of(lambda: list(stack.decoder.Generate(request, metadata=auth())))
-        assert third == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with ThreadPoolExecutor(1) as pool:
+            started = time.perf_counter()
+            waited = pool.submit(status_of, lambda: list(stack.decoder.Generate(request, metadata=auth())))
+            wait_until(lambda: stack.stats().queued_requests == 1, what="the call to queue")
+            fourth = status_of(lambda: list(stack.decoder.Generate(request, metadata=auth())))
+            assert fourth == grpc.StatusCode.RESOURCE_EXHAUSTED  # the queue (1) is full
+            assert waited.result(timeout=30) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert 2.0 <= time.perf_counter() - started < 10  # after queue_timeout_s (2 s here)
+            queued = pool.submit(lambda: list(stack.decoder.Generate(long_request(context_id, 8), metadata=auth())))
+            wait_until(lambda: stack.stats().queued_requests == 1, what="the call to queue")
+            calls[0].cancel()  # a slot frees: the waiting call takes it
+            answer = queued.result(timeout=60)
+            assert answer[-1].finish_reason == dpb.FINISH_REASON_LENGTH
+        assert stack.stats().refused_requests_total >= 2
     finally:
         for call in calls:
             call.cancel()

@@ -21,7 +21,6 @@ from redis_server import REDIS_SERVER, free_port
 from test_codec import encode_tree
 from transformers import AutoTokenizer
 
-from sharedllm.common.benchmark.memory import peak_resident_bytes, resident_bytes
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.token_budget import TokenBudget, max_document_bytes
 from sharedllm.common.errors import ContextNotFound, InvalidInput, QuotaExceeded, StoreUnavailable
@@ -31,6 +30,7 @@ from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as dpb
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import MemoryStore, Quota, RedisStore, TenantQuotas, TenantUsage, open_store
 from sharedllm.common.store.base import ContextKey
+from sharedllm.common.telemetry.memory import peak_resident_bytes, resident_bytes
 from sharedllm.compressor_service.server import SPEC as COMPRESSOR
 from sharedllm.decoder_service.server import SPEC as DECODER
 

@@ -1,11 +1,14 @@
 """The project's layers, checked: who may import whom, what the distribution holds, how fast
 the command starts.
 
-The rule (docs/architecture.md, "Layers"): the library `sharedllm.common` imports neither a
+The rules (docs/architecture.md, "Layers"): the library `sharedllm.common` imports neither a
 service nor the entry points; a service imports neither the other service nor the entry
-points. Every import counts, including those inside functions, since a lazy import is still a
-dependency. The check reads the source with `ast`, so it sees what the code says, not what one
-run happened to import.
+points. The library is a library: it parses no command line and starts no process (applications
+such as the benchmark harness live with the entry points), reads no environment variable at
+import (a Celery app or a setting is built from explicit values, in a function), and its
+modules form no import cycle, not even through an import inside a function. Every import
+counts, including those inside functions, since a lazy import is still a dependency. The checks
+read the source with `ast`, so they see what the code says, not what one run happened to import.
 """
 
 from __future__ import annotations
@@ -79,6 +82,130 @@ def test_the_check_sees_a_violation(tmp_path, monkeypatch):
     (library / "good.py").write_text("from sharedllm.common.errors import InvalidInput\n")
     monkeypatch.setitem(FOLDERS, "sharedllm.common", library)
     assert violations() == ["common/bad.py:2 imports sharedllm.decoder_service.servicer"]
+
+
+# Modules an application uses and a library has no business with.
+APPLICATION_MODULES = ("argparse", "subprocess")
+
+
+def library_modules(folder: Path | None = None) -> dict[str, Path]:
+    """Module name -> file, for every module of the library."""
+    folder = folder or FOLDERS["sharedllm.common"]
+    found = {}
+    for path in python_files(folder):
+        parts = path.relative_to(folder).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        found[".".join(("sharedllm.common", *parts))] = path
+    return found
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the library modules it imports (`from package import module` names the module)."""
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                           for a in node.names]  # fmt: skip
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while (member := stack.pop()) != node:
+                component.append(member)
+            if component:
+                found.append(sorted([node, *component]))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def import_time_environment_reads(path: Path) -> list[int]:
+    """Lines that read os.environ / os.getenv outside any function: run at import."""
+    lines = []
+
+    def walk(node: ast.AST) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            return
+        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
+            lines.append(node.lineno)
+        for child in ast.iter_child_nodes(node):
+            walk(child)
+
+    walk(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+    return lines
+
+
+def test_the_library_parses_no_command_line_and_starts_no_process():
+    found = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in library_modules().values()
+        for line, module in module_imports(path)
+        if module in APPLICATION_MODULES
+    ]
+    assert found == []
+
+
+def test_the_library_reads_no_environment_at_import():
+    found = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in library_modules().values()
+        for line in import_time_environment_reads(path)
+    ]
+    assert found == []
+
+
+def test_the_library_has_no_import_cycles():
+    assert cycles(import_graph(library_modules())) == []
+
+
+def test_the_cycle_and_environment_checks_bite(tmp_path):
+    """A cycle through a function-level import is found, and so is an environment read at import."""
+    library = tmp_path / "common"
+    (library / "store").mkdir(parents=True)
+    (library / "store" / "__init__.py").write_text("")
+    (library / "store" / "base.py").write_text("from sharedllm.common.store.quota import Quota\n")
+    (library / "store" / "quota.py").write_text("def f():\n    from sharedllm.common.store import base\n")
+    (library / "app.py").write_text("import os\nURL = os.environ.get('X')\ndef f():\n    return os.environ\n")
+    assert cycles(import_graph(library_modules(library))) == [
+        ["sharedllm.common.store.base", "sharedllm.common.store.quota"]
+    ]
+    assert import_time_environment_reads(library / "app.py") == [2]
+
+
+def test_the_bench_scripts_run_on_the_installed_package():
+    """bench/*.py import the project as installed (`make setup` installs it editable), never by
+    editing sys.path."""
+    found = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []
 
 
 def test_every_package_folder_is_in_the_distribution():

@@ -25,10 +25,10 @@ from grpc_stack import SERVING, health, wait_until
 from processes import stop_all
 from redis_server import REDIS_SERVER, RedisServer, free_port
 
-from sharedllm.common.benchmark.memory import resident_bytes
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as cpb
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2_grpc, decoder_pb2_grpc
 from sharedllm.common.generated.sharedllm.v1 import decoder_pb2 as dpb
+from sharedllm.common.telemetry.memory import resident_bytes
 
 pytestmark = pytest.mark.skipif(
     REDIS_SERVER is None, reason="redis-server is not installed (apt-get install redis-server)"

@@ -15,8 +15,8 @@ import pytest
 from redis_server import RedisClusterServers
 
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import run_to_end
 from sharedllm.common.errors import ContextNotFound, StoreUnavailable
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import open_store

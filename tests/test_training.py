@@ -23,7 +23,8 @@ from sharedllm.common.training.examples import (
     LanguageModelling,
     SyntheticQuestions,
 )
-from sharedllm.common.training.trainer import Trainer, TrainSettings, example_loss
+from sharedllm.common.training.settings import TrainSettings
+from sharedllm.common.training.trainer import Trainer, example_loss
 
 TREE = ["--layers", "2", "--chunk-size", "64", "--depth", "2", "--pool-size", "4"]
 SMALL_RUN = [

@@ -13,7 +13,6 @@ rotates keys before caching them, so the attention here is its own, over the sam
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
@@ -166,5 +165,8 @@ class StreamingLLM:
     ) -> Iterator[TokenDelta | Finished]:
         """Stream the prompt through a fresh sink cache, then decode (generation.decode)."""
         cache = self.new_cache()
-        step = functools.partial(self.feed, cache)
-        return decode(step, self.body.logits, list(prompt_ids), params, eos_ids, decode_text, self.body.device)
+
+        def step(ids: list[int]) -> torch.Tensor:
+            return self.body.logits(self.feed(cache, ids))
+
+        return decode(step, list(prompt_ids), params, eos_ids, decode_text, self.body.device)

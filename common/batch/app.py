@@ -8,13 +8,13 @@ task or a live task would be handed out twice. Soft and hard time limits bound a
 Compression and generation have queues of their own, so workers (and their priorities) can be
 split between them. Pickle is never accepted: a message is data, not code.
 
-`app` is configured from SHAREDLLM_BROKER_URL at import, so Celery's own tools work on it:
-    celery --app sharedllm.common.batch.app flower
+Apps are built from explicit settings (`BatchApp(settings)`), never from the environment at
+import; the entry layer reads flags and variables (`sharedllm worker`, and
+`sharedllm.celery_app` for Celery's own tools: `celery --app sharedllm.celery_app flower`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from celery import Celery
@@ -49,65 +49,40 @@ class BatchSettings:
         if self.max_retries < 0 or self.max_deliveries < 1:
             raise ConfigError("max_retries must be >= 0 and max_deliveries >= 1")
 
-    @classmethod
-    def from_env(cls) -> BatchSettings:
-        """SHAREDLLM_BROKER_URL and SHAREDLLM_BATCH_<FIELD> (e.g. SHAREDLLM_BATCH_TIME_LIMIT_S)."""
-        values: dict[str, str | int] = {}
-        if "SHAREDLLM_BROKER_URL" in os.environ:
-            values["broker_url"] = os.environ["SHAREDLLM_BROKER_URL"]
-        for name in ("soft_time_limit_s", "time_limit_s", "visibility_timeout_s", "max_retries", "max_deliveries"):
-            raw = os.environ.get(f"SHAREDLLM_BATCH_{name.upper()}")
-            if raw is not None:
-                values[name] = int(raw)
-        return cls(**values)
 
+class BatchApp(Celery):
+    """A Celery app of batch jobs, configured from its settings, which its tasks read back.
 
-def configure(app: Celery, settings: BatchSettings) -> None:
-    """Apply `settings` to `app` (the tasks read the limits back through `settings_of`)."""
-    _settings[id(app)] = settings
-    app.conf.update(
-        broker_url=settings.broker_url,
-        result_backend=settings.broker_url,
-        result_expires=24 * 3600,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        task_soft_time_limit=settings.soft_time_limit_s,
-        task_time_limit=settings.time_limit_s,
-        task_queues=tuple(Queue(q, Exchange(q, "direct"), routing_key=q) for q in (COMPRESS_QUEUE, GENERATE_QUEUE)),
-        task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
-        task_default_queue=GENERATE_QUEUE,
-        # Task states and events for Flower; a document's progress and results live in jobs.py.
-        task_track_started=True,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-    )
+    sender=True: an app that only sends tasks (a client's; several brokers may be used in one
+    process). It has no result backend: a sender never waits for task results, which would hold
+    a subscription per task; progress and results are read from the job record.
+    """
 
-
-def settings_of(app: Celery) -> BatchSettings:
-    return _settings[id(app)]
-
-
-def sending_app(broker_url: str) -> Celery:
-    """An app that only sends tasks to `broker_url` (a client's: several brokers may be used in
-    one process). No result backend: a sender never waits for task results, which would hold a
-    subscription per task; progress and results are read from the job record."""
-    sender = Celery("sharedllm-client", set_as_current=False)
-    configure(sender, BatchSettings(broker_url=broker_url))
-    sender.conf.result_backend = None
-    return sender
-
-
-_settings: dict[int, BatchSettings] = {}
-
-
-app = Celery("sharedllm")
-configure(app, BatchSettings.from_env())
+    def __init__(self, settings: BatchSettings, *, sender: bool = False) -> None:
+        super().__init__("sharedllm-client" if sender else "sharedllm", set_as_current=False)
+        self.settings = settings
+        self.conf.update(
+            broker_url=settings.broker_url,
+            result_backend=None if sender else settings.broker_url,
+            result_expires=24 * 3600,
+            task_serializer="json",
+            result_serializer="json",
+            accept_content=["json"],
+            result_accept_content=["json"],
+            task_acks_late=True,
+            task_reject_on_worker_lost=True,
+            worker_prefetch_multiplier=1,
+            broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+            result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+            task_soft_time_limit=settings.soft_time_limit_s,
+            task_time_limit=settings.time_limit_s,
+            task_queues=tuple(Queue(q, Exchange(q, "direct"), routing_key=q) for q in (COMPRESS_QUEUE, GENERATE_QUEUE)),
+            task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
+            task_default_queue=GENERATE_QUEUE,
+            # Task states and events for Flower; a document's progress and results live in jobs.py.
+            task_track_started=True,
+            worker_send_task_events=True,
+            task_send_sent_event=True,
+            broker_connection_retry_on_startup=True,
+            worker_hijack_root_logger=False,
+        )

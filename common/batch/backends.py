@@ -14,26 +14,22 @@ retries with backoff) and everything else, which fails this document alone.
 from __future__ import annotations
 
 import hashlib
-import io
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import grpc
 
-from sharedllm.common.engine.params import SAMPLING_FIELDS, SamplingParams
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import run_to_end
 from sharedllm.common.errors import ContextNotFound, ResourceExhausted, SharedLLMError, StoreUnavailable
-from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
-from sharedllm.common.rpc.client import call_metadata, grounding_field, open_channel, upload
+from sharedllm.common.rpc.client import CompressorClient, DecoderClient, RemoteError
 from sharedllm.common.rpc.tls import ClientTls
 from sharedllm.common.store import content_context_id
 
-TRANSIENT_CODES = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.ABORTED,
-)
 ID_TENANT = "batch"  # salt of content-derived ids; the services keep each tenant's contexts apart anyway
 
 
@@ -53,13 +49,34 @@ class StoredDocument:
     seconds: float
 
 
-class Backend(Protocol):
+class Backend(ABC):
+    """Where the model runs, as the tasks see it: one document's context, and whole answers."""
+
+    @abstractmethod
     def ensure_context(self, text: str) -> StoredDocument: ...
 
-    def generate(
-        self, context_id: str, prompt: str, params: SamplingParams, evidence_tokens: int | None = None
-    ) -> str: ...
+    @abstractmethod
+    def answer(self, context_id: str, prompt: str, params: SamplingParams, **evidence) -> Iterator[Any]:
+        """The runtime's events for generate(context_id, prompt, params, **evidence)."""
 
+    @abstractmethod
+    def failures(self) -> AbstractContextManager[None]:
+        """Turns this backend's errors into Transient or DocumentFailed."""
+
+    def generate(
+        self,
+        context_id: str,
+        prompt: str,
+        params: SamplingParams,
+        evidence_tokens: int | None = None,
+        evidence_mode: str | None = None,
+    ) -> str:
+        """The whole answer, as the runtime's generate gives it for the same arguments."""
+        evidence = {"evidence_tokens": evidence_tokens, "evidence_mode": evidence_mode}
+        with self.failures():
+            return run_to_end(self.answer(context_id, prompt, params, **evidence)).text
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -68,7 +85,7 @@ def content_id(fingerprint: str, document: bytes) -> str:
     return content_context_id(ID_TENANT, fingerprint.encode() + b"\0" + hashlib.sha256(document).digest())
 
 
-class EmbeddedBackend:
+class EmbeddedBackend(Backend):
     """The runtime in this process (model loaded once per worker), over a shared store."""
 
     def __init__(self, runtime) -> None:  # a ContextRuntime; untyped to keep torch out of imports here
@@ -79,7 +96,7 @@ class EmbeddedBackend:
     def ensure_context(self, text: str) -> StoredDocument:
         started = time.perf_counter()
         context_id = content_id(self.fingerprint, text.encode("utf-8"))
-        try:
+        with self.failures():
             try:  # stored already: nothing to tokenise or compress
                 info = self.runtime.store.info(context_id)
                 self.runtime.store.touch(context_id)
@@ -87,17 +104,15 @@ class EmbeddedBackend:
             except ContextNotFound:
                 pass
             outcome = self.runtime.compress_text(text, context_id=context_id)
-        except (StoreUnavailable, ResourceExhausted) as exc:
-            raise Transient(str(exc)) from exc
-        except SharedLLMError as exc:
-            raise DocumentFailed(str(exc)) from exc
         return StoredDocument(context_id, False, outcome.n_tokens, time.perf_counter() - started)
 
-    def generate(self, context_id: str, prompt: str, params: SamplingParams, evidence_tokens: int | None = None) -> str:
-        from sharedllm.common.engine.generation import run_to_end
+    def answer(self, context_id: str, prompt: str, params: SamplingParams, **evidence) -> Iterator[Any]:
+        return self.runtime.generate(context_id, prompt, params, **evidence)
 
+    @contextmanager
+    def failures(self) -> Iterator[None]:
         try:
-            return run_to_end(self.runtime.generate(context_id, prompt, params, evidence_tokens=evidence_tokens)).text
+            yield
         except (StoreUnavailable, ResourceExhausted) as exc:
             raise Transient(str(exc)) from exc
         except SharedLLMError as exc:
@@ -107,7 +122,7 @@ class EmbeddedBackend:
         self.runtime.store.close()
 
 
-class RemoteBackend:
+class RemoteBackend(Backend):
     """The compressor and decoder services; this worker only sends requests."""
 
     def __init__(
@@ -119,23 +134,16 @@ class RemoteBackend:
         tls: ClientTls | None = None,
     ) -> None:
         """tls: how to secure both channels (None: plaintext, the services' default)."""
-        self.metadata = call_metadata(api_key)
-        self.timeout_s = timeout_s
-        self.channels = (open_channel(compressor, tls), open_channel(decoder, tls))
-        self.compressor = compressor_pb2_grpc.CompressorServiceStub(self.channels[0])
-        self.decoder = decoder_pb2_grpc.DecoderServiceStub(self.channels[1])
+        options = {"api_key": api_key, "tls": tls, "timeout_s": timeout_s}
+        self.compressor = CompressorClient(compressor, **options)
+        self.decoder = DecoderClient(decoder, **options)
         self._fingerprint: str | None = None
-
-    def _call(self, method, request):
-        try:
-            return method(request, metadata=self.metadata, timeout=self.timeout_s)
-        except grpc.RpcError as exc:
-            raise _classified(exc) from None
 
     def fingerprint(self) -> str:
         """The services' model, adapter and tree: part of every content-derived id."""
         if self._fingerprint is None:
-            info = self._call(self.decoder.GetServerInfo, decoder_pb2.GetServerInfoRequest())
+            with classified():
+                info = self.decoder.server_info()
             tree = info.tree_config.SerializeToString(deterministic=True).hex()
             self._fingerprint = f"{info.model_fingerprint}:{info.adapter_fingerprint}:{tree}"
         return self._fingerprint
@@ -144,43 +152,32 @@ class RemoteBackend:
         started = time.perf_counter()
         data = text.encode("utf-8")
         context_id = content_id(self.fingerprint(), data)
-        try:
-            info = self.compressor.GetContext(
-                compressor_pb2.GetContextRequest(context_id=context_id), metadata=self.metadata, timeout=self.timeout_s
-            )
-            if info.compatible:
-                return StoredDocument(context_id, True, info.document_tokens, time.perf_counter() - started)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise _classified(exc) from None
-        options = compressor_pb2.CompressOptions(context_id=context_id)
-        try:
-            response = self.compressor.CompressStream(
-                upload(options, io.BytesIO(data)), metadata=self.metadata, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise _classified(exc) from None
-        context = response.context
-        return StoredDocument(context_id, False, context.document_tokens, time.perf_counter() - started)
+        with classified():
+            try:
+                stored = self.compressor.context(context_id)
+                if stored.compatible:
+                    return StoredDocument(context_id, True, stored.n_tokens, time.perf_counter() - started)
+            except RemoteError as exc:
+                if exc.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+            outcome = self.compressor.compress(data, context_id=context_id)
+        return StoredDocument(context_id, False, outcome.n_tokens, time.perf_counter() - started)
 
-    def generate(self, context_id: str, prompt: str, params: SamplingParams, evidence_tokens: int | None = None) -> str:
-        fields = {name: getattr(params, name) for name in SAMPLING_FIELDS if getattr(params, name) is not None}
-        request = decoder_pb2.GenerateRequest(
-            context_id=context_id, prompt=prompt, stop=params.stop, grounding=grounding_field(params), **fields
-        )
-        if evidence_tokens is not None:
-            request.evidence_tokens = evidence_tokens
-        try:
-            stream = self.decoder.Generate(request, metadata=self.metadata, timeout=self.timeout_s)
-            return "".join(response.text for response in stream)
-        except grpc.RpcError as exc:
-            raise _classified(exc) from None
+    def answer(self, context_id: str, prompt: str, params: SamplingParams, **evidence) -> Iterator[Any]:
+        return self.decoder.generate(context_id, prompt, params, **evidence)
+
+    def failures(self) -> AbstractContextManager[None]:
+        return classified()
 
     def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
+        self.compressor.close()
+        self.decoder.close()
 
 
-def _classified(exc: grpc.RpcError) -> SharedLLMError:
-    message = f"{exc.code().name}: {exc.details()}"
-    return Transient(message) if exc.code() in TRANSIENT_CODES else DocumentFailed(message)
+@contextmanager
+def classified() -> Iterator[None]:
+    """A failed call as the tasks act on it: retry it later (Transient) or fail this document."""
+    try:
+        yield
+    except RemoteError as exc:
+        raise (Transient(str(exc)) if exc.transient else DocumentFailed(str(exc))) from None

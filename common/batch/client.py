@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import chain, group
 
-from sharedllm.common.batch.app import app, sending_app
+from sharedllm.common.batch.app import BatchApp, BatchSettings
 from sharedllm.common.batch.jobs import DocumentInput, JobSpec, JobStatus, JobStore
 from sharedllm.common.data.documents import read_text
 from sharedllm.common.errors import InvalidInput
@@ -47,10 +47,10 @@ def _read(path: Path, max_bytes: int) -> DocumentInput:
 
 
 class BatchClient:
-    def __init__(self, broker_url: str | None = None) -> None:
-        """broker_url: the Redis of the jobs (default: $SHAREDLLM_BROKER_URL, or localhost)."""
-        self.app = sending_app(broker_url or app.conf.broker_url)
-        self.jobs = JobStore.from_url(self.app.conf.broker_url)
+    def __init__(self, broker_url: str) -> None:
+        """broker_url: the Redis of the job queue and records."""
+        self.app = BatchApp(BatchSettings(broker_url=broker_url), sender=True)
+        self.jobs = JobStore.from_url(broker_url)
 
     def submit(self, documents: list[DocumentInput], spec: JobSpec) -> str:
         """Record the job, then send one chain per readable document (compress, summarise,

@@ -19,7 +19,7 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from sharedllm.common.batch import summaries
-from sharedllm.common.batch.app import app, settings_of
+from sharedllm.common.batch.app import BatchApp
 from sharedllm.common.batch.backends import Backend, DocumentFailed, Transient
 from sharedllm.common.batch.jobs import DocumentStatus, JobSpec, JobStore
 from sharedllm.common.engine.params import SamplingParams
@@ -53,18 +53,13 @@ def _job_store(broker_url: str) -> JobStore:
     return JobStore.from_url(broker_url)
 
 
-def job_store() -> JobStore:
-    """This process's job store (one connection pool, not one per task)."""
-    return _job_store(settings_of(app).broker_url)
-
-
 def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobStore, DocumentStatus], None]) -> None:
     """One stage of one document, with the job's bookkeeping around it."""
-    store = job_store()
+    settings = task.app.settings
+    store = _job_store(settings.broker_url)  # this process's (one connection pool, not one per task)
     doc = store.begin(job_id, index, stage)
     if doc is None:
         return  # finished already (a redelivery after the work was done), or cancelled
-    settings = settings_of(app)
     deliveries = store.count_delivery(job_id, index, stage, task.request.retries)
     if deliveries > settings.max_deliveries:
         store.finish(job_id, index, "failed", error=f"{stage} was delivered {deliveries - 1} times without finishing")
@@ -104,7 +99,6 @@ def _params(store: JobStore, job_id: str) -> tuple[SamplingParams, JobSpec]:
     return params, spec
 
 
-@app.task(name="sharedllm.batch.compress", bind=True)
 def compress(self: Task, job_id: str, index: int) -> None:
     def work(store: JobStore, doc: DocumentStatus) -> None:
         stored = backend().ensure_context(store.text(job_id, index))
@@ -115,7 +109,6 @@ def compress(self: Task, job_id: str, index: int) -> None:
     _run(self, job_id, index, "compressing", work)
 
 
-@app.task(name="sharedllm.batch.summarize", bind=True)
 def summarize(self: Task, job_id: str, index: int) -> None:
     def work(store: JobStore, doc: DocumentStatus) -> None:
         params, spec = _params(store, job_id)
@@ -142,7 +135,6 @@ def summarize(self: Task, job_id: str, index: int) -> None:
     _run(self, job_id, index, "summarizing", work)
 
 
-@app.task(name="sharedllm.batch.answer", bind=True)
 def answer(self: Task, job_id: str, index: int) -> None:
     """Answer the job's questions, then record the document's result: the last stage."""
 
@@ -177,3 +169,9 @@ def _context_of(doc: DocumentStatus) -> str:
     if doc.context_id is None:
         raise DocumentFailed("the document has no stored context (its compression did not finish)")
     return doc.context_id
+
+
+def register(app: BatchApp) -> None:
+    """Make `app` run the batch tasks (a worker's app; senders send them by name)."""
+    for work in (compress, summarize, answer):
+        app.task(name=f"sharedllm.batch.{work.__name__}", bind=True)(work)

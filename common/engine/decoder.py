@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from sharedllm.common.engine.adapter import InjectionAdapter
 from sharedllm.common.engine.generation import decode
 from sharedllm.common.engine.grounding import GroundedAnswer
-from sharedllm.common.engine.llama import LlamaBody, rms_normalise
+from sharedllm.common.engine.llama import KVCache, LlamaBody, apply_rope, rms_normalise
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import Finished, GenerateTimings, TokenDelta
 from sharedllm.common.engine.retrieval import select_nodes
@@ -125,6 +125,41 @@ class Decoder:
             cache.advance(ids.shape[1])
         return h
 
+    def step_rows(
+        self, tokens: Sequence[int], caches: Sequence[KVCache], injections: Sequence[Injection | None]
+    ) -> torch.Tensor:
+        """One decode step of several answers at once; logits [B, vocab].
+
+        Row b feeds tokens[b] at the next position of caches[b] and reads injections[b]. The
+        projections, MLPs and the head run on all rows together (the weights are read once per
+        step, which is what batching buys); attention and the injection's cross-attention run row
+        by row over each row's own cache and tree, exactly as the row would alone, with no padding.
+        """
+        body = self.body
+        device = body.device
+        b = len(tokens)
+        starts = [cache.length for cache in caches]
+        h = body.embed(torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1))
+        cos, sin = body.rope(torch.tensor(starts, device=device).unsqueeze(1))
+        hooks = [self._hook(injection, start, 1) for injection, start in zip(injections, starts, strict=True)]
+        reading = [(row, hook) for row, hook in enumerate(hooks) if hook is not None]
+        for i in range(body.n_layers):
+            q, k, v = body.project(i, h)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            heads = []
+            for row, cache in enumerate(caches):
+                keys, values = cache.update(i, k[row : row + 1], v[row : row + 1])
+                heads.append(body.attention_heads(i, q[row : row + 1], keys, values, starts[row]))
+            h = h + body.layers[i].self_attn.o_proj(torch.cat(heads).transpose(1, 2).reshape(b, 1, -1))
+            for row, hook in reading:
+                extra = hook(i, h[row : row + 1])
+                if extra is not None:
+                    h[row : row + 1] += extra
+            h = h + body.mlp(i, h)
+        for cache in caches:
+            cache.advance(1)
+        return body.logits(h[:, 0])
+
     def generate(
         self,
         prompt_ids: list[int],
@@ -133,12 +168,13 @@ class Decoder:
         decode_text: Callable[[list[int]], str],
         grounding: GroundedAnswer | None = None,
     ) -> Iterator[TokenDelta | Finished]:
-        """Prefill the prompt with the injection, then decode (generation.decode); a Finished comes last."""
+        """Prefill the prompt with the injection, then decode (generation.decode); a Finished comes
+        last. One answer at a time: scheduler.py batches the steps of several."""
         device = self.body.device
         cache = self.body.new_cache(len(prompt_ids) + params.max_new_tokens)
 
         def step(ids: list[int]) -> torch.Tensor:
             tokens = torch.tensor([ids], dtype=torch.long, device=device)
-            return self.forward(tokens, cache.length, cache, injection)[0, -1]
+            return self.body.logits(self.forward(tokens, cache.length, cache, injection)[0, -1])
 
-        return decode(step, self.body.logits, prompt_ids, params, self.eos_ids, decode_text, device, grounding)
+        return decode(step, prompt_ids, params, self.eos_ids, decode_text, device, grounding)

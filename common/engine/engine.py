@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sharedllm.common.config import DEFAULT_MAX_DOCUMENT_TOKENS, Limits, TreeConfig
+from sharedllm.common.config import DEFAULT_MAX_DOCUMENT_TOKENS, Limits, ModelChoice, TreeConfig
 from sharedllm.common.engine.adapter import InjectionAdapter, read_adapter_config
 from sharedllm.common.engine.citations import cite
 from sharedllm.common.engine.compressor import Compressor, ProgressFn
@@ -29,10 +29,11 @@ from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
 from sharedllm.common.engine.quotes import quote_spans, quote_text
 from sharedllm.common.engine.results import Finished, GenerateTimings, Passage, TokenDelta
 from sharedllm.common.engine.retrieval import node_similarity
+from sharedllm.common.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, Scheduler
 from sharedllm.common.engine.token_budget import TokenBudget
 from sharedllm.common.engine.tree import ContextSource, ContextTree
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.model_loading import LoadedModel, load_model
+from sharedllm.common.model_loading import LoadedModel, dtype_from_name, load_model
 from sharedllm.common.shipped import adapter_file, default_adapter_path
 
 SUMMARY_INSTRUCTION = "Summarize the document in a few sentences."
@@ -82,7 +83,14 @@ class Engine:
         self._check_positions(adapter.config)
         self.compressor = Compressor(self.body, adapter.config)
         self.decoder = Decoder(self.body, adapter, self._eos_ids())
+        self.scheduler: Scheduler | None = None  # set by start_batching: answers share model steps
         self.lower_only = False
+
+    def start_batching(self, max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        """From now on, answers running at once share batched model steps (scheduler.py); for a
+        server or worker that answers several questions at a time, not for one-shot commands."""
+        if self.scheduler is None:
+            self.scheduler = Scheduler(self.decoder, max_batch=max_batch, prefill_chunk=prefill_chunk)
 
     def _check_positions(self, config: TreeConfig) -> None:
         """Nothing may sit at a position the base model was not trained on (docs/method.md §1):
@@ -131,6 +139,25 @@ class Engine:
         engine = cls(loaded, inj, limits)
         engine.lower_only = lower_only
         return engine
+
+    @classmethod
+    def from_choice(
+        cls, choice: ModelChoice, *, lower_only: bool = False, tree_config: TreeConfig | None = None
+    ) -> Engine:
+        """The engine a front end's ModelChoice describes (see `load` for lower_only and tree_config).
+
+        Here, not on ModelChoice: the configuration stays plain values that need no torch, and
+        the engine, which imports the configuration, is the one layer that turns it into a model.
+        """
+        return cls.load(
+            choice.model,
+            choice.adapter,
+            choice.device,
+            choice.limits,
+            tree_config,
+            lower_only=lower_only,
+            dtype=dtype_from_name(choice.dtype),
+        )
 
     @property
     def trained(self) -> bool:
@@ -257,7 +284,6 @@ class Engine:
         answer will quote the document where its excerpts allow (quotes.py); then the plan holds
         the quoted spans and no injection (a quote reads no tree node).
         """
-        evidence.validate()
         evidence_s = 0.0
         query = None
         if source is not None and retrieval and (inject or evidence.tokens > 0):
@@ -373,7 +399,8 @@ class Engine:
             grounding = None
             if params.grounding != "off" and plan.facts is not None:
                 grounding = GroundedAnswer(plan.facts, self.decode_text, self.decoder.eos_ids, plan.answer_prefix)
-            events = self.decoder.generate(plan.prompt_ids, plan.injection, params, self.decode_text, grounding)
+            generate = self.scheduler.generate if self.scheduler is not None else self.decoder.generate
+            events = generate(plan.prompt_ids, plan.injection, params, self.decode_text, grounding)
         for event in events:
             if isinstance(event, Finished):
                 citations = cite(event.text, plan.facts, plan.evidence) if plan.facts is not None else ()

@@ -1,9 +1,10 @@
 """The one decode loop: every answer, baseline and benchmark method picks its tokens here.
 
-A model variant supplies only `step`: feed token ids, get the final hidden state of the last
-one. SharedLLM's decoder steps with its injection and KV cache, full attention with a plain
-cache, StreamingLLM with its sink cache; they all stop, sample and time by the same rule, so a
-comparison between them measures the models, not three loops.
+A model variant supplies only `step`: feed token ids, get the logits after the last one.
+SharedLLM's decoder steps with its injection and KV cache (or through the scheduler, batched
+with other answers), full attention with a plain cache, StreamingLLM with its sink cache; they
+all stop, sample and time by the same rule, so a comparison between them measures the models,
+not three loops.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from sharedllm.common.engine.sampling import Sampler
 from sharedllm.common.engine.sentence_limit import SentenceLimit
 from sharedllm.common.engine.streaming import TextStream
 
-Step = Callable[[list[int]], torch.Tensor]  # token ids -> hidden state [hidden] after the last one, before the norm
+Step = Callable[[list[int]], torch.Tensor]  # token ids -> logits [vocab] after the last one
 
 
 @torch.inference_mode()
 def decode(
     step: Step,
-    logits: Callable[[torch.Tensor], torch.Tensor],
     prompt_ids: list[int],
     params: SamplingParams,
     eos_ids: Collection[int],
@@ -37,7 +37,7 @@ def decode(
 ) -> Iterator[TokenDelta | Finished]:
     """Prefill the prompt, then yield text as it becomes final; a Finished comes last.
 
-    logits: the model's head (final norm and projection). Stops at an end-of-sequence token
+    Stops at an end-of-sequence token
     (not emitted), a stop string (the text ends before it), the sentence limit (the answer ends
     with its last sentence), a loop (params.loop_guard: the repeated run is not emitted) or
     max_new_tokens. grounding: the answer's facts are copied from the document (grounding.py);
@@ -49,13 +49,13 @@ def decode(
     stream = TextStream(decode_text, params.stop)
     guard = LoopGuard(params.loop_guard)
     sentences = SentenceLimit(params.max_sentences, decode_text)
-    h = step(prompt_ids)
+    logits = step(prompt_ids)
     prefill_done = time.perf_counter()
     emitted = 0
     reason = "length"
     first_token_at = None
     for n in range(1, params.max_new_tokens + 1):
-        token = sampler(logits(h), seen, grounding, final=n == params.max_new_tokens)
+        token = sampler(logits, seen, grounding, final=n == params.max_new_tokens)
         if first_token_at is None:
             first_token_at = time.perf_counter()
         if token in eos_ids:
@@ -78,7 +78,7 @@ def decode(
         if n == params.max_new_tokens:
             break
         seen = torch.cat([seen, torch.tensor([token], device=device)])
-        h = step([token])
+        logits = step([token])
     if not stream.stopped:
         for delta in _released(stream, guard.flush()):
             emitted += 1
@@ -132,8 +132,3 @@ def _end(stream: TextStream) -> Iterator[TokenDelta]:
     tail = stream.flush()
     if tail:
         yield TokenDelta(None, tail)
-
-
-def run_to_end(events: Iterator[TokenDelta | Finished]) -> Finished:
-    """Decode to the end without streaming; the Finished (its text is the whole answer)."""
-    return next(e for e in events if isinstance(e, Finished))

@@ -112,22 +112,29 @@ class LlamaBody:
 
     def attend(self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int) -> torch.Tensor:
         """Causal attention of queries q [B, H, L, Dh] sitting after `past` cached entries, then o_proj."""
-        attn = self.layers[index].self_attn
         b, _, length, _ = q.shape
+        out = self.attention_heads(index, q, keys, values, past)
+        return self.layers[index].self_attn.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+    def attention_heads(
+        self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int
+    ) -> torch.Tensor:
+        """The heads' outputs [B, H, L, Dh] of causal attention, before o_proj (a batched decode
+        step attends row by row, each over its own cache, and projects all rows at once)."""
+        length = q.shape[2]
         mask = None
         if past > 0 and length > 1:
             # Query i sits at position past + i and may see keys 0..past + i.
             mask = torch.ones(length, past + length, dtype=torch.bool, device=q.device).tril(past)
-        out = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q,
             keys,
             values,
             attn_mask=mask,
             is_causal=past == 0 and length > 1,
-            scale=attn.scaling,
+            scale=self.layers[index].self_attn.scaling,
             enable_gqa=self.n_heads != self.n_kv,
         )
-        return attn.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
     def attention(
         self,

@@ -121,16 +121,19 @@ class EvidenceSettings:
     inject_answer: bool = False  # True: what follows the question (the turn's end, the answer) reads it too
     mode: EvidenceMode = "auto"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Refuse a bad value where the settings are made (flags, a request's overrides through
+        dataclasses.replace, a config), so nothing that holds them needs to check them again."""
         if self.tokens < 0:
             raise InvalidInput(f"evidence_tokens must be >= 0, got {self.tokens}")
         if not 8 <= self.passage_tokens <= 1024:
             raise InvalidInput(f"passage_tokens must be in [8, 1024], got {self.passage_tokens}")
-        if self.hops < 0 or not self.tree_weight >= 0 or self.hop_max_df < 1 or self.neighbours_of < 0:
-            raise InvalidInput("hops, tree_weight and neighbours_of must be >= 0, hop_max_df >= 1")
-        if not (0.0 <= self.min_score <= 1.0 and math.isfinite(self.tree_weight)):
-            raise InvalidInput(
-                f"min_score must be in [0, 1] and tree_weight finite, got {self.min_score}, {self.tree_weight}"
-            )
+        if not (math.isfinite(self.tree_weight) and self.tree_weight >= 0):
+            raise InvalidInput(f"tree_weight must be finite and >= 0, got {self.tree_weight}")
+        for name, least in (("hops", 0), ("hop_max_df", 1), ("neighbours_of", 0)):
+            if getattr(self, name) < least:
+                raise InvalidInput(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise InvalidInput(f"min_score must be in [0, 1], got {self.min_score}")
         if self.mode not in EVIDENCE_MODES:
             raise InvalidInput(f"evidence mode must be one of {', '.join(EVIDENCE_MODES)}, got {self.mode!r}")

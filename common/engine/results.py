@@ -7,6 +7,7 @@ phase is a type error, not a KeyError at run time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -19,6 +20,21 @@ class CompressTimings:
     compress_s: float = 0.0  # the lower model and pooling
     store_s: float = 0.0  # serialisation and the store write
     total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class CompressOutcome:
+    """What storing one document gave: its id, its size and what it cost."""
+
+    context_id: str
+    reused: bool  # the same document was stored already (same tenant, model, adapter): nothing was computed
+    n_tokens: int
+    chunks: int
+    stored_bytes: int
+    bytes_per_token: float
+    kv_cache_ratio: float  # stored bytes / the base model's full KV cache for the same tokens
+    compression_ratio: float  # document tokens per entry one question injects
+    timings: CompressTimings
 
 
 @dataclass(frozen=True)
@@ -142,3 +158,8 @@ class Finished:
         """Decode speed after the first token (None when fewer than two tokens were made)."""
         decode = self.timings.decode_s
         return (self.completion_tokens - 1) / decode if self.completion_tokens > 1 and decode > 0 else None
+
+
+def run_to_end(events: Iterator[TokenDelta | Finished]) -> Finished:
+    """Decode to the end without streaming; the Finished (its text is the whole answer)."""
+    return next(e for e in events if isinstance(e, Finished))

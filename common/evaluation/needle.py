@@ -35,8 +35,8 @@ from sharedllm.common.baselines.streaming import StreamingLLM
 from sharedllm.common.data.synthetic import Filler, Task, generate_tasks
 from sharedllm.common.engine.engine import Engine, QuestionPlan
 from sharedllm.common.engine.evidence import find_tokens
-from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams, free_generation
+from sharedllm.common.engine.results import run_to_end
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.evaluation.methods import (
     DOCUMENT_METHODS,
@@ -46,10 +46,10 @@ from sharedllm.common.evaluation.methods import (
     method_params,
     plain_bm25,
 )
+from sharedllm.common.evaluation.protocols import NEEDLE_DEPTHS as DEFAULT_DEPTHS
+from sharedllm.common.evaluation.protocols import NEEDLE_METHODS as DEFAULT_METHODS
+from sharedllm.common.evaluation.protocols import NEEDLE_TASKS as TASKS
 
-TASKS: tuple[str, ...] = ("passkey", "needle")
-DEFAULT_METHODS: tuple[str, ...] = ("sharedllm", "full", "truncation", "streaming")
-DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 SCORING = "passkey: the first number of the answer equals the key; needle: every asked value appears in the answer"
 
 
@@ -65,7 +65,7 @@ class NeedleSettings:
     seed: int = 0
     evidence: EvidenceSettings = field(default_factory=EvidenceSettings)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if not self.lengths or not self.depths or self.per_cell < 1 or self.max_new_tokens < 1:
             raise InvalidInput("needle needs lengths, depths, --per-cell >= 1 and --max-new-tokens >= 1")
         if not set(self.tasks) <= set(TASKS) or not self.tasks:
@@ -183,7 +183,6 @@ def evaluate_needles(
     engine: Engine, fillers: dict[str, Filler], settings: NeedleSettings, streaming: StreamingLLM | None
 ) -> dict[str, Any]:
     """Every task kind at every length x depth (`per_cell` seeded tasks each); the JSON-ready report."""
-    settings.validate()
     answer = Answerer.for_settings(engine, streaming, settings)
     total = len(settings.tasks) * len(settings.lengths) * len(settings.depths) * settings.per_cell
     bar = tqdm(total=total, desc="needle tasks", file=sys.stderr)

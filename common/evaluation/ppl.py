@@ -45,10 +45,10 @@ from sharedllm.common.engine.tree import ContextTree
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.evaluation.heldout import HeldoutDocument
 from sharedllm.common.evaluation.methods import METHODS, PPL_METHODS, base_window_methods
+from sharedllm.common.evaluation.protocols import PPL_LENGTHS as DEFAULT_LENGTHS
 from sharedllm.common.training.examples import Example
 from sharedllm.common.training.trainer import example_loss, gap_closed
 
-DEFAULT_LENGTHS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768, 65536)
 FULL_NOT_FITTING = "context + scored tokens exceed the base window"
 GAP_CLOSED = (
     "(window - sharedllm) / (window - full) in mean NLL: the share of what the whole context in the base "
@@ -70,7 +70,7 @@ class PplSettings:
     methods: tuple[str, ...] = PPL_METHODS
     evidence: EvidenceSettings = dataclasses.field(default_factory=EvidenceSettings)  # sharedllm's and evidence's
 
-    def validate(self, window: int) -> None:
+    def __post_init__(self) -> None:
         if not self.lengths or self.windows < 1 or self.scored < 1:
             raise InvalidInput("perplexity needs at least one length, --windows >= 1 and --scored-tokens >= 1")
         if not 1 <= self.decoder_tokens < min(self.lengths):
@@ -78,15 +78,18 @@ class PplSettings:
                 f"--decoder-tokens must be in [1, {min(self.lengths)}) (below the shortest length), "
                 f"got {self.decoder_tokens}"
             )
-        self.evidence.validate()
+        unknown = set(self.methods) - set(PPL_METHODS)
+        if unknown or not self.methods:
+            raise InvalidInput(f"methods must be a non-empty subset of {', '.join(PPL_METHODS)}, got {sorted(unknown)}")
+
+    def check_window(self, window: int) -> None:
+        """Raise InvalidInput unless the evidence budget, decoder segment and scored tokens fit a
+        model's window: the one rule that needs the model, so it cannot wait in __post_init__."""
         if self.evidence.tokens + self.decoder_tokens + self.scored > window:
             raise InvalidInput(
                 f"the evidence budget, decoder segment and scored tokens ({self.evidence.tokens} + "
                 f"{self.decoder_tokens} + {self.scored}) exceed the window of {window}"
             )
-        unknown = set(self.methods) - set(PPL_METHODS)
-        if unknown or not self.methods:
-            raise InvalidInput(f"methods must be a non-empty subset of {', '.join(PPL_METHODS)}, got {sorted(unknown)}")
 
 
 def window_starts(n_tokens: int, lengths: Sequence[int], scored: int, windows: int) -> tuple[list[int], list[int]]:
@@ -181,7 +184,7 @@ def evaluate_perplexity(
     streaming: StreamingLLM | None,
 ) -> dict[str, Any]:
     """Every window of every document at every length; returns the JSON-ready report."""
-    settings.validate(engine.window)
+    settings.check_window(engine.window)
     if ("streaming" in settings.methods) != (streaming is not None):
         raise ValueError("pass a StreamingLLM exactly when the streaming method is asked for")
     plan = [

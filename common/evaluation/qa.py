@@ -34,13 +34,13 @@ from tqdm import tqdm
 from sharedllm.common.data.corpora import find_entry, load_text
 from sharedllm.common.engine.engine import Engine, QuestionPlan
 from sharedllm.common.engine.evidence import render
-from sharedllm.common.engine.generation import run_to_end
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams, free_generation
-from sharedllm.common.engine.results import Finished, Passage
+from sharedllm.common.engine.results import Finished, Passage, run_to_end
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.evaluation.methods import DOCUMENT_METHODS, method_params
+from sharedllm.common.evaluation.protocols import QA_MAX_NEW_TOKENS
+from sharedllm.common.evaluation.protocols import QA_METHODS as METHODS
 
-METHODS: tuple[str, ...] = ("sharedllm", "facts", "free", "anchor")
 KINDS: tuple[str, ...] = ("narrative", "reference", "technical")
 ANCHOR_CHARS = 1000
 LOOP_WORDS = 4
@@ -93,7 +93,7 @@ def load_questions(path: Path) -> QuestionSet:
 @dataclass(frozen=True)
 class QaSettings:
     methods: tuple[str, ...] = METHODS
-    max_new_tokens: int = 64
+    max_new_tokens: int = QA_MAX_NEW_TOKENS
     evidence: EvidenceSettings = field(default_factory=EvidenceSettings)
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,26 +31,16 @@ from typing import Any
 from tqdm import tqdm
 
 from sharedllm.common.baselines.streaming import StreamingLLM
-from sharedllm.common.data.synthetic import Filler, Task, needle_task, variables_task
+from sharedllm.common.data.synthetic import Filler
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.evaluation.methods import METHODS, baseline_protocol
 from sharedllm.common.evaluation.needle import Answerer
+from sharedllm.common.evaluation.protocols import RULER_METHODS as DEFAULT_METHODS
+from sharedllm.common.evaluation.protocols import RULER_TASKS as TASKS
 
-# task name -> (haystack, builder(filler, length, depth, seed))
-TASKS: dict[str, tuple[str, Callable[[Filler, int, float, int], Task]]] = {
-    "single_noise": ("noise", needle_task),
-    "single_prose": ("prose", needle_task),
-    "multikey_prose": ("prose", lambda f, n, d, s: needle_task(f, n, d, s, n_distractors=3)),
-    "multikey_needles": ("needles", needle_task),
-    "multivalue": ("prose", lambda f, n, d, s: needle_task(f, n, d, s, n_values=4)),
-    "multiquery": ("prose", lambda f, n, d, s: needle_task(f, n, d, s, n_queries=4)),
-    "variables": ("noise", variables_task),
-}
 HAYSTACKS: tuple[str, ...] = ("noise", "prose", "needles")
-DEFAULT_METHODS: tuple[str, ...] = ("sharedllm", "evidence", "bm25", "tree", "full", "truncation")
-DEFAULT_LENGTHS: tuple[int, ...] = (4096, 8192, 16384, 32768)
 SCORING = "share of the expected strings found in the answer (case-insensitive), mean over samples (RULER)"
 
 
@@ -65,14 +55,13 @@ class RulerSettings:
     seed: int = 0
     evidence: EvidenceSettings = field(default_factory=EvidenceSettings)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if not self.lengths or self.per_cell < 1 or self.max_new_tokens < 1 or min(self.lengths) < 256:
             raise InvalidInput("ruler needs lengths >= 256 tokens, --per-cell >= 1 and --max-new-tokens >= 1")
         if not self.tasks or not set(self.tasks) <= set(TASKS):
             raise InvalidInput(f"tasks must be a non-empty subset of {', '.join(TASKS)}, got {self.tasks}")
         if not self.methods or not set(self.methods) <= set(METHODS):
             raise InvalidInput(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {self.methods}")
-        self.evidence.validate()
 
 
 def score(expected: Sequence[str], output: str) -> float:
@@ -91,7 +80,6 @@ def evaluate_ruler(
     engine: Engine, fillers: dict[str, Filler], settings: RulerSettings, streaming: StreamingLLM | None
 ) -> dict[str, Any]:
     """Every task at every length (`per_cell` seeded samples); the JSON-ready report."""
-    settings.validate()
     answer = Answerer.for_settings(engine, streaming, settings)
     bar = tqdm(total=len(settings.tasks) * len(settings.lengths) * settings.per_cell, desc="ruler", file=sys.stderr)
     samples: list[dict[str, Any]] = []

@@ -95,8 +95,8 @@ def evaluate_summaries(
     from sharedllm.common.batch.backends import EmbeddedBackend
     from sharedllm.common.batch.summaries import SECTION_INSTRUCTION, summarize
     from sharedllm.common.engine.engine import QuestionPlan
-    from sharedllm.common.engine.generation import run_to_end
     from sharedllm.common.engine.params import SamplingParams
+    from sharedllm.common.engine.results import run_to_end
     from sharedllm.common.runtime import ContextRuntime
     from sharedllm.common.store import open_store
 

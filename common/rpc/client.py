@@ -1,30 +1,69 @@
-"""Client side of the two services: channels, credentials, uploads and errors, for every caller.
+"""The one client of the two services: typed calls in, the runtime's own results out.
 
-The `sharedllm compress`/`generate`/`health` commands, the benchmark's gRPC cell and the batch
-worker all dial the services the same way; what a call needs besides its request lives here once.
+`CompressorClient.compress` answers a `CompressOutcome` and `DecoderClient.generate` yields
+`TokenDelta` events and one `Finished`, the same types `ContextRuntime` gives an embedded
+caller, rebuilt from the messages the servicers write. So `sharedllm generate`, batch workers
+and the benchmark send the same request for the same parameters (a field added to
+`GenerateRequest` is set here once, and a test checks that every field the servicer reads is),
+and code above them does not care whether the model runs in its process or behind a channel.
+
+A failed call raises `RemoteError`, which names the status code and says whether retrying can
+help. Channels, credentials and replica round-robin are set up here too.
 """
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import BinaryIO
+from dataclasses import dataclass
+from typing import BinaryIO, Self
 
 import grpc
-from google.protobuf import json_format
-from google.protobuf.message import Message
 
-from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.params import SAMPLING_FIELDS, SamplingParams
+from sharedllm.common.engine.results import (
+    Citation,
+    CompressOutcome,
+    CompressTimings,
+    ContextRead,
+    Finished,
+    GenerateTimings,
+    Passage,
+    TokenDelta,
+)
 from sharedllm.common.errors import SharedLLMError
-from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, decoder_pb2
+from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
+from sharedllm.common.rpc.enums import FINISH_REASON_NAMES, GROUNDINGS
 from sharedllm.common.rpc.tls import ClientTls
 
 PIECE_BYTES = 1 << 20  # CompressStream piece size: well under any sensible message limit
+PIECE_TOKENS = PIECE_BYTES // 8  # token ids per piece: a varint takes at most 5 bytes, plus framing
+# Worth retrying later: the service or its store is unavailable, busy or full right now, or the
+# call ran out of time.
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+    }
+)
 
 
 class RemoteError(SharedLLMError):
     """A call ended with a non-OK status; printed as `CODE: details`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @property
+    def transient(self) -> bool:
+        """True when the same call may succeed later (see TRANSIENT_CODES)."""
+        return self.code in TRANSIENT_CODES
 
 
 @contextmanager
@@ -33,20 +72,7 @@ def remote_errors() -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as exc:
-        raise RemoteError(f"{exc.code().name}: {exc.details()}") from None
-
-
-GROUNDING_FIELDS = {
-    "quote": decoder_pb2.GROUNDING_QUOTE,
-    "facts": decoder_pb2.GROUNDING_FACTS,
-    "off": decoder_pb2.GROUNDING_OFF,
-}
-
-
-def grounding_field(params: SamplingParams) -> int:
-    """GenerateRequest.grounding for the parameters: always explicit, so a server's default never
-    changes what a client asked for."""
-    return GROUNDING_FIELDS[params.grounding]
+        raise RemoteError(exc.code(), exc.details() or "") from None
 
 
 def call_metadata(api_key: str | None) -> list[tuple[str, str]]:
@@ -104,16 +130,226 @@ def open_channel(target: str, tls: ClientTls | None = None) -> grpc.Channel:
 
 
 def upload(
-    options: compressor_pb2.CompressOptions, document: BinaryIO
+    options: compressor_pb2.CompressOptions, document: BinaryIO | Sequence[int]
 ) -> Iterator[compressor_pb2.CompressStreamRequest]:
-    """A CompressStream request stream: the options, then the document in PIECE_BYTES pieces."""
+    """A CompressStream request stream: the options, then the document in pieces (UTF-8 bytes
+    read PIECE_BYTES at a time, or token ids PIECE_TOKENS at a time)."""
     yield compressor_pb2.CompressStreamRequest(options=options)
+    if isinstance(document, Sequence):
+        for start in range(0, len(document), PIECE_TOKENS):
+            ids = compressor_pb2.TokenIds(ids=document[start : start + PIECE_TOKENS])
+            yield compressor_pb2.CompressStreamRequest(token_ids=ids)
+        return
     for piece in iter(lambda: document.read(PIECE_BYTES), b""):
         yield compressor_pb2.CompressStreamRequest(text=piece)
 
 
-def as_dict(message: Message) -> dict:
-    """A response as JSON-ready data, with protobuf field names and every field present."""
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+def compress_outcome(context: compressor_pb2.CompressedContext) -> CompressOutcome:
+    """The compressor's reply as the runtime gives it (the inverse of the servicer's message)."""
+    t = context.timings
+    return CompressOutcome(
+        context_id=context.context_id,
+        reused=context.reused,
+        n_tokens=context.document_tokens,
+        chunks=context.chunks,
+        stored_bytes=context.stored_bytes,
+        bytes_per_token=context.bytes_per_token,
+        kv_cache_ratio=context.kv_cache_ratio,
+        compression_ratio=context.compression_ratio,
+        timings=CompressTimings(t.tokenize_seconds, t.compress_seconds, t.store_seconds, t.total_seconds),
     )
+
+
+def generate_request(
+    context_id: str,
+    prompt: str,
+    params: SamplingParams,
+    *,
+    retrieval: bool = True,
+    evidence_tokens: int | None = None,
+    evidence_mode: str | None = None,
+) -> decoder_pb2.GenerateRequest:
+    """The request for the runtime's generate(context_id, prompt, params, ...): every parameter
+    explicit (grounding too), so the server's defaults never change what the caller asked for."""
+    sampling = {name: getattr(params, name) for name in SAMPLING_FIELDS if getattr(params, name) is not None}
+    request = decoder_pb2.GenerateRequest(
+        context_id=context_id,
+        prompt=prompt,
+        stop=params.stop,
+        disable_retrieval=not retrieval,
+        grounding=GROUNDINGS[params.grounding],
+        **sampling,
+    )
+    if evidence_tokens is not None:
+        request.evidence_tokens = evidence_tokens
+    if evidence_mode is not None:
+        request.evidence_mode = evidence_mode
+    return request
+
+
+def finished(last: decoder_pb2.GenerateResponse, text: str) -> Finished:
+    """The stream's last message as the runtime's Finished (the inverse of the servicer's
+    last_message). The wire carries the store reads as one figure, so it is context_load_s here."""
+    usage, t = last.usage, last.timings
+    return Finished(
+        reason=FINISH_REASON_NAMES.get(last.finish_reason, "unspecified"),
+        text=text,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        timings=GenerateTimings(
+            evidence_s=t.evidence_seconds,
+            selection_s=t.selection_seconds,
+            context_load_s=t.context_load_seconds,
+            prefill_s=t.prefill_seconds,
+            time_to_first_token_s=t.time_to_first_token_seconds,
+            decode_s=t.decode_seconds,
+        ),
+        evidence=tuple(
+            Passage(p.token_start, p.token_end, p.char_start, p.char_end, p.text, p.score) for p in last.evidence
+        ),
+        context=ContextRead(
+            usage.context_tokens, usage.context_chunks, usage.context_bytes_read, usage.context_nodes_cached
+        ),
+        citations=tuple(
+            Citation(
+                c.answer_start,
+                c.answer_end,
+                c.char_start,
+                c.char_end,
+                c.text,
+                c.evidence_index if c.HasField("evidence_index") else None,
+            )
+            for c in last.citations
+        ),
+    )
+
+
+def events(responses: Iterable[decoder_pb2.GenerateResponse]) -> Iterator[TokenDelta | Finished]:
+    """A Generate stream as the runtime's events: a TokenDelta per streamed piece, then Finished."""
+    text: list[str] = []
+    for response in responses:
+        if response.finish_reason:
+            yield finished(response, "".join(text))
+            return
+        text.append(response.text)
+        yield TokenDelta(response.token_ids[0] if response.token_ids else None, response.text)
+    raise RemoteError(grpc.StatusCode.UNKNOWN, "the answer stream ended without its last message")
+
+
+@dataclass(frozen=True)
+class StoredContext:
+    """What GetContext says of a stored context."""
+
+    context_id: str
+    compatible: bool  # stored by the model and adapter this service runs
+    n_tokens: int
+    stored_bytes: int
+    expires_in_s: float | None  # None: pinned
+
+
+class ServiceClient:
+    """A channel to one service with the caller's credentials and per-call timeout."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        tls: ClientTls | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """timeout_s: the deadline of each call (None: none; a stream's covers all of it)."""
+        self.channel = open_channel(target, tls)
+        self.metadata = call_metadata(api_key)
+        self.timeout_s = timeout_s
+
+    def _call(self, method, request):
+        with remote_errors():
+            return method(request, metadata=self.metadata, timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class CompressorClient(ServiceClient):
+    """CompressorService: store documents, look them up, delete them."""
+
+    def __init__(self, target: str, **kwargs) -> None:
+        super().__init__(target, **kwargs)
+        self.stub = compressor_pb2_grpc.CompressorServiceStub(self.channel)
+
+    def compress(
+        self,
+        document: bytes | BinaryIO | Sequence[int],
+        *,
+        context_id: str | None = None,
+        ttl_s: float | None = None,
+        pin: bool = False,
+    ) -> CompressOutcome:
+        """Store a document (UTF-8 bytes, a binary file, or token ids), always streamed, so any
+        size within the server's limits goes through. Without context_id the server derives one
+        from the document and reuses what it stored for the same one."""
+        options = compressor_pb2.CompressOptions(pin=pin)
+        if context_id is not None:
+            options.context_id = context_id
+        if ttl_s is not None:
+            options.ttl_seconds = ttl_s
+        if isinstance(document, bytes):
+            document = io.BytesIO(document)
+        return compress_outcome(self._call(self.stub.CompressStream, upload(options, document)).context)
+
+    def context(self, context_id: str) -> StoredContext:
+        """The stored context's description (RemoteError NOT_FOUND when there is none)."""
+        info = self._call(self.stub.GetContext, compressor_pb2.GetContextRequest(context_id=context_id))
+        expires = info.expires_in_seconds if info.HasField("expires_in_seconds") else None
+        return StoredContext(info.context_id, info.compatible, info.document_tokens, info.stored_bytes, expires)
+
+    def delete(self, context_id: str) -> None:
+        self._call(self.stub.DeleteContext, compressor_pb2.DeleteContextRequest(context_id=context_id))
+
+
+class DecoderClient(ServiceClient):
+    """DecoderService: answers, streamed, and the server's description."""
+
+    def __init__(self, target: str, **kwargs) -> None:
+        super().__init__(target, **kwargs)
+        self.stub = decoder_pb2_grpc.DecoderServiceStub(self.channel)
+
+    def generate(
+        self,
+        context_id: str,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        retrieval: bool = True,
+        evidence_tokens: int | None = None,
+        evidence_mode: str | None = None,
+    ) -> Iterator[TokenDelta | Finished]:
+        """The answer as ContextRuntime.generate gives it: TokenDelta events, then Finished.
+        Closing the iterator early cancels the call, which stops the server's decoding."""
+        request = generate_request(
+            context_id,
+            prompt,
+            params,
+            retrieval=retrieval,
+            evidence_tokens=evidence_tokens,
+            evidence_mode=evidence_mode,
+        )
+        with remote_errors():
+            call = self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout_s)
+            try:
+                yield from events(call)
+            finally:  # a no-op after the last message; else it stops the server's decoding
+                # A traced channel hands back a generator over the call instead of the call.
+                cancel = getattr(call, "cancel", None) or call.close
+                cancel()
+
+    def server_info(self) -> decoder_pb2.GetServerInfoResponse:
+        """Model, adapter, tree, limits and counters (a status page: kept as the message)."""
+        return self._call(self.stub.GetServerInfo, decoder_pb2.GetServerInfoRequest())

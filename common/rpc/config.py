@@ -44,7 +44,9 @@ class NetworkSettings:
     port: int
     host: str = "[::]"
     max_message_bytes: int = 8 * MIB
-    max_concurrent: int = 4  # Compress/Generate calls at once; more are refused
+    max_concurrent: int = 4  # Compress/Generate calls at once (the decoder batches their steps)
+    max_queued: int = 8  # calls waiting for a slot, first come first served; more are refused
+    queue_timeout_s: float = 30.0  # the longest a call waits for a slot before it is refused
     api_keys: ApiKeys = field(default_factory=ApiKeys.disabled)
     shutdown_grace_s: float = 30.0  # how long SIGTERM waits for calls in flight
     drain_delay_s: float = 5.0  # NOT_SERVING this long, port still open, before refusing calls
@@ -55,6 +57,10 @@ class NetworkSettings:
 
     def __post_init__(self) -> None:
         _check_positive(max_message_bytes=self.max_message_bytes, max_concurrent=self.max_concurrent)
+        if self.max_queued < 0:
+            raise ConfigError(f"max_queued must be >= 0, got {self.max_queued}")
+        if not (math.isfinite(self.queue_timeout_s) and self.queue_timeout_s > 0):
+            raise ConfigError(f"queue_timeout_s must be finite and > 0, got {self.queue_timeout_s}")
         _check_seconds(
             shutdown_grace_s=self.shutdown_grace_s,
             drain_delay_s=self.drain_delay_s,
@@ -103,6 +109,21 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class BatchingSettings:
+    """The decoder's continuous batching (engine/scheduler.py): how many answers one model step
+    carries, and the largest piece of a prompt read between two steps. max_batch 0: no scheduler,
+    each answer steps the model on its own."""
+
+    max_batch: int = 16
+    prefill_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 0:
+            raise ConfigError(f"max_batch must be >= 0, got {self.max_batch}")
+        _check_positive(prefill_chunk=self.prefill_chunk)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     network: NetworkSettings
     store: StoreSettings = field(default_factory=StoreSettings)
@@ -110,8 +131,8 @@ class ServerConfig:
     # The decoder's defaults; a request may override the budget and the mode.
     evidence: EvidenceSettings = field(default_factory=EvidenceSettings)
     torch_threads: int | None = None  # None: torch's choice
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
 
     def __post_init__(self) -> None:
-        self.evidence.validate()
         if self.torch_threads is not None:
             _check_positive(torch_threads=self.torch_threads)

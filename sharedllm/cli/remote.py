@@ -20,10 +20,8 @@ from pathlib import Path
 from sharedllm.cli.evidence import format_citations, format_evidence
 from sharedllm.cli.observability import client_trace
 from sharedllm.cli.options import ClientArguments, EvidenceArguments, SamplingArguments
-from sharedllm.common.engine.params import SAMPLING_FIELDS
-from sharedllm.common.engine.results import Citation, Passage
-from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_pb2_grpc, decoder_pb2, decoder_pb2_grpc
-from sharedllm.common.rpc.client import as_dict, call_metadata, grounding_field, open_channel, remote_errors, upload
+from sharedllm.common.engine.results import CompressOutcome, Finished, TokenDelta
+from sharedllm.common.rpc.client import CompressorClient, DecoderClient
 
 CLIENT = ClientArguments()
 SAMPLING = SamplingArguments()
@@ -49,102 +47,101 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     CLIENT.add_arguments(parser.add_argument_group("service"))
 
 
-def call_options(args: argparse.Namespace) -> dict:
-    return {"metadata": call_metadata(args.api_key), "timeout": args.timeout_s}
+def client_options(args: argparse.Namespace) -> dict:
+    return {"api_key": args.api_key, "tls": CLIENT.tls.from_args(args), "timeout_s": args.timeout_s}
+
+
+def compressed_report(outcome: CompressOutcome) -> dict:
+    """`compress --json`: the CompressedContext message's field names, as the API documents them."""
+    t = outcome.timings
+    return {
+        "context_id": outcome.context_id,
+        "document_tokens": outcome.n_tokens,
+        "chunks": outcome.chunks,
+        "stored_bytes": outcome.stored_bytes,
+        "compression_ratio": outcome.compression_ratio,
+        "bytes_per_token": outcome.bytes_per_token,
+        "kv_cache_ratio": outcome.kv_cache_ratio,
+        "timings": {
+            "tokenize_seconds": t.tokenize_s,
+            "compress_seconds": t.compress_s,
+            "store_seconds": t.store_s,
+            "total_seconds": t.total_s,
+        },
+        "reused": outcome.reused,
+    }
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    options = compressor_pb2.CompressOptions(pin=args.pin)
-    if args.context_id is not None:
-        options.context_id = args.context_id
-    if args.ttl_s is not None:
-        options.ttl_seconds = args.ttl_s
     with (
         client_trace("compress"),
         args.document.open("rb") as document,
-        open_channel(args.target, CLIENT.tls.from_args(args)) as channel,
-        remote_errors(),
+        CompressorClient(args.target, **client_options(args)) as client,
     ):
-        stub = compressor_pb2_grpc.CompressorServiceStub(channel)
-        context = stub.CompressStream(upload(options, document), **call_options(args)).context
-    print(json.dumps(as_dict(context), indent=2) if args.json else context.context_id)
+        outcome = client.compress(document, context_id=args.context_id, ttl_s=args.ttl_s, pin=args.pin)
+    print(json.dumps(compressed_report(outcome), indent=2) if args.json else outcome.context_id)
     return 0
 
 
-def generate_request(args: argparse.Namespace) -> decoder_pb2.GenerateRequest:
-    params = SAMPLING.from_args(args)
-    sampling = {name: getattr(params, name) for name in SAMPLING_FIELDS if getattr(params, name) is not None}
-    request = decoder_pb2.GenerateRequest(
-        context_id=args.context,
-        prompt=args.prompt,
-        stop=params.stop,
-        disable_retrieval=args.no_retrieval,
-        grounding=grounding_field(params),
-        **sampling,
-    )
-    if args.evidence_tokens is not None:
-        request.evidence_tokens = args.evidence_tokens
-    if args.evidence_mode is not None:
-        request.evidence_mode = args.evidence_mode
-    return request
-
-
 def run_generate(args: argparse.Namespace) -> int:
-    request = generate_request(args)
+    params = SAMPLING.from_args(args)
+    options = {
+        "retrieval": not args.no_retrieval,
+        "evidence_tokens": args.evidence_tokens,
+        "evidence_mode": args.evidence_mode,
+    }
     started = time.perf_counter()
     first_token_s: float | None = None
-    text: list[str] = []
     token_ids: list[int] = []
-    last = decoder_pb2.GenerateResponse()
-    tls = CLIENT.tls.from_args(args)
-    with client_trace("generate"), open_channel(args.target, tls) as channel, remote_errors():
-        for response in decoder_pb2_grpc.DecoderServiceStub(channel).Generate(request, **call_options(args)):
-            if response.token_ids and first_token_s is None:
-                first_token_s = time.perf_counter() - started
-            text.append(response.text)
-            token_ids += response.token_ids
-            if not args.json:
-                print(response.text, end="", flush=True)
-            if response.finish_reason:
-                last = response
-    reason = decoder_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+    last: Finished | None = None
+    with client_trace("generate"), DecoderClient(args.target, **client_options(args)) as client:
+        for event in client.generate(args.context, args.prompt, params, **options):
+            if isinstance(event, Finished):
+                last = event
+            elif event.token_id is not None:
+                first_token_s = first_token_s or time.perf_counter() - started
+                token_ids.append(event.token_id)
+            if isinstance(event, TokenDelta) and not args.json:
+                print(event.text, end="", flush=True)
+    assert last is not None  # the client raises when the stream ends without its last message
     if args.json:
         report = {
-            "answer": "".join(text),
+            "answer": last.text,
             "token_ids": token_ids,
-            "finish_reason": reason,
-            "usage": as_dict(last.usage),
-            "timings": as_dict(last.timings),
-            "evidence": [as_dict(p) for p in last.evidence],
-            "citations": [as_dict(c) for c in last.citations],
+            "finish_reason": last.reason,
+            "usage": {
+                "prompt_tokens": last.prompt_tokens,
+                "completion_tokens": last.completion_tokens,
+                "context_tokens": last.context.tokens,
+                "context_chunks": last.context.chunks,
+                "context_bytes_read": last.context.bytes_read,
+                "context_nodes_cached": last.context.cached_nodes,
+                "evidence_tokens": last.evidence_tokens,
+            },
+            "timings": {
+                "context_load_seconds": last.timings.context_read_s,
+                "selection_seconds": last.timings.selection_s,
+                "prefill_seconds": last.timings.prefill_s,
+                "time_to_first_token_seconds": last.timings.time_to_first_token_s,
+                "decode_seconds": last.timings.decode_s,
+                "evidence_seconds": last.timings.evidence_s,
+            },
+            "evidence": [p.to_dict() for p in last.evidence],
+            "citations": [c.to_dict() for c in last.citations],
             "client_time_to_first_token_s": first_token_s,
         }
         print(json.dumps(report, indent=2))
         return 0
     print()
     if args.evidence:
-        passages = [
-            Passage(p.token_start, p.token_end, p.char_start, p.char_end, p.text, p.score) for p in last.evidence
-        ]
-        citations = [
-            Citation(
-                c.answer_start,
-                c.answer_end,
-                c.char_start,
-                c.char_end,
-                c.text,
-                c.evidence_index if c.HasField("evidence_index") else None,
-            )
-            for c in last.citations
-        ]
-        print("\n" + format_citations("".join(text), citations))
-        print("\n" + format_evidence(passages))
-    ttft = last.timings.time_to_first_token_seconds
+        print("\n" + format_citations(last.text, last.citations))
+        print("\n" + format_evidence(last.evidence))
+    read = last.context
     print(
-        f"[finish: {reason} | {last.usage.completion_tokens} tokens | first token {ttft:.3f} s (server) | "
-        f"context {last.usage.context_tokens} tokens, {last.usage.context_bytes_read / 1e6:.2f} MB read, "
-        f"evidence {last.usage.evidence_tokens} tokens, "
-        f"{last.usage.context_nodes_cached} nodes cached]",
+        f"[finish: {last.reason} | {last.completion_tokens} tokens | "
+        f"first token {last.timings.time_to_first_token_s:.3f} s (server) | "
+        f"context {read.tokens} tokens, {read.bytes_read / 1e6:.2f} MB read, "
+        f"evidence {last.evidence_tokens} tokens, {read.cached_nodes} nodes cached]",
         file=sys.stderr,
     )
     return 0

@@ -1,7 +1,9 @@
 """The argument groups of `sharedllm serve`: network and store, and the environment as defaults.
 
 Apart from options.py because they build the services' configuration, which brings the store
-and gRPC libraries; the clients and the embedded commands never need them.
+and gRPC libraries; the clients and the embedded commands never need them. Those libraries (and
+torch, which the store's codec needs) load in `from_args`, not with the parser, so that
+`serve --help` starts at once: a flag left unset takes the settings' own default there.
 """
 
 from __future__ import annotations
@@ -10,45 +12,62 @@ import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sharedllm.cli.observability import ObservabilityArguments
 from sharedllm.cli.options import TRUE_WORDS, EvidenceArguments, ModelArguments
 from sharedllm.common.engine.token_budget import BYTES_PER_TOKEN_BOUND
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.rpc.auth import ApiKeys
-from sharedllm.common.rpc.config import MIB, NetworkSettings, ServerConfig, StoreSettings
-from sharedllm.common.store import Quota, TenantQuotas
+
+if TYPE_CHECKING:
+    from sharedllm.common.rpc.config import NetworkSettings, ServerConfig, StoreSettings
+    from sharedllm.common.store import TenantQuotas
 
 ENV_PREFIX = "SHAREDLLM_"
 
 
-class NetworkArguments:
-    """Where a service listens, whom it admits, how it shuts down; --log-level."""
+def _given(args: argparse.Namespace, **fields: str) -> dict[str, Any]:
+    """Settings field -> value of its flag (field=flag dest), for the flags the command line or the
+    environment set; the others are left out, so that the settings' defaults apply."""
+    return {field: getattr(args, dest) for field, dest in fields.items() if getattr(args, dest) is not None}
 
-    def __init__(self, default_port: int) -> None:
+
+class NetworkArguments:
+    """Where a service listens, whom it admits, how it shuts down; --log-level. A flag left unset
+    takes NetworkSettings' default."""
+
+    def __init__(self, default_port: int, default_concurrent: int | None = None) -> None:
+        """default_concurrent: this service's --max-concurrent default (None: NetworkSettings'),
+        and twice it queued."""
         self.default_port = default_port
+        self.default_concurrent = default_concurrent
 
     def add_arguments(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-        d = NetworkSettings(port=self.default_port)
-        parser.add_argument("--host", default=d.host, help="address to listen on")
-        parser.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
-        parser.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest message")
+        parser.add_argument("--host", help="address to listen on")
+        parser.add_argument("--port", type=int, default=self.default_port, help="0 picks a free port")
+        parser.add_argument("--max-message-bytes", type=int, help="largest message")
+        concurrent = self.default_concurrent
         parser.add_argument(
-            "--max-concurrent", type=int, default=d.max_concurrent, help="Compress/Generate calls at once"
+            "--max-concurrent",
+            type=int,
+            default=concurrent,
+            help="Compress/Generate calls at once (default: %(default)s)",
         )
+        parser.add_argument(
+            "--max-queued",
+            type=int,
+            default=None if concurrent is None else 2 * concurrent,
+            help="calls waiting for a slot, first come first served, before RESOURCE_EXHAUSTED (default: %(default)s)",
+        )
+        parser.add_argument("--queue-timeout-s", type=float, help="the longest a call waits for a slot")
         parser.add_argument("--api-keys-file", type=Path, help="`TENANT KEY` per line; unset: no authentication")
-        parser.add_argument(
-            "--shutdown-grace-s", type=float, default=d.shutdown_grace_s, help="how long SIGTERM waits for calls"
-        )
+        parser.add_argument("--shutdown-grace-s", type=float, help="how long SIGTERM waits for calls")
         parser.add_argument(
             "--drain-delay-s",
             type=float,
-            default=d.drain_delay_s,
             help="after SIGTERM, NOT_SERVING this long with the port open (probes notice) before refusing calls",
         )
-        parser.add_argument(
-            "--health-interval-s", type=float, default=d.health_interval_s, help="how often the store is pinged"
-        )
+        parser.add_argument("--health-interval-s", type=float, help="how often the store is pinged")
         parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
         parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
         parser.add_argument(
@@ -57,37 +76,45 @@ class NetworkArguments:
         parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def from_args(self, args: argparse.Namespace) -> NetworkSettings:
+        from sharedllm.common.rpc.auth import ApiKeys
+        from sharedllm.common.rpc.config import NetworkSettings
+
+        settings = _given(
+            args,
+            host="host",
+            max_message_bytes="max_message_bytes",
+            max_concurrent="max_concurrent",
+            max_queued="max_queued",
+            queue_timeout_s="queue_timeout_s",
+            shutdown_grace_s="shutdown_grace_s",
+            drain_delay_s="drain_delay_s",
+        )
+        if args.health_interval_s is not None:
+            settings["health_interval_s"] = max(args.health_interval_s, 0.05)
         return NetworkSettings(
             port=args.port,
-            host=args.host,
-            max_message_bytes=args.max_message_bytes,
-            max_concurrent=args.max_concurrent,
             api_keys=ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.disabled(),
-            shutdown_grace_s=args.shutdown_grace_s,
-            drain_delay_s=args.drain_delay_s,
-            health_interval_s=max(args.health_interval_s, 0.05),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
+            **settings,
         )
 
 
 class StoreArguments:
-    """Where contexts live, their lifetime, the upload limit and the decoded-node cache."""
+    """Where contexts live, their lifetime, the upload limit and the decoded-node cache. A flag left
+    unset takes StoreSettings' default."""
 
     def add_arguments(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-        d = StoreSettings()
-        parser.add_argument("--store-url", default=d.url, help="redis://, rediss:// or memory://")
-        parser.add_argument("--default-ttl-s", type=float, default=d.default_ttl_s, help="context lifetime; 0: none")
+        parser.add_argument("--store-url", help="redis://, rediss:// or memory://")
+        parser.add_argument("--default-ttl-s", type=float, help="context lifetime; 0: none")
         parser.add_argument(
             "--max-document-bytes",
             type=int,
             default=0,
             help=f"largest document upload; 0: {BYTES_PER_TOKEN_BOUND} bytes per token of the token limit",
         )
-        parser.add_argument(
-            "--store-timeout-s", type=float, default=d.timeout_s, help="longest wait for one answer from Redis"
-        )
+        parser.add_argument("--store-timeout-s", type=float, help="longest wait for one answer from Redis")
         parser.add_argument(
             "--store-retries",
             type=int,
@@ -106,25 +133,30 @@ class StoreArguments:
         parser.add_argument(
             "--decoded-cache-mib",
             type=int,
-            default=d.decoded_cache_bytes // MIB,
             help="verified context nodes kept decoded in memory for repeat questions; 0: none",
         )
 
     def from_args(self, args: argparse.Namespace) -> StoreSettings:
-        if args.decoded_cache_mib < 0:
-            raise InvalidInput(f"--decoded-cache-mib must be >= 0, got {args.decoded_cache_mib}")
+        from sharedllm.common.rpc.config import MIB, StoreSettings
+
+        settings = _given(args, url="store_url", timeout_s="store_timeout_s")
+        if args.default_ttl_s is not None:
+            settings["default_ttl_s"] = args.default_ttl_s or None
+        if args.decoded_cache_mib is not None:
+            if args.decoded_cache_mib < 0:
+                raise InvalidInput(f"--decoded-cache-mib must be >= 0, got {args.decoded_cache_mib}")
+            settings["decoded_cache_bytes"] = args.decoded_cache_mib * MIB
         return StoreSettings(
-            url=args.store_url,
-            default_ttl_s=args.default_ttl_s or None,
             max_document_bytes=args.max_document_bytes or None,
-            decoded_cache_bytes=args.decoded_cache_mib * MIB,
-            timeout_s=args.store_timeout_s,
             retries=None if args.store_retries == -1 else args.store_retries,
             quotas=self._quotas(args),
+            **settings,
         )
 
     @staticmethod
     def _quotas(args: argparse.Namespace) -> TenantQuotas:
+        from sharedllm.common.store import Quota, TenantQuotas
+
         default = Quota(max_contexts=args.tenant_max_contexts or None, max_bytes=args.tenant_max_bytes or None)
         if args.tenant_quotas_file is None:
             return TenantQuotas(default)
@@ -138,8 +170,8 @@ class ServerArguments:
     the environment, which wins over the built-in default; `--help` names the variable of each.
     """
 
-    def __init__(self, default_port: int) -> None:
-        self.network = NetworkArguments(default_port)
+    def __init__(self, default_port: int, default_concurrent: int | None = None) -> None:
+        self.network = NetworkArguments(default_port, default_concurrent)
         self.store = StoreArguments()
         self.model = ModelArguments()
         self.evidence = EvidenceArguments(tuning=True)
@@ -150,17 +182,27 @@ class ServerArguments:
         model = parser.add_argument_group("model")
         self.model.add_arguments(model)
         model.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's choice)")
+        batching = parser.add_argument_group("batching (decoder)")
+        batching.add_argument(
+            "--max-batch", type=int, help="answers one model step carries (continuous batching); 0: none"
+        )
+        batching.add_argument(
+            "--prefill-chunk", type=int, help="largest piece of a prompt read between two decode steps (tokens)"
+        )
         self.evidence.add_arguments(parser.add_argument_group("evidence (decoder defaults; requests may override)"))
         ObservabilityArguments().add_arguments(parser.add_argument_group("telemetry"))
         apply_env_defaults(parser, environ)
 
     def from_args(self, args: argparse.Namespace) -> ServerConfig:
+        from sharedllm.common.rpc.config import BatchingSettings, ServerConfig
+
         return ServerConfig(
             network=self.network.from_args(args),
             store=self.store.from_args(args),
             model=self.model.from_args(args),
             evidence=self.evidence.from_args(args),
             torch_threads=args.torch_threads,
+            batching=BatchingSettings(**_given(args, max_batch="max_batch", prefill_chunk="prefill_chunk")),
         )
 
 

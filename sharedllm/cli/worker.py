@@ -40,16 +40,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     embedded.add_argument("--store-url", help="where contexts are stored (default: the broker's Redis)")
     embedded.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's choice)")
     work = parser.add_argument_group("jobs")
-    add_broker_argument(work)
-    d = BatchSettings()
-    work.add_argument("--queues", default=f"{COMPRESS_QUEUE},{GENERATE_QUEUE}", help="queues to take tasks from")
-    work.add_argument("--soft-time-limit-s", type=int, default=d.soft_time_limit_s, help="a task is asked to stop")
-    work.add_argument("--time-limit-s", type=int, default=d.time_limit_s, help="a task is killed")
-    work.add_argument(
-        "--visibility-timeout-s", type=int, default=d.visibility_timeout_s, help="an unacknowledged task returns"
-    )
-    work.add_argument("--max-retries", type=int, default=d.max_retries, help="on an unavailable or full service")
-    work.add_argument("--max-deliveries", type=int, default=d.max_deliveries, help="of a task whose worker died")
+    add_job_arguments(work)
     work.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     ObservabilityArguments().add_arguments(parser.add_argument_group("telemetry"))
     parser.add_argument("celery_args", nargs=argparse.REMAINDER, help="after --: options of `celery worker`")
@@ -57,15 +48,22 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     parser.set_defaults(handler=run_worker)
 
 
-def run_worker(args: argparse.Namespace) -> int:
-    from sharedllm.common.batch import tasks
-    from sharedllm.common.batch.app import app, configure
-    from sharedllm.common.errors import InvalidInput
+def add_job_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """The broker, queues and the limits of BatchSettings."""
+    add_broker_argument(group)
+    d = BatchSettings()
+    group.add_argument("--queues", default=f"{COMPRESS_QUEUE},{GENERATE_QUEUE}", help="queues to take tasks from")
+    group.add_argument("--soft-time-limit-s", type=int, default=d.soft_time_limit_s, help="a task is asked to stop")
+    group.add_argument("--time-limit-s", type=int, default=d.time_limit_s, help="a task is killed")
+    group.add_argument(
+        "--visibility-timeout-s", type=int, default=d.visibility_timeout_s, help="an unacknowledged task returns"
+    )
+    group.add_argument("--max-retries", type=int, default=d.max_retries, help="on an unavailable or full service")
+    group.add_argument("--max-deliveries", type=int, default=d.max_deliveries, help="of a task whose worker died")
 
-    remote = args.compressor or args.decoder
-    if args.embedded == bool(remote) or (remote and not (args.compressor and args.decoder)):
-        raise InvalidInput("choose --embedded, or both --compressor and --decoder")
-    settings = BatchSettings(
+
+def batch_settings(args: argparse.Namespace) -> BatchSettings:
+    return BatchSettings(
         broker_url=args.broker_url,
         soft_time_limit_s=args.soft_time_limit_s,
         time_limit_s=args.time_limit_s,
@@ -73,7 +71,27 @@ def run_worker(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         max_deliveries=args.max_deliveries,
     )
-    configure(app, settings)
+
+
+def settings_from_environment() -> BatchSettings:
+    """The settings a `sharedllm worker` started with no flags would use: defaults, overridden by
+    SHAREDLLM_<FLAG> variables (for Celery's own tools, which take no flags of ours)."""
+    parser = argparse.ArgumentParser(prog="sharedllm worker")
+    add_job_arguments(parser)
+    apply_env_defaults(parser)
+    return batch_settings(parser.parse_args([]))
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from sharedllm.common.batch import tasks
+    from sharedllm.common.batch.app import BatchApp
+    from sharedllm.common.errors import InvalidInput
+
+    remote = args.compressor or args.decoder
+    if args.embedded == bool(remote) or (remote and not (args.compressor and args.decoder)):
+        raise InvalidInput("choose --embedded, or both --compressor and --decoder")
+    app = BatchApp(batch_settings(args))
+    tasks.register(app)
     observability.start(args, "sharedllm-worker", celery=True)
     if args.embedded:
         choice, store_url, threads = MODEL.from_args(args), args.store_url or args.broker_url, args.torch_threads
@@ -96,12 +114,13 @@ def _embedded_backend(choice, store_url: str, threads: int | None):
     import torch
 
     from sharedllm.common.batch.backends import EmbeddedBackend
+    from sharedllm.common.engine.engine import Engine
     from sharedllm.common.runtime import ContextRuntime
     from sharedllm.common.store import open_store
 
     if threads:
         torch.set_num_threads(threads)
-    return EmbeddedBackend(ContextRuntime(choice.load(), open_store(store_url)))
+    return EmbeddedBackend(ContextRuntime(Engine.from_choice(choice), open_store(store_url)))
 
 
 def _remote_backend(compressor: str, decoder: str, api_key: str | None, tls: ClientTls | None):

@@ -157,7 +157,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("window_tokens", "max_document_tokens", "max_prompt_chars", "max_stop_strings", "max_stop_chars", "max_message_bytes", "max_concurrent_requests")
+    __slots__ = ("window_tokens", "max_document_tokens", "max_prompt_chars", "max_stop_strings", "max_stop_chars", "max_message_bytes", "max_concurrent_requests", "max_queued_requests", "queue_timeout_seconds", "max_batch")
     WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,9 @@ class ServerLimits(_message.Message):
     MAX_STOP_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     window_tokens: int
     max_document_tokens: int
     max_prompt_chars: int
@@ -172,10 +175,13 @@ class ServerLimits(_message.Message):
     max_stop_chars: int
     max_message_bytes: int
     max_concurrent_requests: int
-    def __init__(self, window_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ...) -> None: ...
+    max_queued_requests: int
+    queue_timeout_seconds: float
+    max_batch: int
+    def __init__(self, window_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., queue_timeout_seconds: _Optional[float] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("active_requests", "requests_total", "generated_tokens_total", "decoded_cache_bytes", "decoded_cache_capacity_bytes", "decoded_cache_hits", "decoded_cache_misses")
+    __slots__ = ("active_requests", "requests_total", "generated_tokens_total", "decoded_cache_bytes", "decoded_cache_capacity_bytes", "decoded_cache_hits", "decoded_cache_misses", "queued_requests", "refused_requests_total", "batch_rows", "last_batch_size", "last_step_seconds", "batch_steps_total")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +189,12 @@ class ServerStats(_message.Message):
     DECODED_CACHE_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DECODED_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     DECODED_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    LAST_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     requests_total: int
     generated_tokens_total: int
@@ -190,7 +202,13 @@ class ServerStats(_message.Message):
     decoded_cache_capacity_bytes: int
     decoded_cache_hits: int
     decoded_cache_misses: int
-    def __init__(self, active_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., decoded_cache_bytes: _Optional[int] = ..., decoded_cache_capacity_bytes: _Optional[int] = ..., decoded_cache_hits: _Optional[int] = ..., decoded_cache_misses: _Optional[int] = ...) -> None: ...
+    queued_requests: int
+    refused_requests_total: int
+    batch_rows: int
+    last_batch_size: int
+    last_step_seconds: float
+    batch_steps_total: int
+    def __init__(self, active_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., decoded_cache_bytes: _Optional[int] = ..., decoded_cache_capacity_bytes: _Optional[int] = ..., decoded_cache_hits: _Optional[int] = ..., decoded_cache_misses: _Optional[int] = ..., queued_requests: _Optional[int] = ..., refused_requests_total: _Optional[int] = ..., batch_rows: _Optional[int] = ..., last_batch_size: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., batch_steps_total: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("model_name", "model_fingerprint", "adapter_fingerprint", "adapter_trained", "tree_config", "limits", "stats", "store_url", "usage")

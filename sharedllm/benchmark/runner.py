@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from sharedllm.common.benchmark.measure import GRPC_METHOD
-from sharedllm.common.benchmark.services import GrpcTargets, GrpcUnavailable, cell_tenant, child_env, grpc_stack
-from sharedllm.common.benchmark.workload import QUESTIONS, document_tokens
+from sharedllm.benchmark.measure import GRPC_METHOD
+from sharedllm.benchmark.services import GrpcTargets, GrpcUnavailable, cell_tenant, child_env, grpc_stack
+from sharedllm.benchmark.workload import QUESTIONS, document_tokens
 
 METHOD_ORDER: tuple[str, ...] = ("sharedllm", GRPC_METHOD, "full", "streaming")  # rows of the report
 Cell = dict[str, Any]
@@ -318,7 +318,7 @@ def describe_machine(device: str | None) -> dict[str, Any]:
 def _run_cell(
     config: BenchConfig, tokens: Path, grpc: GrpcTargets | None, repeat: int, length: int, method: str
 ) -> Cell:
-    args = [sys.executable, "-m", "sharedllm.common.benchmark.cell", "--method", method, "--length", str(length)]
+    args = [sys.executable, "-m", "sharedllm.benchmark.cell", "--method", method, "--length", str(length)]
     args += ["--tokens", str(tokens), "--repeat", str(repeat), "--max-new-tokens", str(config.max_new_tokens)]
     args += config.model_flags()
     env = child_env(config.threads)

@@ -1,6 +1,6 @@
 """One measurement cell: one method, one document length, one repetition, in a process of its own.
 
-    python -m sharedllm.common.benchmark.cell --method full --length 8192 --tokens doc.npy --repeat 0
+    python -m sharedllm.benchmark.cell --method full --length 8192 --tokens doc.npy --repeat 0
 
 prints one JSON object. Why a process per cell: peak memory is then the cell's own, never a
 previous cell's, and no method inherits another's warm caches or fragmented heap.
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from sharedllm.common.benchmark.measure import GRPC_METHOD, LOCAL_METHODS, measure, warm_up
+from sharedllm.benchmark.measure import GRPC_METHOD, LOCAL_METHODS, measure, warm_up
 
 
 def run_cell(args: argparse.Namespace) -> dict[str, Any]:
@@ -27,22 +27,20 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"{args.tokens} holds {len(tokens)} tokens; the cell needs {args.length}")
     cell: dict[str, Any] = {"method": args.method, "length": args.length, "repeat": args.repeat}
     if args.method == GRPC_METHOD:
-        from sharedllm.common.benchmark.remote import RemoteSharedLLM
+        from sharedllm.benchmark.remote import RemoteSharedLLM
 
         api_key = os.environ.get("SHAREDLLM_API_KEY")
         with RemoteSharedLLM(args.compressor, args.decoder, args.max_new_tokens, api_key) as remote:
             warm_up(remote, tokens)
             cell["metrics"] = measure(remote, tokens)
         return cell
-    from sharedllm.common.benchmark.local import measure_local
+    from sharedllm.benchmark.local import measure_local
 
     return {**cell, **measure_local(args, tokens)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sharedllm.common.benchmark.cell", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m sharedllm.benchmark.cell", description=__doc__.split("\n")[0])
     parser.add_argument("--method", required=True, choices=(*LOCAL_METHODS, GRPC_METHOD))
     parser.add_argument("--length", type=int, required=True, help="document tokens")
     parser.add_argument("--tokens", type=Path, required=True, help=".npy of the document's token ids")

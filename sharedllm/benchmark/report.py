@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sharedllm.common.benchmark.runner import RATIOS
+from sharedllm.benchmark.runner import RATIOS
 
 MIB = 1 << 20
 # (column title, metric, scale): the medians table, one row per (length, method)

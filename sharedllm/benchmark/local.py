@@ -23,17 +23,17 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers.utils import logging as hf_logging
 
+from sharedllm.benchmark.measure import WARM_UP_TOKENS, Answer, Method, Stored, measure, warm_up
 from sharedllm.common.baselines.streaming import DEFAULT_SINKS, StreamingLLM
-from sharedllm.common.benchmark.measure import WARM_UP_TOKENS, Answer, Method, Stored, measure, warm_up
-from sharedllm.common.benchmark.memory import PeakMemory, resident_bytes
 from sharedllm.common.engine.engine import Engine
-from sharedllm.common.engine.generation import Step, decode, run_to_end
+from sharedllm.common.engine.generation import Step, decode
 from sharedllm.common.engine.llama import LlamaBody
 from sharedllm.common.engine.params import SamplingParams, free_generation
-from sharedllm.common.engine.results import Finished
+from sharedllm.common.engine.results import Finished, run_to_end
 from sharedllm.common.model_loading import dtype_from_name
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import full_kv_cache_bytes, new_context_id, open_store
+from sharedllm.common.telemetry.memory import PeakMemory, resident_bytes
 
 PROMPT_ROOM = 512  # cache slots kept after the document for a question's prompt (questions are short)
 
@@ -64,7 +64,9 @@ def greedy_answer(engine: Engine, step: Step, question: str, max_new_tokens: int
     params = free_generation(SamplingParams(max_new_tokens=max_new_tokens))
     prompt = engine.prompt_ids(question)
     body = engine.body
-    events = decode(step, body.logits, prompt, params, engine.decoder.eos_ids, engine.decode_text, body.device)
+    events = decode(
+        lambda ids: body.logits(step(ids)), prompt, params, engine.decoder.eos_ids, engine.decode_text, body.device
+    )
     return answer_of(run_to_end(events), time.perf_counter() - started)
 
 

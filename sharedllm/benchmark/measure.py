@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sharedllm.common.benchmark.workload import QUESTIONS
+from sharedllm.benchmark.workload import QUESTIONS
 
 LOCAL_METHODS: tuple[str, ...] = ("sharedllm", "full", "streaming")
 GRPC_METHOD = "grpc"  # SharedLLM through the gRPC services and Redis, against embedded `sharedllm`

@@ -1,0 +1,193 @@
+"""Continuous batching: one thread owns the model's steps, and every answer in flight shares them.
+
+Each answer still runs its own decode loop (generation.decode: sampling, grounding, stop
+strings, the loop guard) in its caller's thread; only its model steps come here. The scheduler
+thread takes, per iteration, the next token of every answer that is waiting for one (oldest
+first, at most `max_batch`) and runs them as one batched step (Decoder.step_rows: the weights
+are read once for all rows), then one piece of at most `prefill_chunk` tokens of the oldest
+prompt still being read, so a long prompt never stalls the answers already decoding. An answer
+joins when its first step arrives and leaves when its loop ends or its caller stops listening;
+its KV cache is its own and goes with it.
+
+Rows are independent: a row's attention and injection read only its own cache and tree, and the
+batched projections compute each row's output from that row alone, so an answer is the same
+whether it ran alone or beside others (the suite checks greedy answers token for token).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from sharedllm.common.engine.decoder import Decoder, Injection
+from sharedllm.common.engine.generation import decode
+from sharedllm.common.engine.grounding import GroundedAnswer
+from sharedllm.common.engine.llama import KVCache
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import Finished, TokenDelta
+from sharedllm.common.telemetry import metrics
+
+DEFAULT_MAX_BATCH = 16
+DEFAULT_PREFILL_CHUNK = 256
+# How long an iteration waits for answers that are between two steps (sampling their last token)
+# before it runs without them: long enough for a sampler, short against a step.
+GATHER_S = 0.002
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """What the scheduler is doing, for GetServerInfo and the metrics."""
+
+    rows: int  # answers in flight (decoding, reading their prompt, or between steps)
+    last_batch: int  # rows in the last batched step
+    steps: int  # batched steps run
+    step_seconds: float  # the last batched step's duration
+    prefill_chunks: int
+
+
+@dataclass(eq=False)
+class _Row:
+    """One answer's state on the scheduler's side."""
+
+    cache: KVCache
+    injection: Injection | None
+    pending: list[int] = field(default_factory=list)  # tokens to feed before the next result
+    arrived: float = 0.0  # when `pending` was set: the oldest is served first
+    done: threading.Event = field(default_factory=threading.Event)
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class Scheduler:
+    """Runs the decoder's steps for every answer in flight, in one thread (see the module doc)."""
+
+    def __init__(
+        self, decoder: Decoder, *, max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    ) -> None:
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
+        self.decoder = decoder
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self._lock = threading.Condition()
+        self._rows: list[_Row] = []
+        self._stopped = False
+        self._last_batch = 0
+        self._steps = 0
+        self._step_s = 0.0
+        self._prefill_chunks = 0
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        injection: Injection | None,
+        params: SamplingParams,
+        decode_text: Callable[[list[int]], str],
+        grounding: GroundedAnswer | None = None,
+    ) -> Iterator[TokenDelta | Finished]:
+        """Decoder.generate's answer, its model steps batched with the other answers in flight."""
+        row = _Row(self.decoder.body.new_cache(len(prompt_ids) + params.max_new_tokens), injection)
+        with self._lock:
+            self._rows.append(row)
+        try:
+            device = self.decoder.body.device
+            yield from decode(lambda ids: self._step(row, ids), prompt_ids, params, self.decoder.eos_ids,
+                              decode_text, device, grounding)  # fmt: skip
+        finally:
+            with self._lock:
+                self._rows.remove(row)
+
+    def stats(self) -> SchedulerStats:
+        with self._lock:
+            return SchedulerStats(len(self._rows), self._last_batch, self._steps, self._step_s, self._prefill_chunks)
+
+    def close(self) -> None:
+        """Stop the thread; answers still waiting for a step get an error."""
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        self._thread.join(timeout=10)
+
+    def _step(self, row: _Row, ids: list[int]) -> torch.Tensor:
+        """Hand `ids` to the scheduler and wait for the logits after the last of them."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the scheduler has stopped")
+            row.pending, row.arrived, row.result, row.error = list(ids), time.perf_counter(), None, None
+            row.done.clear()
+            self._lock.notify_all()
+        row.done.wait()
+        if row.error is not None:
+            raise row.error
+        assert row.result is not None
+        return row.result
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not any(r.pending for r in self._rows):
+                    self._lock.wait()
+                if self._stopped:
+                    for row in self._rows:
+                        row.error = RuntimeError("the scheduler has stopped")
+                        row.done.set()
+                    return
+                self._gather()
+                waiting = sorted((r for r in self._rows if r.pending), key=lambda r: r.arrived)
+                decoding = [r for r in waiting if len(r.pending) == 1 and r.cache.length > 0][: self.max_batch]
+                reading = next((r for r in waiting if r not in decoding), None)
+            if decoding:
+                self._decode(decoding)
+            if reading is not None:
+                self._prefill(reading)
+
+    def _gather(self) -> None:
+        """Wait (briefly, the lock released) for rows between two steps, so they join this batch."""
+        deadline = time.perf_counter() + GATHER_S
+        while any(not r.pending for r in self._rows) and (left := deadline - time.perf_counter()) > 0:
+            self._lock.wait(left)
+
+    def _decode(self, rows: list[_Row]) -> None:
+        started = time.perf_counter()
+        try:
+            logits = self.decoder.step_rows([r.pending[0] for r in rows], [r.cache for r in rows],
+                                            [r.injection for r in rows])  # fmt: skip
+        except BaseException as exc:  # each row's caller raises it
+            for row in rows:
+                self._finish(row, None, exc)
+            return
+        seconds = time.perf_counter() - started
+        metrics.BATCH_ROWS.set(len(rows))
+        metrics.STEP_SECONDS.observe(seconds)
+        with self._lock:
+            self._last_batch, self._steps, self._step_s = len(rows), self._steps + 1, seconds
+        for index, row in enumerate(rows):
+            self._finish(row, logits[index], None)
+
+    def _prefill(self, row: _Row) -> None:
+        """The next piece of a row's prompt; its logits once the whole prompt is read."""
+        piece, rest = row.pending[: self.prefill_chunk], row.pending[self.prefill_chunk :]
+        try:
+            ids = torch.tensor([piece], dtype=torch.long, device=self.decoder.body.device)
+            h = self.decoder.forward(ids, row.cache.length, row.cache, row.injection)
+            logits = self.decoder.body.logits(h[0, -1]) if not rest else None
+        except BaseException as exc:
+            self._finish(row, None, exc)
+            return
+        with self._lock:
+            self._prefill_chunks += 1
+            row.pending = rest
+        if logits is not None:
+            self._finish(row, logits, None)
+
+    def _finish(self, row: _Row, result: torch.Tensor | None, error: BaseException | None) -> None:
+        with self._lock:
+            row.pending, row.result, row.error = [], result, error
+        row.done.set()

@@ -1,0 +1,121 @@
+"""Continuous batching (engine/scheduler.py): answers in flight together are the answers alone.
+
+The tiny model with an adapter whose injection changes the output, several documents of
+different lengths at once (so rows differ in prompt length, cache length and tree), questions
+with excerpts in the window (the answer's steps read no tree) and without (every step reads it).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sharedllm.common.engine.engine import Engine
+from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import Finished, TokenDelta
+from sharedllm.common.runtime import ContextRuntime
+from sharedllm.common.store import open_store
+
+DOCUMENTS = [
+    "The cat sat on the mat. The dog lay by the door. " * 12,
+    "Ruth gleaned in the field of Boaz until the end of the barley harvest. " * 25,
+    "A short note: the meeting moved to Thursday at nine. " * 4,
+]
+QUESTIONS = ["Where is the cat?", "Who gleaned in the field?", "When is the meeting?", "What happened?"]
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_model_dir, tiny_adapter):
+    engine = Engine.load(model=str(tiny_model_dir), adapter=tiny_adapter)
+    runtime = ContextRuntime(engine, open_store("memory://"), default_ttl_s=None)
+    runtime.context_ids = [runtime.compress_text(text).context_id for text in DOCUMENTS]
+    yield runtime
+    if engine.scheduler is not None:
+        engine.scheduler.close()
+
+
+def requests(runtime) -> list[tuple[str, str, SamplingParams, int]]:
+    """(context id, question, params, evidence tokens): three documents, with and without excerpts,
+    greedy and seeded sampling, answers of different lengths."""
+    free = {"grounding": "off", "loop_guard": 0, "max_sentences": 0}
+    made = []
+    for i, context_id in enumerate(runtime.context_ids):
+        for j, question in enumerate(QUESTIONS[:3]):
+            sampling = {"temperature": 0.9, "top_p": 0.95, "seed": 7 + j} if (i + j) % 3 == 2 else {}
+            params = SamplingParams(max_new_tokens=6 + 5 * j, **free, **sampling)
+            made.append((context_id, question, params, 0 if (i + j) % 2 else 64))
+    return made
+
+
+def answer(runtime, request) -> tuple[list[int], str, str]:
+    context_id, question, params, evidence = request
+    events = list(runtime.generate(context_id, question, params, evidence_tokens=evidence))
+    ids = [e.token_id for e in events if isinstance(e, TokenDelta) and e.token_id is not None]
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    return ids, finished.text, finished.reason
+
+
+def test_answers_batched_are_the_answers_alone(runtime):
+    engine = runtime.engine
+    assert engine.scheduler is None
+    work = requests(runtime)
+    unbatched = [answer(runtime, r) for r in work]  # the one-answer decoder, no scheduler
+    engine.start_batching(max_batch=4, prefill_chunk=32)
+    alone = [answer(runtime, r) for r in work]
+    with ThreadPoolExecutor(len(work)) as pool:
+        together = list(pool.map(lambda r: answer(runtime, r), work))
+    stats = engine.scheduler.stats()
+    assert together == alone == unbatched
+    assert all(len(ids) > 0 for ids, _, _ in together)
+    assert stats.rows == 0 and stats.steps > 0 and stats.prefill_chunks > len(work)  # prompts came in pieces
+    assert 1 <= stats.last_batch <= 4
+
+
+def test_a_cancelled_answer_leaves_the_others_intact(runtime):
+    engine = runtime.engine
+    engine.start_batching(max_batch=4, prefill_chunk=32)
+    work = requests(runtime)[:5]
+    alone = [answer(runtime, r) for r in work]
+    stop_after = 2
+    started = threading.Barrier(len(work))
+
+    def cancelled() -> int:
+        context_id, question, params, evidence = work[0]
+        params = SamplingParams(**{**params.__dict__, "max_new_tokens": 64})
+        events = runtime.generate(context_id, question, params, evidence_tokens=evidence)
+        started.wait()
+        taken = 0
+        for event in events:
+            taken += isinstance(event, TokenDelta)
+            if taken == stop_after:
+                events.close()  # the caller left: its row leaves at the next step
+                break
+        return taken
+
+    def others(request):
+        started.wait()
+        return answer(runtime, request)
+
+    with ThreadPoolExecutor(len(work) + 1) as pool:
+        gone = pool.submit(cancelled)
+        rest = list(pool.map(others, work[1:]))
+    assert gone.result() == stop_after
+    assert rest == alone[1:]
+    assert engine.scheduler.stats().rows == 0  # the cancelled row's cache went with it
+
+
+def test_a_failing_step_fails_its_answer_only(runtime):
+    """An error in the scheduler's thread (here a token id the model does not have) is raised to
+    that answer's caller; the scheduler goes on serving the others."""
+    engine = runtime.engine
+    engine.start_batching(max_batch=4, prefill_chunk=32)
+    params = SamplingParams(max_new_tokens=4, grounding="off")
+    broken = engine.scheduler.generate([1, 2, engine.body.embed.num_embeddings + 5], None, params, engine.decode_text)
+    with pytest.raises(IndexError):
+        list(broken)
+    work = requests(runtime)[0]
+    assert answer(runtime, work)[0]
+    assert engine.scheduler.stats().rows == 0
