@@ -102,14 +102,17 @@ $BIN/python bench/demo_questions.py --json "$EV/demo-questions.json" | tee "$EV/
 
 # 6. Batch jobs (the Celery issue): summaries of the held-out narratives checked for names (the
 #    product against the base model on the first window), documents per minute of 32K-token
-#    documents with the embedded worker and with the services, and one decoder's questions per
-#    second for the capacity table.
+#    documents with the embedded worker and with the services.
 BA="$OUT/batch"
 mkdir -p "$BA"
 $BIN/sharedllm eval summary --json "$BA/summary.json" | tee "$BA/summary.txt"
 $BIN/python bench/batch_throughput.py --documents 2 --tokens 32768 --json "$BA/throughput.json" | tee "$BA/throughput.txt"
-$BIN/python bench/decoder_load.py --tokens 32768 --questions 16 --concurrency 1 2 4 \
-  --json "$BA/decoder_load.json" | tee "$BA/decoder_load.txt"
+
+# 6b. One decoder under many clients (continuous batching), with one client against a decoder
+#     without batching first, in the same run.
+mkdir -p "$OUT/concurrency"
+$BIN/sharedllm bench --concurrency 1 2 4 8 16 --load-tokens 8192 --documents 4 --questions 2 \
+  --max-new-tokens 64 --threads 2 --json "$OUT/concurrency/cpu-64.json" | tee "$OUT/concurrency/cpu-64.txt"
 
 # 7. Tracing (the observability issue): its cost on a repeat question, and one question's spans.
 mkdir -p "$OUT/telemetry"

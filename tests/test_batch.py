@@ -190,6 +190,12 @@ def test_jobs_complete_embedded_and_over_grpc_with_the_same_results(
         loop.close()
     assert comparable(client.results(remote_job)) == comparable(results)
 
+    # Three documents at once in one embedded worker: their answers share batched model steps.
+    with worker(redis.url, log, *embedded(tiny_model_dir, tiny_adapter), "--documents-in-flight", "3"):
+        batched_job = client.submit(read_documents(docs), SPEC)
+        wait_for(client, batched_job, log)
+    assert comparable(client.results(batched_job)) == comparable(results)
+
 
 def test_a_killed_worker_loses_nothing_and_repeats_nothing(tiny_model_dir, tiny_adapter, make_redis_server, tmp_path):
     redis = make_redis_server()

@@ -119,3 +119,34 @@ def test_grpc_stack_without_redis_server_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server on it
     with pytest.raises(GrpcUnavailable, match="redis-server is not installed"), grpc_stack(tmp_path, [], None, []):
         pass
+
+
+def test_bench_concurrency_end_to_end(tiny_model_dir, tiny_adapter, tmp_path, capsys):
+    """`sharedllm bench --concurrency`: both workloads at every level, the unbatched baseline in the
+    same run, ratios against one client, and a table."""
+    report_path = tmp_path / "load.json"
+    argv = ["bench", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--concurrency", "1", "3"]
+    argv += ["--load-tokens", "256", "--documents", "2", "--questions", "1", "--max-new-tokens", "6"]
+    argv += ["--max-batch", "2", "--threads", "1", "--json", str(report_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert set(report["batched"]) == set(report["unbatched"]) == {"same document", "different documents"}
+    for workload, levels in report["batched"].items():
+        assert [level["clients"] for level in levels] == [1, 3]
+        for level in levels:
+            assert level["answered"] == level["requests"] == level["clients"] and level["refused"] == {}
+            assert level["tokens"] > 0 and level["ttft_p95_s"] >= level["ttft_p50_s"] > 0
+        assert report["ratios"][workload]["1"]["tokens_per_s"] == 1.0
+        assert report["ratios"][workload]["one client, batched / unbatched tokens/s"] > 0
+    assert "| same document | 3 |" in out and "no batching" in out
+
+
+def test_a_refused_request_is_a_counted_result():
+    """A level whose calls all fail reports them by status code; nothing raises."""
+    from sharedllm.benchmark.load import LoadConfig, run_level
+
+    level = run_level("127.0.0.1:1", "key", ["ctx"], 2, LoadConfig(concurrency=(2,), questions=1, max_new_tokens=2))
+    assert level["answered"] == 0 and level["tokens"] == 0
+    assert sum(level["refused"].values()) == 2 and set(level["refused"]) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert level["ttft_p95_s"] is None

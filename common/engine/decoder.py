@@ -126,39 +126,52 @@ class Decoder:
         return h
 
     def step_rows(
-        self, tokens: Sequence[int], caches: Sequence[KVCache], injections: Sequence[Injection | None]
+        self, pieces: Sequence[Sequence[int]], caches: Sequence[KVCache], injections: Sequence[Injection | None]
     ) -> torch.Tensor:
-        """One decode step of several answers at once; logits [B, vocab].
+        """One model step of several answers at once; the logits after each piece's last token [B, vocab].
 
-        Row b feeds tokens[b] at the next position of caches[b] and reads injections[b]. The
-        projections, MLPs and the head run on all rows together (the weights are read once per
-        step, which is what batching buys); attention and the injection's cross-attention run row
-        by row over each row's own cache and tree, exactly as the row would alone, with no padding.
+        Row b feeds pieces[b] (one token while it decodes, a piece of its prompt while it reads it)
+        at the next positions of caches[b], reading injections[b]. The pieces are packed into one
+        sequence for the projections, MLPs and the head, so the weights are read once per step for
+        every row (what batching buys); attention and the injection's cross-attention run row by
+        row over each row's own cache and tree, exactly as the row would alone, with no padding.
         """
         body = self.body
         device = body.device
-        b = len(tokens)
         starts = [cache.length for cache in caches]
-        h = body.embed(torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1))
-        cos, sin = body.rope(torch.tensor(starts, device=device).unsqueeze(1))
-        hooks = [self._hook(injection, start, 1) for injection, start in zip(injections, starts, strict=True)]
-        reading = [(row, hook) for row, hook in enumerate(hooks) if hook is not None]
+        bounds = [0]
+        for piece in pieces:
+            bounds.append(bounds[-1] + len(piece))
+        ids = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long, device=device)
+        positions = torch.cat(
+            [
+                torch.arange(start, start + len(piece), device=device)
+                for start, piece in zip(starts, pieces, strict=True)
+            ]
+        )
+        h = body.embed(ids).unsqueeze(0)  # [1, T, hidden]: every row's tokens, one after another
+        cos, sin = body.rope(positions.unsqueeze(0))
+        rows = list(zip(bounds, bounds[1:], starts, caches, strict=False))
+        hooks = [
+            self._hook(inj, start, len(piece)) for inj, start, piece in zip(injections, starts, pieces, strict=True)
+        ]
+        reading = [(lo, hi, hook) for (lo, hi, _, _), hook in zip(rows, hooks, strict=True) if hook is not None]
         for i in range(body.n_layers):
             q, k, v = body.project(i, h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             heads = []
-            for row, cache in enumerate(caches):
-                keys, values = cache.update(i, k[row : row + 1], v[row : row + 1])
-                heads.append(body.attention_heads(i, q[row : row + 1], keys, values, starts[row]))
-            h = h + body.layers[i].self_attn.o_proj(torch.cat(heads).transpose(1, 2).reshape(b, 1, -1))
-            for row, hook in reading:
-                extra = hook(i, h[row : row + 1])
+            for lo, hi, start, cache in rows:
+                keys, values = cache.update(i, k[:, :, lo:hi], v[:, :, lo:hi])
+                heads.append(body.attention_heads(i, q[:, :, lo:hi], keys, values, start))
+            h = h + body.layers[i].self_attn.o_proj(torch.cat(heads, dim=2).transpose(1, 2).reshape(1, bounds[-1], -1))
+            for lo, hi, hook in reading:
+                extra = hook(i, h[:, lo:hi])
                 if extra is not None:
-                    h[row : row + 1] += extra
+                    h[:, lo:hi] += extra
             h = h + body.mlp(i, h)
-        for cache in caches:
-            cache.advance(1)
-        return body.logits(h[:, 0])
+        for cache, piece in zip(caches, pieces, strict=True):
+            cache.advance(len(piece))
+        return body.logits(h[0, [hi - 1 for hi in bounds[1:]]])
 
     def generate(
         self,

@@ -3,9 +3,11 @@
 Each answer still runs its own decode loop (generation.decode: sampling, grounding, stop
 strings, the loop guard) in its caller's thread; only its model steps come here. The scheduler
 thread takes, per iteration, the next token of every answer that is waiting for one (oldest
-first, at most `max_batch`) and runs them as one batched step (Decoder.step_rows: the weights
-are read once for all rows), then one piece of at most `prefill_chunk` tokens of the oldest
-prompt still being read, so a long prompt never stalls the answers already decoding. An answer
+first, at most `max_batch`) and a piece of at most `prefill_chunk` tokens of the oldest prompt
+still being read, and runs them as one step (Decoder.step_rows: the rows' tokens packed into one
+sequence, so the weights are read once for all of them). A long prompt is read a piece per step
+(chunked prefill), so it never stalls the answers already decoding for longer than one piece;
+with nothing decoding it is read at once. An answer
 joins when its first step arrives and leaves when its loop ends or its caller stops listening;
 its KV cache is its own and goes with it.
 
@@ -32,7 +34,8 @@ from sharedllm.common.engine.results import Finished, TokenDelta
 from sharedllm.common.telemetry import metrics
 
 DEFAULT_MAX_BATCH = 16
-DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFILL_CHUNK = 64  # the bench's trade: longer pieces read prompts faster, stall decoding longer
+MAX_PIECE = 4096  # the most prompt tokens one step reads when nothing else is decoding
 # How long an iteration waits for answers that are between two steps (sampling their last token)
 # before it runs without them: long enough for a sampler, short against a step.
 GATHER_S = 0.002
@@ -143,10 +146,7 @@ class Scheduler:
                 waiting = sorted((r for r in self._rows if r.pending), key=lambda r: r.arrived)
                 decoding = [r for r in waiting if len(r.pending) == 1 and r.cache.length > 0][: self.max_batch]
                 reading = next((r for r in waiting if r not in decoding), None)
-            if decoding:
-                self._decode(decoding)
-            if reading is not None:
-                self._prefill(reading)
+            self._step_batch(decoding, reading)
 
     def _gather(self) -> None:
         """Wait (briefly, the lock released) for rows between two steps, so they join this batch."""
@@ -154,11 +154,17 @@ class Scheduler:
         while any(not r.pending for r in self._rows) and (left := deadline - time.perf_counter()) > 0:
             self._lock.wait(left)
 
-    def _decode(self, rows: list[_Row]) -> None:
+    def _step_batch(self, decoding: list[_Row], reading: _Row | None) -> None:
+        """One model step: the next token of every decoding row, and the next piece of one prompt."""
+        rows = decoding + ([reading] if reading is not None else [])
+        if not rows:
+            return
+        # A prompt is cut into pieces only while other answers decode: alone, it is read at once.
+        chunk = self.prefill_chunk if decoding else MAX_PIECE
+        pieces = [r.pending[:chunk] for r in rows]
         started = time.perf_counter()
         try:
-            logits = self.decoder.step_rows([r.pending[0] for r in rows], [r.cache for r in rows],
-                                            [r.injection for r in rows])  # fmt: skip
+            logits = self.decoder.step_rows(pieces, [r.cache for r in rows], [r.injection for r in rows])
         except BaseException as exc:  # each row's caller raises it
             for row in rows:
                 self._finish(row, None, exc)
@@ -168,24 +174,14 @@ class Scheduler:
         metrics.STEP_SECONDS.observe(seconds)
         with self._lock:
             self._last_batch, self._steps, self._step_s = len(rows), self._steps + 1, seconds
-        for index, row in enumerate(rows):
-            self._finish(row, logits[index], None)
-
-    def _prefill(self, row: _Row) -> None:
-        """The next piece of a row's prompt; its logits once the whole prompt is read."""
-        piece, rest = row.pending[: self.prefill_chunk], row.pending[self.prefill_chunk :]
-        try:
-            ids = torch.tensor([piece], dtype=torch.long, device=self.decoder.body.device)
-            h = self.decoder.forward(ids, row.cache.length, row.cache, row.injection)
-            logits = self.decoder.body.logits(h[0, -1]) if not rest else None
-        except BaseException as exc:
-            self._finish(row, None, exc)
-            return
-        with self._lock:
-            self._prefill_chunks += 1
-            row.pending = rest
-        if logits is not None:
-            self._finish(row, logits, None)
+            self._prefill_chunks += reading is not None
+        for index, (row, piece) in enumerate(zip(rows, pieces, strict=True)):
+            rest = row.pending[len(piece) :]
+            if rest:  # the prompt goes on: its logits so far mean nothing yet
+                with self._lock:
+                    row.pending = rest
+            else:
+                self._finish(row, logits[index], None)
 
     def _finish(self, row: _Row, result: torch.Tensor | None, error: BaseException | None) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sharedllm.common.config import ConfigError, ModelChoice
 from sharedllm.common.engine.params import EvidenceSettings
+from sharedllm.common.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK
 from sharedllm.common.rpc.auth import ApiKeys
 from sharedllm.common.rpc.tls import check_key_pair
 from sharedllm.common.store import DEFAULT_TIMEOUT_S, ContextStore, TenantQuotas, open_store
@@ -114,8 +115,8 @@ class BatchingSettings:
     carries, and the largest piece of a prompt read between two steps. max_batch 0: no scheduler,
     each answer steps the model on its own."""
 
-    max_batch: int = 16
-    prefill_chunk: int = 256
+    max_batch: int = DEFAULT_MAX_BATCH
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
     def __post_init__(self) -> None:
         if self.max_batch < 0:

@@ -126,13 +126,19 @@ def private_redis(workdir: Path, env: dict[str, str] | None = None) -> Iterator[
 
 @contextmanager
 def grpc_stack(
-    workdir: Path, model_flags: Sequence[str], threads: int | None, tenants: Sequence[str]
+    workdir: Path,
+    model_flags: Sequence[str],
+    threads: int | None,
+    tenants: Sequence[str],
+    serve_flags: Sequence[str] = (),
 ) -> Iterator[GrpcTargets]:
     """Start redis-server and both services on free loopback ports; stop them all on exit.
 
     model_flags: the `--model/--adapter/--device/--dtype` flags the cells get, so both paths run
-    the same model, adapter and precision. tenants: one API key is made for each.
+    the same model, adapter and precision. tenants: one API key is made for each. serve_flags:
+    more `sharedllm serve` flags for both services (admission, batching).
     """
+    workdir.mkdir(parents=True, exist_ok=True)
     api_keys = {tenant: secrets.token_urlsafe(24) for tenant in tenants}
     keys_file = workdir / "api-keys"
     keys_file.write_text("".join(f"{tenant} {key}\n" for tenant, key in api_keys.items()))
@@ -147,6 +153,7 @@ def grpc_stack(
             args = [sys.executable, "-m", "sharedllm", "serve", service, "--host", "127.0.0.1"]
             args += ["--port", str(service_port), "--store-url", store_url, "--log-level", "WARNING", *model_flags]
             args += ["--api-keys-file", str(keys_file), "--drain-delay-s", "0"]  # a private stack: no one to warn
+            args += serve_flags
             if threads:
                 args += ["--torch-threads", str(threads)]
             log = workdir / f"{service}.log"

@@ -1,6 +1,8 @@
-"""`sharedllm bench`: SharedLLM against full attention and StreamingLLM, in one run.
+"""`sharedllm bench`: SharedLLM against full attention and StreamingLLM, in one run; or, with
+--concurrency, one decoder under many clients at once (continuous batching).
 
 sharedllm bench --json bench/results/serving.json --plot-dir bench/results
+sharedllm bench --concurrency 1 2 4 8 16 --json bench/results/concurrency/cpu.json
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sharedllm.benchmark.load import LoadConfig, format_load, run_load
 from sharedllm.benchmark.measure import GRPC_METHOD, LOCAL_METHODS
 from sharedllm.benchmark.report import format_table, write_json, write_plots
 from sharedllm.benchmark.runner import BenchConfig, run_benchmark
@@ -53,6 +56,20 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
         help="torch threads in every cell and service (default: torch's choice). Where other jobs share the "
         "cores, 1 is far faster: oversubscribed threads slow the many small ops of decoding many times over",
     )
+    load = p.add_argument_group("concurrency (one decoder, many clients, over gRPC)")
+    load.add_argument(
+        "--concurrency", type=int, nargs="+", metavar="CLIENTS", help="measure these numbers of clients at once"
+    )
+    load.add_argument("--load-tokens", type=int, default=8192, help="tokens of each document (default: %(default)s)")
+    load.add_argument("--documents", type=int, default=4, help="documents of the different-documents workload")
+    load.add_argument("--questions", type=int, default=2, help="questions each client asks per level")
+    load.add_argument("--max-batch", type=int, default=16, help="the decoder's --max-batch (default: %(default)s)")
+    load.add_argument(
+        "--unbatched-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="first measure one client against a decoder without batching (--max-batch 0), in the same run",
+    )
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--plot-dir", type=Path, help="write ttft.png and memory.png here")
     p.set_defaults(handler=run_bench)
@@ -90,7 +107,40 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def load_config(args: argparse.Namespace) -> LoadConfig:
+    for flag, value in (("--concurrency", min(args.concurrency)), ("--load-tokens", args.load_tokens),
+                        ("--documents", args.documents), ("--questions", args.questions),
+                        ("--max-new-tokens", args.max_new_tokens), ("--max-batch", args.max_batch)):  # fmt: skip
+        if value < 1:
+            raise InvalidInput(f"{flag} must be >= 1, got {value}")
+    flags = [("--model", args.model), ("--adapter", args.adapter), ("--device", args.device)]
+    flags.append(("--dtype", args.dtype if args.dtype != "auto" else None))
+    return LoadConfig(
+        concurrency=tuple(sorted(set(args.concurrency))),
+        tokens=args.load_tokens,
+        documents=args.documents,
+        questions=args.questions,
+        max_new_tokens=args.max_new_tokens,
+        max_batch=args.max_batch,
+        threads=args.threads,
+        model=args.model,
+        model_flags=tuple(part for flag, value in flags if value for part in (flag, value)),
+        unbatched_baseline=args.unbatched_baseline,
+    )
+
+
+def run_concurrency(args: argparse.Namespace) -> int:
+    report = run_load(load_config(args), lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_load(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.concurrency:
+        return run_concurrency(args)
     if args.plot_dir:
         require("--plot-dir", "matplotlib", "bench")
     report = run_benchmark(bench_config(args), lambda line: print(line, file=sys.stderr, flush=True))

@@ -6,7 +6,8 @@
     sharedllm worker --embedded -- --hostname gpu1@%h --max-tasks-per-child 50  # after --: Celery's options
 
 The worker runs Celery's own worker (`celery worker`) on the batch app: one task at a time per
-process (the solo pool, unless Celery options say otherwise), both queues unless `--queues`.
+process (the solo pool), or `--documents-in-flight N` at once in threads, whose answers then
+share batched model steps; both queues unless `--queues`.
 Every flag can also be set as SHAREDLLM_<FLAG>.
 """
 
@@ -41,6 +42,13 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     embedded.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's choice)")
     work = parser.add_argument_group("jobs")
     add_job_arguments(work)
+    work.add_argument(
+        "--documents-in-flight",
+        type=int,
+        default=1,
+        help="tasks this worker runs at once, in threads (default: %(default)s). Above 1, their answers share "
+        "batched model steps: the embedded model's scheduler, or the decoder service's",
+    )
     work.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     ObservabilityArguments().add_arguments(parser.add_argument_group("telemetry"))
     parser.add_argument("celery_args", nargs=argparse.REMAINDER, help="after --: options of `celery worker`")
@@ -90,18 +98,22 @@ def run_worker(args: argparse.Namespace) -> int:
     remote = args.compressor or args.decoder
     if args.embedded == bool(remote) or (remote and not (args.compressor and args.decoder)):
         raise InvalidInput("choose --embedded, or both --compressor and --decoder")
+    if args.documents_in_flight < 1:
+        raise InvalidInput(f"--documents-in-flight must be >= 1, got {args.documents_in_flight}")
+    in_flight = args.documents_in_flight
     app = BatchApp(batch_settings(args))
     tasks.register(app)
     observability.start(args, "sharedllm-worker", celery=True)
     if args.embedded:
         choice, store_url, threads = MODEL.from_args(args), args.store_url or args.broker_url, args.torch_threads
-        tasks.use_backend(lambda: _embedded_backend(choice, store_url, threads))
+        tasks.use_backend(lambda: _embedded_backend(choice, store_url, threads, batched=in_flight > 1))
     else:
         tls = TLS.from_args(args)
         tasks.use_backend(lambda: _remote_backend(args.compressor, args.decoder, args.api_key, tls))
     tasks.backend()  # load the model (or dial the services) now: a bad flag fails at start, not on a task
     celery_args = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
-    argv = ["worker", "--pool", "solo", "--queues", args.queues, "--loglevel", args.log_level]
+    pool = ["--pool", "solo"] if in_flight == 1 else ["--pool", "threads", "--concurrency", str(in_flight)]
+    argv = ["worker", *pool, "--queues", args.queues, "--loglevel", args.log_level]
     argv += ["--without-gossip", "--without-mingle", *celery_args]
     try:
         app.worker_main(argv)
@@ -110,7 +122,7 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embedded_backend(choice, store_url: str, threads: int | None):
+def _embedded_backend(choice, store_url: str, threads: int | None, *, batched: bool):
     import torch
 
     from sharedllm.common.batch.backends import EmbeddedBackend
@@ -120,7 +132,10 @@ def _embedded_backend(choice, store_url: str, threads: int | None):
 
     if threads:
         torch.set_num_threads(threads)
-    return EmbeddedBackend(ContextRuntime(Engine.from_choice(choice), open_store(store_url)))
+    engine = Engine.from_choice(choice)
+    if batched:  # several documents' answers at once: they share model steps
+        engine.start_batching()
+    return EmbeddedBackend(ContextRuntime(engine, open_store(store_url)))
 
 
 def _remote_backend(compressor: str, decoder: str, api_key: str | None, tls: ClientTls | None):
