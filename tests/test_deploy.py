@@ -157,9 +157,9 @@ def test_manifests_agree_with_the_programs(overlay):
 
 @needs_kubectl
 def test_gpu_autoscaling_reads_queue_depth():
-    """KEDA scales the decoder and compressor on requests in flight plus queued (metrics the
-    services export, scraped by the PodMonitor) and the worker on the Celery queues' lengths (the
-    lists the broker keeps, in the broker's database)."""
+    """KEDA scales the decoder and compressor on requests in flight, queued ones included (metrics
+    the services export, scraped by the PodMonitor), and the worker on the Celery queues' lengths
+    (the lists the broker keeps, in the broker's database, which KEDA may reach)."""
     from prometheus_client import REGISTRY
 
     from sharedllm.common.batch.app import COMPRESS_QUEUE, GENERATE_QUEUE
@@ -179,7 +179,7 @@ def test_gpu_autoscaling_reads_queue_depth():
             if trigger["type"] == "prometheus":
                 names = set(re.findall(r"\b(sharedllm_[a-z_]+)\{", meta["query"]))
                 assert names and names <= exported, names - exported
-                assert "sharedllm_queued_requests" in names and float(meta["threshold"]) > 0
+                assert "sharedllm_requests_in_flight" in names and float(meta["threshold"]) > 0
             else:
                 assert name == "worker" and trigger["type"] == "redis"
                 assert meta["listName"] in (COMPRESS_QUEUE, GENERATE_QUEUE)
@@ -191,8 +191,14 @@ def test_gpu_autoscaling_reads_queue_depth():
     (monitor,) = objects(rendered, "PodMonitor").values()
     assert monitor["spec"]["podTargetLabels"] == ["app.kubernetes.io/name"]
     assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics"}
-    policy = objects(rendered, "NetworkPolicy")["metrics-from-monitoring"]["spec"]
-    assert policy["ingress"][0]["ports"] == [{"port": 9100, "protocol": "TCP"}]
+    policies = objects(rendered, "NetworkPolicy")
+    assert policies["metrics-from-monitoring"]["spec"]["ingress"][0]["ports"] == [{"port": 9100, "protocol": "TCP"}]
+    keda = policies["redis-from-keda"]["spec"]
+    assert keda["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "redis"
+    assert keda["ingress"][0]["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    for obj in scaled.values():  # scale-down waits are set where KEDA applies them (cooldown is for 0)
+        assert "cooldownPeriod" not in obj["spec"]
+        assert obj["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
 
 
 def compose() -> dict:

@@ -91,7 +91,7 @@ def test_a_cancelled_answer_leaves_the_others_intact(runtime):
         for event in events:
             taken += isinstance(event, TokenDelta)
             if taken == stop_after:
-                events.close()  # the caller left: its row leaves at the next step
+                events.close()  # the caller left: its row leaves at once, its cache with it
                 break
         return taken
 

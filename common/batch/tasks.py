@@ -174,4 +174,5 @@ def _context_of(doc: DocumentStatus) -> str:
 def register(app: BatchApp) -> None:
     """Make `app` run the batch tasks (a worker's app; senders send them by name)."""
     for work in (compress, summarize, answer):
-        app.task(name=f"sharedllm.batch.{work.__name__}", bind=True)(work)
+        # shared=False: only this app runs them (another app in the process has no batch settings).
+        app.task(name=f"sharedllm.batch.{work.__name__}", bind=True, shared=False)(work)

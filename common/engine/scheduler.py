@@ -2,9 +2,9 @@
 
 Each answer still runs its own decode loop (generation.decode: sampling, grounding, stop
 strings, the loop guard) in its caller's thread; only its model steps come here. The scheduler
-thread takes, per iteration, the next token of every answer that is waiting for one (oldest
-first, at most `max_batch`) and a piece of at most `prefill_chunk` tokens of the oldest prompt
-still being read, and runs them as one step (Decoder.step_rows: the rows' tokens packed into one
+thread takes, per iteration, a piece of at most `prefill_chunk` tokens of the oldest prompt still
+being read and the next token of every answer waiting for one (oldest first; at most `max_batch`
+rows in all), and runs them as one step (Decoder.step_rows: the rows' tokens packed into one
 sequence, so the weights are read once for all of them). A long prompt is read a piece per step
 (chunked prefill), so it never stalls the answers already decoding for longer than one piece;
 with nothing decoding it is read at once. An answer
@@ -13,7 +13,8 @@ its KV cache is its own and goes with it.
 
 Rows are independent: a row's attention and injection read only its own cache and tree, and the
 batched projections compute each row's output from that row alone, so an answer is the same
-whether it ran alone or beside others (the suite checks greedy answers token for token).
+whether it ran alone or beside others (the suite checks greedy answers token for token, on the
+CPU in fp32; in bf16 or on a GPU, products of different sizes may round differently).
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ MAX_PIECE = 4096  # the most prompt tokens one step reads when nothing else is d
 GATHER_S = 0.002
 
 
+def _decodes(row: _Row) -> bool:
+    """The row waits for the next token of its answer (not for a piece of its prompt)."""
+    return len(row.pending) == 1 and row.cache.length > 0
+
+
 @dataclass(frozen=True)
 class SchedulerStats:
     """What the scheduler is doing, for GetServerInfo and the metrics."""
 
     rows: int  # answers in flight (decoding, reading their prompt, or between steps)
-    last_batch: int  # rows in the last batched step
+    last_batch: int  # rows in the last batched step (answers decoding, and a prompt being read)
     steps: int  # batched steps run
     step_seconds: float  # the last batched step's duration
     prefill_chunks: int
@@ -105,6 +111,7 @@ class Scheduler:
         finally:
             with self._lock:
                 self._rows.remove(row)
+                self._lock.notify_all()  # a batch being gathered need not wait for it
 
     def stats(self) -> SchedulerStats:
         with self._lock:
@@ -119,6 +126,8 @@ class Scheduler:
 
     def _step(self, row: _Row, ids: list[int]) -> torch.Tensor:
         """Hand `ids` to the scheduler and wait for the logits after the last of them."""
+        if not ids:
+            raise ValueError("a model step needs at least one token")
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the scheduler has stopped")
@@ -138,29 +147,46 @@ class Scheduler:
                 while not self._stopped and not any(r.pending for r in self._rows):
                     self._lock.wait()
                 if self._stopped:
-                    for row in self._rows:
-                        row.error = RuntimeError("the scheduler has stopped")
-                        row.done.set()
+                    self._fail_all(RuntimeError("the scheduler has stopped"))
                     return
                 self._gather()
                 waiting = sorted((r for r in self._rows if r.pending), key=lambda r: r.arrived)
-                decoding = [r for r in waiting if len(r.pending) == 1 and r.cache.length > 0][: self.max_batch]
-                reading = next((r for r in waiting if r not in decoding), None)
-            self._step_batch(decoding, reading)
+                reading = next((r for r in waiting if not _decodes(r)), None)
+                room = self.max_batch - (reading is not None)
+                decoding = [r for r in waiting if _decodes(r)][:room]
+                # A prompt is read at once only while no other answer is past its prompt.
+                alone = not any(r.cache.length > 0 for r in self._rows if r is not reading)
+            try:
+                self._step_batch(decoding, reading, alone)
+            except BaseException as exc:  # a bug outside the model step: fail these answers, not the thread
+                with self._lock:
+                    for row in (*decoding, *([reading] if reading else [])):
+                        row.error = exc
+                        row.pending = []
+                        row.done.set()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for row in self._rows:
+            row.error, row.pending = error, []
+            row.done.set()
 
     def _gather(self) -> None:
         """Wait (briefly, the lock released) for rows between two steps, so they join this batch."""
         deadline = time.perf_counter() + GATHER_S
-        while any(not r.pending for r in self._rows) and (left := deadline - time.perf_counter()) > 0:
+        while (
+            not self._stopped
+            and any(not r.pending for r in self._rows)
+            and (left := deadline - time.perf_counter()) > 0
+        ):
             self._lock.wait(left)
 
-    def _step_batch(self, decoding: list[_Row], reading: _Row | None) -> None:
-        """One model step: the next token of every decoding row, and the next piece of one prompt."""
+    def _step_batch(self, decoding: list[_Row], reading: _Row | None, alone: bool) -> None:
+        """One model step: the next token of every decoding row, and the next piece of one prompt
+        (all of it when `alone`: no other answer would wait for it)."""
         rows = decoding + ([reading] if reading is not None else [])
         if not rows:
             return
-        # A prompt is cut into pieces only while other answers decode: alone, it is read at once.
-        chunk = self.prefill_chunk if decoding else MAX_PIECE
+        chunk = MAX_PIECE if alone else self.prefill_chunk
         pieces = [r.pending[:chunk] for r in rows]
         started = time.perf_counter()
         try:

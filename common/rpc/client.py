@@ -135,7 +135,7 @@ def upload(
     """A CompressStream request stream: the options, then the document in pieces (UTF-8 bytes
     read PIECE_BYTES at a time, or token ids PIECE_TOKENS at a time)."""
     yield compressor_pb2.CompressStreamRequest(options=options)
-    if isinstance(document, Sequence):
+    if isinstance(document, Sequence) and not isinstance(document, str | bytes | bytearray | memoryview):
         for start in range(0, len(document), PIECE_TOKENS):
             ids = compressor_pb2.TokenIds(ids=document[start : start + PIECE_TOKENS])
             yield compressor_pb2.CompressStreamRequest(token_ids=ids)
@@ -227,8 +227,11 @@ def finished(last: decoder_pb2.GenerateResponse, text: str) -> Finished:
 def events(responses: Iterable[decoder_pb2.GenerateResponse]) -> Iterator[TokenDelta | Finished]:
     """A Generate stream as the runtime's events: a TokenDelta per streamed piece, then Finished."""
     text: list[str] = []
+    responses = iter(responses)
     for response in responses:
         if response.finish_reason:
+            for _ in responses:  # the call's end (nothing follows the last message): its status is OK
+                pass
             yield finished(response, "".join(text))
             return
         text.append(response.text)
@@ -286,7 +289,7 @@ class CompressorClient(ServiceClient):
 
     def compress(
         self,
-        document: bytes | BinaryIO | Sequence[int],
+        document: bytes | bytearray | memoryview | BinaryIO | Sequence[int],
         *,
         context_id: str | None = None,
         ttl_s: float | None = None,
@@ -300,8 +303,10 @@ class CompressorClient(ServiceClient):
             options.context_id = context_id
         if ttl_s is not None:
             options.ttl_seconds = ttl_s
-        if isinstance(document, bytes):
-            document = io.BytesIO(document)
+        if isinstance(document, str):
+            raise TypeError("compress takes the document's UTF-8 bytes, a binary file or token ids, not str")
+        if isinstance(document, bytes | bytearray | memoryview):
+            document = io.BytesIO(bytes(document))
         return compress_outcome(self._call(self.stub.CompressStream, upload(options, document)).context)
 
     def context(self, context_id: str) -> StoredContext:
@@ -345,7 +350,7 @@ class DecoderClient(ServiceClient):
             call = self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout_s)
             try:
                 yield from events(call)
-            finally:  # a no-op after the last message; else it stops the server's decoding
+            finally:  # after the last message a no-op; before it, stops the server's decoding
                 # A traced channel hands back a generator over the call instead of the call.
                 cancel = getattr(call, "cancel", None) or call.close
                 cancel()

@@ -63,9 +63,10 @@ class WorkerPool:
     async def call(self, fn: Callable[[ShouldStop], T]) -> T:
         """fn(should_stop) in a worker thread; should_stop() turns True once this call is cancelled."""
         stop = threading.Event()
+        arrived = time.perf_counter()
         await self._admit()
         try:
-            return await self._submit(fn, stop.is_set)
+            return await self._submit(arrived, fn, stop.is_set)
         finally:
             stop.set()
 
@@ -99,8 +100,9 @@ class WorkerPool:
             else:
                 send(_END, None)
 
+        arrived = time.perf_counter()
         await self._admit()
-        self._submit(pump)
+        self._submit(arrived, pump)
         try:
             while True:
                 kind, value = await queue.get()
@@ -150,17 +152,20 @@ class WorkerPool:
         self.refused_total += 1
         metrics.REFUSED.inc()
 
-    def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run fn in a worker thread on a slot taken by _admit (released when the thread is done)."""
+    def _submit(self, arrived: float, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run fn in a worker thread on a slot taken by _admit (released when the thread is done);
+        `arrived`: when the call came, before any wait in the queue."""
         loop = asyncio.get_running_loop()
-        # The caller's context goes with the work (the request's tenant, its trace's current span).
-        queued = time.perf_counter()
 
         def run() -> T:
-            metrics.QUEUE_SECONDS.observe(time.perf_counter() - queued)
+            metrics.QUEUE_SECONDS.observe(time.perf_counter() - arrived)
             return fn(*args)
 
-        work = self._executor.submit(contextvars.copy_context().run, run)
+        try:  # the caller's context goes with the work (the request's tenant, its trace's span)
+            work = self._executor.submit(contextvars.copy_context().run, run)
+        except RuntimeError:  # shut down between the admission and now: the slot goes back
+            self._release()
+            raise
         self.started_total += 1
 
         def finished(_work: object) -> None:

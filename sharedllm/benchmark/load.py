@@ -94,7 +94,7 @@ def run_level(target: str, api_key: str, contexts: Sequence[str], clients: int, 
 
     def client(index: int) -> list[Answered]:
         with DecoderClient(target, api_key=api_key, timeout_s=600) as decoder:
-            barrier.wait()
+            barrier.wait(timeout=300)  # a client that cannot start breaks the barrier, not the run
             return [
                 ask(decoder, contexts[index % len(contexts)], QUESTIONS[(index + n) % len(QUESTIONS)], params)
                 for n in range(config.questions)
