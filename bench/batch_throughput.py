@@ -1,6 +1,10 @@
 """Documents per minute of a batch job, embedded worker against gRPC services, on this machine.
 
     python bench/batch_throughput.py --documents 3 --tokens 32768 --json bench/results/batch/throughput.json
+    python bench/batch_throughput.py --documents 8 --tokens 8192 --modes embedded --in-flight 1 4
+
+`--in-flight N...` runs each mode once per value of the worker's `--documents-in-flight` (tasks at
+once, whose answers share batched model steps).
 
 Each mode gets a private redis-server, the same documents (training-split Bible books, each cut to
 its first --tokens tokens, so nothing held out is read) and one worker: `sharedllm worker
@@ -27,7 +31,7 @@ from sharedllm.common.batch.client import BatchClient, read_documents
 from sharedllm.common.batch.jobs import JobSpec
 from sharedllm.common.data.corpora import find_entry, load_text
 
-BOOKS = ("Genesis", "Exodus", "Numbers", "Deuteronomy", "Judges", "Isaiah")
+BOOKS = ("Genesis", "Exodus", "Numbers", "Deuteronomy", "Judges", "Isaiah", "Leviticus", "Joshua")
 QUESTION = "Who is the main person of this text?"
 
 
@@ -70,6 +74,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=("embedded", "grpc"), default=["embedded", "grpc"])
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[1], help="the worker's --documents-in-flight")
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -86,7 +91,8 @@ def main() -> int:
             ids = tokenizer(load_text(args.data_dir, find_entry(args.data_dir, book, "bible")))["input_ids"]
             paths.append(work / f"{book}.txt")
             paths[-1].write_text(tokenizer.decode(ids[: args.tokens]), encoding="utf-8")
-        for mode in args.modes:
+        for mode, in_flight in ((m, n) for m in args.modes for n in args.in_flight):
+            name = mode if args.in_flight == [1] else f"{mode}, {in_flight} in flight"
             with ExitStack() as stack:
                 broker = stack.enter_context(private_redis(work))
                 flags = ["--embedded"]
@@ -94,9 +100,11 @@ def main() -> int:
                     targets = stack.enter_context(grpc_stack(work, [], args.threads, ["batch"]))
                     flags = ["--compressor", targets.compressor, "--decoder", targets.decoder]
                     flags += ["--api-key", targets.api_keys["batch"]]
-                stack.enter_context(worker(broker, flags, args.threads, work / f"{mode}.log"))
-                report["modes"][mode] = run_job(broker, paths, work / f"{mode}.log")
-            print(f"{mode}: {report['modes'][mode]['documents_per_minute']} documents/minute", flush=True)
+                flags += ["--documents-in-flight", str(in_flight)]
+                log = work / f"{mode}-{in_flight}.log"
+                stack.enter_context(worker(broker, flags, args.threads, log))
+                report["modes"][name] = run_job(broker, paths, log)
+            print(f"{name}: {report['modes'][name]['documents_per_minute']} documents/minute", flush=True)
     if args.json:
         write_json(report, args.json)
     return 0
