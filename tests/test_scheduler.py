@@ -107,7 +107,7 @@ def test_a_cancelled_answer_leaves_the_others_intact(runtime):
     assert engine.scheduler.stats().rows == 0  # the cancelled row's cache went with it
 
 
-def test_a_failing_step_fails_its_answer_only(runtime):
+def test_a_failing_step_is_raised_to_its_caller_and_the_scheduler_goes_on(runtime):
     """An error in the scheduler's thread (here a token id the model does not have) is raised to
     that answer's caller; the scheduler goes on serving the others."""
     engine = runtime.engine

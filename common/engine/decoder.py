@@ -182,12 +182,11 @@ class Decoder:
         grounding: GroundedAnswer | None = None,
     ) -> Iterator[TokenDelta | Finished]:
         """Prefill the prompt with the injection, then decode (generation.decode); a Finished comes
-        last. One answer at a time: scheduler.py batches the steps of several."""
-        device = self.body.device
+        last. One answer at a time, through the same step as a batch of one (scheduler.py batches
+        the steps of several answers), so an answer never depends on which path ran it."""
         cache = self.body.new_cache(len(prompt_ids) + params.max_new_tokens)
 
         def step(ids: list[int]) -> torch.Tensor:
-            tokens = torch.tensor([ids], dtype=torch.long, device=device)
-            return self.body.logits(self.forward(tokens, cache.length, cache, injection)[0, -1])
+            return self.step_rows([ids], [cache], [injection])[0]
 
-        return decode(step, prompt_ids, params, self.eos_ids, decode_text, device, grounding)
+        return decode(step, prompt_ids, params, self.eos_ids, decode_text, self.body.device, grounding)
