@@ -4,7 +4,8 @@ protoc writes absolute imports (`from sharedllm.v1 import context_pb2`) that onl
 the output root is on sys.path; they are rewritten to `sharedllm.common.generated.sharedllm.v1` so the
 generated modules import like any other part of the package. The generated files are committed,
 so `--check` regenerates into a temporary directory and fails when they differ (a .proto edited
-without regenerating).
+without regenerating). protoc stamps its own version into the output, so the dev extra pins
+grpcio-tools exactly; bump the pin and regenerate together.
 
     python scripts/gen_proto.py           # regenerate common/generated/
     python scripts/gen_proto.py --check   # exit 1 if common/generated/ is stale
@@ -13,6 +14,7 @@ without regenerating).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.resources
 import re
 import sys
@@ -54,6 +56,11 @@ def generate(out_root: Path) -> None:
         (package_dir / "__init__.py").write_text(INIT_DOCSTRING)
 
 
+def protoc_version() -> str:
+    """The installed grpcio-tools, named when a check fails: a different one stamps different files."""
+    return importlib.metadata.version("grpcio-tools")
+
+
 def snapshot(root: Path) -> dict[Path, bytes]:
     """Every generated file under `root` by relative path (bytecode caches are not generated)."""
     if not root.exists():
@@ -76,6 +83,7 @@ def main() -> None:
             if stale:
                 sys.exit(
                     f"generated protobuf code is stale ({', '.join(map(str, stale))}); run: python scripts/gen_proto.py"
+                    f" (with grpcio-tools {protoc_version()}; pyproject.toml pins the one that wrote them)"
                 )
             print("generated protobuf code is up to date")
             return
