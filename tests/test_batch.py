@@ -22,17 +22,18 @@ from grpc_stack import SERVING, EventLoopThread, InProcessServer, server_config,
 from processes import stop_all
 
 from sharedllm.cli import main
-from sharedllm.common.batch import summaries
 from sharedllm.common.batch.client import BatchClient, read_documents
-from sharedllm.common.batch.grounding import Vocabulary, grounded
 from sharedllm.common.batch.jobs import DocumentInput, JobNotFound, JobSpec, JobStore
 from sharedllm.common.errors import InvalidInput
-from sharedllm.common.evaluation.summary import check_summary
+from sharedllm.common.summaries.support import supported
 from sharedllm.compressor_service.server import SPEC as COMPRESSOR
 from sharedllm.decoder_service.server import SPEC as DECODER
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = JobSpec(instruction=None, questions=("Who is Naomi?",), max_new_tokens=6, seed=3, section_chars=400)
+# Summaries joined by the model, so that its calls run through the worker's backend too.
+SPEC = JobSpec(instruction=None, questions=("Who is Naomi?",), max_new_tokens=6, seed=3, summary_words=60, rewrite=True)
+# Summaries of many model calls each (groups of at most 500 characters, then the whole).
+MANY_CALLS = dataclasses.replace(SPEC, summary_words=120, call_chars=500)
 PARAGRAPH = (
     "Naomi went with Ruth to Bethlehem in the days when the judges ruled. Boaz saw Ruth in the field "
     "and spoke kindly to her. The elders sat at the gate and the women praised the child. "
@@ -41,6 +42,16 @@ PARAGRAPH = (
 
 def document(n: int, paragraphs: int = 3) -> str:
     return "\n\n".join(f"Part {n}.{p}. " + PARAGRAPH * 2 for p in range(paragraphs))
+
+
+def varied_document(n: int, sentences: int = 80) -> str:
+    """Sentences that all differ, so that a summary of them takes several model calls."""
+    names = ("Naomi", "Ruth", "Boaz", "Orpah", "Obed", "Elimelech", "Mahlon")
+    deeds = ("gleaned barley", "crossed the river", "bought a field", "mended a net", "sold oil", "fed the flock")
+    places = ("Bethlehem", "Moab", "Shiloh", "Hebron", "Gilgal")
+    return "\n\n".join(
+        f"In year {n + i}, {names[i % 7]} {deeds[i % 6]} near {places[i % 5]}." for i in range(sentences)
+    )
 
 
 @pytest.fixture
@@ -83,37 +94,10 @@ def wait_for(client: BatchClient, job_id: str, log: Path, timeout: float = 240.0
 
 
 def comparable(results: list[dict]) -> list[tuple]:
-    return [(r["state"], r.get("summary"), r.get("section_summaries"), r.get("answers")) for r in results]
+    return [(r["state"], r.get("summary"), r.get("summary_details"), r.get("answers")) for r in results]
 
 
 # ---- units -------------------------------------------------------------------------------
-
-
-def test_sections_cut_between_paragraphs_then_sentences_and_cover_the_text():
-    text = "\n\n".join(f"Paragraph {i}. " + "A sentence here. " * 20 for i in range(6))
-    parts = summaries.sections(text, 800)
-    assert all(0 < len(p) <= 800 for p in parts) and len(parts) > 1
-    assert " ".join(" ".join(parts).split()) == " ".join(text.split())  # nothing lost, nothing added
-    assert all(p.endswith(".") for p in parts)  # never cut inside a sentence when one ends in reach
-    with pytest.raises(ValueError):
-        summaries.sections(text, 10)
-
-
-def test_grounding_drops_invented_names_loops_other_scripts_repeats_and_cut_sentences():
-    vocabulary = Vocabulary.of("Naomi went with Ruth to Bethlehem. The elders praised the child of Boaz.")
-    summary = (
-        "Naomi and Ruth went to Bethlehem. Tophusa argued with Boaz. The son of Boaz, the son of Boaz, "
-        "the son of Boaz, the son of Boaz. Naomi and Ruth went to Bethlehem. \u05db\u05bc\u05dc\u05d5\u05b9 "
-        "appears. The elders praised the child. The elders greatly praised the child. Then Ruth"
-    )
-    assert grounded(summary, vocabulary) == "Naomi and Ruth went to Bethlehem. The elders praised the child."
-
-
-def test_summary_check_counts_the_documents_names_and_finds_invented_ones():
-    text = "Naomi spoke. Ruth answered Naomi. Boaz came from Bethlehem. The reapers sang. " * 3
-    check = check_summary(text, "Naomi and Ruth met Zephath near the reapers. Summary of it.")
-    assert set(check.names) == {"Naomi", "Ruth", "Boaz", "Bethlehem"}  # "The" is written lower case too
-    assert set(check.mentioned) == {"Naomi", "Ruth"} and check.invented == ("Zephath",)
 
 
 def test_documents_that_cannot_be_processed_fail_alone(tmp_path):
@@ -155,7 +139,7 @@ def test_a_document_finishes_once(redis_server):
 
 
 def test_jobs_complete_embedded_and_over_grpc_with_the_same_results(
-    tiny_model_dir, tiny_adapter, make_redis_server, docs, tmp_path
+    tiny_model_dir, tiny_adapter, make_redis_server, docs, tmp_path, capsys
 ):
     redis = make_redis_server()
     client = BatchClient(redis.url)
@@ -168,12 +152,20 @@ def test_jobs_complete_embedded_and_over_grpc_with_the_same_results(
     assert [r["state"] for r in results] == ["done", "done", "done", "failed"]
     assert "binary" in results[3]["error"]
     for path, result in zip(docs, results[:3], strict=False):
-        notes = result["section_summaries"]
-        assert len(notes) == len(summaries.sections(path.read_text(), SPEC.section_chars)) > 1
-        assert isinstance(result["summary"], str) and result["answers"][0]["question"] == SPEC.questions[0]
+        details = result["summary_details"]
+        assert result["summary"] == details["text"] and details["words"] <= SPEC.summary_words
+        assert details["model_calls"] == 1 and result["answers"][0]["question"] == SPEC.questions[0]
+        text = path.read_text()
+        assert all(supported(s["text"], text, [tuple(span) for span in s["spans"]]) for s in details["sentences"][1:])
+
         # Answers are grounded as `ask`'s are: by default a quote of the document.
         assert " ".join(result["answers"][0]["answer"].split()) in " ".join(path.read_text().split())
         assert result["reused_context"] is False and result["document_tokens"] > 0
+
+    # `sharedllm summarize` with the same settings makes the same summary.
+    model = ("--model", str(tiny_model_dir), "--adapter", str(tiny_adapter))
+    assert main(["summarize", str(docs[0]), "--words", str(SPEC.summary_words), "--rewrite", *model, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == results[0]["summary"]
 
     # The same documents through the gRPC services and a worker that only sends requests.
     loop = EventLoopThread()
@@ -203,16 +195,16 @@ def test_a_killed_worker_loses_nothing_and_repeats_nothing(tiny_model_dir, tiny_
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"long{i}.txt")
-        paths[-1].write_text(document(10 + i, paragraphs=8), encoding="utf-8")
+        paths[-1].write_text(varied_document(10 + i), encoding="utf-8")
     log = tmp_path / "worker.log"
     mode = embedded(tiny_model_dir, tiny_adapter)
     with worker(redis.url, log, *mode, visibility_s=6, limit_s=5) as first:
-        job = client.submit(read_documents(paths), SPEC)
+        job = client.submit(read_documents(paths), MANY_CALLS)
         deadline = time.monotonic() + 120
         while not any(d.state == "summarizing" and d.progress >= 1 for d in client.status(job).documents):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.02)
-        first.send_signal(signal.SIGKILL)  # in the middle of a document's sections
+        first.send_signal(signal.SIGKILL)  # in the middle of a document's summary
         first.wait(10)
     interrupted = next(d for d in client.status(job).documents if d.state == "summarizing")
     with worker(redis.url, log, *mode, visibility_s=6, limit_s=5):
@@ -223,9 +215,10 @@ def test_a_killed_worker_loses_nothing_and_repeats_nothing(tiny_model_dir, tiny_
 
     # Every document once, and as an uninterrupted run makes it.
     with worker(redis.url, log, *mode):
-        fresh = client.submit(read_documents(paths), SPEC)
+        fresh = client.submit(read_documents(paths), MANY_CALLS)
         wait_for(client, fresh, log)
     assert comparable(client.results(job)) == comparable(client.results(fresh))
+    assert all(r["summary_details"]["model_calls"] > 2 for r in client.results(fresh))
     assert all(r["reused_context"] for r in client.results(fresh))  # resubmitted: nothing compressed again
 
 

@@ -188,7 +188,7 @@ def test_one_trace_per_action_across_processes_and_metrics(
         job_trace = "0af7651916cd43dd8448eb211c80319c"
         job_env = {**env, "TRACEPARENT": f"00-{job_trace}-b7ad6b7169203331-01"}
         job = run(["batch", "submit", str(document), "--question", "Who?", "--max-new-tokens", "3",
-                   "--section-chars", "400", "--broker-url", broker], job_env).strip()  # fmt: skip
+                   "--rewrite", "--words", "60", "--broker-url", broker], job_env).strip()  # fmt: skip
         deadline = time.monotonic() + 120
         while BatchClient(broker).status(job).state not in ("done", "done_with_errors"):
             assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]

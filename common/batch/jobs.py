@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import redis
 
-from sharedllm.common.batch.summaries import SECTION_CHARS
 from sharedllm.common.engine.params import GROUNDING_MODES, Grounding
 from sharedllm.common.errors import InvalidInput
+from sharedllm.common.summaries.pipeline import CALL_CHARS, DEFAULT_WORDS, SummarySettings
 from sharedllm.common.telemetry import metrics
 
 PREFIX = "sharedllm:batch:"
@@ -43,23 +43,30 @@ class JobNotFound(InvalidInput):
 class JobSpec:
     """What a job asks of every document."""
 
-    instruction: str | None  # the summary's instruction; None: the default summary
+    instruction: str | None  # what the summary focuses on; None: the whole document
     questions: tuple[str, ...]
     summarize: bool = True
-    max_new_tokens: int = 120  # per section note and per answer
+    max_new_tokens: int = 120  # per answer
     seed: int | None = None
-    section_chars: int = SECTION_CHARS  # characters summarised per call
+    summary_words: int = DEFAULT_WORDS  # the summary's length bound
+    rewrite: bool = False  # the model joins the extracted sentences (SummarySettings.rewrite)
+    call_chars: int = CALL_CHARS  # extracted text per model call, when rewriting
     grounding: Grounding = "quote"  # how answers rest on the document (SamplingParams.grounding)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
             raise InvalidInput(f"max_new_tokens must be in [1, 4096], got {self.max_new_tokens}")
-        if self.section_chars < 200:
-            raise InvalidInput(f"section_chars must be >= 200, got {self.section_chars}")
+        self.summary_settings()  # refuses a bad length bound, instruction or call size
         if self.grounding not in GROUNDING_MODES:
             raise InvalidInput(f"grounding must be one of {', '.join(GROUNDING_MODES)}, got {self.grounding!r}")
         if not self.summarize and not self.questions:
             raise InvalidInput("a job without a summary needs at least one question")
+
+    def summary_settings(self) -> SummarySettings:
+        """The settings `sharedllm summarize` takes for the same summary."""
+        return SummarySettings(
+            words=self.summary_words, instruction=self.instruction, rewrite=self.rewrite, call_chars=self.call_chars
+        )
 
 
 @dataclass(frozen=True)
@@ -268,7 +275,10 @@ class JobStore:
         if raw is None:
             raise JobNotFound(f"no job {job_id!r} (never submitted, or expired)")
         spec = json.loads(raw)
-        return JobSpec(**{**spec, "questions": tuple(spec["questions"])})
+        # Only the fields this version knows: a job submitted before an upgrade (its spec had
+        # "section_chars") still runs, with the defaults for what it did not say.
+        known = {f.name for f in fields(JobSpec)}
+        return JobSpec(**{k: v for k, v in spec.items() if k in known} | {"questions": tuple(spec["questions"])})
 
     def document(self, job_id: str, index: int) -> DocumentStatus:
         raw = self.client.hgetall(self._doc(job_id, index))

@@ -9,7 +9,6 @@ transient failure (a service or the store unavailable or full) is retried, with 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -18,11 +17,11 @@ from collections.abc import Callable
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from sharedllm.common.batch import summaries
 from sharedllm.common.batch.app import BatchApp
 from sharedllm.common.batch.backends import Backend, DocumentFailed, Transient
-from sharedllm.common.batch.jobs import DocumentStatus, JobSpec, JobStore
+from sharedllm.common.batch.jobs import DocumentStatus, JobStore
 from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.summaries.pipeline import summarize as summarize_document
 
 log = logging.getLogger(__name__)
 _backend_factory: Callable[[], Backend] | None = None
@@ -83,22 +82,6 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
         store.add_timing(job_id, index, f"{stage}_s", time.perf_counter() - started)
 
 
-def _params(store: JobStore, job_id: str) -> tuple[SamplingParams, JobSpec]:
-    """Summaries: written (grounding "facts", unless the job asks for "off"), a light repetition
-    penalty and no sentence limit. Answers do without the penalty (it stops the copying that
-    grounded answers do), end after one sentence and rest on the document as the job asks, as
-    `sharedllm ask`'s do."""
-    spec = store.spec(job_id)
-    params = SamplingParams(
-        max_new_tokens=spec.max_new_tokens,
-        seed=spec.seed,
-        repetition_penalty=1.1,
-        grounding="off" if spec.grounding == "off" else "facts",
-        max_sentences=0,
-    )
-    return params, spec
-
-
 def compress(self: Task, job_id: str, index: int) -> None:
     def work(store: JobStore, doc: DocumentStatus) -> None:
         stored = backend().ensure_context(store.text(job_id, index))
@@ -110,27 +93,35 @@ def compress(self: Task, job_id: str, index: int) -> None:
 
 
 def summarize(self: Task, job_id: str, index: int) -> None:
+    """The document's summary by the one pipeline (`sharedllm summarize` makes the same one)."""
+
     def work(store: JobStore, doc: DocumentStatus) -> None:
-        params, spec = _params(store, job_id)
+        spec = store.spec(job_id)
         if not spec.summarize or store.partial(job_id, index, "summary"):
             return
-        text, context_id = store.text(job_id, index), _context_of(doc)
+        settings = spec.summary_settings()
+        write = None
+        if settings.rewrite:
+            context_id = _context_of(doc)
 
-        def saved(notes: list[str], total: int) -> None:
-            store.save_partial(job_id, index, "sections", notes)
-            store.update(job_id, index, progress=len(notes), total=total)
+            def write(prompt: str, params: SamplingParams) -> str:
+                return backend().generate(context_id, prompt, params, evidence_tokens=0)
+
+        def saved(outputs: list[str]) -> None:
+            store.save_partial(job_id, index, "summary_calls", outputs)
+            store.update(job_id, index, progress=len(outputs))
             if store.cancelled(job_id):
                 raise Cancelled
 
-        summary, _ = summaries.summarize(
-            text,
-            lambda prompt: backend().generate(context_id, prompt, params, evidence_tokens=0),
-            spec.instruction,
-            done=store.partial(job_id, index, "sections"),
-            on_section=saved,
-            max_chars=spec.section_chars,
-        )
-        store.save_partial(job_id, index, "summary", [summary])
+        with backend().failures():  # a document the pipeline refuses (empty, bad settings) fails alone
+            summary = summarize_document(
+                store.text(job_id, index),
+                write,
+                settings,
+                done=store.partial(job_id, index, "summary_calls"),
+                on_call=saved,
+            )
+        store.save_partial(job_id, index, "summary", [summary.to_dict()])
 
     _run(self, job_id, index, "summarizing", work)
 
@@ -139,12 +130,11 @@ def answer(self: Task, job_id: str, index: int) -> None:
     """Answer the job's questions, then record the document's result: the last stage."""
 
     def work(store: JobStore, doc: DocumentStatus) -> None:
-        params, spec = _params(store, job_id)
+        spec = store.spec(job_id)
         context_id = _context_of(doc)
         answers = store.partial(job_id, index, "answers")
-        params = dataclasses.replace(
-            params, repetition_penalty=1.0, max_sentences=SamplingParams().max_sentences, grounding=spec.grounding
-        )
+        # As `sharedllm ask` answers: one sentence, resting on the document as the job asks.
+        params = SamplingParams(max_new_tokens=spec.max_new_tokens, seed=spec.seed, grounding=spec.grounding)
         for question in spec.questions[len(answers) :]:
             if store.cancelled(job_id):
                 raise Cancelled
@@ -156,8 +146,8 @@ def answer(self: Task, job_id: str, index: int) -> None:
             "context_id": context_id,
             "reused_context": doc.reused_context,
             "document_tokens": doc.document_tokens,
-            "summary": summary[0] if summary else None,
-            "section_summaries": store.partial(job_id, index, "sections"),
+            "summary": summary[0]["text"] if summary else None,
+            "summary_details": summary[0] if summary else None,
             "answers": [{"question": q, "answer": a} for q, a in zip(spec.questions, answers, strict=True)],
         }
         store.finish(job_id, index, "done", result=result)

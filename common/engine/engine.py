@@ -36,7 +36,6 @@ from sharedllm.common.errors import InvalidInput
 from sharedllm.common.model_loading import LoadedModel, dtype_from_name, load_model
 from sharedllm.common.shipped import adapter_file, default_adapter_path
 
-SUMMARY_INSTRUCTION = "Summarize the document in a few sentences."
 # Tokens kept free beside the evidence for the excerpts' markers and separators.
 _EXCERPT_OVERHEAD_TOKENS = 8
 

@@ -22,7 +22,7 @@ EXIT_INTERRUPTED = 130
 # Command -> (module that builds its parser with `add_command`, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("sharedllm.cli.ask", "answer a question about a document (embedded mode, no services)"),
-    "summarize": ("sharedllm.cli.ask", "summarise a document (embedded mode, no services)"),
+    "summarize": ("sharedllm.cli.summarize", "summarise a document: its central sentences, each traceable"),
     "compress": ("sharedllm.cli.remote", "compress a document on a compressor service; prints the id"),
     "generate": ("sharedllm.cli.remote", "ask a decoder service about a compressed context; streams"),
     "serve": ("sharedllm.cli.serve", "run a gRPC service (flags also read SHAREDLLM_<FLAG> variables)"),

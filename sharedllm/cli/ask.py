@@ -1,4 +1,4 @@
-"""`sharedllm ask` and `sharedllm summarize`: the whole pipeline in one process, no Redis."""
+"""`sharedllm ask`: the whole pipeline in one process, no Redis."""
 
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ EVIDENCE = EvidenceArguments()
 def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     parser = sub.add_parser(name, help=help_text)
     parser.add_argument("document", type=Path)
-    if name == "ask":
-        parser.add_argument("question")
+    parser.add_argument("question")
     MODEL.add_arguments(parser.add_argument_group("model"))
     SAMPLING.add_arguments(parser.add_argument_group("sampling"))
     EVIDENCE.add_arguments(parser.add_argument_group("evidence"))
@@ -53,15 +52,14 @@ def _ask(args: argparse.Namespace) -> int:
     # The model's libraries load here, not with the module: `ask --help` must not wait for torch.
     from tqdm import tqdm
 
-    from sharedllm.common.engine.engine import SUMMARY_INSTRUCTION, Engine
+    from sharedllm.common.engine.engine import Engine
     from sharedllm.common.runtime import ContextRuntime
     from sharedllm.common.store import open_store
 
     text = read_document(args.document)
-    question = getattr(args, "question", None)
-    evidence = EVIDENCE.from_args(args, mode="auto" if question else "spread")
-    question = question or SUMMARY_INSTRUCTION
-    params = SAMPLING.from_args(args, long_answer=getattr(args, "question", None) is None)
+    question = args.question
+    evidence = EVIDENCE.from_args(args)
+    params = SAMPLING.from_args(args)
     engine = Engine.from_choice(MODEL.from_args(args))
     params.validate(engine.window)
     engine.prompt_ids(question)

@@ -20,6 +20,7 @@ from sharedllm.cli.observability import client_trace
 from sharedllm.common.batch.client import BatchClient, read_documents
 from sharedllm.common.batch.jobs import TERMINAL, JobSpec, JobStatus
 from sharedllm.common.engine.params import GROUNDING_MODES
+from sharedllm.common.summaries.pipeline import DEFAULT_WORDS
 
 DEFAULT_BROKER = "redis://localhost:6379/0"
 FINAL_JOB_STATES = ("done", "done_with_errors", "cancelled")
@@ -38,14 +39,15 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     commands = batch.add_subparsers(dest="batch_command", required=True)
     submit = commands.add_parser("submit", help="queue documents (files or folders); prints the job id")
     submit.add_argument("paths", nargs="+", type=Path)
-    submit.add_argument("--instruction", help="added to the summary's instruction (e.g. 'Focus on the risks.')")
+    submit.add_argument("--instruction", help="what the summaries focus on (e.g. 'the risks'): its words weigh more")
     submit.add_argument("--question", action="append", default=[], help="a question for every document (repeatable)")
     submit.add_argument("--no-summary", action="store_true", help="answer the questions only")
     submit.add_argument("--max-new-tokens", type=int, default=JobSpec(None, ()).max_new_tokens)
     submit.add_argument("--seed", type=int)
     submit.add_argument(
-        "--section-chars", type=int, default=JobSpec(None, ()).section_chars, help="characters summarised per call"
+        "--words", type=int, default=DEFAULT_WORDS, help=f"each summary's length bound (default {DEFAULT_WORDS})"
     )
+    submit.add_argument("--rewrite", action="store_true", help="the model joins the summaries' sentences")
     submit.add_argument(
         "--grounding",
         choices=GROUNDING_MODES,
@@ -76,7 +78,8 @@ def run_submit(args: argparse.Namespace) -> int:
         summarize=not args.no_summary,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
-        section_chars=args.section_chars,
+        summary_words=args.words,
+        rewrite=args.rewrite,
         grounding=args.grounding,
     )
     client = BatchClient(args.broker_url)

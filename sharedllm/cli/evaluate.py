@@ -13,6 +13,8 @@ from sharedllm.common.data.corpora import CORPORA
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.evaluation import protocols
 from sharedllm.common.evaluation.methods import METHODS, PPL_METHODS
+from sharedllm.common.evaluation.summary import METHODS as SUMMARY_METHODS
+from sharedllm.common.summaries.pipeline import DEFAULT_WORDS, SummarySettings
 
 # The protocols and the model load in the handlers: the parser takes its choices from the
 # torch-free `protocols`, so that `sharedllm eval ... --help` starts at once.
@@ -119,13 +121,15 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     q.set_defaults(handler=run_qa)
 
     m = commands.add_parser(
-        "summary", help="summaries of the held-out narratives: main names mentioned, names invented, vs the base model"
+        "summary",
+        help="summaries of held-out documents of each kind: names and terms covered, absent facts, support",
     )
     MODEL.add_arguments(m.add_argument_group("model"))
     add_data_dir_argument(m)
     m.add_argument("--max-tokens", type=int, default=32768, help="each document's first tokens (default 32768)")
-    m.add_argument("--max-new-tokens", type=int, default=120, help="per section note and per baseline summary")
-    m.add_argument("--documents", nargs="+", help="only these held-out documents (e.g. persuasion Ruth)")
+    m.add_argument("--words", type=int, default=DEFAULT_WORDS, help=f"the summaries' bound (default {DEFAULT_WORDS})")
+    m.add_argument("--methods", nargs="+", choices=SUMMARY_METHODS, default=list(SUMMARY_METHODS))
+    m.add_argument("--documents", nargs="+", help="only these held-out documents (e.g. persuasion locale)")
     m.add_argument("--json", type=Path, help="write the full report here")
     m.set_defaults(handler=run_summary)
 
@@ -296,16 +300,12 @@ def run_summary(args: argparse.Namespace) -> int:
     from sharedllm.common.engine.engine import Engine
     from sharedllm.common.evaluation import summary
 
-    if args.max_tokens < 1 or args.max_new_tokens < 1:
-        raise InvalidInput("--max-tokens and --max-new-tokens must be >= 1")
+    if args.max_tokens < 1:
+        raise InvalidInput("--max-tokens must be >= 1")
+    SummarySettings(words=args.words)  # refuses a bad bound before the model loads
     engine = Engine.from_choice(MODEL.from_args(args))
-    documents = summary.heldout_narratives(args.data_dir, engine.tokenizer, args.max_tokens)
-    if args.documents:
-        unknown = set(args.documents) - {d.name for d in documents}
-        if unknown:
-            raise InvalidInput(f"no held-out narrative named {', '.join(sorted(unknown))}")
-        documents = [d for d in documents if d.name in args.documents]
-    report = summary.evaluate_summaries(engine, documents, args.max_new_tokens)
+    documents = summary.heldout_documents(args.data_dir, engine.tokenizer, args.max_tokens, args.documents)
+    report = summary.evaluate_summaries(engine, documents, args.words, args.methods)
     print(summary.format_table(report))
     if args.json:
         write_json(report, args.json)

@@ -1,11 +1,12 @@
 """The excerpts an answer read and what it quoted, as a user reads them under it (`--evidence` of
-ask and generate)."""
+ask and generate), and the spans a summary's sentences rest on (`summarize --evidence`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from sharedllm.common.engine.results import Citation, Passage
+from sharedllm.common.summaries.pipeline import Summary
 
 
 def format_evidence(passages: Sequence[Passage]) -> str:
@@ -32,4 +33,15 @@ def format_citations(answer: str, citations: Sequence[Citation]) -> str:
         where = "outside the excerpts" if c.evidence_index is None else f"excerpt {c.evidence_index + 1}"
         text = " ".join(c.text.split())
         lines.append(f"  [{n}] chars {c.char_start}-{c.char_end} ({where}): {text}")
+    return "\n".join(lines)
+
+
+def format_sources(document: str, summary: Summary) -> str:
+    """Each sentence of the summary, numbered, with the document's spans it rests on."""
+    lines = ["sources:"]
+    for n, sentence in enumerate((summary.overview, *summary.sentences), 1):
+        lines.append(f"  [{n}] ({sentence.origin}) {sentence.text}")
+        for start, end in sentence.spans:
+            excerpt = " ".join(document[start:end].split())
+            lines.append(f"      chars {start}-{end}: {excerpt[:200] + ' ...' if len(excerpt) > 200 else excerpt}")
     return "\n".join(lines)

@@ -124,8 +124,7 @@ class SamplingArguments:
         parser.add_argument(
             "--max-sentences",
             type=int,
-            help=f"the answer ends after this many sentences (default {default.max_sentences} for questions; "
-            "0: no limit, the default for summaries)",
+            help=f"the answer ends after this many sentences (default {default.max_sentences}; 0: no limit)",
         )
         parser.add_argument(
             "--loop-guard",
@@ -137,19 +136,14 @@ class SamplingArguments:
             "--grounding",
             choices=GROUNDING_MODES,
             help="quote: answer with the document's best-ranked sentences; facts: the model writes, copying its "
-            f"numbers, names, terms and quotes from the document; off: free generation (default: {default.grounding} "
-            "for questions, facts for summaries)",
+            f"numbers, names, terms and quotes from the document; off: free generation (default: {default.grounding})",
         )
 
-    def from_args(self, args: argparse.Namespace, long_answer: bool = False) -> SamplingParams:
-        """The parameters as given; the engine validates them against the model's window.
-        long_answer: a summary, written (grounding "facts" unless asked otherwise) with no sentence
-        limit unless one was given."""
-        sentences = args.max_sentences if args.max_sentences is not None else 0 if long_answer else None
-        grounding = "facts" if long_answer and args.grounding is None else args.grounding
+    def from_args(self, args: argparse.Namespace) -> SamplingParams:
+        """The parameters as given; the engine validates them against the model's window."""
         return SamplingParams(
-            **({} if sentences is None else {"max_sentences": sentences}),
-            **({} if grounding is None else {"grounding": grounding}),
+            **({} if args.max_sentences is None else {"max_sentences": args.max_sentences}),
+            **({} if args.grounding is None else {"grounding": args.grounding}),
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
@@ -179,8 +173,7 @@ class EvidenceArguments:
         parser.add_argument(
             "--evidence-mode",
             choices=EVIDENCE_MODES,
-            help="auto: passages ranked for the question; spread: evenly across the document "
-            "(default: auto for questions, spread for summaries)",
+            help="auto: passages ranked for the question (the default); spread: evenly across the document",
         )
         if not self.tuning:
             return
@@ -211,9 +204,9 @@ class EvidenceArguments:
             "(default: only the question does)",
         )
 
-    def from_args(self, args: argparse.Namespace, mode: str = "auto") -> EvidenceSettings:
-        """The settings the flags ask for, validated; `mode` is the command's default mode."""
-        changes: dict[str, Any] = {"tokens": args.evidence_tokens, "mode": args.evidence_mode or mode}
+    def from_args(self, args: argparse.Namespace) -> EvidenceSettings:
+        """The settings the flags ask for, validated."""
+        changes: dict[str, Any] = {"tokens": args.evidence_tokens, "mode": args.evidence_mode or "auto"}
         if self.tuning:
             changes |= {
                 "passage_tokens": args.passage_tokens,
