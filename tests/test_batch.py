@@ -46,11 +46,15 @@ def document(n: int, paragraphs: int = 3) -> str:
 
 def varied_document(n: int, sentences: int = 80) -> str:
     """Sentences that all differ, so that a summary of them takes several model calls."""
-    names = ("Naomi", "Ruth", "Boaz", "Orpah", "Obed", "Elimelech", "Mahlon")
+    syllables = ("ba", "ko", "ri", "del", "mu", "sa", "ten", "vo")
     deeds = ("gleaned barley", "crossed the river", "bought a field", "mended a net", "sold oil", "fed the flock")
     places = ("Bethlehem", "Moab", "Shiloh", "Hebron", "Gilgal")
+
+    def name(k: int) -> str:
+        return (syllables[k % 8] + syllables[k // 8 % 8] + "n").capitalize()
+
     return "\n\n".join(
-        f"In year {n + i}, {names[i % 7]} {deeds[i % 6]} near {places[i % 5]}." for i in range(sentences)
+        f"In year {n + i}, {name(i)} {deeds[i % 6]} near {places[i % 5]} for {name(i + 29)}." for i in range(sentences)
     )
 
 

@@ -9,6 +9,10 @@ document is heard). A unit too like one already taken (most of its terms said) i
 Units that are not sentences for a reader (lines of code, questions, lines of dialogue in a
 narrative) are worth less or nothing.
 
+Sums run over sorted stems: a set's order changes with each process's string hashing, and a sum
+in another order can differ in its last bit and break a tie the other way (the batch worker and
+`sharedllm summarize` must choose the same sentences).
+
 Greedy, in one pass over the candidates per pick: a 128K-token document has about 8,000
 units and a summary takes a few dozen, so this stays well under a second.
 """
@@ -98,7 +102,7 @@ def select(
         for c in left:
             if c.unit.words > budget_words - words:
                 continue
-            gain = sum(weights.get(s, 0.0) * (COVERED_WEIGHT if s in covered else 1.0) for s in c.stems)
+            gain = sum(weights.get(s, 0.0) * (COVERED_WEIGHT if s in covered else 1.0) for s in sorted(c.stems))
             value = c.quality * gain / math.sqrt(c.unit.words) / (1 + per_section.get(c.section, 0))
             if value > best_value:
                 best, best_value = c, value

@@ -330,6 +330,6 @@ def _bounded(items: list[_Item], weights: dict[str, float], budget: int) -> list
     """Within `budget` words: the sentence worth least per word dropped, until it fits."""
     items = list(items)
     while items and sum(_words(i.text) for i in items) > budget:
-        worth = [sum(weights.get(s, 0.0) for s in i.source.stems) / max(1, _words(i.text)) for i in items]
+        worth = [sum(weights.get(s, 0.0) for s in sorted(i.source.stems)) / max(1, _words(i.text)) for i in items]
         items.pop(worth.index(min(worth)))
     return items
