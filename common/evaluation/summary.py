@@ -98,8 +98,8 @@ def check_summary(document: str, first_line: str, sentences: Sequence[CheckedSen
     used, used_in_body = vocabulary.names_in(whole), vocabulary.names_in(body)
     terms = salient_terms([clean(document[a:b]) for a, b in section_spans(document)], top)
     stems = content_stems(whole)
-    document_words = set(_WORD.findall(document))
-    numbers = {n for n in _NUMBER.findall(whole) if n not in document_words and n.rstrip(".,") not in document_words}
+    document_numbers = {n.rstrip(".,") for n in _NUMBER.findall(document)}
+    numbers = {n for n in _NUMBER.findall(whole) if n.rstrip(".,") not in document_numbers}
     whole_document = ((0, len(document)),)
     texts = [s.text for s in sentences]
     return SummaryCheck(

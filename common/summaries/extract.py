@@ -56,7 +56,9 @@ def _quality(unit: Unit, narrative: bool, entry: bool = False) -> float:
         return 0.0
     if letters < 0.85 or not text[0].isupper() or not text.endswith((".", "!", '"', "”", ")")):
         return 0.4  # a heading, a fragment, or what introduces an example ("... for example:")
-    if narrative and _FIRST_OR_SECOND_PERSON.search(text):
+    if text.count('"') % 2 or text.count("“") != text.count("”"):
+        return 0.4  # cut inside a quotation
+    if narrative and (_FIRST_OR_SECOND_PERSON.search(text) or '"' in text or "“" in text):
         return 0.4  # a line of dialogue tells a reader less than the narration around it
     return 1.0
 
