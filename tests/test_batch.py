@@ -24,6 +24,7 @@ from processes import stop_all
 from sharedllm.cli import main
 from sharedllm.common.batch.client import BatchClient, read_documents
 from sharedllm.common.batch.jobs import DocumentInput, JobNotFound, JobSpec, JobStore
+from sharedllm.common.batch.leases import DEFAULT_LEASE_S as LEASE_S
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.summaries.support import supported
 from sharedllm.compressor_service.server import SPEC as COMPRESSOR
@@ -70,11 +71,16 @@ def docs(tmp_path) -> list[Path]:
 
 
 @contextmanager
-def worker(broker: str, log: Path, *mode: str, visibility_s: int = 30, limit_s: int = 20) -> Iterator[subprocess.Popen]:
-    """`sharedllm worker` in its own process; stopped (or found killed) at the end."""
+def worker(
+    broker: str, log: Path, *mode: str, visibility_s: int | None = 30, limit_s: int = 20
+) -> Iterator[subprocess.Popen]:
+    """`sharedllm worker` in its own process; stopped (or found killed) at the end. visibility_s
+    None: the worker's default limits and visibility timeout (two hours), as a user starts it."""
     command = [sys.executable, "-m", "sharedllm", "worker", *mode, "--broker-url", broker, "--torch-threads", "1"]
-    command += ["--soft-time-limit-s", str(limit_s - 1), "--time-limit-s", str(limit_s)]
-    command += ["--visibility-timeout-s", str(visibility_s), "--log-level", "WARNING"]
+    if visibility_s is not None:
+        command += ["--soft-time-limit-s", str(limit_s - 1), "--time-limit-s", str(limit_s)]
+        command += ["--visibility-timeout-s", str(visibility_s)]
+    command += ["--log-level", "WARNING"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with log.open("a") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -202,7 +208,8 @@ def test_a_killed_worker_loses_nothing_and_repeats_nothing(tiny_model_dir, tiny_
         paths[-1].write_text(varied_document(10 + i), encoding="utf-8")
     log = tmp_path / "worker.log"
     mode = embedded(tiny_model_dir, tiny_adapter)
-    with worker(redis.url, log, *mode, visibility_s=6, limit_s=5) as first:
+    # The workers' defaults: a two-hour visibility timeout, so only the lease brings the document back.
+    with worker(redis.url, log, *mode, visibility_s=None) as first:
         job = client.submit(read_documents(paths), MANY_CALLS)
         deadline = time.monotonic() + 120
         while not any(d.state == "summarizing" and d.progress >= 1 for d in client.status(job).documents):
@@ -210,12 +217,18 @@ def test_a_killed_worker_loses_nothing_and_repeats_nothing(tiny_model_dir, tiny_
             time.sleep(0.02)
         first.send_signal(signal.SIGKILL)  # in the middle of a document's summary
         first.wait(10)
+        killed = time.monotonic()
     interrupted = next(d for d in client.status(job).documents if d.state == "summarizing")
-    with worker(redis.url, log, *mode, visibility_s=6, limit_s=5):
+    with worker(redis.url, log, *mode, visibility_s=None):
+        while client.status(job).documents[interrupted.index].attempts == interrupted.attempts:
+            assert time.monotonic() - killed < LEASE_S + 30, log.read_text()[-3000:]
+            time.sleep(0.2)
+        resumed_after = time.monotonic() - killed
         status = wait_for(client, job, log)
+    assert resumed_after < 60  # the issue's bound; the lease is 30 s and the reapers look every 5 s
     assert status.state == "done" and status.finished == 3
     again = status.documents[interrupted.index]
-    assert again.attempts > interrupted.attempts  # its task was delivered again, and resumed
+    assert again.attempts > interrupted.attempts  # its work was handed on, and resumed
 
     # Every document once, and as an uninterrupted run makes it.
     with worker(redis.url, log, *mode):

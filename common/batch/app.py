@@ -4,7 +4,9 @@ settings long model work needs.
 Why these settings: a document takes minutes, so a worker takes one task at a time
 (prefetch 1) and acknowledges it only when done (late ack), so a worker that dies mid-task
 leaves its task to be redelivered after the visibility timeout, which must outlast the longest
-task or a live task would be handed out twice. Soft and hard time limits bound a stuck task.
+task or a live task would be handed out twice. That is hours, so a task also holds a lease on
+its document, and a dead worker's document is sent again when the lease lapses (leases.py).
+Soft and hard time limits bound a stuck task.
 Compression and generation have queues of their own, so workers (and their priorities) can be
 split between them. Pickle is never accepted: a message is data, not code.
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from celery import Celery
 from kombu import Exchange, Queue
 
+from sharedllm.common.batch.leases import DEFAULT_LEASE_S
 from sharedllm.common.config import ConfigError
 
 COMPRESS_QUEUE = "sharedllm.compress"
@@ -39,6 +42,7 @@ class BatchSettings:
     visibility_timeout_s: int = 7200  # an unacknowledged task is redelivered after this long
     max_retries: int = 8  # of a task that met an unavailable or full service or store
     max_deliveries: int = 3  # of one task without finishing (its worker died each time)
+    lease_s: float = DEFAULT_LEASE_S  # a dead worker's document is sent again after this (leases.py)
 
     def __post_init__(self) -> None:
         if not 0 < self.soft_time_limit_s <= self.time_limit_s < self.visibility_timeout_s:
@@ -48,6 +52,8 @@ class BatchSettings:
             )
         if self.max_retries < 0 or self.max_deliveries < 1:
             raise ConfigError("max_retries must be >= 0 and max_deliveries >= 1")
+        if not 3 <= self.lease_s < self.visibility_timeout_s:
+            raise ConfigError(f"need 3 <= lease < visibility timeout, got {self.lease_s}, {self.visibility_timeout_s}")
 
 
 class BatchApp(Celery):

@@ -15,9 +15,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from celery import chain, group
+from celery import group
 
 from sharedllm.common.batch.app import BatchApp, BatchSettings
+from sharedllm.common.batch.chains import document_chain
 from sharedllm.common.batch.jobs import DocumentInput, JobSpec, JobStatus, JobStore
 from sharedllm.common.data.documents import read_text
 from sharedllm.common.errors import InvalidInput
@@ -56,15 +57,7 @@ class BatchClient:
         """Record the job, then send one chain per readable document (compress, summarise,
         answer) as one group; returns the job id."""
         job_id = self.jobs.create(spec, documents)
-        chains = [
-            chain(
-                self.app.signature("sharedllm.batch.compress", (job_id, i), immutable=True),
-                self.app.signature("sharedllm.batch.summarize", (job_id, i), immutable=True),
-                self.app.signature("sharedllm.batch.answer", (job_id, i), immutable=True),
-            )
-            for i, doc in enumerate(documents)
-            if doc.error is None
-        ]
+        chains = [document_chain(self.app, job_id, i) for i, doc in enumerate(documents) if doc.error is None]
         if chains:
             group(chains, app=self.app).apply_async()
         return job_id

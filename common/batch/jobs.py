@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from sharedllm.common.batch.leases import Lease, LeaseName, held_by_another
 from sharedllm.common.engine.params import GROUNDING_MODES, Grounding
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.summaries.pipeline import CALL_CHARS, DEFAULT_WORDS, SummarySettings
@@ -141,6 +142,14 @@ class JobStore:
 
     def _text(self, job_id: str, index: int) -> str:
         return f"{PREFIX}{job_id}:text:{index}"
+
+    def lease(self, job_id: str, index: int, task: str, owner: str, lease_s: float) -> Lease:
+        """The lease a task holds while it works on the document (leases.py)."""
+        return Lease(self.client, LeaseName(job_id, index, task, owner), self._doc(job_id, index), lease_s)
+
+    def leased_elsewhere(self, job_id: str, index: int, owner: str) -> bool:
+        """Whether another task holds a live lease on the document (it is being worked on)."""
+        return held_by_another(self.client, self._doc(job_id, index), owner)
 
     def _keys(self, job_id: str, n: int) -> list[str]:
         return [self._job(job_id)] + [k for i in range(n) for k in (self._doc(job_id, i), self._text(job_id, i))]

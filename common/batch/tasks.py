@@ -19,7 +19,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from sharedllm.common.batch.app import BatchApp
 from sharedllm.common.batch.backends import Backend, DocumentFailed, Transient
+from sharedllm.common.batch.chains import document_chain
 from sharedllm.common.batch.jobs import DocumentStatus, JobStore
+from sharedllm.common.batch.leases import Reaper
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.summaries.pipeline import summarize as summarize_document
 
@@ -56,6 +58,9 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
     """One stage of one document, with the job's bookkeeping around it."""
     settings = task.app.settings
     store = _job_store(settings.broker_url)  # this process's (one connection pool, not one per task)
+    owner = task.request.id or "eager"
+    if store.leased_elsewhere(job_id, index, owner):
+        return  # the dead worker's message, redelivered late: the document was handed on (leases.py)
     doc = store.begin(job_id, index, stage)
     if doc is None:
         return  # finished already (a redelivery after the work was done), or cancelled
@@ -65,7 +70,8 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
         return
     started = time.perf_counter()
     try:
-        work(store, doc)
+        with store.lease(job_id, index, task.name.rsplit(".", 1)[-1], owner, settings.lease_s):
+            work(store, doc)
     except Transient as exc:
         if task.request.retries >= settings.max_retries:
             store.finish(job_id, index, "failed", error=f"{stage}: gave up after {settings.max_retries} retries: {exc}")
@@ -159,6 +165,15 @@ def _context_of(doc: DocumentStatus) -> str:
     if doc.context_id is None:
         raise DocumentFailed("the document has no stored context (its compression did not finish)")
     return doc.context_id
+
+
+def start_reaper(app: BatchApp) -> Reaper:
+    """Run this worker's lease reaper: a document whose worker died is sent again (leases.py)."""
+
+    def resend(job_id: str, index: int, task: str) -> None:
+        document_chain(app, job_id, index, task).apply_async()
+
+    return Reaper(_job_store(app.settings.broker_url).client, resend).start()
 
 
 def register(app: BatchApp) -> None:

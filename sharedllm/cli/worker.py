@@ -68,6 +68,9 @@ def add_job_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser) 
     )
     group.add_argument("--max-retries", type=int, default=d.max_retries, help="on an unavailable or full service")
     group.add_argument("--max-deliveries", type=int, default=d.max_deliveries, help="of a task whose worker died")
+    group.add_argument(
+        "--lease-s", type=float, default=d.lease_s, help="a dead worker's document goes to another worker after this"
+    )
 
 
 def batch_settings(args: argparse.Namespace) -> BatchSettings:
@@ -78,6 +81,7 @@ def batch_settings(args: argparse.Namespace) -> BatchSettings:
         visibility_timeout_s=args.visibility_timeout_s,
         max_retries=args.max_retries,
         max_deliveries=args.max_deliveries,
+        lease_s=args.lease_s,
     )
 
 
@@ -115,9 +119,11 @@ def run_worker(args: argparse.Namespace) -> int:
     pool = ["--pool", "solo"] if in_flight == 1 else ["--pool", "threads", "--concurrency", str(in_flight)]
     argv = ["worker", *pool, "--queues", args.queues, "--loglevel", args.log_level]
     argv += ["--without-gossip", "--without-mingle", *celery_args]
+    reaper = tasks.start_reaper(app)
     try:
         app.worker_main(argv)
     finally:
+        reaper.stop()
         tracing.shutdown()
     return 0
 
