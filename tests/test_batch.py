@@ -72,7 +72,7 @@ def docs(tmp_path) -> list[Path]:
 
 @contextmanager
 def worker(
-    broker: str, log: Path, *mode: str, visibility_s: int | None = 30, limit_s: int = 20
+    broker: str, log: Path, *mode: str, visibility_s: int | None = 60, limit_s: int = 20
 ) -> Iterator[subprocess.Popen]:
     """`sharedllm worker` in its own process; stopped (or found killed) at the end. visibility_s
     None: the worker's default limits and visibility timeout (two hours), as a user starts it."""
