@@ -72,8 +72,14 @@ class RedisServer:
         password: str | None = None,
         tls: TlsFiles | None = None,
         cluster: bool = False,
+        replica_of: RedisServer | None = None,
+        client_certificates: bool = False,
     ) -> None:
+        """replica_of: start as that server's replica; client_certificates: with tls, require a
+        client certificate signed by the server's own (the tests' CA)."""
         self.directory = directory
+        self.replica_of = replica_of
+        self.client_certificates = client_certificates
         self.appendonly = appendonly
         self.cluster = cluster
         self.bus_port = free_port()  # a cluster's node-to-node port (default port + 10000 may be taken)
@@ -87,7 +93,10 @@ class RedisServer:
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         if self.tls:
-            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.cert}"
+            url = f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.cert}"
+            if self.client_certificates:  # the server's own certificate serves as the client's too
+                url += f"&ssl_certfile={self.tls.cert}&ssl_keyfile={self.tls.key}"
+            return url
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
@@ -114,8 +123,11 @@ class RedisServer:
                 "--cluster-node-timeout",
                 "2000",
             ]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
         if self.tls:
-            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--port", "0", "--tls-port", str(self.port)]
+            args += ["--tls-auth-clients", "yes" if self.client_certificates else "no"]
             args += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
             args += ["--tls-ca-cert-file", str(self.tls.cert)]
         else:

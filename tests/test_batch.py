@@ -271,3 +271,34 @@ def test_cancel_stops_what_is_left_and_resubmitting_reuses_contexts(
 def test_an_unknown_job_is_a_clear_error(redis_server, capsys):
     assert main(["batch", "status", "no-such-job", "--broker-url", redis_server.url]) == 2
     assert "no job 'no-such-job'" in capsys.readouterr().err
+
+
+def test_a_broker_restart_in_the_middle_of_a_job_loses_nothing(
+    tiny_model_dir, tiny_adapter, make_redis_server, tmp_path
+):
+    """Redis (the broker, the job record and the contexts) killed and started again with its
+    append-only file while a document is being summarised: the job ends, every document once."""
+    redis = make_redis_server(appendonly=True)
+    client = BatchClient(redis.url)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"long{i}.txt")
+        paths[-1].write_text(varied_document(40 + i), encoding="utf-8")
+    log = tmp_path / "worker.log"
+    mode = embedded(tiny_model_dir, tiny_adapter)
+    with worker(redis.url, log, *mode, visibility_s=None):
+        job = client.submit(read_documents(paths), MANY_CALLS)
+        deadline = time.monotonic() + 120
+        while not any(d.state == "summarizing" and d.progress >= 1 for d in client.status(job).documents):
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        redis.stop(kill=True)  # appendfsync always: every acknowledged write is in the file
+        time.sleep(2)
+        redis.start()
+        status = wait_for(client, job, log, timeout=180)
+        assert status.state == "done" and status.finished == 3
+        fresh = client.submit(read_documents(paths), MANY_CALLS)
+        wait_for(client, fresh, log)
+    with redis.client() as raw:
+        assert int(raw.hget(f"sharedllm:batch:{job}", "finished")) == 3  # each document counted once
+    assert comparable(client.results(job)) == comparable(client.results(fresh))

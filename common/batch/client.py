@@ -15,10 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from celery import group
-
+from sharedllm.common.batch import stages
 from sharedllm.common.batch.app import BatchApp, BatchSettings
-from sharedllm.common.batch.chains import document_chain
 from sharedllm.common.batch.jobs import DocumentInput, JobSpec, JobStatus, JobStore
 from sharedllm.common.data.documents import read_text
 from sharedllm.common.errors import InvalidInput
@@ -54,12 +52,12 @@ class BatchClient:
         self.jobs = JobStore.from_url(broker_url)
 
     def submit(self, documents: list[DocumentInput], spec: JobSpec) -> str:
-        """Record the job, then send one chain per readable document (compress, summarise,
-        answer) as one group; returns the job id."""
+        """Record the job, then send each readable document's first task (compress; each task
+        sends the next: summarise, then answer); returns the job id."""
         job_id = self.jobs.create(spec, documents)
-        chains = [document_chain(self.app, job_id, i) for i, doc in enumerate(documents) if doc.error is None]
-        if chains:
-            group(chains, app=self.app).apply_async()
+        for i, doc in enumerate(documents):
+            if doc.error is None:
+                stages.send(self.app, job_id, i)  # compress; each task sends the next (stages.py)
         return job_id
 
     def status(self, job_id: str) -> JobStatus:

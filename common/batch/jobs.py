@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from sharedllm.common.batch.leases import Lease, LeaseName, held_by_another
 from sharedllm.common.engine.params import GROUNDING_MODES, Grounding
@@ -32,6 +34,7 @@ from sharedllm.common.telemetry import metrics
 
 PREFIX = "sharedllm:batch:"
 DEFAULT_TTL_S = 7 * 24 * 3600
+RESTART_RETRIES = 20  # with backoff capped at 2 s: about 30 s for Redis to come back
 TERMINAL = ("done", "failed", "cancelled")  # a document's final states
 JOB_STATES = ("queued", "running", "done", "done_with_errors", "cancelled")
 
@@ -132,7 +135,17 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = DEFAULT_TTL_S) -> JobStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5), ttl_s)
+        """A store whose calls ride out a restart of Redis (the broker's, by default): a call that
+        loses its connection is tried again with backoff for about RESTART_WAIT_S."""
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), RESTART_RETRIES)
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            retry=retry,
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError],
+        )
+        return cls(client, ttl_s)
 
     def _job(self, job_id: str) -> str:
         return f"{PREFIX}{job_id}"

@@ -67,10 +67,15 @@ class Lease:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        """Released when the work ended as its task decided; kept (to lapse, and the reaper to send
+        the document again) when an exception escaped it: the store or broker gone, a bug."""
         self._stop.set()
         self._thread.join()
-        self.client.zrem(LEASES_KEY, self.name.member)
+        if exc_type is None:
+            self.client.zrem(LEASES_KEY, self.name.member)
+        else:
+            log.warning("lease %s kept to lapse: the work ended with %s", self.name.member, exc_type.__name__)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.lease_s / 3):

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from sharedllm.common.batch import stages
 from sharedllm.common.batch.app import BatchApp
 from sharedllm.common.batch.backends import Backend, DocumentFailed, Transient
-from sharedllm.common.batch.chains import document_chain
 from sharedllm.common.batch.jobs import DocumentStatus, JobStore
 from sharedllm.common.batch.leases import Reaper
 from sharedllm.common.engine.params import SamplingParams
@@ -69,23 +69,35 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
         store.finish(job_id, index, "failed", error=f"{stage} was delivered {deliveries - 1} times without finishing")
         return
     started = time.perf_counter()
-    try:
-        with store.lease(job_id, index, task.name.rsplit(".", 1)[-1], owner, settings.lease_s):
+    retry: Transient | None = None
+    # An exception that escapes this block (the store or the broker gone for longer than the job
+    # store's retries, a bug) leaves the lease to lapse, so a reaper sends the document again and
+    # the next delivery resumes it; the outcomes handled here release the lease.
+    name = task.name.rsplit(".", 1)[-1]
+    with store.lease(job_id, index, name, owner, settings.lease_s):
+        try:
             work(store, doc)
-    except Transient as exc:
+            after = stages.following(name)
+            if after is not None:  # inside the lease: a send that fails lets it lapse (stages.py)
+                stages.send(task.app, job_id, index, after)
+        except Transient as exc:
+            retry = exc
+        except DocumentFailed as exc:
+            store.finish(job_id, index, "failed", error=f"{stage}: {exc}")
+        except Cancelled:
+            store.finish(job_id, index, "cancelled", error="the job was cancelled")
+        except SoftTimeLimitExceeded:
+            store.finish(job_id, index, "failed", error=f"{stage} took longer than {settings.soft_time_limit_s} s")
+        finally:
+            store.add_timing(job_id, index, f"{stage}_s", time.perf_counter() - started)
+    if retry is not None:
         if task.request.retries >= settings.max_retries:
-            store.finish(job_id, index, "failed", error=f"{stage}: gave up after {settings.max_retries} retries: {exc}")
+            store.finish(
+                job_id, index, "failed", error=f"{stage}: gave up after {settings.max_retries} retries: {retry}"
+            )
             return
-        log.warning("document %d of job %s: %s; retrying", index, job_id, exc)
-        raise task.retry(exc=exc, countdown=min(2 ** (task.request.retries + 1), 60)) from None
-    except DocumentFailed as exc:
-        store.finish(job_id, index, "failed", error=f"{stage}: {exc}")
-    except Cancelled:
-        store.finish(job_id, index, "cancelled", error="the job was cancelled")
-    except SoftTimeLimitExceeded:
-        store.finish(job_id, index, "failed", error=f"{stage} took longer than {settings.soft_time_limit_s} s")
-    finally:
-        store.add_timing(job_id, index, f"{stage}_s", time.perf_counter() - started)
+        log.warning("document %d of job %s: %s; retrying", index, job_id, retry)
+        raise task.retry(exc=retry, countdown=min(2 ** (task.request.retries + 1), 60))
 
 
 def compress(self: Task, job_id: str, index: int) -> None:
@@ -171,7 +183,7 @@ def start_reaper(app: BatchApp) -> Reaper:
     """Run this worker's lease reaper: a document whose worker died is sent again (leases.py)."""
 
     def resend(job_id: str, index: int, task: str) -> None:
-        document_chain(app, job_id, index, task).apply_async()
+        stages.send(app, job_id, index, task)
 
     return Reaper(_job_store(app.settings.broker_url).client, resend).start()
 
@@ -180,4 +192,4 @@ def register(app: BatchApp) -> None:
     """Make `app` run the batch tasks (a worker's app; senders send them by name)."""
     for work in (compress, summarize, answer):
         # shared=False: only this app runs them (another app in the process has no batch settings).
-        app.task(name=f"sharedllm.batch.{work.__name__}", bind=True, shared=False)(work)
+        app.task(name=stages.task_name(work.__name__), bind=True, shared=False)(work)

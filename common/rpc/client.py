@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ from sharedllm.common.generated.sharedllm.v1 import compressor_pb2, compressor_p
 from sharedllm.common.rpc.enums import FINISH_REASON_NAMES, GROUNDINGS
 from sharedllm.common.rpc.tls import ClientTls
 
+log = logging.getLogger(__name__)
+
+ANSWER_RETRIES = 2  # an answer cut off by a replica's death is asked again this often (reproducible ones)
 PIECE_BYTES = 1 << 20  # CompressStream piece size: well under any sensible message limit
 PIECE_TOKENS = PIECE_BYTES // 8  # token ids per piece: a varint takes at most 5 bytes, plus framing
 # Worth retrying later: the service or its store is unavailable, busy or full right now, or the
@@ -319,12 +323,18 @@ class CompressorClient(ServiceClient):
         self._call(self.stub.DeleteContext, compressor_pb2.DeleteContextRequest(context_id=context_id))
 
 
+class _Diverged(Exception):
+    """An answer asked again did not begin with the text already given."""
+
+
 class DecoderClient(ServiceClient):
     """DecoderService: answers, streamed, and the server's description."""
 
-    def __init__(self, target: str, **kwargs) -> None:
+    def __init__(self, target: str, *, answer_retries: int = ANSWER_RETRIES, **kwargs) -> None:
+        """answer_retries: how often an answer cut off by a dying replica is asked again."""
         super().__init__(target, **kwargs)
         self.stub = decoder_pb2_grpc.DecoderServiceStub(self.channel)
+        self.answer_retries = answer_retries
 
     def generate(
         self,
@@ -337,7 +347,13 @@ class DecoderClient(ServiceClient):
         evidence_mode: str | None = None,
     ) -> Iterator[TokenDelta | Finished]:
         """The answer as ContextRuntime.generate gives it: TokenDelta events, then Finished.
-        Closing the iterator early cancels the call, which stops the server's decoding."""
+        Closing the iterator early cancels the call, which stops the server's decoding.
+
+        A replica that dies in the middle of an answer (UNAVAILABLE after some text arrived) is
+        not the end of it when the answer is reproducible (greedy, or sampled with a seed): the
+        request is sent again, the channel picks a live replica, and the text already given is
+        checked against the new answer's start and not given twice, so the caller reads one
+        whole answer. Up to `answer_retries` times; an answer that could differ is not retried."""
         request = generate_request(
             context_id,
             prompt,
@@ -346,6 +362,37 @@ class DecoderClient(ServiceClient):
             evidence_tokens=evidence_tokens,
             evidence_mode=evidence_mode,
         )
+        reproducible = params.temperature == 0 or params.seed is not None
+        given = ""  # the text the caller has been given so far
+        for attempt in range(self.answer_retries + 1):
+            received = ""  # this attempt's text
+            try:
+                for event in self._generate_once(request):
+                    if isinstance(event, Finished):
+                        yield event
+                        return
+                    received += event.text
+                    if len(received) <= len(given):
+                        if not given.startswith(received):
+                            raise _Diverged
+                        continue
+                    if not received.startswith(given):
+                        raise _Diverged
+                    new = received[len(given) :]
+                    given = received
+                    yield TokenDelta(event.token_id, new) if new != event.text else event
+            except _Diverged:
+                raise RemoteError(
+                    grpc.StatusCode.ABORTED,
+                    "the decoder that was answering stopped, and the answer asked again began differently",
+                ) from None
+            except RemoteError as exc:
+                started = bool(given)
+                if exc.code != grpc.StatusCode.UNAVAILABLE or not reproducible or attempt == self.answer_retries:
+                    raise
+                log.warning("the decoder stopped %s the answer (%s); asking again", "in" if started else "before", exc)
+
+    def _generate_once(self, request: decoder_pb2.GenerateRequest) -> Iterator[TokenDelta | Finished]:
         with remote_errors():
             call = self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout_s)
             try:

@@ -16,7 +16,7 @@ from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK
 from sharedllm.common.rpc.auth import ApiKeys
 from sharedllm.common.rpc.tls import check_key_pair
-from sharedllm.common.store import DEFAULT_TIMEOUT_S, ContextStore, TenantQuotas, open_store
+from sharedllm.common.store import DEFAULT_REPLICA_TIMEOUT_S, DEFAULT_TIMEOUT_S, ContextStore, TenantQuotas, open_store
 from sharedllm.common.store.decoded_cache import DEFAULT_CACHE_BYTES
 
 MIB = 1 << 20
@@ -92,6 +92,8 @@ class StoreSettings:
     timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait for one answer from the store
     retries: int | None = None  # further tries after a timeout or lost connection (None: 1, 5 on a cluster)
     quotas: TenantQuotas = field(default_factory=TenantQuotas)
+    min_replicas: int = 0  # replicas a stored context reaches before Compress returns (WAIT); 0: do not wait
+    replica_timeout_s: float = DEFAULT_REPLICA_TIMEOUT_S  # longest wait for them; then UNAVAILABLE
 
     def __post_init__(self) -> None:
         if self.max_document_bytes is not None:
@@ -104,9 +106,20 @@ class StoreSettings:
             raise ConfigError(f"store timeout_s must be finite and > 0, got {self.timeout_s}")
         if self.retries is not None and self.retries < 0:
             raise ConfigError(f"store retries must be >= 0, got {self.retries}")
+        if self.min_replicas < 0 or not (math.isfinite(self.replica_timeout_s) and self.replica_timeout_s > 0):
+            raise ConfigError(
+                f"store min_replicas must be >= 0 and replica_timeout_s > 0, got {self.min_replicas}, "
+                f"{self.replica_timeout_s}"
+            )
 
     def open(self) -> ContextStore:
-        return open_store(self.url, timeout_s=self.timeout_s, retries=self.retries)
+        return open_store(
+            self.url,
+            timeout_s=self.timeout_s,
+            retries=self.retries,
+            min_replicas=self.min_replicas,
+            replica_timeout_s=self.replica_timeout_s,
+        )
 
 
 @dataclass(frozen=True)

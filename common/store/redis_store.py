@@ -25,6 +25,16 @@ lives in the tenant's own slot, so it is updated beside the context's writes, no
 script. A context that expires leaves its entry behind until the index is next summed for a
 quota or a usage report; then the entries of contexts that no longer exist are dropped.
 
+Replicas (`min_replicas`): Redis replicates asynchronously, so a context acknowledged by the
+primary can vanish if the primary dies before its replicas have it and one of them takes over.
+With min_replicas = N, a put publishes and then runs WAIT N on the same connection: Redis
+answers once N replicas have acknowledged everything this connection wrote (the replication
+stream is one ordered log, so the staged parts written before are covered too), or when the
+timeout passes. Fewer than N: the context is removed again (an earlier version under its id
+with it) and the put fails as StoreUnavailable, so a caller never holds an acknowledgement for a
+context that lives on the primary alone. (WAIT does not make a write survive the loss of every
+copy, nor fsync it: for that, AOF with appendfsync always on the replicas.)
+
 Timeouts: a call waits at most `timeout_s` for Redis to answer and is tried `retries` more times,
 so a frozen or vanished Redis frees a worker in seconds (UNAVAILABLE), never minutes.
 
@@ -39,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import secrets
 import time
@@ -79,6 +90,7 @@ DEFAULT_TIMEOUT_S = 3.0  # per answer; the replies to a 361 MB write (a 128K-tok
 DEFAULT_RETRIES = 1
 # A cluster client retries longer: a failover or a slot migration takes seconds.
 DEFAULT_CLUSTER_RETRIES = 5
+DEFAULT_REPLICA_TIMEOUT_S = 5.0  # WAIT's bound: replicas take a 128K-token context (361 MB) in about a second or two
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # Redirections and refusals while a cluster changes shape: worth retrying, nothing is lost.
 _CLUSTER_CHANGING = (
@@ -236,10 +248,24 @@ class RedisStore(ContextStore):
     rediss:// for TLS (e.g. ?ssl_ca_certs=/path/ca.pem), redis+cluster:// or rediss+cluster://
     for a Redis Cluster (any one node); options are redis-py's."""
 
-    def __init__(self, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retries: int | None = None,
+        min_replicas: int = 0,
+        replica_timeout_s: float = DEFAULT_REPLICA_TIMEOUT_S,
+    ) -> None:
         """timeout_s: longest wait for an answer (and for a connection); retries: further tries of a
-        call that timed out or lost its connection (None: 1, or 5 on a cluster)."""
+        call that timed out or lost its connection (None: 1, or 5 on a cluster); min_replicas: the
+        replicas a stored context must reach before put returns, within replica_timeout_s."""
         super().__init__()
+        if min_replicas < 0 or (min_replicas and not (math.isfinite(replica_timeout_s) and replica_timeout_s > 0)):
+            raise InvalidInput(
+                f"min_replicas must be >= 0 and the replica timeout > 0, got {min_replicas} and {replica_timeout_s}"
+            )
+        self.min_replicas, self.replica_timeout_s = min_replicas, replica_timeout_s
         scheme = urllib.parse.urlsplit(url).scheme
         cluster = scheme in CLUSTER_SCHEMES
         retries = (DEFAULT_CLUSTER_RETRIES if cluster else DEFAULT_RETRIES) if retries is None else retries
@@ -327,10 +353,15 @@ class RedisStore(ContextStore):
                 for name, payload in zip(parts, (encoded.retrieval_keys, *encoded.nodes), strict=True):
                     pipe.set(name, payload, px=STAGING_TTL_MS)
                 pipe.execute()
-                old_gen, old_frame = self._publish(
-                    keys=[keys.head, keys.retired, *parts],
-                    args=[gen, encoded.manifest_frame, codec.lifetime_ms(manifest) or 0, PART_MARGIN_MS, GRACE_MS],
+                old_gen, old_frame = self._published(
+                    keys,
+                    parts,
+                    [gen, encoded.manifest_frame, codec.lifetime_ms(manifest) or 0, PART_MARGIN_MS, GRACE_MS],
                 )
+            except _TooFewReplicas as exc:
+                self._discard([keys.head, keys.retired, *parts])  # published on the primary alone: undone
+                self._swap_usage(key, pending, b"")
+                raise StoreUnavailable(str(exc)) from None
             except BaseException:
                 self._discard(parts)  # a full Redis must not stay full of a write that failed
                 self._swap_usage(key, pending, replaced or b"")  # unless another writer recorded since
@@ -343,6 +374,25 @@ class RedisStore(ContextStore):
                 pipe.execute()
         if not quota.limited:
             self._prune_usage(key.tenant, sample=USAGE_SAMPLE)  # keeps the index from growing with expiries
+
+    def _published(self, keys: _Keys, parts: list[str], args: list) -> tuple[bytes | None, bytes | None]:
+        """Run the publish script; with min_replicas, then WAIT on the same connection (the node
+        that holds the context's slot, on a cluster), raising _TooFewReplicas if they fall short."""
+        if not self.min_replicas:
+            return self._publish(keys=[keys.head, keys.retired, *parts], args=args)
+        node = self._redis
+        if isinstance(node, RedisCluster):
+            node = node.get_redis_connection(node.get_node_from_key(keys.head))
+        pipe = node.pipeline(transaction=False)
+        self._publish(keys=[keys.head, keys.retired, *parts], args=args, client=pipe)
+        pipe.execute_command("WAIT", self.min_replicas, max(1, round(self.replica_timeout_s * 1000)))
+        (old_gen, old_frame), acknowledged = pipe.execute()
+        if acknowledged < self.min_replicas:
+            raise _TooFewReplicas(
+                f"the context reached {acknowledged} of {self.min_replicas} replicas within "
+                f"{self.replica_timeout_s} s, so it was not stored; retry, or check the replicas of {self.url}"
+            )
+        return old_gen, old_frame
 
     def _record_usage(self, key: ContextKey, nbytes: int, quota: Quota) -> tuple[bytes, bytes | None]:
         """Count the context in its tenant's usage as pending, within the quota; returns the value
@@ -474,6 +524,10 @@ class RedisStore(ContextStore):
             return keys.parts(gen.decode(), codec.decode_manifest(frame or b""))
         except (DataCorruption, IncompatibleContext):
             return [k.decode() for k in self._redis.scan_iter(match=f"{keys.prefix}:{gen.decode()}:*", count=1000)]
+
+
+class _TooFewReplicas(Exception):
+    """A published context did not reach min_replicas in time (undone, then StoreUnavailable)."""
 
 
 def _usage_key(tenant: str) -> str:

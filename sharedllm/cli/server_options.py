@@ -122,6 +122,12 @@ class StoreArguments:
             help="further tries after a timeout or a lost connection; -1: 1, or 5 on a Redis Cluster",
         )
         parser.add_argument(
+            "--store-min-replicas",
+            type=int,
+            help="Compress returns once a context reached this many Redis replicas (WAIT), else UNAVAILABLE",
+        )
+        parser.add_argument("--store-replica-timeout-s", type=float, help="longest wait for those replicas")
+        parser.add_argument(
             "--tenant-max-contexts", type=int, default=0, help="stored contexts per tenant; 0: no limit"
         )
         parser.add_argument("--tenant-max-bytes", type=int, default=0, help="stored bytes per tenant; 0: no limit")
@@ -139,7 +145,13 @@ class StoreArguments:
     def from_args(self, args: argparse.Namespace) -> StoreSettings:
         from sharedllm.common.rpc.config import MIB, StoreSettings
 
-        settings = _given(args, url="store_url", timeout_s="store_timeout_s")
+        settings = _given(
+            args,
+            url="store_url",
+            timeout_s="store_timeout_s",
+            min_replicas="store_min_replicas",
+            replica_timeout_s="store_replica_timeout_s",
+        )
         if args.default_ttl_s is not None:
             settings["default_ttl_s"] = args.default_ttl_s or None
         if args.decoded_cache_mib is not None:

@@ -1,0 +1,31 @@
+"""The tasks of one document, in order, and how the next one is sent.
+
+Each task sends the document's next task itself, once its own work is recorded, rather than
+leaving it to a Celery chain: a chain's next link is published by Celery after the task returns,
+outside the task's lease, and a broker that is restarting at that moment would lose it with
+nothing left to notice. Sent from inside the lease, a failed send leaves the lease to lapse, and
+the reaper sends the document's task again (leases.py).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+TASKS = ("compress", "summarize", "answer")
+
+
+def task_name(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"no batch task {task!r}")
+    return f"sharedllm.batch.{task}"
+
+
+def following(task: str) -> str | None:
+    """The task after `task`, None after the last."""
+    position = TASKS.index(task)
+    return TASKS[position + 1] if position + 1 < len(TASKS) else None
+
+
+def send(app: Celery, job_id: str, index: int, task: str = TASKS[0]) -> None:
+    """Send the document's `task` (which sends the ones after it)."""
+    app.send_task(task_name(task), (job_id, index))
