@@ -62,3 +62,52 @@ def test_two_compressors_and_two_decoders_on_one_store(loop, tiny_model_dir, tin
     finally:
         for server in servers:
             server.__exit__(None, None, None)
+
+
+def test_an_answer_cut_off_by_a_dying_decoder_is_finished_by_another(
+    tiny_model_dir, tiny_adapter, make_redis_server, tmp_path, caplog
+):
+    """Two decoder processes behind one client; the one answering is SIGKILLed mid-answer. The
+    client asks again, the other replica answers, and the caller reads one whole answer: the same
+    text, token for token, as an answer nobody interrupted."""
+    from test_soak import serve, wait_serving
+
+    from sharedllm.common.engine.params import SamplingParams
+    from sharedllm.common.engine.results import Finished, TokenDelta, run_to_end
+    from sharedllm.common.rpc.client import CompressorClient, DecoderClient
+
+    redis = make_redis_server()
+    started = {
+        name: serve(name.rstrip("12"), redis.url, tiny_model_dir, tiny_adapter, tmp_path / f"{name}.log")
+        for name in ("compressor", "decoder1", "decoder2")
+    }
+    try:
+        for name, (process, target) in started.items():
+            wait_serving(process, target, tmp_path / f"{name}.log")
+        with CompressorClient(started["compressor"][1]) as compressor:
+            context_id = compressor.compress(TEXT.encode()).context_id
+        params = SamplingParams(max_new_tokens=900, grounding="off", loop_guard=0, max_sentences=0)
+        decoders = [started["decoder1"], started["decoder2"]]
+        with DecoderClient(decoders[0][1]) as one:
+            expected = run_to_end(one.generate(context_id, "Who is Naomi?", params)).text
+        events = []
+        with DecoderClient(",".join(target for _, target in decoders)) as client:
+            for event in client.generate(context_id, "Who is Naomi?", params):
+                events.append(event)
+                if len(events) == 3:
+                    busy = []
+                    for process, target in decoders:
+                        with DecoderClient(target) as probe:
+                            if probe.server_info().stats.active_requests:
+                                busy.append(process)
+                    assert len(busy) == 1, "the answer ended before a decoder could be stopped"
+                    busy[0].kill()
+        assert busy[0].wait(10) is not None
+        text = "".join(e.text for e in events if isinstance(e, TokenDelta))
+        assert isinstance(events[-1], Finished) and events[-1].text == text == expected
+        assert len(expected) > 200
+        assert "the decoder stopped in the answer" in caplog.text  # asked again, mid-answer
+    finally:
+        for process, _ in started.values():
+            process.kill()
+            process.wait(10)
