@@ -191,11 +191,13 @@ class RedisServer:
 
 
 class RedisClusterServers:
-    """A real Redis Cluster of `masters` primaries on loopback, made with `redis-cli --cluster create`."""
+    """A real Redis Cluster of `masters` primaries on loopback, each with `replicas` replicas, made
+    with `redis-cli --cluster create` (a replica takes over when its primary dies)."""
 
-    def __init__(self, directory: Path, masters: int = 3) -> None:
+    def __init__(self, directory: Path, masters: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
         self.nodes = []
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             (directory / f"node{i}").mkdir(parents=True, exist_ok=True)
             self.nodes.append(RedisServer(directory / f"node{i}", cluster=True))
 
@@ -231,9 +233,10 @@ class RedisClusterServers:
     def __enter__(self) -> RedisClusterServers:
         for node in self.nodes:
             node.start()
-        self._cli("--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-yes")
+        replicas = ["--cluster-replicas", str(self.replicas)] if self.replicas else []
+        self._cli("--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes), *replicas, "--cluster-yes")
         deadline = time.monotonic() + 30
-        while not all(b"cluster_state:ok" in n.client().execute_command("CLUSTER", "INFO") for n in self.nodes):
+        while not all(self.healthy(n) for n in self.nodes):
             if time.monotonic() > deadline:
                 raise RuntimeError("the cluster did not become ready within 30 s")
             time.sleep(0.1)
@@ -242,3 +245,13 @@ class RedisClusterServers:
     def __exit__(self, *exc_info: object) -> None:
         for node in self.nodes:
             node.stop()
+
+    def healthy(self, node: RedisServer) -> bool:
+        """The node sees the cluster whole, and a replica has caught up with its primary."""
+        info = node.client().info("replication")
+        synced = info.get("role") == "master" or info.get("master_link_status") == "up"
+        return synced and b"cluster_state:ok" in node.client().execute_command("CLUSTER", "INFO")
+
+    def primaries(self) -> list[RedisServer]:
+        """The running nodes that are primaries now."""
+        return [n for n in self.nodes if n._process is not None and n.client().info("replication")["role"] == "master"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 
 import pytest
 from redis_server import RedisClusterServers
@@ -20,6 +21,7 @@ from sharedllm.common.engine.results import run_to_end
 from sharedllm.common.errors import ContextNotFound, StoreUnavailable
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import open_store
+from sharedllm.common.store.redis_store import STAGING_TTL_MS
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
 TEXT = "Naomi went with Ruth to Bethlehem, and Boaz saw her in the field of barley. " * 12
@@ -87,3 +89,49 @@ def test_moving_every_slot_of_a_primary_under_readers_loses_no_context(cluster, 
         assert answer(runtime, context_id) == expected[context_id]
     other = ContextRuntime(engine, open_store(cluster.url(source)), decoded_cache_bytes=0)
     assert all(answer(other, context_id) == expected[context_id] for context_id in ids)
+
+
+def test_a_primary_failover_keeps_every_acknowledged_context(tmp_path, engine):
+    """Three primaries with a replica each; contexts written with min_replicas=1; the primary that
+    holds the most is SIGKILLed under readers and writers. Its replica takes over: every context
+    acknowledged before the kill answers as before, a call during the failover either succeeds or
+    fails UNAVAILABLE (and succeeds when tried again), and no context is left partly written."""
+    with RedisClusterServers(tmp_path, masters=3, replicas=1) as cluster:
+        store = open_store(cluster.url(0), min_replicas=1, replica_timeout_s=5)
+        runtime = ContextRuntime(engine, store, decoded_cache_bytes=0)
+        ids = [runtime.compress_text(f"{i} {TEXT}", context_id=f"failover-{i}").context_id for i in range(12)]
+        expected = {context_id: answer(runtime, context_id) for context_id in ids}
+        victim = max(cluster.primaries(), key=lambda n: len(n.client().keys("sllm:*failover-*:manifest")))
+        held = len(victim.client().keys("sllm:*failover-*:manifest"))
+        assert held > 0
+        victim.stop(kill=True)
+
+        reads = unavailable = 0
+        written: list[str] = []
+        deadline = time.monotonic() + 60
+        pending = set(ids)
+        while pending:  # until every context has answered again
+            assert time.monotonic() < deadline, f"{len(pending)} contexts unreadable 60 s after the kill"
+            for context_id in sorted(pending):
+                try:
+                    assert answer(runtime, context_id) == expected[context_id]
+                    pending.discard(context_id)
+                    reads += 1
+                except StoreUnavailable:
+                    unavailable += 1  # the client gives UNAVAILABLE: retry
+            try:
+                n = len(written)
+                written.append(runtime.compress_text(f"after {n} {TEXT}", context_id=f"written-{n}").context_id)
+            except StoreUnavailable:
+                unavailable += 1
+        assert reads == len(ids) and len(cluster.primaries()) == 3  # the replica was promoted
+        for context_id in written:  # acknowledged during or after the failover: whole too
+            assert answer(runtime, context_id)
+        for node in cluster.primaries():  # a part of no published generation is a failed write's: it expires
+            client = node.client()
+            for name in (k.decode() for k in client.keys("sllm:{*}:*:*")):
+                tag, gen = name.split("}:", 1)[0] + "}", name.split("}:", 1)[1].split(":", 1)[0]
+                if gen in ("manifest", "retired"):
+                    continue
+                published = {client.hget(f"{tag}:manifest", "gen"), *client.hkeys(f"{tag}:retired")}
+                assert gen.encode() in published or 0 < client.pttl(name) <= STAGING_TTL_MS, name
