@@ -177,3 +177,24 @@ def test_memory_levels_off_under_rounds_of_concurrent_calls(services: Services):
         assert late <= LATE_GROWTH_BOUND, f"{name} grew {late / MIB:.1f} MiB from round 3 to {ROUNDS}\n{report}"
         # Levelling off: the late rounds add well under what the first one did.
         assert late <= max(early / 2, ALLOCATOR_NOISE), f"{name} did not level off\n{report}"
+
+
+def test_a_mixed_load_for_a_minute(tiny_model_dir: Path, tiny_adapter: Path, tmp_path: Path, capsys):
+    """`sharedllm bench --soak-s 60`: the load run's short form. 32 questions and 8 compressions in
+    flight for a minute against one compressor and one decoder: every call answers OK (the
+    admission limits take 32 at once), latencies and memory samples are reported."""
+    from sharedllm.cli import main
+
+    report_file = tmp_path / "soak.json"
+    argv = ["bench", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--soak-s", "60",
+            "--soak-tokens", "256", "--max-new-tokens", "8", "--threads", "1", "--json", str(report_file)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "generate " in out and "compress " in out and "resident" in out
+    import json
+
+    report = json.loads(report_file.read_text())
+    assert 60 <= report["seconds"] < 120
+    assert set(report["calls"]["generate"]) == {"OK"} and report["calls"]["generate"]["OK"] >= 32
+    assert set(report["calls"]["compress"]) == {"OK"} and report["calls"]["compress"]["OK"] >= 8
+    assert report["latency_s"]["generate"]["p99"] is not None and len(report["memory"]) >= 5

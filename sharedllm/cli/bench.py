@@ -1,8 +1,10 @@
 """`sharedllm bench`: SharedLLM against full attention and StreamingLLM, in one run; or, with
---concurrency, one decoder under many clients at once (continuous batching).
+--concurrency, one decoder under many clients at once (continuous batching); or, with --soak-s,
+a mixed load of questions and compressions held for minutes.
 
 sharedllm bench --json bench/results/serving.json --plot-dir bench/results
 sharedllm bench --concurrency 1 2 4 8 16 --json bench/results/concurrency/cpu.json
+sharedllm bench --soak-s 600 --json bench/results/soak/cpu.json
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sharedllm.benchmark.load import LoadConfig, format_load, run_load
 from sharedllm.benchmark.measure import GRPC_METHOD, LOCAL_METHODS
 from sharedllm.benchmark.report import format_table, write_json, write_plots
 from sharedllm.benchmark.runner import BenchConfig, run_benchmark
+from sharedllm.benchmark.soak import SoakConfig, format_soak, run_soak
 from sharedllm.cli.extras import require
 from sharedllm.cli.options import ModelArguments
 from sharedllm.common.config import Limits
@@ -70,6 +73,11 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
         default=True,
         help="first measure one client against a decoder without batching (--max-batch 0), in the same run",
     )
+    soak = p.add_argument_group("soak (questions and compressions at once, for minutes, over gRPC)")
+    soak.add_argument("--soak-s", type=float, help="hold the load this long")
+    soak.add_argument("--soak-questions", type=int, default=SoakConfig().questions, help="questions in flight")
+    soak.add_argument("--soak-compressions", type=int, default=SoakConfig().compressions, help="compressions in flight")
+    soak.add_argument("--soak-tokens", type=int, default=SoakConfig().tokens, help="tokens of each document")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--plot-dir", type=Path, help="write ttft.png and memory.png here")
     p.set_defaults(handler=run_bench)
@@ -107,14 +115,19 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def service_model_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The model flags the services get, so that they run what the command line chose."""
+    flags = [("--model", args.model), ("--adapter", args.adapter), ("--device", args.device)]
+    flags.append(("--dtype", args.dtype if args.dtype != "auto" else None))
+    return tuple(part for flag, value in flags if value for part in (flag, value))
+
+
 def load_config(args: argparse.Namespace) -> LoadConfig:
     for flag, value in (("--concurrency", min(args.concurrency)), ("--load-tokens", args.load_tokens),
                         ("--documents", args.documents), ("--questions", args.questions),
                         ("--max-new-tokens", args.max_new_tokens), ("--max-batch", args.max_batch)):  # fmt: skip
         if value < 1:
             raise InvalidInput(f"{flag} must be >= 1, got {value}")
-    flags = [("--model", args.model), ("--adapter", args.adapter), ("--device", args.device)]
-    flags.append(("--dtype", args.dtype if args.dtype != "auto" else None))
     return LoadConfig(
         concurrency=tuple(sorted(set(args.concurrency))),
         tokens=args.load_tokens,
@@ -124,7 +137,7 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
         max_batch=args.max_batch,
         threads=args.threads,
         model=args.model,
-        model_flags=tuple(part for flag, value in flags if value for part in (flag, value)),
+        model_flags=service_model_flags(args),
         unbatched_baseline=args.unbatched_baseline,
     )
 
@@ -138,7 +151,39 @@ def run_concurrency(args: argparse.Namespace) -> int:
     return 0
 
 
+def soak_config(args: argparse.Namespace) -> SoakConfig:
+    if args.soak_s <= 0:
+        raise InvalidInput(f"--soak-s must be > 0, got {args.soak_s}")
+    for flag, value in (("--soak-questions", args.soak_questions), ("--soak-tokens", args.soak_tokens),
+                        ("--max-new-tokens", args.max_new_tokens)):  # fmt: skip
+        if value < 1:
+            raise InvalidInput(f"{flag} must be >= 1, got {value}")
+    if args.soak_compressions < 0:
+        raise InvalidInput(f"--soak-compressions must be >= 0, got {args.soak_compressions}")
+    return SoakConfig(
+        seconds=args.soak_s,
+        questions=args.soak_questions,
+        compressions=args.soak_compressions,
+        tokens=args.soak_tokens,
+        max_new_tokens=args.max_new_tokens,
+        threads=args.threads,
+        model=args.model,
+        model_flags=service_model_flags(args),
+    )
+
+
+def run_soak_command(args: argparse.Namespace) -> int:
+    report = run_soak(soak_config(args), lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_soak(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.soak_s is not None:
+        return run_soak_command(args)
     if args.concurrency:
         return run_concurrency(args)
     if args.plot_dir:
