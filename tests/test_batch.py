@@ -70,6 +70,22 @@ def docs(tmp_path) -> list[Path]:
     return [*paths, tmp_path / "binary.dat"]
 
 
+def varied_documents(tmp_path: Path, first: int) -> list[Path]:
+    """Three files of varied_document, numbered from `first`."""
+    paths = [tmp_path / f"long{i}.txt" for i in range(3)]
+    for i, path in enumerate(paths):
+        path.write_text(varied_document(first + i), encoding="utf-8")
+    return paths
+
+
+def wait_for_a_summary_under_way(client: BatchClient, job_id: str, log: Path) -> None:
+    """Until some document's summary has made at least one model call."""
+    deadline = time.monotonic() + 120
+    while not any(d.state == "summarizing" and d.progress >= 1 for d in client.status(job_id).documents):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+
+
 @contextmanager
 def worker(
     broker: str, log: Path, *mode: str, visibility_s: int | None = 60, limit_s: int = 20
@@ -202,19 +218,12 @@ def test_jobs_complete_embedded_and_over_grpc_with_the_same_results(
 def test_a_killed_worker_loses_nothing_and_repeats_nothing(tiny_model_dir, tiny_adapter, make_redis_server, tmp_path):
     redis = make_redis_server()
     client = BatchClient(redis.url)
-    paths = []
-    for i in range(3):
-        paths.append(tmp_path / f"long{i}.txt")
-        paths[-1].write_text(varied_document(10 + i), encoding="utf-8")
-    log = tmp_path / "worker.log"
+    paths, log = varied_documents(tmp_path, 10), tmp_path / "worker.log"
     mode = embedded(tiny_model_dir, tiny_adapter)
     # The workers' defaults: a two-hour visibility timeout, so only the lease brings the document back.
     with worker(redis.url, log, *mode, visibility_s=None) as first:
         job = client.submit(read_documents(paths), MANY_CALLS)
-        deadline = time.monotonic() + 120
-        while not any(d.state == "summarizing" and d.progress >= 1 for d in client.status(job).documents):
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.02)
+        wait_for_a_summary_under_way(client, job, log)
         first.send_signal(signal.SIGKILL)  # in the middle of a document's summary
         first.wait(10)
         killed = time.monotonic()
@@ -280,18 +289,11 @@ def test_a_broker_restart_in_the_middle_of_a_job_loses_nothing(
     append-only file while a document is being summarised: the job ends, every document once."""
     redis = make_redis_server(appendonly=True)
     client = BatchClient(redis.url)
-    paths = []
-    for i in range(3):
-        paths.append(tmp_path / f"long{i}.txt")
-        paths[-1].write_text(varied_document(40 + i), encoding="utf-8")
-    log = tmp_path / "worker.log"
+    paths, log = varied_documents(tmp_path, 40), tmp_path / "worker.log"
     mode = embedded(tiny_model_dir, tiny_adapter)
     with worker(redis.url, log, *mode, visibility_s=None):
         job = client.submit(read_documents(paths), MANY_CALLS)
-        deadline = time.monotonic() + 120
-        while not any(d.state == "summarizing" and d.progress >= 1 for d in client.status(job).documents):
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.02)
+        wait_for_a_summary_under_way(client, job, log)
         redis.stop(kill=True)  # appendfsync always: every acknowledged write is in the file
         time.sleep(2)
         redis.start()

@@ -11,7 +11,7 @@ import pytest
 
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.evaluation.summary import check_pipeline, check_text
-from sharedllm.common.summaries import extract, filters
+from sharedllm.common.summaries import extract, filters, kinds
 from sharedllm.common.summaries.pipeline import SummarySettings, section_spans, summarize
 from sharedllm.common.summaries.salience import Vocabulary, salient_terms
 from sharedllm.common.summaries.support import cover, source_of, supported
@@ -81,6 +81,36 @@ DICTIONARY = "\n\n".join(
         ("ABLE", "a.", "Having power sufficient to do a thing."),
         ("ABODE", "n.", "A place of continuance, a dwelling or a home."),
         ("ABOLISH", "v. t.", "To do away with wholly, to put an end to."),
+    ]
+)
+# A Bible dictionary's shape: each entry a paragraph opening "Headword, definition".
+COMMA_DICTIONARY = "\n\n".join(
+    f"{head}, {meaning}"
+    for head, meaning in [
+        ("Aaron", "the eldest son of Amram and Jochebed, and the brother of Moses and Miriam."),
+        ("Abel", "the second son of Adam and Eve, who kept the flocks of his father."),
+        ("Abraham", "the father of a multitude, who went out from Ur of the Chaldees to Canaan."),
+        ("Bethlehem", "the house of bread, a town of Judah where Ruth gleaned in the fields."),
+        ("Boaz", "a wealthy man of Bethlehem, kinsman of Elimelech, who married Ruth of Moab."),
+        ("Canaan", "the land of the lowlands, promised to Abraham and to his seed after him."),
+        ("Elimelech", "my God is king, the husband of Naomi, who went to Moab in the famine."),
+        ("Moab", "the land east of the Dead Sea, where Naomi lived with her husband and sons."),
+        ("Naomi", "my delight, the wife of Elimelech and the mother in law of Ruth and Orpah."),
+        ("Ruth", "a woman of Moab who went with Naomi to Bethlehem and married Boaz."),
+    ]
+)
+# A Markdown glossary: "- **Term**: definition".
+MARKDOWN_GLOSSARY = "\n\n".join(
+    f"- **{term}**: {meaning}"
+    for term, meaning in [
+        ("Broker", "The server that holds the queues of tasks until a worker takes them."),
+        ("Chunk", "A fixed run of tokens that the compressor encodes on its own."),
+        ("Context", "The stored tree of one document, read by the decoder for every question."),
+        ("Decoder", "The service that answers questions about a stored context."),
+        ("Lease", "A claim a worker holds on a document while it works on it."),
+        ("Node", "One entry of the tree at one granularity, pooled from the level below."),
+        ("Replica", "A copy of a service or a store that takes over when another goes away."),
+        ("Tree", "The keys and values of a document at several granularities, one per level."),
     ]
 )
 SOURCE = '''"""Tools for queues of work.
@@ -174,6 +204,8 @@ def test_prose_of_code_keeps_offsets_and_only_docstrings_and_comments():
         (story(), "narrative", "narrative"),
         (GLOSSARY, "reference", "glossary or dictionary"),
         (DICTIONARY, "reference", "glossary or dictionary"),
+        (COMMA_DICTIONARY, "reference", "glossary or dictionary"),
+        (MARKDOWN_GLOSSARY, "reference", "glossary or dictionary"),
         (SOURCE, "technical", "source code"),
         (DOCUMENTATION, "technical", "documentation"),
     ],
@@ -185,12 +217,36 @@ def test_each_kind_of_text_is_recognised_and_named_in_the_first_line(text, kind,
     assert first.split()[0] in {"A", "Source", "Technical"} and first.endswith(".")
     assert summary.overview.spans and all(0 <= a < b <= len(text) for a, b in summary.overview.spans)
     if kind == "reference":
-        assert 'entries from "iterator" to "namespace"' in first or 'entries from "ABASE" to "ABOLISH"' in first
+        assert "with entries from " in first and "main subjects: " in first
 
 
 def test_a_reference_works_range_and_main_subjects():
     first = summarize(DICTIONARY, None, SummarySettings(words=120)).overview.text
     assert 'from "ABASE" to "ABOLISH"' in first and "ABBEY" in first  # "abbey" is mentioned twice
+    comma = summarize(COMMA_DICTIONARY, None, SummarySettings(words=120))
+    assert 'from "Aaron" to "Ruth"' in comma.overview.text
+    heads = ("Aaron", "Abel", "Abraham", "Bethlehem", "Boaz", "Canaan", "Elimelech", "Moab", "Naomi", "Ruth")
+    assert all(s.text.split(",")[0] in heads for s in comma.sentences)  # entries, each headword first
+    glossary = summarize(MARKDOWN_GLOSSARY, None, SummarySettings(words=120)).overview.text
+    assert 'from "Broker" to "Tree"' in glossary
+
+
+def test_paragraphs_opening_with_a_name_and_a_comma_do_not_make_a_narrative_a_dictionary():
+    text = "\n\n".join(
+        f"{name}, {rest}"
+        for name, rest in [
+            ("Ruth", "however, stayed with Naomi and would not go back to Moab."),
+            ("Naomi", "seeing that she was steadfast, left speaking unto her."),
+            ("Boaz", "then went up to the gate and sat him down there."),
+            ("Anne", "meanwhile, walked to the cottage and back again before dinner."),
+            ("Elimelech", "the husband of Naomi, died in the land of Moab."),
+            ("Orpah", "kissed her mother in law and went back to her people."),
+            ("Boaz", "said to his reapers, Let her glean even among the sheaves."),
+            ("Naomi", "said unto her, Blessed be he of the LORD."),
+            ("Ruth", "lay at his feet until the morning, and rose up before one could know another."),
+        ]
+    )
+    assert kinds.classify(text).kind == "narrative"
 
 
 # ---- extraction -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ a narrative's main names. Every name in it is the document's own.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -28,8 +29,15 @@ KINDS = ("narrative", "reference", "technical")
 _INDENT = re.compile(r"^[ \t]*")
 _HEADWORD_LINE = re.compile(
     r"^(?P<head>[A-Z][A-Z'\-]+(?: [A-Z][A-Z'\-]+){0,2})(?:[,.] |\s*$)"  # ABASE, v. t. ... / ABASE
-    r"|^(?P<term>[\w][\w'()\-]*(?: [\w'()\-]+){0,2})(?::| --| —| - ) \S"  # Term: meaning / Term -- meaning
+    # Term: meaning / Term -- meaning / - **Term**: meaning (a Markdown glossary)
+    r"|^(?:[-*] )?(?P<mark>\*\*|__)?(?P<term>[\w][\w'()\-]*(?: [\w'()\-]+){0,2})(?P=mark)?(?::| --| —| - ) \S"
 )
+# "Aaron, the eldest son of Amram ...": an entry only in a run of them in alphabetical order
+# (a narrative's paragraphs also open with "Anne, however, ...").
+_COMMA_HEADWORD = re.compile(r"^(?P<term>[A-Z][\w'\-]*(?: [A-Z][\w'\-]*){0,2}), \S")
+_ALPHABETICAL_SHARE = 0.75
+_ANY_WORD = re.compile(r"\w+(?:\.\w+)*")  # "mean", "NormalDist.zscore"
+_PHRASE_SCAN_CHARS = 200_000_000
 # An API entry: ".. function:: name(args)", ".. c:function:: PyObject* PySys_GetObject(const char *name)".
 _DIRECTIVE_ENTRY = re.compile(
     r"^\s*\.\. (?:c:|py:|cpp:)?(?:function|class|method|attribute|data|exception|decorator|envvar|option|"
@@ -78,6 +86,7 @@ def entries(text: str) -> list[Entry]:
     for line in lines:
         offsets.append(offsets[-1] + len(line))
     found: list[Entry] = []
+    by_comma: list[Entry] = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -104,7 +113,17 @@ def entries(text: str) -> list[Entry]:
         head = (match.group("head") or match.group("term")).strip() if match else None
         if head and head not in _NOT_HEADWORDS:
             found.append(Entry(head, offsets[i], offsets[i], True))
+        elif opens_paragraph and (comma := _COMMA_HEADWORD.match(line)):
+            by_comma.append(Entry(comma.group("term"), offsets[i], offsets[i], True))
+    if len(by_comma) > len(found) and _alphabetical([e.headword for e in by_comma]):
+        return sorted(found + by_comma, key=lambda e: e.start)
     return found
+
+
+def _alphabetical(heads: list[str]) -> bool:
+    """Whether most consecutive headwords are in alphabetical order, as a dictionary's are."""
+    pairs = list(itertools.pairwise(heads))
+    return bool(pairs) and sum(a.lower() <= b.lower() for a, b in pairs) >= _ALPHABETICAL_SHARE * len(pairs)
 
 
 def _definition_start(lines: list[str], offsets: list[int], i: int) -> int:
@@ -172,9 +191,17 @@ def classify(text: str) -> DocumentKind:
 
 
 def most_mentioned(text: str, entries: tuple[str, ...], top: int) -> list[str]:
-    """The headwords the document mentions most (in other entries too): its main subjects."""
-    counts = Counter({e: len(re.findall(rf"(?<!\w){re.escape(e)}(?!\w)", text)) for e in set(entries)})
-    return [e for e, _ in sorted(counts.items(), key=lambda kv: (-kv[1], entries.index(kv[0])))[:top]]
+    """The headwords the document mentions most (in other entries too): its main subjects. One
+    pass over the text's words; a headword of several words is searched for, up to a bound on the
+    text scanned (a dictionary of thousands of entries has few of them)."""
+    words = Counter(_ANY_WORD.findall(text))
+    phrases = [e for e in dict.fromkeys(entries) if not _ANY_WORD.fullmatch(e)]
+    searchable = len(phrases) * len(text) <= _PHRASE_SCAN_CHARS
+    counts = {e: words[e] for e in dict.fromkeys(entries)}
+    for phrase in phrases:
+        counts[phrase] = text.count(phrase) if searchable else 1
+    first = {e: i for i, e in reversed(list(enumerate(entries)))}
+    return sorted(counts, key=lambda e: (-counts[e], first[e]))[:top]
 
 
 def _listed(items: list[str]) -> str:

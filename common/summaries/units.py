@@ -133,11 +133,15 @@ def _sentence_spans(text: str, start: int, end: int) -> Iterator[tuple[int, int]
         if last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()):
             continue
         yield at, match.end()
-        at = match.end()
-        while at < end and text[at].isspace():
-            at += 1
+        at = _past_space(text, match.end(), end)
     if at < end:
         yield at, end
+
+
+def _past_space(text: str, at: int, end: int) -> int:
+    while at < end and text[at].isspace():
+        at += 1
+    return at
 
 
 def _clauses(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -146,9 +150,7 @@ def _clauses(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
     for match in _CLAUSE_END.finditer(text, start, end):
         if len(_WORD.findall(text[at : match.end()])) >= MIN_WORDS * 2:
             yield at, match.end()
-            at = match.end()
-            while at < end and text[at].isspace():
-                at += 1
+            at = _past_space(text, match.end(), end)
     if at < end:
         yield at, end
 

@@ -142,13 +142,21 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
     )
 
 
-def run_concurrency(args: argparse.Namespace) -> int:
-    report = run_load(load_config(args), lambda line: print(line, file=sys.stderr, flush=True))
-    print(format_load(report))
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _print_report(table: str, report: dict, args: argparse.Namespace) -> int:
+    print(table)
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def run_concurrency(args: argparse.Namespace) -> int:
+    report = run_load(load_config(args), _progress)
+    return _print_report(format_load(report), report, args)
 
 
 def soak_config(args: argparse.Namespace) -> SoakConfig:
@@ -173,12 +181,8 @@ def soak_config(args: argparse.Namespace) -> SoakConfig:
 
 
 def run_soak_command(args: argparse.Namespace) -> int:
-    report = run_soak(soak_config(args), lambda line: print(line, file=sys.stderr, flush=True))
-    print(format_soak(report))
-    if args.json:
-        write_json(report, args.json)
-        print(f"wrote {args.json}")
-    return 0
+    report = run_soak(soak_config(args), _progress)
+    return _print_report(format_soak(report), report, args)
 
 
 def run_bench(args: argparse.Namespace) -> int:
