@@ -1,10 +1,11 @@
-"""One summarization pipeline: extract the central sentences, let the model join them, keep
-only what the document supports. Used by `sharedllm summarize`, batch jobs and `eval summary`.
+"""One summarization pipeline: the document's central sentences, joined by the model only when
+asked (`rewrite`), every sentence kept only if the document supports it. Used by `sharedllm
+summarize`, batch jobs and `eval summary`.
 
-Why this shape (docs/method.md §5b). A 135M model asked to summarise a long text writes freely,
-and what it writes freely it invents: names, places, dates, "the text above". Studies of long
-documents find concatenated section notes the weakest summaries. So the summary is built from
-the document's own sentences:
+Why this shape (measured in docs/summaries.md). A 135M model asked to summarise a long text
+writes freely, and what it writes freely it invents: names, places, dates, "the text above".
+Studies of long documents find concatenated section notes the weakest summaries. So the summary
+is built from the document's own sentences:
 
 1. *Sections*: the document in sections of about 6,000 characters; its units (sentences, entry
    lines, docstrings) each with a character span (units.py); its salient terms and names
@@ -25,8 +26,9 @@ the document's own sentences:
 5. *Bound*: the sentences in document order, the least salient dropped until the whole,
    first line included, is within `words`.
 
-The cost is bounded by the summary's length, not the document's: a 200-word summary of a 32K- or
-a 128K-token document is one call of about 1.2K tokens in and 320 out. The model's raw
+The cost is bounded by the summary's length, not the document's: without `rewrite` no model call
+at all; with it, a 200-word summary of a 32K- or a 128K-token document is one call of about 1.2K
+tokens in and 320 out. The model's raw
 outputs are returned with the summary; given back as `done`, they replace the calls they
 answered, so a batch task that died resumes where it was and makes the same summary.
 """
