@@ -298,7 +298,7 @@ def test_a_broker_restart_in_the_middle_of_a_job_loses_nothing(
         time.sleep(2)
         redis.start()
         status = wait_for(client, job, log, timeout=180)
-        assert status.state == "done" and status.finished == 3
+        assert status.state == "done" and status.finished == 3, [(d.state, d.error) for d in status.documents]
         fresh = client.submit(read_documents(paths), MANY_CALLS)
         wait_for(client, fresh, log)
     with redis.client() as raw:

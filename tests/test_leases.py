@@ -56,3 +56,19 @@ def test_the_reaper_thread_runs_until_stopped(make_redis_server):
         time.sleep(0.05)
     reaper.stop()
     assert sent == [("job", 0, "summarize")]
+
+
+def test_a_resend_that_fails_keeps_the_lease_due_for_the_next_pass(make_redis_server):
+    client = make_redis_server().client()
+    client.zadd(LEASES_KEY, {LeaseName("job", 5, "answer", "gone").member: time.time() - 1})
+    attempts = []
+
+    def resend(*args):
+        attempts.append(args)
+        if len(attempts) == 1:
+            raise ConnectionError("the broker is restarting")
+
+    reaper = Reaper(client, resend)
+    assert reaper.reap_once() == [] and client.zcard(LEASES_KEY) == 1  # put back, due now
+    assert [n.member for n in reaper.reap_once()] == [LeaseName("job", 5, "answer", "gone").member]
+    assert attempts == [("job", 5, "answer")] * 2 and client.zcard(LEASES_KEY) == 0

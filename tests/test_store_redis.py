@@ -131,10 +131,10 @@ def test_a_writer_that_dies_before_publishing_leaves_nothing_visible(store, clie
         store.put("doc-1", encode_tree(make_tree(seed=2), tenant=tenant))
     assert set(context_keys(client, tenant)) == published  # the failed write removed what it staged
 
-    def unreachable(*_: object) -> None:
+    def unreachable(*_: object, **__: object) -> None:
         raise redis.ConnectionError("Redis went away before the writer could clean up")
 
-    monkeypatch.setattr(store._redis, "unlink", unreachable)
+    monkeypatch.setattr(store, "_undo_script", unreachable)
     with pytest.raises(StoreUnavailable):
         store.put("doc-2", encode_tree(make_tree(seed=2), tenant=tenant))
     monkeypatch.undo()

@@ -113,6 +113,8 @@ class EmbeddedBackend(Backend):
     def failures(self) -> Iterator[None]:
         try:
             yield
+        except (Transient, DocumentFailed):
+            raise  # already classified (by a call inside this one)
         except (StoreUnavailable, ResourceExhausted) as exc:
             raise Transient(str(exc)) from exc
         except SharedLLMError as exc:

@@ -136,7 +136,7 @@ class JobStore:
     @classmethod
     def from_url(cls, url: str, ttl_s: int = DEFAULT_TTL_S) -> JobStore:
         """A store whose calls ride out a restart of Redis (the broker's, by default): a call that
-        loses its connection is tried again with backoff for about RESTART_WAIT_S."""
+        loses its connection is tried again with backoff (RESTART_RETRIES times, about 30 s)."""
         retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), RESTART_RETRIES)
         client = redis.Redis.from_url(
             url,
@@ -159,6 +159,13 @@ class JobStore:
     def lease(self, job_id: str, index: int, task: str, owner: str, lease_s: float) -> Lease:
         """The lease a task holds while it works on the document (leases.py)."""
         return Lease(self.client, LeaseName(job_id, index, task, owner), self._doc(job_id, index), lease_s)
+
+    def stage_done(self, job_id: str, index: int, task: str) -> bool:
+        """Whether the document's `task` finished and sent the next one."""
+        return self.client.hexists(self._doc(job_id, index), f"done:{task}")
+
+    def mark_stage_done(self, job_id: str, index: int, task: str) -> None:
+        self.client.hset(self._doc(job_id, index), f"done:{task}", 1)
 
     def leased_elsewhere(self, job_id: str, index: int, owner: str) -> bool:
         """Whether another task holds a live lease on the document (it is being worked on)."""

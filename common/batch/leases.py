@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +28,16 @@ import redis
 log = logging.getLogger(__name__)
 
 LEASES_KEY = "sharedllm:batch:leases"
+# Remove and return the leases due by Redis's own clock, in one step: a lease renewed between a
+# read and a removal is never reaped, and hosts' clocks play no part.
+_REAP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do redis.call('ZREM', KEYS[1], member) end
+return due
+"""
+REAP_BATCH = 100
 DEFAULT_LEASE_S = 30.0  # a dead worker's document is handed on within this, plus one reaper period
 REAPER_PERIOD_S = 5.0
 
@@ -61,7 +70,7 @@ class Lease:
 
     def __enter__(self) -> Lease:
         pipe = self.client.pipeline(transaction=True)
-        pipe.zadd(LEASES_KEY, {self.name.member: time.time() + self.lease_s})
+        pipe.zadd(LEASES_KEY, {self.name.member: redis_now(self.client) + self.lease_s})
         pipe.hset(self.doc_key, "lease", self.name.member)
         pipe.execute()
         self._thread.start()
@@ -81,7 +90,8 @@ class Lease:
         while not self._stop.wait(self.lease_s / 3):
             try:
                 # XX: renew only a lease that is still there; CH: count it as changed.
-                renewed = self.client.zadd(LEASES_KEY, {self.name.member: time.time() + self.lease_s}, xx=True, ch=True)
+                expiry = redis_now(self.client) + self.lease_s
+                renewed = self.client.zadd(LEASES_KEY, {self.name.member: expiry}, xx=True, ch=True)
             except redis.RedisError as exc:  # the store is away: the lease may lapse; keep trying
                 log.warning("lease %s not renewed: %s", self.name.member, exc)
                 continue
@@ -91,13 +101,19 @@ class Lease:
                 return
 
 
+def redis_now(client: redis.Redis) -> float:
+    """Redis's clock, the one every lease is measured by (hosts' clocks may differ)."""
+    seconds, microseconds = client.time()
+    return seconds + microseconds / 1e6
+
+
 def held_by_another(client: redis.Redis, doc_key: str, owner: str) -> bool:
     """Whether a live lease of another owner covers the document (its work is going on elsewhere)."""
     member = client.hget(doc_key, "lease")
     if member is None or LeaseName.parse(member.decode()).owner == owner:
         return False
     expiry = client.zscore(LEASES_KEY, member)
-    return expiry is not None and expiry > time.time()
+    return expiry is not None and expiry > redis_now(client)
 
 
 class Reaper:
@@ -112,6 +128,7 @@ class Reaper:
         period_s: float = REAPER_PERIOD_S,
     ) -> None:
         self.client, self.resend, self.period_s = client, resend, period_s
+        self._reap = client.register_script(_REAP)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease reaper", daemon=True)
 
@@ -124,16 +141,24 @@ class Reaper:
         self._thread.join()
 
     def reap_once(self) -> list[LeaseName]:
-        """Resend every document whose lease has expired; the ones this reaper resent."""
+        """Resend every document whose lease has expired; the ones this reaper resent. A lease
+        whose resend fails is put back, due now, for the next pass (or another reaper)."""
         reaped = []
-        for member in self.client.zrangebyscore(LEASES_KEY, "-inf", time.time()):
-            if self.client.zrem(LEASES_KEY, member) != 1:
-                continue  # another reaper took it, or its worker renewed or released it just now
-            name = LeaseName.parse(member.decode())
+        for member in self._reap(keys=[LEASES_KEY], args=[REAP_BATCH]):
+            try:
+                name = LeaseName.parse(member.decode())
+            except ValueError:
+                log.error("lease reaper: dropped a malformed lease %r", member)
+                continue
             log.warning(
                 "document %d of job %s: its worker stopped (%s); sending it again", name.index, name.job_id, name.task
             )
-            self.resend(name.job_id, name.index, name.task)
+            try:
+                self.resend(name.job_id, name.index, name.task)
+            except Exception as exc:  # the broker away: keep the lease due, for the next pass
+                log.warning("lease reaper: could not send %s (%s); trying again", name.member, exc)
+                self.client.zadd(LEASES_KEY, {member: 0})
+                continue
             reaped.append(name)
         return reaped
 
@@ -141,5 +166,5 @@ class Reaper:
         while not self._stop.wait(self.period_s):
             try:
                 self.reap_once()
-            except redis.RedisError as exc:
+            except Exception as exc:  # never let the thread die: a worker without it stalls documents
                 log.warning("lease reaper: %s", exc)

@@ -23,6 +23,7 @@ from sharedllm.common.batch.backends import Backend, DocumentFailed, Transient
 from sharedllm.common.batch.jobs import DocumentStatus, JobStore
 from sharedllm.common.batch.leases import Reaper
 from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.errors import InvalidInput
 from sharedllm.common.summaries.pipeline import summarize as summarize_document
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
     settings = task.app.settings
     store = _job_store(settings.broker_url)  # this process's (one connection pool, not one per task)
     owner = task.request.id or "eager"
+    name = task.name.rsplit(".", 1)[-1]
+    if store.stage_done(job_id, index, name):
+        return  # a late copy of a stage that finished and sent the next one: nothing to do
     if store.leased_elsewhere(job_id, index, owner):
         return  # the dead worker's message, redelivered late: the document was handed on (leases.py)
     doc = store.begin(job_id, index, stage)
@@ -69,19 +73,29 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
         store.finish(job_id, index, "failed", error=f"{stage} was delivered {deliveries - 1} times without finishing")
         return
     started = time.perf_counter()
-    retry: Transient | None = None
+    retry = None
     # An exception that escapes this block (the store or the broker gone for longer than the job
     # store's retries, a bug) leaves the lease to lapse, so a reaper sends the document again and
     # the next delivery resumes it; the outcomes handled here release the lease.
-    name = task.name.rsplit(".", 1)[-1]
-    with store.lease(job_id, index, name, owner, settings.lease_s):
+    with store.lease(job_id, index, name, owner, settings.lease_s) as lease:
         try:
             work(store, doc)
+            if lease.lost.is_set():
+                log.warning("document %d of job %s: its lease was reaped; the other delivery goes on", index, job_id)
+                return
             after = stages.following(name)
             if after is not None:  # inside the lease: a send that fails lets it lapse (stages.py)
                 stages.send(task.app, job_id, index, after)
+                store.mark_stage_done(job_id, index, name)
         except Transient as exc:
-            retry = exc
+            if task.request.retries >= settings.max_retries:
+                store.finish(
+                    job_id, index, "failed", error=f"{stage}: gave up after {settings.max_retries} retries: {exc}"
+                )
+            else:
+                log.warning("document %d of job %s: %s; retrying", index, job_id, exc)
+                # Sent while the lease is held: a send that fails lets the lease lapse instead.
+                retry = task.retry(exc=exc, countdown=min(2 ** (task.request.retries + 1), 60), throw=False)
         except DocumentFailed as exc:
             store.finish(job_id, index, "failed", error=f"{stage}: {exc}")
         except Cancelled:
@@ -91,13 +105,7 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
         finally:
             store.add_timing(job_id, index, f"{stage}_s", time.perf_counter() - started)
     if retry is not None:
-        if task.request.retries >= settings.max_retries:
-            store.finish(
-                job_id, index, "failed", error=f"{stage}: gave up after {settings.max_retries} retries: {retry}"
-            )
-            return
-        log.warning("document %d of job %s: %s; retrying", index, job_id, retry)
-        raise task.retry(exc=retry, countdown=min(2 ** (task.request.retries + 1), 60))
+        raise retry  # the retry is sent; this tells Celery the task ended in RETRY
 
 
 def compress(self: Task, job_id: str, index: int) -> None:
@@ -131,14 +139,17 @@ def summarize(self: Task, job_id: str, index: int) -> None:
             if store.cancelled(job_id):
                 raise Cancelled
 
-        with backend().failures():  # a document the pipeline refuses (empty, bad settings) fails alone
-            summary = summarize_document(
-                store.text(job_id, index),
-                write,
-                settings,
-                done=store.partial(job_id, index, "summary_calls"),
-                on_call=saved,
-            )
+        with backend().failures():  # the model's calls: unavailable (retry) or refused (fail)
+            try:
+                summary = summarize_document(
+                    store.text(job_id, index),
+                    write,
+                    settings,
+                    done=store.partial(job_id, index, "summary_calls"),
+                    on_call=saved,
+                )
+            except InvalidInput as exc:  # a document the pipeline refuses fails alone, at once
+                raise DocumentFailed(str(exc)) from exc
         store.save_partial(job_id, index, "summary", [summary.to_dict()])
 
     _run(self, job_id, index, "summarizing", work)

@@ -160,6 +160,14 @@ return {1, count, total, old or false}
 # KEYS[1] the usage hash; ARGV: context id, the value expected, the new value ('': remove).
 # Changes the entry only if it still holds the value expected, so a writer never undoes or
 # prunes what a concurrent writer of the same id recorded since. Returns 1 if it changed.
+# Undo a write that was not acknowledged: its staged parts go, and its manifest too if it was
+# published (the reply may have been lost after the script ran) and is still the current one.
+_UNDO = """
+if redis.call('HGET', KEYS[1], 'gen') == ARGV[1] then redis.call('UNLINK', KEYS[1]) end
+if #KEYS > 1 then redis.call('UNLINK', unpack(KEYS, 2)) end
+return 1
+"""
+
 _SWAP = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
@@ -274,7 +282,8 @@ class RedisStore(ContextStore):
         # Options in the URL's query string take precedence over these.
         options = {
             "socket_connect_timeout": timeout_s,
-            "socket_timeout": timeout_s,
+            # WAIT answers only after its own timeout: a socket that gave up first would cut it off.
+            "socket_timeout": timeout_s + (replica_timeout_s if min_replicas else 0.0),
             "retry": Retry(ExponentialBackoff(cap=1.0 if cluster else 0.5, base=0.1 if cluster else 0.05), retries),
         }
         try:
@@ -293,6 +302,7 @@ class RedisStore(ContextStore):
         self._expire = self._redis.register_script(_EXPIRE)
         self._reserve = self._redis.register_script(_RESERVE)
         self._swap = self._redis.register_script(_SWAP)
+        self._undo_script = self._redis.register_script(_UNDO)
 
     def ping(self, *, writes: bool = False) -> None:
         """A PING answers reads; a Redis still loading its dataset answers PING but nothing else, and
@@ -359,11 +369,13 @@ class RedisStore(ContextStore):
                     [gen, encoded.manifest_frame, codec.lifetime_ms(manifest) or 0, PART_MARGIN_MS, GRACE_MS],
                 )
             except _TooFewReplicas as exc:
-                self._discard([keys.head, keys.retired, *parts])  # published on the primary alone: undone
+                self._undo(keys, gen, parts)  # published on the primary alone: undone
                 self._swap_usage(key, pending, b"")
                 raise StoreUnavailable(str(exc)) from None
             except BaseException:
-                self._discard(parts)  # a full Redis must not stay full of a write that failed
+                # Not acknowledged, so not stored: a full Redis must not stay full of it, and a
+                # manifest published before its reply was lost must not point at parts that go.
+                self._undo(keys, gen, parts)
                 self._swap_usage(key, pending, replaced or b"")  # unless another writer recorded since
                 raise
             self._swap_usage(key, pending, pending.removesuffix(b":pending"))  # published: no longer pending
@@ -449,10 +461,11 @@ class RedisStore(ContextStore):
                 self._swap(keys=[usage], args=[context_id, value, b""])
         return kept
 
-    def _discard(self, parts: list[str]) -> None:
-        """Remove what a failed write staged, best effort (what stays expires with STAGING_TTL_MS)."""
+    def _undo(self, keys: _Keys, gen: str, parts: list[str]) -> None:
+        """Remove what a failed write staged, and its manifest if that went out and is still the
+        current one; best effort (staged parts left behind expire with STAGING_TTL_MS)."""
         try:
-            self._redis.unlink(*parts)
+            self._undo_script(keys=[keys.head, *parts], args=[gen])
         except redis.RedisError as exc:
             log.warning("could not remove %d staged parts of a failed write (%s); they expire within %d s",
                         len(parts), exc, STAGING_TTL_MS // 1000)  # fmt: skip

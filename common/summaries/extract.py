@@ -91,7 +91,7 @@ def select(
     for stem in focus:
         weights[stem] = 2 * top
     for name in names:
-        stem = next(iter(content_stems(name)), None)
+        stem = min(content_stems(name), default=None)  # not a set's first: its order follows hashing
         if stem is not None:
             weights[stem] = max(weights.get(stem, 0.0), 1.0) * NAME_WEIGHT
     covered: set[str] = set()

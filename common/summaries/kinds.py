@@ -205,7 +205,7 @@ def most_mentioned(text: str, entries: tuple[str, ...], top: int) -> list[str]:
 
 
 def _listed(items: list[str]) -> str:
-    quoted = [f'"{item}"' if " " in item else item for item in items]
+    quoted = [f'"{item}"' if " " in item else item for item in items] or ["none found"]
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 

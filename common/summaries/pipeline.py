@@ -266,6 +266,8 @@ def _levels(
     refused: list[tuple[str, str]],
 ) -> list[_Item]:
     """Groups, then the whole: each level's sentences are the next level's sources."""
+    if not items:
+        return items  # nothing was extracted: nothing to join
     while True:
         groups = _groups(items, settings.call_chars)
         share = budget if len(groups) == 1 else max(MIN_WORDS, math.ceil(1.5 * budget / len(groups)))

@@ -32,7 +32,7 @@ WORDS_FILE = Path("/usr/share/dict/words")
 CAPITALISED = re.compile(r"\b[A-Z][a-z]+(?:'[a-z]+)?\b")
 _LOWER_WORD = re.compile(r"\b[a-z]+\b")
 # A word as terms count it: letters, digits, underscores, with inner dots, apostrophes or hyphens.
-TERM_WORD = re.compile(r"[A-Za-z_][\w]*(?:[.'’\-][A-Za-z_]\w*)*")
+TERM_WORD = re.compile(r"[A-Za-z_][\w]*(?:[.'’\-][A-Za-z_]\w*)*|\d[\d.,]*\d|\d")  # words, identifiers, numbers
 _STOPWORDS = frozenset(STOPWORDS_EN_PLUS) | frozenset(
     [
         "said",
@@ -103,8 +103,11 @@ def stem(word: str) -> str:
 
 
 def content_words(text: str) -> list[str]:
-    """The words of `text` that carry content: no stop words, no one- or two-letter words."""
-    return [w for w in map(base, TERM_WORD.findall(text)) if len(w) >= 3 and w.lower() not in _STOPWORDS]
+    """The words of `text` that carry content: numbers, and words and identifiers of three letters
+    or more that are not stop words."""
+    return [
+        w for w in map(base, TERM_WORD.findall(text)) if (len(w) >= 3 or w[0].isdigit()) and w.lower() not in _STOPWORDS
+    ]
 
 
 def content_stems(text: str) -> set[str]:
@@ -162,6 +165,8 @@ def salient_terms(sections: Sequence[str], top: int) -> tuple[Term, ...]:
     for section in sections:
         seen: set[str] = set()
         for word in content_words(section):
+            if word[0].isdigit():
+                continue  # a number is checked for support, never a subject
             key = stem(word)
             counts[key] += 1
             spellings.setdefault(key, Counter())[word] += 1

@@ -59,7 +59,7 @@ _CODE_LINE = re.compile(
     r"with .*:$|@\w|[\w.\[\]]+ ?[-+*/|&]?= |[})\]];?$|#include|\w+\(.*\);?$)"
 )
 # Markup that is not text: reStructuredText roles (":func:`len`" reads "len"), emphasis marks.
-_ROLE = re.compile(r":[\w:+-]+:`([^`<]*?)(?:\s*<[^`>]*>)?`")
+_ROLE = re.compile(r":[\w+-]+(?::[\w+-]+){0,3}:`([^`<]*?)(?:\s*<[^`>]*>)?`")  # bounded: no backtracking blow-up
 _EMPHASIS = re.compile(r"\*\*|``|(?<!\w)\*(?=\w)|(?<=\w)\*(?!\w)")
 _LINK = re.compile(r"`([^`<]+?)\s*<[^>`]+>`_{1,2}")  # reStructuredText's `text <url>`_
 _BULLET = re.compile(r"^[*\-•]\s+")
