@@ -114,7 +114,10 @@ def wait_for(client: BatchClient, job_id: str, log: Path, timeout: float = 240.0
     deadline = time.monotonic() + timeout
     while (status := client.status(job_id)).state not in states:
         if time.monotonic() > deadline:
-            raise AssertionError(f"job {status.state} after {timeout} s; worker log:\n{log.read_text()[-3000:]}")
+            documents = [(d.state, d.progress, d.attempts, d.error) for d in status.documents]
+            raise AssertionError(
+                f"job {status.state} after {timeout} s; documents {documents}; worker log:\n{log.read_text()[-3000:]}"
+            )
         time.sleep(0.2)
     return status
 

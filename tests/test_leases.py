@@ -16,9 +16,11 @@ def test_a_held_lease_is_renewed_and_released(make_redis_server):
         first = client.zscore(LEASES_KEY, name.member)
         time.sleep(1.5)  # one renewal (every lease_s / 3)
         assert client.zscore(LEASES_KEY, name.member) > first and not lease.lost.is_set()
-        assert held_by_another(client, "doc:3", "task-b") and not held_by_another(client, "doc:3", "task-a")
+        assert held_by_another(client, "doc:3", "summarize", "task-b")
+        assert not held_by_another(client, "doc:3", "summarize", "task-a")  # its own
+        assert not held_by_another(client, "doc:3", "answer", "task-b")  # the next stage, sent from inside it
     assert client.zscore(LEASES_KEY, name.member) is None  # released
-    assert not held_by_another(client, "doc:3", "task-b")
+    assert not held_by_another(client, "doc:3", "summarize", "task-b")
 
 
 def test_an_expired_lease_is_resent_once_among_reapers_and_its_holder_learns_it(make_redis_server):

@@ -167,9 +167,9 @@ class JobStore:
     def mark_stage_done(self, job_id: str, index: int, task: str) -> None:
         self.client.hset(self._doc(job_id, index), f"done:{task}", 1)
 
-    def leased_elsewhere(self, job_id: str, index: int, owner: str) -> bool:
-        """Whether another task holds a live lease on the document (it is being worked on)."""
-        return held_by_another(self.client, self._doc(job_id, index), owner)
+    def leased_elsewhere(self, job_id: str, index: int, task: str, owner: str) -> bool:
+        """Whether another delivery of `task` holds a live lease on the document (it is being worked on)."""
+        return held_by_another(self.client, self._doc(job_id, index), task, owner)
 
     def _keys(self, job_id: str, n: int) -> list[str]:
         return [self._job(job_id)] + [k for i in range(n) for k in (self._doc(job_id, i), self._text(job_id, i))]

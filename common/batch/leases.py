@@ -107,10 +107,15 @@ def redis_now(client: redis.Redis) -> float:
     return seconds + microseconds / 1e6
 
 
-def held_by_another(client: redis.Redis, doc_key: str, owner: str) -> bool:
-    """Whether a live lease of another owner covers the document (its work is going on elsewhere)."""
+def held_by_another(client: redis.Redis, doc_key: str, task: str, owner: str) -> bool:
+    """Whether another delivery of the same task holds a live lease on the document (its work is
+    going on elsewhere). A lease of the stage before does not count: that task sends this one
+    from inside its lease, so this one may start before the other has let go."""
     member = client.hget(doc_key, "lease")
-    if member is None or LeaseName.parse(member.decode()).owner == owner:
+    if member is None:
+        return False
+    holder = LeaseName.parse(member.decode())
+    if holder.task != task or holder.owner == owner:
         return False
     expiry = client.zscore(LEASES_KEY, member)
     return expiry is not None and expiry > redis_now(client)

@@ -63,7 +63,7 @@ def _run(task: Task, job_id: str, index: int, stage: str, work: Callable[[JobSto
     name = task.name.rsplit(".", 1)[-1]
     if store.stage_done(job_id, index, name):
         return  # a late copy of a stage that finished and sent the next one: nothing to do
-    if store.leased_elsewhere(job_id, index, owner):
+    if store.leased_elsewhere(job_id, index, name, owner):
         return  # the dead worker's message, redelivered late: the document was handed on (leases.py)
     doc = store.begin(job_id, index, stage)
     if doc is None:
