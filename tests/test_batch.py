@@ -237,6 +237,7 @@ def test_a_killed_worker_loses_nothing_and_repeats_nothing(tiny_model_dir, tiny_
             time.sleep(0.2)
         resumed_after = time.monotonic() - killed
         status = wait_for(client, job, log)
+    print(f"\nthe killed worker's document was handed on after {resumed_after:.1f} s")
     assert resumed_after < 60  # the bound; the lease is 30 s and the reapers look every 5 s
     assert status.state == "done" and status.finished == 3
     again = status.documents[interrupted.index]

@@ -181,5 +181,9 @@ def classified() -> Iterator[None]:
     """A failed call as the tasks act on it: retry it later (Transient) or fail this document."""
     try:
         yield
+    except (Transient, DocumentFailed):
+        raise  # already classified (by a call inside this one)
     except RemoteError as exc:
         raise (Transient(str(exc)) if exc.transient else DocumentFailed(str(exc))) from None
+    except SharedLLMError as exc:  # refused here, before any call (the document, the settings)
+        raise DocumentFailed(str(exc)) from exc

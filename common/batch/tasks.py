@@ -23,7 +23,6 @@ from sharedllm.common.batch.backends import Backend, DocumentFailed, Transient
 from sharedllm.common.batch.jobs import DocumentStatus, JobStore
 from sharedllm.common.batch.leases import Reaper
 from sharedllm.common.engine.params import SamplingParams
-from sharedllm.common.errors import InvalidInput
 from sharedllm.common.summaries.pipeline import summarize as summarize_document
 
 log = logging.getLogger(__name__)
@@ -139,17 +138,14 @@ def summarize(self: Task, job_id: str, index: int) -> None:
             if store.cancelled(job_id):
                 raise Cancelled
 
-        with backend().failures():  # the model's calls: unavailable (retry) or refused (fail)
-            try:
-                summary = summarize_document(
-                    store.text(job_id, index),
-                    write,
-                    settings,
-                    done=store.partial(job_id, index, "summary_calls"),
-                    on_call=saved,
-                )
-            except InvalidInput as exc:  # a document the pipeline refuses fails alone, at once
-                raise DocumentFailed(str(exc)) from exc
+        with backend().failures():  # unavailable: retry; refused (a call, or the pipeline): fail at once
+            summary = summarize_document(
+                store.text(job_id, index),
+                write,
+                settings,
+                done=store.partial(job_id, index, "summary_calls"),
+                on_call=saved,
+            )
         store.save_partial(job_id, index, "summary", [summary.to_dict()])
 
     _run(self, job_id, index, "summarizing", work)

@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from sharedllm.common.summaries.salience import Term, content_stems
 from sharedllm.common.summaries.units import Unit, is_code_line
@@ -39,6 +40,11 @@ class Candidate:
     section: int
     stems: frozenset[str]
     quality: float  # 0: never chosen; 1: a plain sentence
+
+    @cached_property
+    def ordered(self) -> tuple[str, ...]:
+        """The stems sorted, once: sums run over them in this order (see the module docstring)."""
+        return tuple(sorted(self.stems))
 
 
 _DIRECTIVE = re.compile(r"(?:^|\s)\.\. [\w-]+::|^\.\. ")
@@ -104,7 +110,7 @@ def select(
         for c in left:
             if c.unit.words > budget_words - words:
                 continue
-            gain = sum(weights.get(s, 0.0) * (COVERED_WEIGHT if s in covered else 1.0) for s in sorted(c.stems))
+            gain = sum(weights.get(s, 0.0) * (COVERED_WEIGHT if s in covered else 1.0) for s in c.ordered)
             value = c.quality * gain / math.sqrt(c.unit.words) / (1 + per_section.get(c.section, 0))
             if value > best_value:
                 best, best_value = c, value

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 
 from sharedllm.common.summaries.salience import Vocabulary, content_stems
 from sharedllm.common.summaries.units import sentences
@@ -45,8 +45,9 @@ def _loops(sentence: str) -> bool:
     return bool(trigrams) and max(trigrams.values()) >= LOOP_REPEATS
 
 
-def rejection(sentence: str, vocabulary: Vocabulary, earlier: Iterable[str] = ()) -> str | None:
-    """Why `sentence` may not be shown (None: it may)."""
+def rejection(sentence: str, vocabulary: Vocabulary, earlier: Iterable[Set[str]] = ()) -> str | None:
+    """Why `sentence` may not be shown (None: it may); earlier: the content stems of the
+    sentences kept before it."""
     if sentence.endswith("?"):
         return "a question"
     if sentence[-1] not in ".!\"'”’)]":
@@ -59,9 +60,11 @@ def rejection(sentence: str, vocabulary: Vocabulary, earlier: Iterable[str] = ()
         return "a loop"
     if vocabulary.unknown_names(sentence):
         return "a name the document does not have"
-    stems = content_stems(sentence)
-    for other in earlier:
-        said = content_stems(other)
-        if stems and said and len(stems & said) >= REPEAT_SHARE * min(len(stems), len(said)):
-            return "a repeat"
+    if repeats(content_stems(sentence), earlier):
+        return "a repeat"
     return None
+
+
+def repeats(stems: Set[str], earlier: Iterable[Set[str]], share: float = REPEAT_SHARE) -> bool:
+    """Whether most of `stems` (by the smaller of the two) were said by one earlier sentence."""
+    return any(stems and said and len(stems & said) >= share * min(len(stems), len(said)) for said in earlier)

@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from sharedllm.common.summaries.salience import Term, frequent_names
+from sharedllm.common.summaries.salience import Term
 from sharedllm.common.summaries.units import Unit, clean, first_sentence, is_code_line
 
 KINDS = ("narrative", "reference", "technical")
@@ -209,9 +209,10 @@ def _listed(items: list[str]) -> str:
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
-def overview(text: str, kind: DocumentKind, terms: tuple[Term, ...]) -> tuple[str, list[str]]:
+def overview(text: str, kind: DocumentKind, terms: tuple[Term, ...], names: list[str]) -> tuple[str, list[str]]:
     """The summary's first line (the kind of document and what it covers) and the document's
-    words it names. It states no number: every number of a summary is one the document writes."""
+    words it names (names: the document's most frequent). It states no number: every number of a
+    summary is one the document writes."""
     subjects = [t.word for t in terms[:5]]
     if kind.kind == "reference":
         heads = tuple(e.headword for e in kind.entries)
@@ -230,5 +231,5 @@ def overview(text: str, kind: DocumentKind, terms: tuple[Term, ...]) -> tuple[st
         parts = f', in sections from "{titled[0]}" to "{titled[-1]}"' if len(titled) >= 2 else ""
         line = f"Technical documentation{parts}; main terms: {_listed(subjects)}."
         return line, [*titled[:1], *titled[-1:], *subjects]
-    names = list(frequent_names(text, 5)) or subjects
-    return f"A narrative whose main names are {_listed(names)}.", names
+    main = names[:5] or subjects
+    return f"A narrative whose main names are {_listed(main)}.", main

@@ -202,14 +202,15 @@ def summarize(
     prose = prose_of_code(text) if source_code else text  # what code says in words: docstrings, comments
     sections = section_spans(text, settings.section_chars)
     terms = salient_terms([clean(prose[a:b]) for a, b in sections], TERMS)
-    first_line, named = kinds.overview(text, kind, terms)
+    vocabulary = Vocabulary.of(text)
+    names = list(frequent_names(text, TOP_NAMES, vocabulary))
+    first_line, named = kinds.overview(text, kind, terms, names)
     overview = SummarySentence(first_line, _first_occurrences(text, named), "overview")
     budget = settings.words - _words(first_line)
     if budget < 10:
         raise InvalidInput(f"words={settings.words} leaves no room after the summary's first line")
     starts = [a for a, _ in sections]
     pool = extract.candidates(units(prose), starts, narrative=kind.kind == "narrative")
-    names = list(frequent_names(text, TOP_NAMES))
     if kind.kind == "reference":  # its entries speak first, the most mentioned weighing most
         heads = tuple(e.headword for e in kind.entries)
         pool = extract.candidates(kinds.entry_units(text, list(kind.entries)), starts, False, entries=True) + [
@@ -225,7 +226,7 @@ def summarize(
     if rewrite:
         assert write is not None
         calls = _Calls(write, done, on_call)
-        items = _levels(items, calls, settings, budget, Vocabulary.of(text), refused)
+        items = _levels(items, calls, settings, budget, vocabulary, refused)
     weights = {t.stem: t.weight for t in terms}
     kept = _bounded(_unrepeated(items), weights, budget)
     sentences = tuple(SummarySentence(i.text, i.source.spans, i.origin) for i in kept)
@@ -297,7 +298,7 @@ def _joined(
     sources = [item.source for item in group]
     kept: list[_Item] = []
     for sentence in filters.split_sentences(output):
-        why = filters.rejection(sentence, vocabulary, (k.text for k in kept))
+        why = filters.rejection(sentence, vocabulary, (k.source.stems for k in kept))
         spans = None if why else cover(sentence, sources)
         if spans is None:
             refused.append((sentence, why or "says what its sources do not"))
@@ -320,12 +321,8 @@ def _unrepeated(items: Sequence[_Item]) -> list[_Item]:
     """In document order, without a sentence most of whose content an earlier one already said."""
     out: list[_Item] = []
     for item in sorted(items, key=lambda i: i.source.spans[0] if i.source.spans else (0, 0)):
-        if not any(
-            len(item.source.stems & o.source.stems)
-            >= filters.REPEAT_SHARE * min(len(item.source.stems), len(o.source.stems))
-            for o in out
-            if item.source.stems and o.source.stems
-        ) and item.text not in {o.text for o in out}:
+        said = (o.source.stems for o in out)
+        if not filters.repeats(item.source.stems, said) and item.text not in {o.text for o in out}:
             out.append(item)
     return out
 
