@@ -122,9 +122,11 @@ class Limits:
 
     max_document_tokens: int = DEFAULT_MAX_DOCUMENT_TOKENS
     max_prompt_chars: int = 32_768
+    # Contexts one question may read together; their tokens together stay within max_document_tokens.
+    max_contexts_per_question: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_document_tokens", "max_prompt_chars"):
+        for name in ("max_document_tokens", "max_prompt_chars", "max_contexts_per_question"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -32,6 +32,12 @@ class StoreUnavailable(SharedLLMError):
     """The store cannot be reached right now; retrying later may work (UNAVAILABLE)."""
 
 
+class ContextChanged(SharedLLMError):
+    """A context was replaced between reading it and writing a new version of it (an append that
+    lost a race); the writer reads it again and retries, and only repeated losses reach the
+    caller (ABORTED)."""
+
+
 class ResourceExhausted(SharedLLMError):
     """Over a capacity or concurrency limit (RESOURCE_EXHAUSTED)."""
 

@@ -11,16 +11,24 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from opentelemetry import trace
 
+from sharedllm.common.engine.documents import JoinedContexts
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.evidence import PassageIndex
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
-from sharedllm.common.engine.results import CompressOutcome, CompressTimings, ContextRead, Finished, TokenDelta
-from sharedllm.common.errors import ContextNotFound, DataCorruption, IncompatibleContext
+from sharedllm.common.engine.results import (
+    AppendOutcome,
+    CompressOutcome,
+    CompressTimings,
+    ContextRead,
+    Finished,
+    TokenDelta,
+)
+from sharedllm.common.errors import ContextChanged, ContextNotFound, DataCorruption, IncompatibleContext, InvalidInput
 from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import (
     DEFAULT_TENANT,
@@ -33,11 +41,13 @@ from sharedllm.common.store import (
     storage_report,
     validate_name,
 )
+from sharedllm.common.store.base import StoredContext
 from sharedllm.common.store.codec import FORMAT_VERSION
 from sharedllm.common.store.decoded_cache import DEFAULT_CACHE_BYTES, DecodedCache
 from sharedllm.common.telemetry import tracing
 
 ProgressFn = Callable[[int, int], None]
+APPEND_ATTEMPTS = 8  # an append that keeps losing races to other writers of its context gives up (ABORTED)
 WARM_UP_TEXT = "A short text that runs every part of the model once before the first request."
 
 
@@ -178,6 +188,80 @@ class ContextRuntime:
             timings = CompressTimings(compress_s=compressed.seconds, store_s=done - t_store, total_s=done - started)
             return self._outcome(context_id, False, encoded.manifest, encoded.nbytes, timings)
 
+    def append_text(self, context_id: str, text: str, **kwargs) -> AppendOutcome:
+        """append on text: it joins the stored document's end as it is (append.py)."""
+        return self._append(context_id, text=text, **kwargs)
+
+    def append_ids(self, context_id: str, token_ids: list[int], **kwargs) -> AppendOutcome:
+        """append on token ids, placed after the stored ones."""
+        return self._append(context_id, ids=token_ids, **kwargs)
+
+    def _append(
+        self,
+        context_id: str,
+        *,
+        text: str | None = None,
+        ids: list[int] | None = None,
+        tenant: str = DEFAULT_TENANT,
+        progress: ProgressFn | None = None,
+    ) -> AppendOutcome:
+        """Grow a stored context: its last chunk encoded again with the new text, new chunks added,
+        every other chunk kept as stored (not read, not written). The result is a new version under
+        the same id with the same lifetime (or pin) and its own source hash; it replaces the version
+        read only if that is still the current one, so of two appends racing, the one that loses
+        reads the winner's version and appends to it (APPEND_ATTEMPTS times at most): none is lost.
+        """
+        started = time.perf_counter()
+        validate_name(tenant, "tenant")
+        validate_name(context_id, "context id")
+        for _ in range(APPEND_ATTEMPTS):
+            info = self.store.info(context_id, tenant=tenant)  # not a use: a refused append changes nothing
+            base = self.store.open(context_id, self.fingerprints, tenant=tenant)
+            if context_id == self._content_id(tenant, base.manifest.source_sha256):
+                raise InvalidInput(
+                    f"context {context_id!r} is named by its document's content (it was compressed without an "
+                    "id), and another document under that name would break deduplication; compress it with "
+                    "a context id of your own to grow it"
+                )
+            stored = base.token_ids.tolist()
+            plan = self.engine.plan_append(stored, base.chunk_lengths, text=text, ids=ids)
+            self.store.ping(writes=True)
+            quota = self.quotas.of(tenant)
+            if quota.limited:
+                quota.check(tenant, self.store.usage(tenant, excluding=context_id), 0)
+            with tracing.span("append", tenant=tenant, context_id=context_id, tokens=len(plan.tail_ids)):
+                with tracing.span("lower model and pooling", tokens=len(plan.tail_ids)):
+                    compressed = self.engine.compress(plan.tail_ids, progress)
+                t_store = time.perf_counter()
+                lifetime_ms = codec.lifetime_ms(base.manifest)
+                encoded = codec.extend(
+                    base.manifest,
+                    base.retrieval_keys,
+                    base.token_ids,
+                    plan.kept_chunks,
+                    compressed.tree,
+                    source_sha256=source_digest(stored[: plan.kept_tokens] + plan.tail_ids),
+                    ttl_s=None if info.expires_in_s is None or lifetime_ms is None else lifetime_ms / 1000,
+                )
+                try:
+                    with tracing.span("store write", bytes=encoded.written_bytes):
+                        self.store.put(context_id, encoded, quota, replaces=base.version)
+                except ContextChanged:
+                    continue  # another append (or a replace) won the race: read its version, append to it
+            done = time.perf_counter()
+            timings = CompressTimings(compress_s=compressed.seconds, store_s=done - t_store, total_s=done - started)
+            outcome = self._outcome(context_id, False, encoded.manifest, encoded.nbytes, timings)
+            return AppendOutcome(
+                context=outcome,
+                encoded_tokens=len(plan.tail_ids),
+                kept_chunks=plan.kept_chunks,
+                encoded_chunks=compressed.tree.n_chunks,
+                bytes_written=encoded.written_bytes,
+            )
+        raise ContextChanged(
+            f"context {context_id!r} changed under {APPEND_ATTEMPTS} appends in a row (other writers); try again"
+        )
+
     def _content_id(self, tenant: str, digest: bytes) -> str:
         """The id of a document as this runtime stores it: everything the stored bytes depend on
         (model, adapter with its tree, the compressor's dtype, the format, the tokens)."""
@@ -227,6 +311,26 @@ class ContextRuntime:
             timings=timings,
         )
 
+    def _open(self, ids: tuple[str, ...], tenant: str) -> StoredContext | JoinedContexts:
+        """One context, or several read as one. A list is checked whole before any is opened (an
+        open is a use, which restarts a context's expiry): an unknown id, a context of another
+        model or adapter, or a list past the limits is refused and changes nothing."""
+        if len(ids) == 1:
+            return self.store.open(ids[0], self.fingerprints, tenant=tenant, cache=self.cache)
+        self.engine.check_joined(ids, [0] * len(ids), [0] * len(ids))  # count and repeats, before any read
+        manifests = [self.store.info(context_id, tenant=tenant).manifest for context_id in ids]
+        for context_id, manifest in zip(ids, manifests, strict=True):
+            stored = Fingerprints(manifest.model_fingerprint, manifest.adapter_fingerprint)
+            if stored != self.fingerprints:
+                raise IncompatibleContext(
+                    f"context {context_id!r} was built for model {stored.model!r} with adapter {stored.adapter!r}; "
+                    f"this server runs model {self.fingerprints.model!r} with adapter {self.fingerprints.adapter!r}, "
+                    "and one question reads contexts of one model and adapter"
+                )
+        self.engine.check_joined(ids, [m.n_tokens for m in manifests], [m.n_chunks for m in manifests])
+        parts = [self.store.open(c, self.fingerprints, tenant=tenant, cache=self.cache) for c in ids]
+        return JoinedContexts(parts, ids)
+
     def evidence_settings(self, tokens: int | None = None, mode: str | None = None) -> EvidenceSettings:
         """The runtime's evidence settings with a request's overrides (replace validates them: InvalidInput)."""
         changes = {k: v for k, v in (("tokens", tokens), ("mode", mode)) if v is not None}
@@ -234,7 +338,7 @@ class ContextRuntime:
 
     def generate(
         self,
-        context_id: str | None,
+        context_id: str | Sequence[str] | None,
         question: str,
         params: SamplingParams,
         *,
@@ -245,18 +349,21 @@ class ContextRuntime:
     ) -> Iterator[TokenDelta | Finished]:
         """Stream the answer; the Finished at the end says what was read (Finished.context).
 
-        The manifest, retrieval keys and token ids are read first; only the nodes the question
+        context_id: one context, or a list of them read as one (documents.py: chunk positions in
+        the order given, one evidence ranking over all, each passage naming its context). The
+        manifest, retrieval keys and token ids are read first; only the nodes the question
         selects are fetched (by the decoder, through the StoredContext). evidence_tokens and
         evidence_mode override the runtime's evidence settings for this request (None: keep).
         """
-        with tracing.span("generate", tenant=tenant, context_id=context_id or "") as current:
+        ids = (context_id,) if isinstance(context_id, str) else None if context_id is None else tuple(context_id)
+        with tracing.span("generate", tenant=tenant, context_id=",".join(ids or ())) as current:
             started, started_ns = time.perf_counter(), time.time_ns()
             evidence = self.evidence_settings(evidence_tokens, evidence_mode)
             self.engine.check_request(question, params)  # before any store read or TTL refresh
             source = index = None
-            if context_id is not None:
-                with tracing.span("context open"):
-                    source = self.store.open(context_id, self.fingerprints, tenant=tenant, cache=self.cache)
+            if ids is not None:
+                with tracing.span("context open", contexts=len(ids)):
+                    source = self._open(ids, tenant)
                 current.add_event(
                     "context loaded", {"tokens": sum(source.chunk_lengths), "chunks": len(source.chunk_lengths)}
                 )

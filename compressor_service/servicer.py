@@ -17,7 +17,7 @@ import grpc
 
 from sharedllm.common import process_memory
 from sharedllm.common.config import node_index
-from sharedllm.common.engine.results import CompressOutcome
+from sharedllm.common.engine.results import AppendOutcome, CompressOutcome
 from sharedllm.common.engine.token_budget import TokenBudget, max_document_bytes
 from sharedllm.common.errors import ContextNotFound, InvalidInput
 from sharedllm.common.generated.sharedllm.v1 import compressor_pb2 as pb
@@ -49,7 +49,7 @@ class DocumentUpload:
         self._bytes = 0
         self._ids: list[int] = []
 
-    def add(self, message: pb.CompressRequest | pb.CompressStreamRequest, oneof: str) -> None:
+    def add(self, message: pb.CompressRequest | pb.CompressStreamRequest | pb.AppendContextRequest, oneof: str) -> None:
         kind = message.WhichOneof(oneof)
         if kind is None:
             return
@@ -149,6 +149,16 @@ def tree_levels(info: ContextInfo) -> list[pb.TreeLevel]:
     ]
 
 
+def _abandon_if(should_stop: ShouldStop) -> Callable[[int, int], None]:
+    """A progress callback that stops the lower model between chunk batches once the caller left."""
+
+    def progress(done: int, total: int) -> None:
+        if should_stop():
+            raise Stopped(f"compression abandoned after {done} of {total} chunks: the caller left")
+
+    return progress
+
+
 class CompressorServicer(pb_grpc.CompressorServiceServicer):
     def __init__(self, state: ServerState) -> None:
         self._state = state
@@ -185,6 +195,39 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
         document = await self._in_thread(upload.document)
         return pb.CompressStreamResponse(context=await self._compress(document, options, started))
 
+    async def AppendContext(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.AppendContextResponse:
+        started = time.perf_counter()
+        upload = self._upload()
+        context_id: str | None = None
+        async for message in request_iterator:
+            if context_id is None:
+                context_id = message.context_id
+            elif message.context_id:
+                raise InvalidInput("context_id belongs in the first message of the stream only")
+            await self._in_thread(upload.add, message, "piece")
+        if context_id is None:
+            raise InvalidInput("the stream is empty: its first message names the context")
+        addition = await self._in_thread(upload.document)
+        runtime, tenant = self._state.runtime, current_tenant()
+
+        def work(should_stop: ShouldStop) -> AppendOutcome:
+            try:
+                if isinstance(addition, str):
+                    return runtime.append_text(context_id, addition, tenant=tenant, progress=_abandon_if(should_stop))
+                return runtime.append_ids(context_id, addition, tenant=tenant, progress=_abandon_if(should_stop))
+            finally:
+                process_memory.give_back()
+
+        outcome = await self._state.workers.call(work)
+        metrics.observe_compress(outcome.encoded_tokens, outcome.bytes_written, outcome.context.timings)
+        return pb.AppendContextResponse(
+            context=compressed_context(outcome.context, time.perf_counter() - started),
+            encoded_tokens=outcome.encoded_tokens,
+            kept_chunks=outcome.kept_chunks,
+            encoded_chunks=outcome.encoded_chunks,
+            bytes_written=outcome.bytes_written,
+        )
+
     async def _compress(
         self, document: str | list[int], options: pb.CompressOptions, started: float
     ) -> pb.CompressedContext:
@@ -196,10 +239,7 @@ class CompressorServicer(pb_grpc.CompressorServiceServicer):
         }
 
         def work(should_stop: ShouldStop) -> CompressOutcome:
-            def progress(done: int, total: int) -> None:
-                if should_stop():
-                    raise Stopped(f"compression abandoned after {done} of {total} chunks: the caller left")
-
+            progress = _abandon_if(should_stop)
             try:
                 if isinstance(document, str):  # its tokens were counted on arrival
                     return runtime.compress_text(document, counted=True, progress=progress, **kwargs)

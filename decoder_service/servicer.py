@@ -38,6 +38,15 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     return SamplingParams(**fields, stop=tuple(request.stop))
 
 
+def context_ids(request: pb.GenerateRequest) -> str | list[str]:
+    """The one context the request names, or the list it reads as one."""
+    if not request.context_ids:
+        return request.context_id
+    if request.context_id:
+        raise InvalidInput("set context_id or context_ids, not both")
+    return list(request.context_ids)
+
+
 def evidence_message(passage: Passage) -> pb.EvidencePassage:
     return pb.EvidencePassage(
         token_start=passage.token_start,
@@ -46,6 +55,7 @@ def evidence_message(passage: Passage) -> pb.EvidencePassage:
         char_end=passage.char_end,
         text=passage.text,
         score=passage.score,
+        context_id=passage.context_id or "",
     )
 
 
@@ -56,6 +66,7 @@ def citation_message(citation: Citation) -> pb.Citation:
         char_start=citation.char_start,
         char_end=citation.char_end,
         text=citation.text,
+        context_id=citation.context_id or "",
     )
     if citation.evidence_index is not None:
         message.evidence_index = citation.evidence_index
@@ -132,11 +143,12 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         runtime = self._state.runtime
         params = sampling_params(request)
+        contexts = context_ids(request)
         tenant = current_tenant()
 
         def events() -> Iterator[TokenDelta | Finished]:  # runs in a worker thread
             for event in runtime.generate(
-                request.context_id,
+                contexts,
                 request.prompt,
                 params,
                 tenant=tenant,
@@ -189,6 +201,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 max_queued_requests=workers.max_queued,
                 queue_timeout_seconds=workers.queue_timeout_s,
                 max_batch=engine.scheduler.max_batch if engine.scheduler is not None else 0,
+                max_contexts_per_question=engine.limits.max_contexts_per_question,
             ),
             stats=pb.ServerStats(
                 active_requests=workers.active,

@@ -18,9 +18,11 @@ import torch
 
 from sharedllm.common.config import DEFAULT_MAX_DOCUMENT_TOKENS, Limits, ModelChoice, TreeConfig
 from sharedllm.common.engine.adapter import InjectionAdapter, read_adapter_config
+from sharedllm.common.engine.append import AppendPlan, plan_append
 from sharedllm.common.engine.citations import cite
 from sharedllm.common.engine.compressor import Compressor, ProgressFn
 from sharedllm.common.engine.decoder import Decoder, Injection
+from sharedllm.common.engine.documents import DocumentMap, join_texts, names_of, token_starts_of
 from sharedllm.common.engine.evidence import PassageIndex, choose, question_span, rank, render, shielded_spans
 from sharedllm.common.engine.generation import replay
 from sharedllm.common.engine.grounding import DocumentFacts, GroundedAnswer
@@ -64,6 +66,9 @@ class QuestionPlan:
     facts: DocumentFacts | None = None
     quote: tuple[tuple[int, int], ...] = ()
     answer_prefix: str = ""
+    # Where each document starts (None: no document): returned passages and citations are
+    # given in their own document's offsets, under its context id.
+    documents: DocumentMap | None = None
     # evidence_s, selection_s, context_load_s and prepare_s; decoding adds the rest.
     timings: GenerateTimings = field(default_factory=GenerateTimings)
 
@@ -205,6 +210,31 @@ class Engine:
         if n > self.limits.max_document_tokens:
             raise InvalidInput(f"document has {n} tokens; the limit is {self.limits.max_document_tokens}")
 
+    def check_joined(self, context_ids: Sequence[str], n_tokens: Sequence[int], n_chunks: Sequence[int]) -> None:
+        """Several contexts read by one question (documents.py) must fit where one document would:
+        their tokens together within max_document_tokens, their chunks together within the chunk
+        positions that allows (the range the adapter was trained and checked for)."""
+        limit = self.limits.max_contexts_per_question
+        if not context_ids:
+            raise InvalidInput("no context id given")
+        if len(context_ids) > limit:
+            raise InvalidInput(f"{len(context_ids)} contexts given; one question reads at most {limit}")
+        repeated = sorted({c for c in context_ids if context_ids.count(c) > 1})
+        if repeated:
+            raise InvalidInput(f"context {repeated[0]!r} is given more than once")
+        tokens, chunks = sum(n_tokens), sum(n_chunks)
+        if tokens > self.limits.max_document_tokens:
+            raise InvalidInput(
+                f"the {len(context_ids)} contexts hold {tokens} tokens together; one question reads at most "
+                f"{self.limits.max_document_tokens}"
+            )
+        positions = -(-self.limits.max_document_tokens // self.adapter.config.chunk_size)
+        if chunks > positions:
+            raise InvalidInput(
+                f"the {len(context_ids)} contexts hold {chunks} chunks together; chunk positions reach at most "
+                f"{positions} (max_document_tokens / chunk_size)"
+            )
+
     def check_token_ids(self, ids: list[int]) -> None:
         self.check_document_tokens(len(ids))
         vocab = self.body.embed.num_embeddings
@@ -215,6 +245,26 @@ class Engine:
         outside = (values < 0) | (values >= vocab)
         if outside.any():
             raise InvalidInput(f"token id {int(values[outside.argmax()])} is outside the vocabulary [0, {vocab})")
+
+    def plan_append(
+        self,
+        stored_ids: list[int],
+        chunk_lengths: Sequence[int],
+        *,
+        text: str | None = None,
+        ids: list[int] | None = None,
+    ) -> AppendPlan:
+        """What appending `text` (or token ids) to a stored document encodes (append.py), within
+        the document limit; new token ids must be in the vocabulary."""
+        if text is not None and "\x00" in text:
+            raise InvalidInput("appended text contains NUL bytes; it looks binary, not text")
+        if ids:
+            self.check_token_ids(ids)
+        plan = plan_append(
+            stored_ids, chunk_lengths, self.adapter.config.chunk_size, self.tokenizer, text=text, ids=ids
+        )
+        self.check_document_tokens(plan.kept_tokens + len(plan.tail_ids))
+        return plan
 
     def compress(self, token_ids: list[int], progress: ProgressFn | None = None) -> Compressed:
         start = time.perf_counter()
@@ -255,8 +305,8 @@ class Engine:
         return prompt
 
     def passage_index(self, source: ContextSource, passage_tokens: int) -> PassageIndex:
-        """The passages of a context's document and their lexical index (cache it per document)."""
-        return PassageIndex(source.token_ids.tolist(), self.tokenizer, passage_tokens)
+        """The passages of a context's documents and their lexical index (cache it per context)."""
+        return PassageIndex(source.token_ids.tolist(), self.tokenizer, passage_tokens, token_starts_of(source))
 
     @torch.inference_mode()
     def plan(
@@ -297,13 +347,16 @@ class Engine:
             budget = min(evidence.tokens, room - _EXCERPT_OVERHEAD_TOKENS)
             passages, bias = self.choose_evidence(source, question, query, evidence, budget, index)
             evidence_s = time.perf_counter() - started
-        facts = None
+        facts = documents = None
         if source is not None:
-            facts = index.facts if index is not None else self.document_facts(source)
-        prompt = self._chat_ids(render(passages, question)) + prefix
+            if index is not None:
+                facts, documents = index.facts, index.document_map(names_of(source))
+            else:
+                facts, documents = self.document_facts(source)
+        prompt = self._chat_ids(render(passages, question, documents)) + prefix
         while passages and len(prompt) + max_new_tokens > self.window:  # excerpt markers took more than planned
             passages.remove(min(passages, key=lambda p: p.score))
-            prompt = self._chat_ids(render(passages, question)) + prefix
+            prompt = self._chat_ids(render(passages, question, documents)) + prefix
         quoted: list[tuple[int, int]] = []
         if quote and facts is not None:
             # About 3 characters a token (English prose runs at 3.7-4): the quote fits the token cap.
@@ -324,18 +377,26 @@ class Engine:
             facts=facts,
             quote=tuple(quoted),
             answer_prefix=answer_prefix,
+            documents=documents,
             timings=timings,
         )
 
-    def document_facts(self, source: ContextSource) -> DocumentFacts:
-        """The facts of a document with no passage index at hand (tree alone): its decoded text."""
-        ids = source.token_ids.tolist()
-        return DocumentFacts(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    def document_facts(self, source: ContextSource) -> tuple[DocumentFacts, DocumentMap]:
+        """The facts of the documents with no passage index at hand (tree alone): their decoded
+        texts, joined as a passage index joins them, and where each starts."""
+        ids, starts = source.token_ids.tolist(), token_starts_of(source)
+        texts = self.tokenizer.batch_decode(
+            [ids[a:b] for a, b in zip(starts, [*starts[1:], len(ids)], strict=True)],
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=False,
+        )
+        text, char_starts = join_texts(texts)
+        return DocumentFacts(text), DocumentMap(names_of(source), starts, char_starts)
 
     def usable_index(self, source: ContextSource, passage_tokens: int, index: PassageIndex | None) -> PassageIndex:
-        """`index` if it was built for this document and passage size, else a new one."""
-        n_tokens = sum(source.chunk_lengths)
-        usable = index is not None and (index.passage_tokens, index.n_tokens) == (passage_tokens, n_tokens)
+        """`index` if it was built for these documents and passage size, else a new one."""
+        built_for = (passage_tokens, sum(source.chunk_lengths), token_starts_of(source))
+        usable = index is not None and (index.passage_tokens, index.n_tokens, index.document_starts) == built_for
         return index if usable else self.passage_index(source, passage_tokens)
 
     def choose_evidence(
@@ -402,9 +463,13 @@ class Engine:
             events = generate(plan.prompt_ids, plan.injection, params, self.decode_text, grounding)
         for event in events:
             if isinstance(event, Finished):
-                citations = cite(event.text, plan.facts, plan.evidence) if plan.facts is not None else ()
+                evidence = plan.evidence
+                citations = cite(event.text, plan.facts, evidence) if plan.facts is not None else ()
+                if plan.documents is not None:  # each in its own document's offsets, naming its context
+                    evidence = tuple(map(plan.documents.localize_passage, evidence))
+                    citations = tuple(map(plan.documents.localize_citation, citations))
                 yield dataclasses.replace(
-                    event, timings=plan.timings.plus(event.timings), evidence=plan.evidence, citations=citations
+                    event, timings=plan.timings.plus(event.timings), evidence=evidence, citations=citations
                 )
             else:
                 yield event

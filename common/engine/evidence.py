@@ -26,6 +26,7 @@ How passages are chosen:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import threading
@@ -39,6 +40,7 @@ import numpy as np
 import Stemmer
 
 from sharedllm.common.engine.compressor import node_spans
+from sharedllm.common.engine.documents import DOCUMENT_SEPARATOR, DocumentMap, join_texts
 from sharedllm.common.engine.grounding import DocumentFacts
 from sharedllm.common.engine.params import EvidenceSettings
 from sharedllm.common.engine.results import Passage
@@ -47,6 +49,7 @@ from sharedllm.common.errors import InvalidInput
 _log = logging.getLogger(__name__)
 
 EXCERPTS_HEADER = "Excerpts from the document, in order:"
+EXCERPTS_HEADER_SEVERAL = "Excerpts from the documents, in order:"
 # Where a passage may end. Never after a colon within a line: it introduces what follows ("... is: 6177498."),
 # and a cut there left a key in one passage and its value in the next, where a question's words
 # never find it (the plain BM25 baseline lost single needles to exactly that cut).
@@ -119,19 +122,36 @@ def _readable(piece: str | None) -> str:
 
 
 class PassageIndex:
-    """The passages of one document and their lexical index; built once, asked many questions."""
+    """The passages of one document (or of several joined: documents.py) and their lexical index;
+    built once, asked many questions.
 
-    def __init__(self, token_ids: Sequence[int], tokenizer: Any, passage_tokens: int) -> None:
+    document_starts: where each document starts in `token_ids` ((0,): one document). No passage
+    crosses a document's start, and in the character offsets each document after the first
+    starts DOCUMENT_SEPARATOR later (the joined text that quotes and citations read).
+    """
+
+    def __init__(
+        self, token_ids: Sequence[int], tokenizer: Any, passage_tokens: int, document_starts: Sequence[int] = (0,)
+    ) -> None:
         if len(token_ids) == 0:
             raise InvalidInput("the context holds no document tokens")
         self.passage_tokens = passage_tokens
         ids = list(token_ids)
-        self.spans = _whole_characters(split_passages(ids, tokenizer, passage_tokens), ids, tokenizer)
+        self.document_starts = tuple(document_starts)
+        self.spans, first_passages = [], []
+        for start, end in itertools.pairwise([*self.document_starts, len(ids)]):
+            first_passages.append(len(self.spans))
+            own = ids[start:end]
+            spans = _whole_characters(split_passages(own, tokenizer, passage_tokens), own, tokenizer)
+            self.spans += [(s + start, e + start) for s, e in spans]
         self.texts: list[str] = tokenizer.batch_decode(
             [ids[s:e] for s, e in self.spans], skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
         lengths = np.fromiter((len(t) for t in self.texts), dtype=np.int64, count=len(self.texts))
-        self.char_starts = np.concatenate([[0], np.cumsum(lengths)])
+        before = np.zeros(len(self.texts), dtype=np.int64)  # the separator before each document but the first
+        before[first_passages[1:]] = len(DOCUMENT_SEPARATOR)
+        self.char_starts = np.cumsum(before) + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self._first_passages = first_passages
         self.token_starts = np.asarray([s for s, _ in self.spans], dtype=np.int64)
         self.n_tokens = len(ids)
         tokenized = _tokenize(self.texts, return_ids=True)
@@ -152,7 +172,18 @@ class PassageIndex:
     @cached_property
     def facts(self) -> DocumentFacts:
         """The document's words and text for grounded answers (built on first use, kept with the index)."""
-        return DocumentFacts("".join(self.texts))
+        return DocumentFacts(join_texts(self.document_texts)[0])
+
+    def document_map(self, names: Sequence[str | None]) -> DocumentMap:
+        """Where each document starts, in tokens and in the joined text, under the given names."""
+        starts = tuple(int(self.char_starts[i]) for i in self._first_passages)
+        return DocumentMap(tuple(names), self.document_starts, starts)
+
+    @property
+    def document_texts(self) -> list[str]:
+        """Each document's text (its passages' texts add up to it)."""
+        bounds = [*self._first_passages, len(self.texts)]
+        return ["".join(self.texts[a:b]) for a, b in itertools.pairwise(bounds)]
 
     def lexical(self, query_terms: Sequence[str]) -> np.ndarray:
         """BM25 score of every passage for the stemmed terms (unknown terms score nothing)."""
@@ -167,7 +198,8 @@ class PassageIndex:
 
     def passage(self, i: int, score: float) -> Passage:
         s, e = self.spans[i]
-        return Passage(s, e, int(self.char_starts[i]), int(self.char_starts[i + 1]), self.texts[i], float(score))
+        start = int(self.char_starts[i])
+        return Passage(s, e, start, start + len(self.texts[i]), self.texts[i], float(score))
 
     def tree_scores(self, node_sims: np.ndarray, chunk_lengths: Sequence[int], depth: int) -> np.ndarray:
         """Per passage, the best similarity of a tree leaf it overlaps (node_sims: [B, N] of every node)."""
@@ -328,17 +360,29 @@ def render_excerpts(passages: Sequence[Passage]) -> str:
     return render(passages, "").rstrip() + "\n\n"
 
 
-def render(passages: Sequence[Passage], question: str) -> str:
-    """The user message: the excerpts (adjacent passages joined into one), then the question."""
+def render(passages: Sequence[Passage], question: str, documents: DocumentMap | None = None) -> str:
+    """The user message: the excerpts (adjacent passages joined into one), then the question.
+
+    With several documents (documents.several), each document's excerpts follow a header naming
+    it, in the order the documents were given; a document with no excerpt gets no header.
+    """
     if not passages:
         return question
-    excerpts: list[str] = []
+    excerpts: list[tuple[int, str]] = []  # (document, text)
     last_end = -1
     for p in passages:
-        if p.token_start == last_end:
-            excerpts[-1] += p.text
+        k = documents.of_token(p.token_start) if documents is not None else 0
+        if p.token_start == last_end and excerpts[-1][0] == k:
+            excerpts[-1] = (k, excerpts[-1][1] + p.text)
         else:
-            excerpts.append(p.text)
+            excerpts.append((k, p.text))
         last_end = p.token_end
-    body = "\n\n".join(f"[...] {x.strip()} [...]" for x in excerpts)
-    return f"{EXCERPTS_HEADER}\n\n{body}\n\n{question}"
+    blocks: list[str] = []
+    shown = None
+    for k, text in excerpts:
+        if documents is not None and documents.several and k != shown:
+            blocks.append(documents.header(k))
+            shown = k
+        blocks.append(f"[...] {text.strip()} [...]")
+    header = EXCERPTS_HEADER if documents is None or not documents.several else EXCERPTS_HEADER_SEVERAL
+    return f"{header}\n\n" + "\n\n".join(blocks) + f"\n\n{question}"

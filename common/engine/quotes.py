@@ -54,14 +54,42 @@ def quote_spans(
     if len(chosen) > MAX_QUOTES:
         return []  # the question asks for several things (values, keys, a chain): a written list says them better
     asked = set(terms([question])[0])
+    limit = min(max_chars, MAX_QUOTE_CHARS)
     spans: list[tuple[int, int]] = []
     for passage in chosen:
-        sentences = _sentences_over(text, passage.char_start, passage.char_end, min(max_chars, MAX_QUOTE_CHARS))
-        if sentences:
-            best_sentence = max(sentences, key=lambda s: (len(asked & set(terms([text[s[0] : s[1]]])[0])), -s[0]))
-            if not any(a < best_sentence[1] and best_sentence[0] < b for a, b in spans):  # not quoted already
-                spans.append(best_sentence)
+        _quote_best(text, passage, asked, limit, spans)
+    # A question that names several things (two facts, in one document or two) gets a sentence for
+    # each: while at least two of its words, and half of those left, are in no quoted sentence,
+    # the excerpt holding most of them adds its sentence.
+    missing = asked - _covered(text, spans)
+    while missing and len(spans) < MAX_QUOTES:
+        holds = [(len(missing & set(terms([p.text])[0])), p.score, p) for p in evidence if p.score > 0]
+        count, _, passage = max(holds, key=lambda h: h[:2], default=(0, 0.0, None))
+        if (
+            passage is None
+            or count < max(2, -(-len(missing) // 2))
+            or not _quote_best(text, passage, missing, limit, spans)
+        ):
+            break
+        missing -= _covered(text, spans)
     return spans
+
+
+def _quote_best(text: str, passage: Passage, asked: set[str], max_chars: int, spans: list[tuple[int, int]]) -> bool:
+    """Add to `spans` the sentence over `passage` sharing most words with `asked` (unless quoted
+    already); whether one was added."""
+    sentences = _sentences_over(text, passage.char_start, passage.char_end, max_chars)
+    if not sentences:
+        return False
+    best = max(sentences, key=lambda s: (len(asked & set(terms([text[s[0] : s[1]]])[0])), -s[0]))
+    if any(a < best[1] and best[0] < b for a, b in spans):  # quoted already
+        return False
+    spans.append(best)
+    return True
+
+
+def _covered(text: str, spans: Sequence[tuple[int, int]]) -> set[str]:
+    return {t for a, b in spans for t in terms([text[a:b]])[0]}
 
 
 def _sentences_over(text: str, start: int, end: int, max_chars: int) -> list[tuple[int, int]]:

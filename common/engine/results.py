@@ -38,6 +38,17 @@ class CompressOutcome:
 
 
 @dataclass(frozen=True)
+class AppendOutcome:
+    """What growing a stored context gave: the whole context after it, and what the append cost."""
+
+    context: CompressOutcome  # the context as it stands now (its timings: this append's)
+    encoded_tokens: int  # tokens the lower model encoded: the stored last chunk's again, and the new ones
+    kept_chunks: int  # chunks kept as stored
+    encoded_chunks: int
+    bytes_written: int  # to the store: the new manifest, the index part and the new nodes only
+
+
+@dataclass(frozen=True)
 class GenerateTimings:
     """Seconds per phase of one answer; time_to_first_token_s runs from the request's start."""
 
@@ -92,6 +103,7 @@ class Passage:
     char_end: int
     text: str
     score: float
+    context_id: str | None = None  # the context (document) it was cut from; None: a bare tree
 
     @property
     def n_tokens(self) -> int:
@@ -99,6 +111,7 @@ class Passage:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"context_id": self.context_id} if self.context_id is not None else {}),
             "token_start": self.token_start,
             "token_end": self.token_end,
             "char_start": self.char_start,
@@ -113,9 +126,9 @@ class Citation:
     """A run of the answer that the document states word for word (citations.py).
 
     answer_start/answer_end: character offsets in the answer's text; char_start/char_end: in the
-    document's text, as Passage offsets are; evidence_index: the passage of Finished.evidence where
-    the excerpt that holds it starts (adjacent passages are one excerpt in the window; None: the
-    document holds it outside the window's excerpts).
+    text of the document context_id names, as Passage offsets are; evidence_index: the passage of
+    Finished.evidence where the excerpt that holds it starts (adjacent passages are one excerpt in
+    the window; None: the document holds it outside the window's excerpts).
     """
 
     answer_start: int
@@ -124,9 +137,11 @@ class Citation:
     char_end: int
     text: str
     evidence_index: int | None
+    context_id: str | None = None  # the context (document) that states it; None: a bare tree
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"context_id": self.context_id} if self.context_id is not None else {}),
             "answer_start": self.answer_start,
             "answer_end": self.answer_end,
             "char_start": self.char_start,

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from typing import BinaryIO, Self
 
 import grpc
+from google.protobuf.message import Message
 
 from sharedllm.common.engine.params import SAMPLING_FIELDS, SamplingParams
 from sharedllm.common.engine.results import (
+    AppendOutcome,
     Citation,
     CompressOutcome,
     CompressTimings,
@@ -133,19 +135,26 @@ def open_channel(target: str, tls: ClientTls | None = None) -> grpc.Channel:
     return grpc.secure_channel(channel_target(target), channel_credentials(tls), options=options)
 
 
-def upload(
-    options: compressor_pb2.CompressOptions, document: BinaryIO | Sequence[int]
-) -> Iterator[compressor_pb2.CompressStreamRequest]:
-    """A CompressStream request stream: the options, then the document in pieces (UTF-8 bytes
-    read PIECE_BYTES at a time, or token ids PIECE_TOKENS at a time)."""
-    yield compressor_pb2.CompressStreamRequest(options=options)
+def upload(first: Message, document: BinaryIO | Sequence[int]) -> Iterator[Message]:
+    """A client stream (CompressStream, AppendContext): `first`, then the document in pieces of
+    the same message type (UTF-8 bytes read PIECE_BYTES at a time, or token ids PIECE_TOKENS at a
+    time)."""
+    yield first
+    piece_of = type(first)
     if isinstance(document, Sequence) and not isinstance(document, str | bytes | bytearray | memoryview):
         for start in range(0, len(document), PIECE_TOKENS):
-            ids = compressor_pb2.TokenIds(ids=document[start : start + PIECE_TOKENS])
-            yield compressor_pb2.CompressStreamRequest(token_ids=ids)
+            yield piece_of(token_ids=compressor_pb2.TokenIds(ids=document[start : start + PIECE_TOKENS]))
         return
     for piece in iter(lambda: document.read(PIECE_BYTES), b""):
-        yield compressor_pb2.CompressStreamRequest(text=piece)
+        yield piece_of(text=piece)
+
+
+def _readable(document: bytes | bytearray | memoryview | BinaryIO | Sequence[int]) -> BinaryIO | Sequence[int]:
+    if isinstance(document, str):
+        raise TypeError("the document goes as its UTF-8 bytes, a binary file or token ids, not str")
+    if isinstance(document, bytes | bytearray | memoryview):
+        return io.BytesIO(bytes(document))
+    return document
 
 
 def compress_outcome(context: compressor_pb2.CompressedContext) -> CompressOutcome:
@@ -165,7 +174,7 @@ def compress_outcome(context: compressor_pb2.CompressedContext) -> CompressOutco
 
 
 def generate_request(
-    context_id: str,
+    context_id: str | Sequence[str],
     prompt: str,
     params: SamplingParams,
     *,
@@ -174,10 +183,13 @@ def generate_request(
     evidence_mode: str | None = None,
 ) -> decoder_pb2.GenerateRequest:
     """The request for the runtime's generate(context_id, prompt, params, ...): every parameter
-    explicit (grounding too), so the server's defaults never change what the caller asked for."""
+    explicit (grounding too), so the server's defaults never change what the caller asked for.
+    A list of context ids is one question across all of them (one id goes as context_id)."""
     sampling = {name: getattr(params, name) for name in SAMPLING_FIELDS if getattr(params, name) is not None}
+    ids = [context_id] if isinstance(context_id, str) else list(context_id)
     request = decoder_pb2.GenerateRequest(
-        context_id=context_id,
+        context_id=ids[0] if len(ids) == 1 else "",
+        context_ids=ids if len(ids) > 1 else [],
         prompt=prompt,
         stop=params.stop,
         disable_retrieval=not retrieval,
@@ -209,7 +221,8 @@ def finished(last: decoder_pb2.GenerateResponse, text: str) -> Finished:
             decode_s=t.decode_seconds,
         ),
         evidence=tuple(
-            Passage(p.token_start, p.token_end, p.char_start, p.char_end, p.text, p.score) for p in last.evidence
+            Passage(p.token_start, p.token_end, p.char_start, p.char_end, p.text, p.score, p.context_id or None)
+            for p in last.evidence
         ),
         context=ContextRead(
             usage.context_tokens, usage.context_chunks, usage.context_bytes_read, usage.context_nodes_cached
@@ -222,6 +235,7 @@ def finished(last: decoder_pb2.GenerateResponse, text: str) -> Finished:
                 c.char_end,
                 c.text,
                 c.evidence_index if c.HasField("evidence_index") else None,
+                c.context_id or None,
             )
             for c in last.citations
         ),
@@ -307,11 +321,23 @@ class CompressorClient(ServiceClient):
             options.context_id = context_id
         if ttl_s is not None:
             options.ttl_seconds = ttl_s
-        if isinstance(document, str):
-            raise TypeError("compress takes the document's UTF-8 bytes, a binary file or token ids, not str")
-        if isinstance(document, bytes | bytearray | memoryview):
-            document = io.BytesIO(bytes(document))
-        return compress_outcome(self._call(self.stub.CompressStream, upload(options, document)).context)
+        first = compressor_pb2.CompressStreamRequest(options=options)
+        return compress_outcome(self._call(self.stub.CompressStream, upload(first, _readable(document))).context)
+
+    def append(
+        self, context_id: str, addition: bytes | bytearray | memoryview | BinaryIO | Sequence[int]
+    ) -> AppendOutcome:
+        """Grow a stored context by text (UTF-8 bytes or a binary file, joined to its end as it
+        is) or token ids, without compressing it all again (AppendContext)."""
+        first = compressor_pb2.AppendContextRequest(context_id=context_id)
+        reply = self._call(self.stub.AppendContext, upload(first, _readable(addition)))
+        return AppendOutcome(
+            context=compress_outcome(reply.context),
+            encoded_tokens=reply.encoded_tokens,
+            kept_chunks=reply.kept_chunks,
+            encoded_chunks=reply.encoded_chunks,
+            bytes_written=reply.bytes_written,
+        )
 
     def context(self, context_id: str) -> StoredContext:
         """The stored context's description (RemoteError NOT_FOUND when there is none)."""
@@ -338,7 +364,7 @@ class DecoderClient(ServiceClient):
 
     def generate(
         self,
-        context_id: str,
+        context_id: str | Sequence[str],
         prompt: str,
         params: SamplingParams,
         *,

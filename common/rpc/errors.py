@@ -27,6 +27,7 @@ STATUS_CODES: dict[type[errors.SharedLLMError], grpc.StatusCode] = {
     errors.DataCorruption: grpc.StatusCode.DATA_LOSS,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ContextChanged: grpc.StatusCode.ABORTED,
     errors.ModelUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ServiceUnavailable: grpc.StatusCode.UNAVAILABLE,

@@ -152,6 +152,7 @@ class StoredContext:
         self._cache = cache
         self.bytes_read = bytes_read
         self.cached_nodes = 0  # nodes the last fetches took from the decoded cache
+        self.version = b""  # the version opened (its manifest frame's digest): what an append replaces
 
     @property
     def config(self) -> TreeConfig:
@@ -250,15 +251,23 @@ class ContextStore(ABC):
     def __init__(self) -> None:
         self._counters = _Counters()
 
-    def put(self, context_id: str, encoded: EncodedContext, quota: Quota | None = None) -> None:
+    def put(
+        self, context_id: str, encoded: EncodedContext, quota: Quota | None = None, *, replaces: bytes | None = None
+    ) -> None:
         """Store (or atomically replace) a context under the tenant named in its manifest.
 
         quota: the tenant's limits, checked with the write (QuotaExceeded when it would pass one;
         the context it replaces does not count). Every store keeps per-tenant usage either way.
+        replaces: the version (StoredContext.version) this write must replace; if the context is
+        another version by then, nothing is written and ContextChanged is raised (ContextNotFound
+        if it is gone). Required for an appended version (encoded.kept_nodes > 0), whose kept
+        nodes are that version's.
         """
+        if encoded.kept_nodes and replaces is None:
+            raise ValueError("an appended version names the version it extends (replaces=...)")
         key = ContextKey.of(encoded.manifest.tenant, context_id)
-        self._put(key, encoded, quota or Quota())
-        self._counters.add(bytes_written=encoded.nbytes)
+        self._put(key, encoded, quota or Quota(), replaces)
+        self._counters.add(bytes_written=encoded.written_bytes)
 
     def usage(self, tenant: str, *, excluding: str | None = None) -> TenantUsage:
         """The tenant's live contexts and stored bytes (expired ones no longer count; writes in
@@ -293,7 +302,9 @@ class ContextStore(ABC):
                     cache.put(tenant, digest, {"retrieval_keys": index[0], "token_ids": index[1]})
         read = len(frame) + len(payload or b"")
         self._counters.add(bytes_read=read)
-        return StoredContext(context_id, manifest, *index, reader, self._counters, read, cache)
+        stored = StoredContext(context_id, manifest, *index, reader, self._counters, read, cache)
+        stored.version = frame[: codec.DIGEST_BYTES]
+        return stored
 
     def info(self, context_id: str, *, tenant: str = DEFAULT_TENANT) -> ContextInfo:
         """The verified manifest, stored size and current expiry; not a use (no refresh)."""
@@ -341,7 +352,7 @@ class ContextStore(ABC):
         return manifest
 
     @abstractmethod
-    def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota) -> None: ...
+    def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota, replaces: bytes | None) -> None: ...
 
     @abstractmethod
     def _usage(self, tenant: str, excluding: str | None) -> TenantUsage: ...

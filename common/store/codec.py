@@ -55,19 +55,33 @@ class EncodedContext:
     """One context ready for a store: the framed manifest and the payloads it checksums.
 
     nodes are in chunk-major order: payload of (chunk b, node n) is `nodes[b * N + n]`.
+
+    An appended version (`extend`) carries only its new nodes: the first `kept_nodes` payloads are
+    those of the version it extends, which the store keeps instead of writing them again.
     """
 
     manifest_frame: bytes
     retrieval_keys: bytes
     nodes: tuple[bytes, ...]
+    kept_nodes: int = 0
 
     @functools.cached_property
     def manifest(self) -> pb.ContextManifest:
         return decode_manifest(self.manifest_frame)
 
     @property
+    def version(self) -> bytes:
+        """Names this version of the context: the digest its manifest frame opens with."""
+        return self.manifest_frame[:DIGEST_BYTES]
+
+    @property
     def nbytes(self) -> int:
-        """Every byte a store keeps for this context, manifest included."""
+        """Every byte a store keeps for this context, manifest included (kept nodes too)."""
+        return len(self.manifest_frame) + self.manifest.stored_bytes
+
+    @property
+    def written_bytes(self) -> int:
+        """The bytes a store writes for it: all of them, less the kept nodes."""
         return len(self.manifest_frame) + len(self.retrieval_keys) + sum(map(len, self.nodes))
 
 
@@ -138,26 +152,15 @@ def encode(
     ttl_s: lifetime after each use; None: never expires (the store may still evict it).
     """
     _check_encodable(tree, fingerprints, base_n_layers, source_sha256, ttl_s)
-    _, b, n, _, kv, hd = tree.keys.shape
-    created = int(time.time() * 1000) if now_ms is None else now_ms
-    keys, values = tree.keys.detach().cpu(), tree.values.detach().cpu()  # one device copy, not one per node
-    rkeys = safetensors.torch.save(
-        {
-            "retrieval_keys": _contiguous(tree.retrieval_keys.detach().cpu()),
-            "token_ids": _contiguous(tree.token_ids.detach().cpu()),
-        }
-    )
-    nodes = tuple(
-        safetensors.torch.save({"keys": _contiguous(keys[:, c, i]), "values": _contiguous(values[:, c, i])})
-        for c in range(b)
-        for i in range(n)
-    )
+    _, _, n, _, kv, hd = tree.keys.shape
+    nodes = _node_payloads(tree)
+    rkeys = _index_payload(tree.retrieval_keys, tree.token_ids)
     manifest = pb.ContextManifest(
         format_version=FORMAT_VERSION,
         model_fingerprint=fingerprints.model,
         adapter_fingerprint=fingerprints.adapter,
         tree_config=tree_config_message(tree.config),
-        n_chunks=b,
+        n_chunks=tree.n_chunks,
         chunk_lengths=tree.chunk_lengths,
         nodes_per_chunk=n,
         dtype=DTYPES[tree.keys.dtype],
@@ -170,11 +173,83 @@ def encode(
         source_sha256=source_sha256,
         n_tokens=tree.n_tokens,
         tenant=tenant,
-        created_unix_ms=created,
-        expires_unix_ms=0 if ttl_s is None else created + max(1, round(ttl_s * 1000)),
         stored_bytes=len(rkeys) + sum(map(len, nodes)),
     )
+    _set_lifetime(manifest, ttl_s, now_ms)
     return EncodedContext(frame_manifest(manifest), rkeys, nodes)
+
+
+def extend(
+    base: pb.ContextManifest,
+    base_retrieval_keys: torch.Tensor,
+    base_token_ids: torch.Tensor,
+    kept_chunks: int,
+    tail: ContextTree,
+    *,
+    source_sha256: bytes,
+    ttl_s: float | None,
+    now_ms: int | None = None,
+) -> EncodedContext:
+    """A new version of `base`: its first `kept_chunks` chunks as stored, then the chunks of `tail`
+    (the re-encoded last chunk and the new text). Only the tail's nodes are payloads here; the
+    kept ones are the base version's (EncodedContext.kept_nodes), so an append writes the
+    manifest, the index part and the new nodes, never the document's earlier chunks again."""
+    n = base.nodes_per_chunk
+    if not 0 <= kept_chunks <= base.n_chunks or tail.config != tree_config(base):
+        raise InvalidInput(f"cannot extend a context of {base.n_chunks} chunks keeping {kept_chunks} with this tree")
+    if DTYPES.get(tail.keys.dtype) != base.dtype:
+        raise IncompatibleContext(f"the context is stored as {torch_dtype(base)}, the new chunks are {tail.keys.dtype}")
+    fingerprints = Fingerprints(base.model_fingerprint, base.adapter_fingerprint)
+    _check_encodable(tail, fingerprints, base.shapes.base_n_layers, source_sha256, ttl_s)
+    kept_tokens = sum(base.chunk_lengths[:kept_chunks])
+    nodes = _node_payloads(tail)
+    rkeys = _index_payload(
+        torch.cat([base_retrieval_keys[:kept_chunks].cpu(), tail.retrieval_keys.detach().cpu()]),
+        torch.cat([base_token_ids[:kept_tokens].cpu(), tail.token_ids.detach().cpu()]),
+    )
+    node_bytes = len(nodes[0])  # every node payload of a context has one size: fixed shapes, one dtype
+    manifest = pb.ContextManifest()
+    manifest.CopyFrom(base)
+    del manifest.chunk_lengths[kept_chunks:]
+    manifest.chunk_lengths.extend(tail.chunk_lengths)
+    del manifest.node_entry_counts[kept_chunks * n :]
+    manifest.node_entry_counts.extend(tail.counts.flatten().tolist())
+    del manifest.node_sha256[kept_chunks * n :]
+    manifest.node_sha256.extend(sha256(payload) for payload in nodes)
+    manifest.n_chunks = len(manifest.chunk_lengths)
+    manifest.n_tokens = kept_tokens + tail.n_tokens
+    manifest.retrieval_keys_sha256 = sha256(rkeys)
+    manifest.source_sha256 = source_sha256
+    manifest.stored_bytes = len(rkeys) + node_bytes * manifest.n_chunks * n
+    _set_lifetime(manifest, ttl_s, now_ms)
+    return EncodedContext(frame_manifest(manifest), rkeys, nodes, kept_nodes=kept_chunks * n)
+
+
+def _set_lifetime(manifest: pb.ContextManifest, ttl_s: float | None, now_ms: int | None) -> None:
+    created = int(time.time() * 1000) if now_ms is None else now_ms
+    manifest.created_unix_ms = created
+    manifest.expires_unix_ms = 0 if ttl_s is None else created + max(1, round(ttl_s * 1000))
+
+
+def _node_payloads(tree: ContextTree) -> tuple[bytes, ...]:
+    """One safetensors payload per (chunk, node), chunk-major."""
+    keys, values = tree.keys.detach().cpu(), tree.values.detach().cpu()  # one device copy, not one per node
+    _, b, n, *_ = keys.shape
+    return tuple(
+        safetensors.torch.save({"keys": _contiguous(keys[:, c, i]), "values": _contiguous(values[:, c, i])})
+        for c in range(b)
+        for i in range(n)
+    )
+
+
+def _index_payload(retrieval_keys: torch.Tensor, token_ids: torch.Tensor) -> bytes:
+    """The index part: retrieval keys and the document's token ids."""
+    return safetensors.torch.save(
+        {
+            "retrieval_keys": _contiguous(retrieval_keys.detach().cpu()),
+            "token_ids": _contiguous(token_ids.detach().cpu()),
+        }
+    )
 
 
 def decode_manifest(frame: bytes, expected: Fingerprints | None = None) -> pb.ContextManifest:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sharedllm.common.errors import InvalidInput, ResourceExhausted
+from sharedllm.common.errors import ContextChanged, InvalidInput, ResourceExhausted
 from sharedllm.common.generated.sharedllm.v1 import context_pb2 as pb
 from sharedllm.common.store import codec
 from sharedllm.common.store.base import ContextKey, ContextStore, PartReader, StoreStats
@@ -90,14 +90,20 @@ class MemoryStore(ContextStore):
             contexts, stored = len(self._entries), self._bytes
         return StoreStats(self.url, contexts, stored, self._max_bytes, self._counters.snapshot())
 
-    def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota) -> None:
+    def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota, replaces: bytes | None) -> None:
         size = encoded.nbytes
         if size > self._max_bytes:
             raise ResourceExhausted(f"context of {size} bytes exceeds the memory store's max_bytes {self._max_bytes}")
         lifetime_ms = codec.lifetime_ms(encoded.manifest)
-        entry = _Entry(encoded, None if lifetime_ms is None else lifetime_ms / 1000, None)
         with self._lock:
             self._drop_expired()
+            if replaces is not None:
+                current = self._live(key).encoded
+                if current.version != replaces:
+                    raise ContextChanged(f"context {key.context_id!r} was replaced meanwhile")
+                kept = current.nodes[: encoded.kept_nodes]  # shared, not copied: bytes never change
+                encoded = EncodedContext(encoded.manifest_frame, encoded.retrieval_keys, kept + encoded.nodes)
+            entry = _Entry(encoded, None if lifetime_ms is None else lifetime_ms / 1000, None)
             if quota.limited:
                 quota.check(key.tenant, self._tenant_usage(key.tenant, excluding=key), size)
             self._remove(key)

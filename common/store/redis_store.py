@@ -63,6 +63,8 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from sharedllm.common.errors import (
+    ContextChanged,
+    ContextNotFound,
     DataCorruption,
     IncompatibleContext,
     InvalidInput,
@@ -84,7 +86,12 @@ PART_MARGIN_MS = 60_000  # parts outlive their manifest key by this much
 WRITE_HEADROOM = 0.95  # a Redis this full of its maxmemory takes no new context: a compressor is NOT_SERVING
 GRACE_MS = 60_000  # a replaced generation stays readable this long
 _GENERATION = re.compile(rb"[0-9a-f]{16}")
+_LAYOUT = re.compile(rb"(?:[0-9a-f]{16})+")
 _INCOMPLETE = "SLLM_INCOMPLETE"
+_CHANGED = "SLLM_CHANGED"
+_GONE = "SLLM_GONE"
+# In the retired hash, beside a replaced generation's manifest: its layout, if it had one.
+_LAYOUT_SUFFIX = ":layout"
 
 DEFAULT_TIMEOUT_S = 3.0  # per answer; the replies to a 361 MB write (a 128K-token context) start within ~1 s
 DEFAULT_RETRIES = 1
@@ -102,18 +109,26 @@ _CLUSTER_CHANGING = (
 )
 
 # KEYS[1] manifest key, KEYS[2] retired-generations hash, KEYS[3..] parts; ARGV: generation,
-# manifest frame, lifetime ms (0: none), part margin ms, grace ms. Records the replaced
-# generation as retired and returns its {generation, manifest frame} (nils if there was none).
+# manifest frame, lifetime ms (0: none), part margin ms, grace ms, the version replaced (the
+# digest its frame opens with; '': any), the layout ('': every part under the generation).
+# Records the replaced generation as retired and returns its {generation, manifest frame, layout}
+# (nils if there was none).
 _PUBLISH = f"""
+local old = redis.call('HMGET', KEYS[1], 'gen', 'manifest', 'layout')
+if ARGV[6] ~= '' then
+  if not old[2] then return redis.error_reply('{_GONE}') end
+  if string.sub(old[2], 1, {codec.DIGEST_BYTES}) ~= ARGV[6] then return redis.error_reply('{_CHANGED}') end
+end
 for i = 3, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     return redis.error_reply('{_INCOMPLETE} ' .. KEYS[i])
   end
 end
-local old = redis.call('HMGET', KEYS[1], 'gen', 'manifest')
 redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'manifest', ARGV[2])
+if ARGV[7] == '' then redis.call('HDEL', KEYS[1], 'layout') else redis.call('HSET', KEYS[1], 'layout', ARGV[7]) end
 if old[1] and old[1] ~= ARGV[1] then
   redis.call('HSET', KEYS[2], old[1], old[2] or '')
+  if old[3] then redis.call('HSET', KEYS[2], old[1] .. '{_LAYOUT_SUFFIX}', old[3]) end
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
 local ttl = tonumber(ARGV[3])
@@ -161,9 +176,19 @@ return {1, count, total, old or false}
 # Changes the entry only if it still holds the value expected, so a writer never undoes or
 # prunes what a concurrent writer of the same id recorded since. Returns 1 if it changed.
 # Undo a write that was not acknowledged: its staged parts go, and its manifest too if it was
-# published (the reply may have been lost after the script ran) and is still the current one.
+# published (the reply may have been lost after the script ran) and is still the current one. An
+# append puts back the version it extended instead (ARGV[2..4]: its generation, manifest frame and
+# layout), whose parts it never touched, so a failed append loses nothing that was stored.
+# KEYS[1] manifest key, KEYS[2..] staged parts; ARGV[1] the write's generation.
 _UNDO = """
-if redis.call('HGET', KEYS[1], 'gen') == ARGV[1] then redis.call('UNLINK', KEYS[1]) end
+if redis.call('HGET', KEYS[1], 'gen') == ARGV[1] then
+  if ARGV[2] ~= '' then
+    redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'manifest', ARGV[3])
+    if ARGV[4] == '' then redis.call('HDEL', KEYS[1], 'layout') else redis.call('HSET', KEYS[1], 'layout', ARGV[4]) end
+  else
+    redis.call('UNLINK', KEYS[1])
+  end
+end
 if #KEYS > 1 then redis.call('UNLINK', unpack(KEYS, 2)) end
 return 1
 """
@@ -241,14 +266,42 @@ class _Keys:
     def rkeys(self, gen: str) -> str:
         return f"{self.prefix}:{gen}:rkeys"
 
-    def node(self, gen: str, index: int, nodes_per_chunk: int) -> str:
+    def node(self, version: _Version, index: int, nodes_per_chunk: int) -> str:
         chunk, node = divmod(index, nodes_per_chunk)
-        return f"{self.prefix}:{gen}:node:{chunk}:{node}"
+        return f"{self.prefix}:{version.chunk_generation(chunk)}:node:{chunk}:{node}"
 
-    def parts(self, gen: str, manifest: pb.ContextManifest) -> list[str]:
-        """Every part of a generation: retrieval keys first, then nodes in chunk-major order."""
+    def parts(self, version: _Version, manifest: pb.ContextManifest) -> list[str]:
+        """Every part of a version: retrieval keys first, then nodes in chunk-major order."""
         n = manifest.nodes_per_chunk
-        return [self.rkeys(gen), *(self.node(gen, i, n) for i in range(manifest.n_chunks * n))]
+        return [self.rkeys(version.gen), *(self.node(version, i, n) for i in range(manifest.n_chunks * n))]
+
+
+@dataclass(frozen=True)
+class _Version:
+    """One published version of a context: its generation, manifest frame and layout.
+
+    layout: the generation that holds each chunk's nodes, where an append kept earlier chunks as
+    an older generation wrote them (None: every part is the generation's own).
+    """
+
+    gen: str
+    frame: bytes = b""
+    layout: tuple[str, ...] | None = None
+
+    def chunk_generation(self, chunk: int) -> str:
+        return self.gen if self.layout is None else self.layout[chunk]
+
+    @staticmethod
+    def parse_layout(raw: bytes | None) -> tuple[str, ...] | None:
+        if raw is None:
+            return None
+        if len(raw) % 16 or not _LAYOUT.fullmatch(raw):
+            raise DataCorruption(f"a context's layout field is damaged ({len(raw)} bytes)")
+        text = raw.decode()
+        return tuple(text[i : i + 16] for i in range(0, len(text), 16))
+
+    def layout_field(self) -> str:
+        return "" if self.layout is None else "".join(self.layout)
 
 
 class RedisStore(ContextStore):
@@ -344,6 +397,10 @@ class RedisStore(ContextStore):
         except redis.exceptions.OutOfMemoryError as exc:
             raise ResourceExhausted(f"Redis at {self.url} is out of memory: {exc}") from exc
         except redis.ResponseError as exc:
+            if _CHANGED in str(exc):
+                raise ContextChanged(f"a context in Redis at {self.url} was replaced meanwhile") from exc
+            if _GONE in str(exc):
+                raise ContextNotFound("the context was deleted or expired while a new version was written") from exc
             if _INCOMPLETE in str(exc):
                 raise DataCorruption(
                     f"staged parts vanished before publishing ({exc}); is Redis evicting keys? "
@@ -353,41 +410,66 @@ class RedisStore(ContextStore):
                 raise DataCorruption(f"a context key in Redis at {self.url} has the wrong type: {exc}") from exc
             raise
 
-    def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota) -> None:
+    def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota, replaces: bytes | None) -> None:
         keys, manifest, gen = _Keys.of(key), encoded.manifest, secrets.token_hex(8)
-        parts = keys.parts(gen, manifest)
+        version, base = _Version(gen), None
+        if encoded.kept_nodes:  # an append: the kept chunks stay where the version it extends has them
+            base = self._current_version(key, keys)
+            if base.frame[: codec.DIGEST_BYTES] != replaces:
+                raise ContextChanged(f"context {key.context_id!r} was replaced meanwhile")
+            kept_chunks = encoded.kept_nodes // manifest.nodes_per_chunk
+            layout = [base.chunk_generation(c) for c in range(kept_chunks)]
+            version = _Version(gen, layout=(*layout, *[gen] * (manifest.n_chunks - kept_chunks)))
+        parts = keys.parts(version, manifest)
+        staged = [parts[0], *parts[1 + encoded.kept_nodes :]]  # written by this put; the rest are kept
         pending, replaced = self._record_usage(key, encoded.nbytes, quota)
         with self._errors():
             try:
                 pipe = self._redis.pipeline(transaction=False)
-                for name, payload in zip(parts, (encoded.retrieval_keys, *encoded.nodes), strict=True):
+                for name, payload in zip(staged, (encoded.retrieval_keys, *encoded.nodes), strict=True):
                     pipe.set(name, payload, px=STAGING_TTL_MS)
                 pipe.execute()
-                old_gen, old_frame = self._published(
+                old = self._published(
                     keys,
                     parts,
-                    [gen, encoded.manifest_frame, codec.lifetime_ms(manifest) or 0, PART_MARGIN_MS, GRACE_MS],
+                    [
+                        gen,
+                        encoded.manifest_frame,
+                        codec.lifetime_ms(manifest) or 0,
+                        PART_MARGIN_MS,
+                        GRACE_MS,
+                        replaces or b"",
+                        version.layout_field(),
+                    ],
                 )
             except _TooFewReplicas as exc:
-                self._undo(keys, gen, parts)  # published on the primary alone: undone
+                self._undo(keys, gen, staged, base)  # published on the primary alone: undone
                 self._swap_usage(key, pending, b"")
                 raise StoreUnavailable(str(exc)) from None
             except BaseException:
                 # Not acknowledged, so not stored: a full Redis must not stay full of it, and a
                 # manifest published before its reply was lost must not point at parts that go.
-                self._undo(keys, gen, parts)
+                self._undo(keys, gen, staged, base)
                 self._swap_usage(key, pending, replaced or b"")  # unless another writer recorded since
                 raise
             self._swap_usage(key, pending, pending.removesuffix(b":pending"))  # published: no longer pending
+            old_gen, old_frame, old_layout = old
             if old_gen is not None and old_gen != gen.encode():
+                kept = set(parts)
                 pipe = self._redis.pipeline(transaction=False)
-                for name in self._parts_of(keys, old_gen, old_frame):
-                    pipe.pexpire(name, GRACE_MS)
+                for name in self._parts_of(keys, old_gen, old_frame, old_layout):
+                    if name not in kept:
+                        pipe.pexpire(name, GRACE_MS)
                 pipe.execute()
         if not quota.limited:
             self._prune_usage(key.tenant, sample=USAGE_SAMPLE)  # keeps the index from growing with expiries
 
-    def _published(self, keys: _Keys, parts: list[str], args: list) -> tuple[bytes | None, bytes | None]:
+    def _current_version(self, key: ContextKey, keys: _Keys) -> _Version:
+        with self._errors():
+            head = self._redis.hgetall(keys.head)
+        return _current(key, head)
+
+    def _published(self, keys: _Keys, parts: list[str], args: list) -> list:
         """Run the publish script; with min_replicas, then WAIT on the same connection (the node
         that holds the context's slot, on a cluster), raising _TooFewReplicas if they fall short."""
         if not self.min_replicas:
@@ -398,13 +480,13 @@ class RedisStore(ContextStore):
         pipe = node.pipeline(transaction=False)
         self._publish(keys=[keys.head, keys.retired, *parts], args=args, client=pipe)
         pipe.execute_command("WAIT", self.min_replicas, max(1, round(self.replica_timeout_s * 1000)))
-        (old_gen, old_frame), acknowledged = pipe.execute()
+        old, acknowledged = pipe.execute()
         if acknowledged < self.min_replicas:
             raise _TooFewReplicas(
                 f"the context reached {acknowledged} of {self.min_replicas} replicas within "
                 f"{self.replica_timeout_s} s, so it was not stored; retry, or check the replicas of {self.url}"
             )
-        return old_gen, old_frame
+        return old
 
     def _record_usage(self, key: ContextKey, nbytes: int, quota: Quota) -> tuple[bytes, bytes | None]:
         """Count the context in its tenant's usage as pending, within the quota; returns the value
@@ -461,38 +543,35 @@ class RedisStore(ContextStore):
                 self._swap(keys=[usage], args=[context_id, value, b""])
         return kept
 
-    def _undo(self, keys: _Keys, gen: str, parts: list[str]) -> None:
+    def _undo(self, keys: _Keys, gen: str, parts: list[str], restore: _Version | None = None) -> None:
         """Remove what a failed write staged, and its manifest if that went out and is still the
-        current one; best effort (staged parts left behind expire with STAGING_TTL_MS)."""
+        current one (an append puts back `restore`, the version it extended); best effort
+        (staged parts left behind expire with STAGING_TTL_MS)."""
+        previous = [restore.gen, restore.frame, restore.layout_field()] if restore is not None else ["", "", ""]
         try:
-            self._undo_script(keys=[keys.head, *parts], args=[gen])
+            self._undo_script(keys=[keys.head, *parts], args=[gen, *previous])
         except redis.RedisError as exc:
             log.warning("could not remove %d staged parts of a failed write (%s); they expire within %d s",
                         len(parts), exc, STAGING_TTL_MS // 1000)  # fmt: skip
 
     def _open(self, key: ContextKey) -> tuple[bytes, PartReader]:
         keys = _Keys.of(key)
-        with self._errors():
-            head = self._redis.hgetall(keys.head)
-        gen, frame = _current(key, head)
-        return frame, _Generation(self, key, keys, gen)
+        version = self._current_version(key, keys)
+        return version.frame, _Generation(self, key, keys, version)
 
     def _info(self, key: ContextKey) -> tuple[bytes, float | None]:
         keys = _Keys.of(key)
         with self._errors():
             pipe = self._redis.pipeline(transaction=True)
             head, pttl = pipe.hgetall(keys.head).pttl(keys.head).execute()
-        _, frame = _current(key, head)
-        return frame, None if pttl < 0 else pttl / 1000
+        return _current(key, head).frame, None if pttl < 0 else pttl / 1000
 
     def _touch(self, key: ContextKey, pin: bool) -> None:
         keys = _Keys.of(key)
         for _ in range(3):  # a concurrent writer may replace the generation between the two calls
-            with self._errors():
-                head = self._redis.hgetall(keys.head)
-            gen, frame = _current(key, head)
-            manifest = codec.decode_manifest(frame)
-            status, *_ = self._expire_script(keys, gen, manifest, "pin" if pin else "touch")
+            version = self._current_version(key, keys)
+            manifest = codec.decode_manifest(version.frame)
+            status, *_ = self._expire_script(keys, version, manifest, "pin" if pin else "touch")
             if status:
                 return
         raise StoreUnavailable(f"context {key.context_id!r} is being rewritten concurrently; retry")
@@ -506,10 +585,15 @@ class RedisStore(ContextStore):
             pipe.hgetall(keys.retired)
             pipe.execute_command("UNLINK", keys.head, keys.retired)  # one slot: a cluster pipeline takes it as is
             head, retired, _ = pipe.execute()
-            generations = [(head.get(b"gen"), head.get(b"manifest"))] if head else []
-            parts = [
-                part for gen, frame in [*generations, *retired.items()] for part in self._parts_of(keys, gen, frame)
+            generations = [(head.get(b"gen"), head.get(b"manifest"), head.get(b"layout"))] if head else []
+            generations += [
+                (gen, frame, retired.get(gen + _LAYOUT_SUFFIX.encode()))
+                for gen, frame in retired.items()
+                if not gen.endswith(_LAYOUT_SUFFIX.encode())
             ]
+            parts = list(
+                dict.fromkeys(part for generation in generations for part in self._parts_of(keys, *generation))
+            )
             if parts:
                 self._redis.unlink(*parts)
             usage = self._redis.hget(_usage_key(key.tenant), key.context_id)
@@ -517,25 +601,27 @@ class RedisStore(ContextStore):
             self._swap_usage(key, usage, b"")
         return bool(head)
 
-    def _expire_script(self, keys: _Keys, gen: str, manifest: pb.ContextManifest, mode: str) -> list:
+    def _expire_script(self, keys: _Keys, version: _Version, manifest: pb.ContextManifest, mode: str) -> list:
         with self._errors():
             return self._expire(
-                keys=[keys.head, *keys.parts(gen, manifest)],
-                args=[gen, mode, codec.lifetime_ms(manifest) or 0, PART_MARGIN_MS],
+                keys=[keys.head, *keys.parts(version, manifest)],
+                args=[version.gen, mode, codec.lifetime_ms(manifest) or 0, PART_MARGIN_MS],
             )
 
-    def _parts_of(self, keys: _Keys, gen: bytes | None, frame: bytes | None) -> list[str]:
-        """The parts of a generation that is no longer current, to expire or delete them.
+    def _parts_of(self, keys: _Keys, gen: bytes | None, frame: bytes | None, layout: bytes | None) -> list[str]:
+        """The parts of a version, to expire or delete them once it is no longer current.
 
-        Its manifest names them; if that manifest is unreadable, they are found by name with a
-        SCAN (a walk over the whole keyspace, acceptable only in this rare case).
+        Its manifest and layout name them; if those are unreadable, the generation's own parts
+        are found by name with a SCAN (a walk over the whole keyspace, acceptable only in this
+        rare case; kept parts of older generations then expire with them).
         """
         if gen is None or not _GENERATION.fullmatch(gen):
             log.warning("context %s has no valid generation; its parts are left to expire", keys.prefix)
             return []
         try:
-            return keys.parts(gen.decode(), codec.decode_manifest(frame or b""))
-        except (DataCorruption, IncompatibleContext):
+            version = _Version(gen.decode(), frame or b"", _Version.parse_layout(layout))
+            return keys.parts(version, codec.decode_manifest(frame or b""))
+        except (DataCorruption, IncompatibleContext, IndexError):
             return [k.decode() for k in self._redis.scan_iter(match=f"{keys.prefix}:{gen.decode()}:*", count=1000)]
 
 
@@ -547,24 +633,24 @@ def _usage_key(tenant: str) -> str:
     return f"sllm:usage:{{{tenant}}}"
 
 
-def _current(key: ContextKey, head: dict[bytes, bytes]) -> tuple[str, bytes]:
-    """The generation and framed manifest of a manifest key's fields."""
+def _current(key: ContextKey, head: dict[bytes, bytes]) -> _Version:
+    """The current version named by a manifest key's fields."""
     if not head:
         raise key.not_found()
     gen, frame = head.get(b"gen"), head.get(b"manifest")
     if gen is None or frame is None or not _GENERATION.fullmatch(gen):
         raise DataCorruption(f"manifest key of context {key.context_id!r} is damaged (fields {sorted(head)})")
-    return gen.decode(), frame
+    return _Version(gen.decode(), frame, _Version.parse_layout(head.get(b"layout")))
 
 
 @dataclass(frozen=True)
 class _Generation:
-    """The parts of the generation a reader opened."""
+    """The parts of the version a reader opened."""
 
     store: RedisStore
     key: ContextKey
     keys: _Keys
-    gen: str
+    version: _Version
 
     def use(self, manifest: pb.ContextManifest, *, read_retrieval_keys: bool) -> bytes | None:
         """One script restarts every part's expiry (and reads the retrieval keys if asked).
@@ -573,7 +659,7 @@ class _Generation:
         snapshot; only a missing payload is an error.
         """
         mode = "use" if read_retrieval_keys else "check"
-        status, part = self.store._expire_script(self.keys, self.gen, manifest, mode)
+        status, part = self.store._expire_script(self.keys, self.version, manifest, mode)
         if part is None or part == 0:  # GET found nothing, or EXISTS said 0
             if status == 0:
                 raise self.key.not_found("deleted or expired while being opened")
@@ -581,7 +667,7 @@ class _Generation:
         return part if read_retrieval_keys else None
 
     def read_nodes(self, manifest: pb.ContextManifest, indices: Sequence[int]) -> list[bytes]:
-        names = [self.keys.node(self.gen, i, manifest.nodes_per_chunk) for i in indices]
+        names = [self.keys.node(self.version, i, manifest.nodes_per_chunk) for i in indices]
         with self.store._errors():
             pipe = self.store._redis.pipeline(transaction=False)
             for name in names:  # GETs, not MGET: a cluster pipeline refuses multi-key commands
@@ -589,7 +675,7 @@ class _Generation:
             *payloads, current = pipe.hget(self.keys.head, "gen").execute()
         missing = [name for name, payload in zip(names, payloads, strict=True) if payload is None]
         if missing:
-            if current != self.gen.encode():
+            if current != self.version.gen.encode():
                 raise self.key.not_found("deleted, expired or replaced after it was opened")
             raise DataCorruption(
                 f"{len(missing)} node payload(s) of context {self.key.context_id!r} are missing, e.g. {missing[0]}"

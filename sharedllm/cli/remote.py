@@ -21,6 +21,7 @@ from sharedllm.cli.evidence import format_citations, format_evidence
 from sharedllm.cli.observability import client_trace
 from sharedllm.cli.options import ClientArguments, EvidenceArguments, SamplingArguments
 from sharedllm.common.engine.results import CompressOutcome, Finished, TokenDelta
+from sharedllm.common.errors import InvalidInput
 from sharedllm.common.rpc.client import CompressorClient, DecoderClient
 
 CLIENT = ClientArguments()
@@ -33,13 +34,25 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     if name == "compress":
         parser.add_argument("document", type=Path, help="UTF-8 text file")
         parser.add_argument("--context-id", help="store under this id (default: the server picks one)")
+        parser.add_argument(
+            "--append",
+            metavar="ID",
+            help="add the file's text to the end of stored context ID instead (its last chunk and the new text "
+            "are encoded; the rest is kept as stored)",
+        )
         lifetime = parser.add_mutually_exclusive_group()
         lifetime.add_argument("--ttl-s", type=float, help="lifetime after each use (default: the server's)")
         lifetime.add_argument("--pin", action="store_true", help="never expire")
         parser.set_defaults(handler=run_compress)
     else:
         parser.add_argument("prompt")
-        parser.add_argument("--context", required=True, help="context id printed by `sharedllm compress`")
+        parser.add_argument(
+            "--context",
+            required=True,
+            action="append",
+            metavar="ID",
+            help="context id printed by `sharedllm compress`; repeat it to ask across several documents",
+        )
         SAMPLING.add_arguments(parser.add_argument_group("sampling"))
         EVIDENCE.add_arguments(parser.add_argument_group("evidence"))
         parser.add_argument("--evidence", action="store_true", help="print the excerpts the answer read, under it")
@@ -73,11 +86,24 @@ def compressed_report(outcome: CompressOutcome) -> dict:
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    if args.append is not None and (args.context_id is not None or args.ttl_s is not None or args.pin):
+        raise InvalidInput("--append keeps the context's id and lifetime: drop --context-id, --ttl-s and --pin")
     with (
         client_trace("compress"),
         args.document.open("rb") as document,
         CompressorClient(args.target, **client_options(args)) as client,
     ):
+        if args.append is not None:
+            appended = client.append(args.append, document)
+            report = {
+                **compressed_report(appended.context),
+                "encoded_tokens": appended.encoded_tokens,
+                "kept_chunks": appended.kept_chunks,
+                "encoded_chunks": appended.encoded_chunks,
+                "bytes_written": appended.bytes_written,
+            }
+            print(json.dumps(report, indent=2) if args.json else appended.context.context_id)
+            return 0
         outcome = client.compress(document, context_id=args.context_id, ttl_s=args.ttl_s, pin=args.pin)
     print(json.dumps(compressed_report(outcome), indent=2) if args.json else outcome.context_id)
     return 0
@@ -95,7 +121,7 @@ def run_generate(args: argparse.Namespace) -> int:
     token_ids: list[int] = []
     last: Finished | None = None
     with client_trace("generate"), DecoderClient(args.target, **client_options(args)) as client:
-        for event in client.generate(args.context, args.prompt, params, **options):
+        for event in client.generate(args.context, args.prompt, params, **options):  # one id, or several
             if isinstance(event, Finished):
                 last = event
             elif event.token_id is not None:

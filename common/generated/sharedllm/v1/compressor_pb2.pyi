@@ -89,6 +89,30 @@ class CompressStreamResponse(_message.Message):
     context: CompressedContext
     def __init__(self, context: _Optional[_Union[CompressedContext, _Mapping]] = ...) -> None: ...
 
+class AppendContextRequest(_message.Message):
+    __slots__ = ("context_id", "text", "token_ids")
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    context_id: str
+    text: bytes
+    token_ids: TokenIds
+    def __init__(self, context_id: _Optional[str] = ..., text: _Optional[bytes] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+
+class AppendContextResponse(_message.Message):
+    __slots__ = ("context", "encoded_tokens", "kept_chunks", "encoded_chunks", "bytes_written")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    context: CompressedContext
+    encoded_tokens: int
+    kept_chunks: int
+    encoded_chunks: int
+    bytes_written: int
+    def __init__(self, context: _Optional[_Union[CompressedContext, _Mapping]] = ..., encoded_tokens: _Optional[int] = ..., kept_chunks: _Optional[int] = ..., encoded_chunks: _Optional[int] = ..., bytes_written: _Optional[int] = ...) -> None: ...
+
 class GetContextRequest(_message.Message):
     __slots__ = ("context_id",)
     CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class CompressorServiceStub:
                 request_serializer=sharedllm_dot_v1_dot_compressor__pb2.CompressStreamRequest.SerializeToString,
                 response_deserializer=sharedllm_dot_v1_dot_compressor__pb2.CompressStreamResponse.FromString,
                 _registered_method=True)
+        self.AppendContext = channel.stream_unary(
+                '/sharedllm.v1.CompressorService/AppendContext',
+                request_serializer=sharedllm_dot_v1_dot_compressor__pb2.AppendContextRequest.SerializeToString,
+                response_deserializer=sharedllm_dot_v1_dot_compressor__pb2.AppendContextResponse.FromString,
+                _registered_method=True)
         self.GetContext = channel.unary_unary(
                 '/sharedllm.v1.CompressorService/GetContext',
                 request_serializer=sharedllm_dot_v1_dot_compressor__pb2.GetContextRequest.SerializeToString,
@@ -75,6 +80,17 @@ class CompressorServiceServicer:
 
     def CompressStream(self, request_iterator, context):
         """Compress a document sent in pieces: the first message carries the options.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendContext(self, request_iterator, context):
+        """Add text to the end of a stored context without compressing it all again: its last chunk is
+        encoded again with the new text and new chunks are added; every other chunk is kept as
+        stored. The context keeps its id and lifetime and becomes a new version (readers see the old
+        one or the new one, never a mix); concurrent appends to one context are applied one after the
+        other, none lost. Sent in pieces like CompressStream; the first message names the context.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +129,11 @@ def add_CompressorServiceServicer_to_server(servicer, server):
                     servicer.CompressStream,
                     request_deserializer=sharedllm_dot_v1_dot_compressor__pb2.CompressStreamRequest.FromString,
                     response_serializer=sharedllm_dot_v1_dot_compressor__pb2.CompressStreamResponse.SerializeToString,
+            ),
+            'AppendContext': grpc.stream_unary_rpc_method_handler(
+                    servicer.AppendContext,
+                    request_deserializer=sharedllm_dot_v1_dot_compressor__pb2.AppendContextRequest.FromString,
+                    response_serializer=sharedllm_dot_v1_dot_compressor__pb2.AppendContextResponse.SerializeToString,
             ),
             'GetContext': grpc.unary_unary_rpc_method_handler(
                     servicer.GetContext,
@@ -185,6 +206,33 @@ class CompressorService:
             '/sharedllm.v1.CompressorService/CompressStream',
             sharedllm_dot_v1_dot_compressor__pb2.CompressStreamRequest.SerializeToString,
             sharedllm_dot_v1_dot_compressor__pb2.CompressStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendContext(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/sharedllm.v1.CompressorService/AppendContext',
+            sharedllm_dot_v1_dot_compressor__pb2.AppendContextRequest.SerializeToString,
+            sharedllm_dot_v1_dot_compressor__pb2.AppendContextResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,7 +33,7 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_REPETITION: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("context_id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "disable_retrieval", "evidence_tokens", "evidence_mode", "grounding", "max_sentences", "loop_guard")
+    __slots__ = ("context_id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "disable_retrieval", "evidence_tokens", "evidence_mode", "grounding", "max_sentences", "loop_guard", "context_ids")
     CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class GenerateRequest(_message.Message):
     GROUNDING_FIELD_NUMBER: _ClassVar[int]
     MAX_SENTENCES_FIELD_NUMBER: _ClassVar[int]
     LOOP_GUARD_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_IDS_FIELD_NUMBER: _ClassVar[int]
     context_id: str
     prompt: str
     max_new_tokens: int
@@ -66,39 +67,44 @@ class GenerateRequest(_message.Message):
     grounding: Grounding
     max_sentences: int
     loop_guard: int
-    def __init__(self, context_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., disable_retrieval: _Optional[bool] = ..., evidence_tokens: _Optional[int] = ..., evidence_mode: _Optional[str] = ..., grounding: _Optional[_Union[Grounding, str]] = ..., max_sentences: _Optional[int] = ..., loop_guard: _Optional[int] = ...) -> None: ...
+    context_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, context_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., disable_retrieval: _Optional[bool] = ..., evidence_tokens: _Optional[int] = ..., evidence_mode: _Optional[str] = ..., grounding: _Optional[_Union[Grounding, str]] = ..., max_sentences: _Optional[int] = ..., loop_guard: _Optional[int] = ..., context_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Citation(_message.Message):
-    __slots__ = ("answer_start", "answer_end", "char_start", "char_end", "text", "evidence_index")
+    __slots__ = ("answer_start", "answer_end", "char_start", "char_end", "text", "evidence_index", "context_id")
     ANSWER_START_FIELD_NUMBER: _ClassVar[int]
     ANSWER_END_FIELD_NUMBER: _ClassVar[int]
     CHAR_START_FIELD_NUMBER: _ClassVar[int]
     CHAR_END_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     answer_start: int
     answer_end: int
     char_start: int
     char_end: int
     text: str
     evidence_index: int
-    def __init__(self, answer_start: _Optional[int] = ..., answer_end: _Optional[int] = ..., char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., text: _Optional[str] = ..., evidence_index: _Optional[int] = ...) -> None: ...
+    context_id: str
+    def __init__(self, answer_start: _Optional[int] = ..., answer_end: _Optional[int] = ..., char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., text: _Optional[str] = ..., evidence_index: _Optional[int] = ..., context_id: _Optional[str] = ...) -> None: ...
 
 class EvidencePassage(_message.Message):
-    __slots__ = ("token_start", "token_end", "char_start", "char_end", "text", "score")
+    __slots__ = ("token_start", "token_end", "char_start", "char_end", "text", "score", "context_id")
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_END_FIELD_NUMBER: _ClassVar[int]
     CHAR_START_FIELD_NUMBER: _ClassVar[int]
     CHAR_END_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     token_start: int
     token_end: int
     char_start: int
     char_end: int
     text: str
     score: float
-    def __init__(self, token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    context_id: str
+    def __init__(self, token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., context_id: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "context_tokens", "context_chunks", "context_bytes_read", "context_nodes_cached", "evidence_tokens")
@@ -157,7 +163,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("window_tokens", "max_document_tokens", "max_prompt_chars", "max_stop_strings", "max_stop_chars", "max_message_bytes", "max_concurrent_requests", "max_queued_requests", "queue_timeout_seconds", "max_batch")
+    __slots__ = ("window_tokens", "max_document_tokens", "max_prompt_chars", "max_stop_strings", "max_stop_chars", "max_message_bytes", "max_concurrent_requests", "max_queued_requests", "queue_timeout_seconds", "max_batch", "max_contexts_per_question")
     WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +174,7 @@ class ServerLimits(_message.Message):
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXTS_PER_QUESTION_FIELD_NUMBER: _ClassVar[int]
     window_tokens: int
     max_document_tokens: int
     max_prompt_chars: int
@@ -178,7 +185,8 @@ class ServerLimits(_message.Message):
     max_queued_requests: int
     queue_timeout_seconds: float
     max_batch: int
-    def __init__(self, window_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., queue_timeout_seconds: _Optional[float] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    max_contexts_per_question: int
+    def __init__(self, window_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., queue_timeout_seconds: _Optional[float] = ..., max_batch: _Optional[int] = ..., max_contexts_per_question: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
     __slots__ = ("active_requests", "requests_total", "generated_tokens_total", "decoded_cache_bytes", "decoded_cache_capacity_bytes", "decoded_cache_hits", "decoded_cache_misses", "queued_requests", "refused_requests_total", "batch_rows", "last_batch_size", "last_step_seconds", "batch_steps_total")
