@@ -77,12 +77,20 @@ def test_the_servicer_reads_the_fields_this_test_expects():
 
 
 def test_the_client_sets_every_field_the_servicer_reads():
-    request = generate_request("ctx-1", "Who is Naomi?", PARAMS, **OPTIONS)
-    by_name = dpb.GenerateRequest.DESCRIPTOR.fields_by_name
-    unset = sorted(name for name in fields_the_servicer_reads() if not is_set(request, by_name[name]))
-    assert unset == []
+    """One context goes as context_id, several as context_ids (never both): between them, the
+    two requests set every field."""
+    one = generate_request("ctx-1", "Who is Naomi?", PARAMS, **OPTIONS)
+    several = generate_request(["ctx-1", "ctx-2"], "Who is Naomi?", PARAMS, **OPTIONS)
+    assert (one.context_id, list(one.context_ids)) == ("ctx-1", [])
+    assert (several.context_id, list(several.context_ids)) == ("", ["ctx-1", "ctx-2"])
+
+    def unset(names) -> list[str]:
+        by_name = dpb.GenerateRequest.DESCRIPTOR.fields_by_name
+        return sorted(n for n in names if not (is_set(one, by_name[n]) or is_set(several, by_name[n])))
+
+    assert unset(fields_the_servicer_reads()) == []
     # ...and every field of the message, so a new one cannot hide from a servicer scan either.
-    assert [f.name for f in dpb.GenerateRequest.DESCRIPTOR.fields if not is_set(request, f)] == []
+    assert unset(f.name for f in dpb.GenerateRequest.DESCRIPTOR.fields) == []
 
 
 def test_what_the_client_sends_is_what_the_servicer_hands_the_runtime():
