@@ -84,6 +84,29 @@ def test_ask_on_a_document_longer_than_the_window(tmp_path: Path):
     assert bad.returncode == 2 and "evidence_tokens must be >= 0" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_ask_across_several_documents(tmp_path: Path):
+    """`ask DOC DOC DOC -q QUESTION`: the answer comes from the document that states it, and each
+    excerpt says which file it is from; without -q, three positionals are one clear error."""
+    paths = []
+    for name, fact in [("a", "The lighthouse keeper is Mara Voss."), ("b", ""), ("c", "The vault code is 5521.")]:
+        path = tmp_path / f"{name}.txt"
+        filler = f"The {name} ledger lists grain, wool and timber for the winter market. " * 30
+        path.write_text(filler + "\n" + fact + "\n" + filler, encoding="utf-8")
+        paths.append(str(path))
+    result = sharedllm("ask", *paths, "-q", "What is the vault code?", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert "5521" in report["answer"]
+    ids = {d["context_id"]: d["path"] for d in report["documents"]}
+    assert [d["path"] for d in report["documents"]] == paths
+    best = max(report["evidence"], key=lambda p: p["score"])
+    assert ids[best["context_id"]] == paths[2] and "5521" in best["text"]
+    shown = sharedllm("ask", *paths, "-q", "Who is the lighthouse keeper?", "--evidence")
+    assert shown.returncode == 0 and "Mara Voss" in shown.stdout and f"{paths[0]}, chars " in shown.stdout
+    wrong = sharedllm("ask", *paths)
+    assert wrong.returncode == 2 and "documents and -q QUESTION" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
 def test_a_bad_tree_flag_is_one_line_not_a_traceback():
     result = sharedllm("eval", "ppl", "--depth", "0")
     assert result.returncode == 2 and "depth must be in [1, 8]" in result.stderr
