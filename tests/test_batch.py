@@ -308,3 +308,35 @@ def test_a_broker_restart_in_the_middle_of_a_job_loses_nothing(
     with redis.client() as raw:
         assert int(raw.hget(f"sharedllm:batch:{job}", "finished")) == 3  # each document counted once
     assert comparable(client.results(job)) == comparable(client.results(fresh))
+
+
+def test_a_job_asked_across_its_documents_answers_once_from_the_right_one(
+    tiny_model_dir, tiny_adapter, make_redis_server, docs, tmp_path, capsys
+):
+    """`batch submit --across`: each question is asked once across every compressed document (the
+    unreadable one is skipped), the answer names the document it rests on, and the documents keep
+    their summaries without per-document answers."""
+    with pytest.raises(InvalidInput, match="needs at least one question"):
+        JobSpec(instruction=None, questions=(), across=True)
+    fact = tmp_path / "ledger.txt"
+    fact.write_text("The granary ledger was sealed by Keeper Orvandel in the ninth month.\n", encoding="utf-8")
+    redis = make_redis_server()
+    client = BatchClient(redis.url)
+    log = tmp_path / "worker.log"
+    spec = dataclasses.replace(
+        SPEC, questions=("Who sealed the granary ledger?",), max_new_tokens=40, rewrite=False, across=True
+    )
+    with worker(redis.url, log, *embedded(tiny_model_dir, tiny_adapter)):
+        job = client.submit(read_documents([*docs, fact]), spec)
+        status = wait_for(client, job, log)
+    results = client.results(job)
+    assert [r["state"] for r in results] == ["done", "done", "done", "failed", "done", "done"]
+    assert all(r["answers"] == [] and r["summary"] for r in results[:3])
+    across = results[-1]
+    assert across["document"] == "(all documents)"
+    assert across["documents"] == [str(p) for p in [*docs[:3], fact]] and across["skipped"] == [str(docs[3])]
+    (answer,) = across["answers"]
+    assert "Orvandel" in answer["answer"] and answer["sources"] == [str(fact)]
+    assert status.state == "done_with_errors"  # the binary file failed alone
+    assert main(["batch", "results", job, "--broker-url", redis.url]) == 0
+    assert f"(from {fact})" in capsys.readouterr().out

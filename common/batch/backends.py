@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +56,9 @@ class Backend(ABC):
     def ensure_context(self, text: str) -> StoredDocument: ...
 
     @abstractmethod
-    def answer(self, context_id: str, prompt: str, params: SamplingParams, **evidence) -> Iterator[Any]:
-        """The runtime's events for generate(context_id, prompt, params, **evidence)."""
+    def answer(self, context_id: str | Sequence[str], prompt: str, params: SamplingParams, **evidence) -> Iterator[Any]:
+        """The runtime's events for generate(context_id, prompt, params, **evidence) (a list of
+        ids: one question across those contexts)."""
 
     @abstractmethod
     def failures(self) -> AbstractContextManager[None]:
@@ -106,7 +107,7 @@ class EmbeddedBackend(Backend):
             outcome = self.runtime.compress_text(text, context_id=context_id)
         return StoredDocument(context_id, False, outcome.n_tokens, time.perf_counter() - started)
 
-    def answer(self, context_id: str, prompt: str, params: SamplingParams, **evidence) -> Iterator[Any]:
+    def answer(self, context_id: str | Sequence[str], prompt: str, params: SamplingParams, **evidence) -> Iterator[Any]:
         return self.runtime.generate(context_id, prompt, params, **evidence)
 
     @contextmanager
@@ -165,7 +166,7 @@ class RemoteBackend(Backend):
             outcome = self.compressor.compress(data, context_id=context_id)
         return StoredDocument(context_id, False, outcome.n_tokens, time.perf_counter() - started)
 
-    def answer(self, context_id: str, prompt: str, params: SamplingParams, **evidence) -> Iterator[Any]:
+    def answer(self, context_id: str | Sequence[str], prompt: str, params: SamplingParams, **evidence) -> Iterator[Any]:
         return self.decoder.generate(context_id, prompt, params, **evidence)
 
     def failures(self) -> AbstractContextManager[None]:

@@ -4,6 +4,7 @@
     job_id = client.submit(read_documents([Path("reports/")]), JobSpec(None, ("Who signed it?",)))
     client.status(job_id).state       # queued, running, done, done_with_errors, cancelled
     client.results(job_id)            # one dict per document: summary, answers, or its error
+                                      # (--across: the last one holds the answers across all)
 
 Submitting needs only Redis: the documents' text goes into the job record and the tasks are
 sent by name, so the submitting process loads no model.
@@ -53,11 +54,14 @@ class BatchClient:
 
     def submit(self, documents: list[DocumentInput], spec: JobSpec) -> str:
         """Record the job, then send each readable document's first task (compress; each task
-        sends the next: summarise, then answer); returns the job id."""
+        sends the next: summarise, then answer), and for a job asked across its documents the
+        task that answers across them; returns the job id."""
         job_id = self.jobs.create(spec, documents)
         for i, doc in enumerate(documents):
             if doc.error is None:
                 stages.send(self.app, job_id, i)  # compress; each task sends the next (stages.py)
+        if spec.across and any(doc.error is None for doc in documents):
+            stages.send(self.app, job_id, len(documents), stages.ACROSS)  # after the documents' first tasks
         return job_id
 
     def status(self, job_id: str) -> JobStatus:

@@ -36,6 +36,7 @@ PREFIX = "sharedllm:batch:"
 DEFAULT_TTL_S = 7 * 24 * 3600
 RESTART_RETRIES = 20  # with backoff capped at 2 s: about 30 s for Redis to come back
 TERMINAL = ("done", "failed", "cancelled")  # a document's final states
+ACROSS_NAME = "(all documents)"  # the entry of a job asked across its documents: the answers
 JOB_STATES = ("queued", "running", "done", "done_with_errors", "cancelled")
 
 
@@ -56,6 +57,9 @@ class JobSpec:
     rewrite: bool = False  # the model joins the extracted sentences (SummarySettings.rewrite)
     call_chars: int = CALL_CHARS  # extracted text per model call, when rewriting
     grounding: Grounding = "quote"  # how answers rest on the document (SamplingParams.grounding)
+    # Ask each question once across all the job's documents (one more entry holds the answers)
+    # instead of once per document.
+    across: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
@@ -65,6 +69,8 @@ class JobSpec:
             raise InvalidInput(f"grounding must be one of {', '.join(GROUNDING_MODES)}, got {self.grounding!r}")
         if not self.summarize and not self.questions:
             raise InvalidInput("a job without a summary needs at least one question")
+        if self.across and not self.questions:
+            raise InvalidInput("a job that asks across its documents needs at least one question")
 
     def summary_settings(self) -> SummarySettings:
         """The settings `sharedllm summarize` takes for the same summary."""
@@ -201,12 +207,32 @@ class JobStore:
             else:
                 pipe.set(self._text(job_id, i), doc.text.encode("utf-8"))
             pipe.hset(self._doc(job_id, i), mapping=fields)
-        for key in self._keys(job_id, len(documents)):
+        entries = len(documents)
+        if spec.across:  # one more entry, after the documents: the answers across all of them
+            pipe.hset(self._doc(job_id, entries), mapping={"name": ACROSS_NAME, "state": "queued", "attempts": 0})
+            pipe.hset(self._job(job_id), "documents", entries + 1)
+            entries += 1
+        for key in self._keys(job_id, entries):
             pipe.expire(key, self.ttl_s)
         pipe.execute()
         if all(d.error is not None for d in documents):
-            self._settle(job_id)
+            if spec.across:
+                self.finish(job_id, len(documents), "failed", error="no document could be read")
+            else:
+                self._settle(job_id)
         return job_id
+
+    def across_index(self, job_id: str) -> int | None:
+        """The entry that holds a job's answers across its documents (None: the job asks each)."""
+        if not self.spec(job_id).across:
+            return None
+        return int(self.client.hget(self._job(job_id), "documents")) - 1
+
+    def documents_waited_for(self, job_id: str) -> list[int]:
+        """The documents a question across the job waits for: neither compressed yet nor finished."""
+        index = self.across_index(job_id)
+        docs = [self.document(job_id, i) for i in range(index or 0)]
+        return [d.index for d in docs if d.context_id is None and d.state not in TERMINAL]
 
     def text(self, job_id: str, index: int) -> str:
         data = self.client.get(self._text(job_id, index))

@@ -12,20 +12,25 @@ from __future__ import annotations
 from celery import Celery
 
 TASKS = ("compress", "summarize", "answer")
+# A job asked across its documents has one more entry, whose one task answers the questions once
+# every document is compressed (it sends itself again, a little later, until then).
+ACROSS = "across"
 
 
 def task_name(task: str) -> str:
-    if task not in TASKS:
+    if task not in (*TASKS, ACROSS):
         raise ValueError(f"no batch task {task!r}")
     return f"sharedllm.batch.{task}"
 
 
 def following(task: str) -> str | None:
-    """The task after `task`, None after the last."""
+    """The task after `task`, None after the last (and after `across`, which stands alone)."""
+    if task == ACROSS:
+        return None
     position = TASKS.index(task)
     return TASKS[position + 1] if position + 1 < len(TASKS) else None
 
 
-def send(app: Celery, job_id: str, index: int, task: str = TASKS[0]) -> None:
-    """Send the document's `task` (which sends the ones after it)."""
-    app.send_task(task_name(task), (job_id, index))
+def send(app: Celery, job_id: str, index: int, task: str = TASKS[0], countdown: float | None = None) -> None:
+    """Send the entry's `task` (which sends the ones after it), now or after `countdown` seconds."""
+    app.send_task(task_name(task), (job_id, index), countdown=countdown)

@@ -20,12 +20,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sharedllm.common.batch import stages
 from sharedllm.common.batch.app import BatchApp
 from sharedllm.common.batch.backends import Backend, DocumentFailed, Transient
-from sharedllm.common.batch.jobs import DocumentStatus, JobStore
+from sharedllm.common.batch.jobs import TERMINAL, DocumentStatus, JobSpec, JobStore
 from sharedllm.common.batch.leases import Reaper
 from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.results import run_to_end
 from sharedllm.common.summaries.pipeline import summarize as summarize_document
 
 log = logging.getLogger(__name__)
+ACROSS_WAIT_S = 5.0  # how soon a question across a job's documents looks again while they are compressed
 _backend_factory: Callable[[], Backend] | None = None
 _backend: Backend | None = None
 
@@ -158,14 +160,13 @@ def answer(self: Task, job_id: str, index: int) -> None:
         spec = store.spec(job_id)
         context_id = _context_of(doc)
         answers = store.partial(job_id, index, "answers")
-        # As `sharedllm ask` answers: one sentence, resting on the document as the job asks.
-        params = SamplingParams(max_new_tokens=spec.max_new_tokens, seed=spec.seed, grounding=spec.grounding)
-        for question in spec.questions[len(answers) :]:
+        questions = () if spec.across else spec.questions  # asked across all documents instead
+        for question in questions[len(answers) :]:
             if store.cancelled(job_id):
                 raise Cancelled
-            answers.append(backend().generate(context_id, question, params).strip())
+            answers.append(backend().generate(context_id, question, _answer_params(spec)).strip())
             store.save_partial(job_id, index, "answers", answers)
-            store.update(job_id, index, progress=len(answers), total=len(spec.questions))
+            store.update(job_id, index, progress=len(answers), total=len(questions))
         summary = store.partial(job_id, index, "summary")
         result = {
             "context_id": context_id,
@@ -173,7 +174,62 @@ def answer(self: Task, job_id: str, index: int) -> None:
             "document_tokens": doc.document_tokens,
             "summary": summary[0]["text"] if summary else None,
             "summary_details": summary[0] if summary else None,
-            "answers": [{"question": q, "answer": a} for q, a in zip(spec.questions, answers, strict=True)],
+            "answers": [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)],
+        }
+        store.finish(job_id, index, "done", result=result)
+
+    _run(self, job_id, index, "answering", work)
+
+
+def _answer_params(spec: JobSpec) -> SamplingParams:
+    """As `sharedllm ask` answers: one sentence, resting on the document as the job asks."""
+    return SamplingParams(max_new_tokens=spec.max_new_tokens, seed=spec.seed, grounding=spec.grounding)
+
+
+def across(self: Task, job_id: str, index: int) -> None:
+    """Answer the job's questions once across all its documents (`batch submit --across`), once
+    every document is compressed or has failed; the entry after the documents records them.
+
+    Until then it sends itself again ACROSS_WAIT_S later rather than waiting in a worker slot (a
+    worker of one slot would wait for itself) or retrying (waiting is not a failure). It sends
+    itself under the entry's lease, so a worker that dies here leaves the lease to lapse and a
+    reaper sends the task again, as for every other stage.
+    """
+    store = _job_store(self.app.settings.broker_url)
+    owner = self.request.id or "eager"
+    if store.document(job_id, index).state in TERMINAL or store.leased_elsewhere(job_id, index, stages.ACROSS, owner):
+        return
+    if store.documents_waited_for(job_id) and not store.cancelled(job_id):
+        with store.lease(job_id, index, stages.ACROSS, owner, self.app.settings.lease_s):
+            stages.send(self.app, job_id, index, stages.ACROSS, countdown=ACROSS_WAIT_S)
+        return
+
+    def work(store: JobStore, entry: DocumentStatus) -> None:
+        spec = store.spec(job_id)
+        docs = [store.document(job_id, i) for i in range(index)]
+        compressed = [d for d in docs if d.context_id is not None]
+        if not compressed:
+            raise DocumentFailed("no document of the job was compressed, so there is nothing to ask across")
+        context_ids = [d.context_id for d in compressed]
+        names = {d.context_id: d.name for d in compressed}
+        answers = store.partial(job_id, index, "answers")
+        for question in spec.questions[len(answers) :]:
+            if store.cancelled(job_id):
+                raise Cancelled
+            with backend().failures():
+                finished = run_to_end(backend().answer(context_ids, question, _answer_params(spec)))
+            cited = [c.context_id for c in finished.citations] or [
+                p.context_id for p in sorted(finished.evidence, key=lambda p: -p.score)[:1]
+            ]
+            sources = [names[c] for c in dict.fromkeys(cited) if c in names]
+            answers.append({"question": question, "answer": finished.text.strip(), "sources": sources})
+            store.save_partial(job_id, index, "answers", answers)
+            store.update(job_id, index, progress=len(answers), total=len(spec.questions))
+        result = {
+            "documents": [d.name for d in compressed],
+            "context_ids": context_ids,
+            "skipped": [d.name for d in docs if d.context_id is None],  # failed or cancelled before compression
+            "answers": answers,
         }
         store.finish(job_id, index, "done", result=result)
 
@@ -197,6 +253,6 @@ def start_reaper(app: BatchApp) -> Reaper:
 
 def register(app: BatchApp) -> None:
     """Make `app` run the batch tasks (a worker's app; senders send them by name)."""
-    for work in (compress, summarize, answer):
+    for work in (compress, summarize, answer, across):
         # shared=False: only this app runs them (another app in the process has no batch settings).
         app.task(name=stages.task_name(work.__name__), bind=True, shared=False)(work)

@@ -42,6 +42,11 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     submit.add_argument("--instruction", help="what the summaries focus on (e.g. 'the risks'): its words weigh more")
     submit.add_argument("--question", action="append", default=[], help="a question for every document (repeatable)")
     submit.add_argument("--no-summary", action="store_true", help="answer the questions only")
+    submit.add_argument(
+        "--across",
+        action="store_true",
+        help="ask each question once across all the documents (answers in one more entry), not of each",
+    )
     submit.add_argument("--max-new-tokens", type=int, default=JobSpec(None, ()).max_new_tokens)
     submit.add_argument("--seed", type=int)
     submit.add_argument(
@@ -81,6 +86,7 @@ def run_submit(args: argparse.Namespace) -> int:
         summary_words=args.words,
         rewrite=args.rewrite,
         grounding=args.grounding,
+        across=args.across,
     )
     client = BatchClient(args.broker_url)
     with client_trace("batch submit", celery=True):
@@ -146,6 +152,8 @@ def _as_text(result: dict) -> str:
         lines += ["", result["summary"]]
     for qa in result.get("answers", []):
         lines += ["", f"Q: {qa['question']}", f"A: {qa['answer']}"]
+        if qa.get("sources"):
+            lines.append(f"   (from {', '.join(qa['sources'])})")
     return "\n".join(lines)
 
 
