@@ -106,7 +106,7 @@ def across_documents(engine: Engine, args: argparse.Namespace) -> dict:
     runtime = ContextRuntime(engine, open_store("memory://?max_bytes=2000000000"), decoded_cache_bytes=0)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     bm25 = plain_bm25(runtime.evidence)
-    rows = []
+    rows, answers = [], []
     for k in args.documents:
         scores: dict[str, list[float]] = {"across": [], "alone (right document)": [], "bm25 over all": []}
         seconds: dict[str, list[float]] = {m: [] for m in scores}
@@ -124,6 +124,8 @@ def across_documents(engine: Engine, args: argparse.Namespace) -> dict:
                     answer = ask(runtime, method, ids, ids[holder], joined, question, params, bm25)
                     seconds[method].append(time.perf_counter() - started)
                     scores[method].append(float(value in answer))
+                    answers.append({"documents": k, "sample": sample, "method": method, "key": key, "value": value,
+                                    "holder": holder, "answer": answer})  # fmt: skip
         for method in scores:
             rows.append(
                 {
@@ -136,7 +138,7 @@ def across_documents(engine: Engine, args: argparse.Namespace) -> dict:
                 }
             )
             print(rows[-1], flush=True)
-    return {"rows": rows}
+    return {"rows": rows, "answers": answers}
 
 
 def growing(engine: Engine, args: argparse.Namespace) -> dict:
