@@ -214,6 +214,7 @@ class ContextRuntime:
         started = time.perf_counter()
         validate_name(tenant, "tenant")
         validate_name(context_id, "context id")
+        self.engine.check_addition(text=text, ids=ids)  # before any read: a bad addition touches nothing
         for _ in range(APPEND_ATTEMPTS):
             info = self.store.info(context_id, tenant=tenant)  # not a use: a refused append changes nothing
             base = self.store.open(context_id, self.fingerprints, tenant=tenant)

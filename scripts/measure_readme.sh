@@ -132,3 +132,11 @@ $BIN/sharedllm eval ruler --lengths 4096 8192 16384 32768 --per-cell 6 --methods
 $BIN/sharedllm eval ruler --lengths 131072 --per-cell 2 --tasks single_noise single_prose --methods sharedllm \
   --json "$GR/ruler-single-128k.json" | tee "$GR/ruler-single-128k.txt"
 $BIN/python bench/grounding_overhead.py --tokens 32768 --repeats 5 --out "$GR" | tee "$GR/overhead.txt"
+
+# 10. Several documents and growing contexts (the multi-document issue): one question across 2, 4 and
+#     8 documents against the right document alone and plain BM25 over all; an append of 1K tokens to
+#     a 32K-token context against compressing it again, in memory and on a private redis-server.
+REDIS_DIR=$(mktemp -d)
+redis-server --port 6399 --save '' --appendonly no --dir "$REDIS_DIR" --daemonize yes
+$BIN/python bench/multi_document.py --redis-url redis://127.0.0.1:6399/0 --out "$OUT/documents"
+redis-cli -p 6399 shutdown nosave || true

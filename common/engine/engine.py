@@ -246,6 +246,16 @@ class Engine:
         if outside.any():
             raise InvalidInput(f"token id {int(values[outside.argmax()])} is outside the vocabulary [0, {vocab})")
 
+    def check_addition(self, *, text: str | None = None, ids: list[int] | None = None) -> None:
+        """What an append adds, checked before the stored context is read: not empty, text not
+        binary, token ids in the vocabulary."""
+        if not (text if text is not None else ids):
+            raise InvalidInput("nothing to append: the text is empty")
+        if text is not None and "\x00" in text:
+            raise InvalidInput("appended text contains NUL bytes; it looks binary, not text")
+        if ids:
+            self.check_token_ids(ids)
+
     def plan_append(
         self,
         stored_ids: list[int],
@@ -255,11 +265,8 @@ class Engine:
         ids: list[int] | None = None,
     ) -> AppendPlan:
         """What appending `text` (or token ids) to a stored document encodes (append.py), within
-        the document limit; new token ids must be in the vocabulary."""
-        if text is not None and "\x00" in text:
-            raise InvalidInput("appended text contains NUL bytes; it looks binary, not text")
-        if ids:
-            self.check_token_ids(ids)
+        the document limit."""
+        self.check_addition(text=text, ids=ids)
         plan = plan_append(
             stored_ids, chunk_lengths, self.adapter.config.chunk_size, self.tokenizer, text=text, ids=ids
         )
