@@ -217,13 +217,13 @@ class ContextRuntime:
         self.engine.check_addition(text=text, ids=ids)  # before any read: a bad addition touches nothing
         for _ in range(APPEND_ATTEMPTS):
             info = self.store.info(context_id, tenant=tenant)  # not a use: a refused append changes nothing
-            base = self.store.open(context_id, self.fingerprints, tenant=tenant)
-            if context_id == self._content_id(tenant, base.manifest.source_sha256):
+            if context_id == self._content_id(tenant, info.manifest.source_sha256):
                 raise InvalidInput(
                     f"context {context_id!r} is named by its document's content (it was compressed without an "
                     "id), and another document under that name would break deduplication; compress it with "
                     "a context id of your own to grow it"
                 )
+            base = self.store.open(context_id, self.fingerprints, tenant=tenant)
             stored = base.token_ids.tolist()
             plan = self.engine.plan_append(stored, base.chunk_lengths, text=text, ids=ids)
             self.store.ping(writes=True)
@@ -318,7 +318,7 @@ class ContextRuntime:
         model or adapter, or a list past the limits is refused and changes nothing."""
         if len(ids) == 1:
             return self.store.open(ids[0], self.fingerprints, tenant=tenant, cache=self.cache)
-        self.engine.check_joined(ids, [0] * len(ids), [0] * len(ids))  # count and repeats, before any read
+        self.engine.check_context_list(ids)  # count and repeats, before any read
         manifests = [self.store.info(context_id, tenant=tenant).manifest for context_id in ids]
         for context_id, manifest in zip(ids, manifests, strict=True):
             stored = Fingerprints(manifest.model_fingerprint, manifest.adapter_fingerprint)
@@ -330,6 +330,8 @@ class ContextRuntime:
                 )
         self.engine.check_joined(ids, [m.n_tokens for m in manifests], [m.n_chunks for m in manifests])
         parts = [self.store.open(c, self.fingerprints, tenant=tenant, cache=self.cache) for c in ids]
+        # Again on what was opened: an append may have landed between the two reads.
+        self.engine.check_joined(ids, [sum(p.chunk_lengths) for p in parts], [len(p.chunk_lengths) for p in parts])
         return JoinedContexts(parts, ids)
 
     def evidence_settings(self, tokens: int | None = None, mode: str | None = None) -> EvidenceSettings:

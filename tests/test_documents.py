@@ -16,12 +16,13 @@ from tiny_model import TINY_TREE
 
 from sharedllm.common.config import Limits
 from sharedllm.common.data.demo import demo_text
+from sharedllm.common.engine.append import plan_append
 from sharedllm.common.engine.documents import JoinedContexts
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.evidence import EXCERPTS_HEADER_SEVERAL
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import run_to_end
-from sharedllm.common.errors import ContextNotFound, IncompatibleContext, InvalidInput
+from sharedllm.common.errors import ContextNotFound, IncompatibleContext, InvalidInput, StoreUnavailable
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import MemoryStore, open_store
 
@@ -333,3 +334,36 @@ def test_several_contexts_and_appends_over_grpc(tiny_model_dir, tiny_adapter, re
             decoder.close()
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("sentences", [3, 40])  # one partial chunk (nothing kept), and several chunks
+def test_a_failed_append_puts_the_version_it_extended_back(engine, redis_server, tenant, sentences):
+    """A write Redis cannot get to the replicas asked for is undone; for an append that means the
+    version it extended is current again, whole, and still counted in the tenant's usage."""
+    runtime = runtime_on(engine, open_store(redis_server.url))
+    runtime.compress_text(prose(30, sentences), context_id="kept", tenant=tenant)
+    before = runtime.store.info("kept", tenant=tenant)
+    lonely = runtime_on(engine, open_store(redis_server.url, min_replicas=1, replica_timeout_s=0.2))
+    with pytest.raises(StoreUnavailable, match="replicas"):
+        lonely.append_text("kept", " The lantern is lit.", tenant=tenant)
+    after = runtime.store.info("kept", tenant=tenant)
+    assert after.manifest == before.manifest and after.stored_bytes == before.stored_bytes
+    assert runtime.store.usage(tenant).stored_bytes == before.stored_bytes
+    source = runtime.store.open("kept", runtime.fingerprints, tenant=tenant)
+    n = source.config.nodes_per_chunk
+    assert source.fetch(torch.arange(n).expand(len(source.chunk_lengths), n)).keys.shape[1] == n * len(
+        source.chunk_lengths
+    )
+
+
+def test_stored_ids_no_tokenizer_would_give_are_kept_as_they_are(engine):
+    """Token ids sent by a client need not be what the tokenizer makes of their text; an append
+    after them neither re-tokenizes nor recompresses what came before."""
+    tokenizer = engine.tokenizer
+    letters = [i for ch in prose(31, 30) for i in tokenizer(ch, add_special_tokens=False)["input_ids"]]
+    chunk = TINY_TREE.chunk_size
+    lengths = [min(chunk, len(letters) - s) for s in range(0, len(letters), chunk)]
+    plan = plan_append(letters, lengths, chunk, tokenizer, text=" The end.")
+    last = sum(lengths[:-1])
+    assert plan.kept_chunks == len(lengths) - 1 and plan.kept_tokens == last
+    assert plan.tail_ids[: len(letters) - last] == letters[last:]  # the stored tail as stored

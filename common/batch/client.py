@@ -19,6 +19,7 @@ from typing import Any
 from sharedllm.common.batch import stages
 from sharedllm.common.batch.app import BatchApp, BatchSettings
 from sharedllm.common.batch.jobs import DocumentInput, JobSpec, JobStatus, JobStore
+from sharedllm.common.config import Limits
 from sharedllm.common.data.documents import read_text
 from sharedllm.common.errors import InvalidInput
 
@@ -56,6 +57,10 @@ class BatchClient:
         """Record the job, then send each readable document's first task (compress; each task
         sends the next: summarise, then answer), and for a job asked across its documents the
         task that answers across them; returns the job id."""
+        readable = sum(doc.error is None for doc in documents)
+        limit = Limits().max_contexts_per_question
+        if spec.across and readable > limit:
+            raise InvalidInput(f"{readable} documents to ask across; one question reads at most {limit} contexts")
         job_id = self.jobs.create(spec, documents)
         for i, doc in enumerate(documents):
             if doc.error is None:

@@ -26,7 +26,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from sharedllm.common.batch.leases import Lease, LeaseName, held_by_another
+from sharedllm.common.batch.leases import LEASES_KEY, Lease, LeaseName, held_by_another
 from sharedllm.common.engine.params import GROUNDING_MODES, Grounding
 from sharedllm.common.errors import InvalidInput
 from sharedllm.common.summaries.pipeline import CALL_CHARS, DEFAULT_WORDS, SummarySettings
@@ -37,6 +37,20 @@ DEFAULT_TTL_S = 7 * 24 * 3600
 RESTART_RETRIES = 20  # with backoff capped at 2 s: about 30 s for Redis to come back
 TERMINAL = ("done", "failed", "cancelled")  # a document's final states
 ACROSS_NAME = "(all documents)"  # the entry of a job asked across its documents: the answers
+ACROSS_TASK = "across"  # its task's short name (stages.ACROSS)
+WATCH_OWNER = "watch"  # the owner of the lease a poll of that task holds while documents are compressed
+# KEYS[1] the entry's hash, KEYS[2] the leases; ARGV: holder, successor, lease seconds, lease member.
+# By Redis's clock, as every lease (leases.py).
+_PASS_WATCH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local current = redis.call('HGET', KEYS[1], 'watch')
+local expiry = redis.call('ZSCORE', KEYS[2], ARGV[4])
+if current and current ~= ARGV[1] and expiry and tonumber(expiry) > now then return 0 end
+redis.call('HSET', KEYS[1], 'watch', ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+return 1
+"""
 JOB_STATES = ("queued", "running", "done", "done_with_errors", "cancelled")
 
 
@@ -138,6 +152,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int = DEFAULT_TTL_S) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self._pass_watch = client.register_script(_PASS_WATCH)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = DEFAULT_TTL_S) -> JobStore:
@@ -227,6 +242,24 @@ class JobStore:
         if not self.spec(job_id).across:
             return None
         return int(self.client.hget(self._job(job_id), "documents")) - 1
+
+    def pass_watch(self, job_id: str, index: int, holder: str, successor: str, lease_s: float) -> bool:
+        """Hand the watch over a job's question across its documents from `holder` to `successor`
+        (the next poll's task id), its lease renewed; False, and nothing changed, when another poll
+        holds a live watch (a duplicate chain, which then ends). While the documents are compressed
+        one poll at a time watches; if its worker dies, the watch's lease lapses and a reaper sends
+        the task again, which takes the watch over."""
+        member = LeaseName(job_id, index, ACROSS_TASK, WATCH_OWNER).member
+        return bool(
+            self._pass_watch(keys=[self._doc(job_id, index), LEASES_KEY], args=[holder, successor, lease_s, member])
+        )
+
+    def end_watch(self, job_id: str, index: int) -> None:
+        """The documents are ready: no poll watches any more (its lease is not reaped)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(LEASES_KEY, LeaseName(job_id, index, ACROSS_TASK, WATCH_OWNER).member)
+        pipe.hdel(self._doc(job_id, index), "watch")
+        pipe.execute()
 
     def documents_waited_for(self, job_id: str) -> list[int]:
         """The documents a question across the job waits for: neither compressed yet nor finished."""

@@ -31,6 +31,15 @@ def following(task: str) -> str | None:
     return TASKS[position + 1] if position + 1 < len(TASKS) else None
 
 
-def send(app: Celery, job_id: str, index: int, task: str = TASKS[0], countdown: float | None = None) -> None:
-    """Send the entry's `task` (which sends the ones after it), now or after `countdown` seconds."""
-    app.send_task(task_name(task), (job_id, index), countdown=countdown)
+def send(
+    app: Celery,
+    job_id: str,
+    index: int,
+    task: str = TASKS[0],
+    *,
+    countdown: float | None = None,
+    task_id: str | None = None,
+) -> None:
+    """Send the entry's `task` (which sends the ones after it), now or after `countdown` seconds,
+    under `task_id` if given (else Celery picks one)."""
+    app.send_task(task_name(task), (job_id, index), countdown=countdown, task_id=task_id)

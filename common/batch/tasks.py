@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import uuid
 from collections.abc import Callable
 
 from celery import Task
@@ -191,18 +192,21 @@ def across(self: Task, job_id: str, index: int) -> None:
     every document is compressed or has failed; the entry after the documents records them.
 
     Until then it sends itself again ACROSS_WAIT_S later rather than waiting in a worker slot (a
-    worker of one slot would wait for itself) or retrying (waiting is not a failure). It sends
-    itself under the entry's lease, so a worker that dies here leaves the lease to lapse and a
-    reaper sends the task again, as for every other stage.
+    worker of one slot would wait for itself) or retrying (waiting is not a failure). The poll
+    that sends the next one hands it the watch (JobStore.pass_watch), whose lease a dead worker
+    lets lapse, so a reaper sends the task again; a poll that finds another holding the watch
+    ends, so one chain of polls goes on.
     """
     store = _job_store(self.app.settings.broker_url)
-    owner = self.request.id or "eager"
-    if store.document(job_id, index).state in TERMINAL or store.leased_elsewhere(job_id, index, stages.ACROSS, owner):
+    me = self.request.id or "eager"
+    if store.document(job_id, index).state in TERMINAL or store.leased_elsewhere(job_id, index, stages.ACROSS, me):
         return
     if store.documents_waited_for(job_id) and not store.cancelled(job_id):
-        with store.lease(job_id, index, stages.ACROSS, owner, self.app.settings.lease_s):
-            stages.send(self.app, job_id, index, stages.ACROSS, countdown=ACROSS_WAIT_S)
+        successor = uuid.uuid4().hex
+        if store.pass_watch(job_id, index, me, successor, self.app.settings.lease_s):
+            stages.send(self.app, job_id, index, stages.ACROSS, countdown=ACROSS_WAIT_S, task_id=successor)
         return
+    store.end_watch(job_id, index)
 
     def work(store: JobStore, entry: DocumentStatus) -> None:
         spec = store.spec(job_id)
@@ -210,8 +214,10 @@ def across(self: Task, job_id: str, index: int) -> None:
         compressed = [d for d in docs if d.context_id is not None]
         if not compressed:
             raise DocumentFailed("no document of the job was compressed, so there is nothing to ask across")
-        context_ids = [d.context_id for d in compressed]
-        names = {d.context_id: d.name for d in compressed}
+        names: dict[str, list[str]] = {}  # documents of the same text share one context
+        for d in compressed:
+            names.setdefault(d.context_id, []).append(d.name)
+        context_ids = list(names)
         answers = store.partial(job_id, index, "answers")
         for question in spec.questions[len(answers) :]:
             if store.cancelled(job_id):
@@ -221,7 +227,7 @@ def across(self: Task, job_id: str, index: int) -> None:
             cited = [c.context_id for c in finished.citations] or [
                 p.context_id for p in sorted(finished.evidence, key=lambda p: -p.score)[:1]
             ]
-            sources = [names[c] for c in dict.fromkeys(cited) if c in names]
+            sources = [name for c in dict.fromkeys(cited) for name in names.get(c, [])]
             answers.append({"question": question, "answer": finished.text.strip(), "sources": sources})
             store.save_partial(job_id, index, "answers", answers)
             store.update(job_id, index, progress=len(answers), total=len(spec.questions))

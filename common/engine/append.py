@@ -6,16 +6,22 @@ tree stays as stored. The tokens are those the whole text would give where the a
 at a word boundary: the stored last chunk is decoded, the new text appended to it and the result
 tokenized again, so a word or a run of white space that continues across the seam is tokenized as
 one. Where the stored last chunk does not tokenize back to itself (it starts inside a word, or
-inside a character), the cut moves back a chunk at a time until it does.
+inside a character), the cut moves back a chunk at a time until it does, at most MAX_CHUNKS_BACK
+chunks; past that (token ids no tokenizer would give), the stored ids stay as they are and the new
+text is tokenized on its own.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sharedllm.common.errors import InvalidInput
+
+# How many chunks before the last the cut may move back to find one that tokenizes back to itself.
+MAX_CHUNKS_BACK = 3
 
 
 @dataclass(frozen=True)
@@ -41,17 +47,20 @@ def plan_append(
         raise ValueError("append text or token ids, one of them")
     if not (text if text is not None else ids):
         raise InvalidInput("nothing to append: the text is empty")
-    starts = [0]
-    for n in chunk_lengths:
-        starts.append(starts[-1] + n)
-    cut = len(chunk_lengths) - 1  # the first chunk encoded again
+    starts = [0, *itertools.accumulate(chunk_lengths)]
+    last = len(chunk_lengths) - 1
+    cut = last  # the first chunk encoded again
     if ids is not None:
         tail = [*stored_ids[starts[cut] :], *ids]
     else:
-        while cut > 0 and not _round_trips(stored_ids[starts[cut] :], tokenizer):
-            cut -= 1
-        before = tokenizer.decode(list(stored_ids[starts[cut] :]), clean_up_tokenization_spaces=False)
-        tail = tokenizer(before + text, add_special_tokens=False)["input_ids"]
+        candidates = range(last, max(-1, last - MAX_CHUNKS_BACK - 1), -1)
+        safe = next((c for c in candidates if _round_trips(stored_ids[starts[c] :], tokenizer)), None)
+        if safe is None:  # no safe cut near the end (stored ids no tokenizer would give): leave them as stored
+            tail = [*stored_ids[starts[last] :], *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        else:
+            cut = safe
+            before = tokenizer.decode(list(stored_ids[starts[cut] :]), clean_up_tokenization_spaces=False)
+            tail = tokenizer(before + text, add_special_tokens=False)["input_ids"]
     # A full chunk the new tokens leave as it was stays as stored (text after a full last chunk).
     while (
         cut < len(chunk_lengths)

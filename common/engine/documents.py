@@ -10,16 +10,19 @@ frequencies), so the best passage wins wherever it is.
 
 Offsets: the engine works in the joined document's offsets (tokens one after another; characters
 as the documents' texts joined by DOCUMENT_SEPARATOR, so no sentence or word runs across a
-seam). `DocumentMap.localize` turns a passage or citation back into its own document's offsets
-and names its context.
+seam; a citation that would still cross one is dropped). `DocumentMap.localize_passage` and
+`localize_citation` turn a passage or citation back into its own document's offsets and name its
+context.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import hashlib
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,11 +68,11 @@ class JoinedContexts:
     def chunk_lengths(self) -> tuple[int, ...]:
         return self._chunk_lengths
 
-    @property
+    @functools.cached_property
     def retrieval_keys(self) -> torch.Tensor:
         return torch.cat([part.retrieval_keys for part in self.parts])
 
-    @property
+    @functools.cached_property
     def token_ids(self) -> torch.Tensor:
         return torch.cat([part.token_ids for part in self.parts])
 
@@ -90,23 +93,21 @@ class JoinedContexts:
         """Each part reads its own chunks' rows; their chunks are renumbered in the joined order."""
         pieces = [
             part.fetch(selection[start : start + len(part.chunk_lengths)])
-            for part, start in zip(self.parts, self.chunk_starts, strict=False)
+            for part, start in zip(self.parts, self.chunk_starts, strict=True)
         ]
         return SelectedNodes(
             keys=torch.cat([p.keys for p in pieces], dim=1),
             values=torch.cat([p.values for p in pieces], dim=1),
             counts=torch.cat([p.counts for p in pieces]),
             chunk_of_row=torch.cat(
-                [p.chunk_of_row + start for p, start in zip(pieces, self.chunk_starts, strict=False)]
+                [p.chunk_of_row + start for p, start in zip(pieces, self.chunk_starts, strict=True)]
             ),
         )
 
 
-def _starts(lengths) -> tuple[int, ...]:
-    starts = [0]
-    for n in lengths:
-        starts.append(starts[-1] + n)
-    return tuple(starts[:-1])
+def _starts(lengths: Iterable[int]) -> tuple[int, ...]:
+    """Where each of consecutive runs of these lengths starts."""
+    return (0, *itertools.accumulate(lengths))[:-1]
 
 
 def token_starts_of(source: ContextSource) -> tuple[int, ...]:
@@ -121,12 +122,8 @@ def names_of(source: ContextSource) -> tuple[str | None, ...]:
 
 def join_texts(texts: Sequence[str]) -> tuple[str, tuple[int, ...]]:
     """The documents' texts as the joined text, and where each starts in it."""
-    starts, at = [], 0
-    for i, text in enumerate(texts):
-        at += len(DOCUMENT_SEPARATOR) if i else 0
-        starts.append(at)
-        at += len(text)
-    return DOCUMENT_SEPARATOR.join(texts), tuple(starts)
+    starts = tuple(start + k * len(DOCUMENT_SEPARATOR) for k, start in enumerate(_starts(map(len, texts))))
+    return DOCUMENT_SEPARATOR.join(texts), starts
 
 
 @dataclass(frozen=True)
@@ -156,7 +153,7 @@ class DocumentMap:
         if name is None:
             return f"Document {k + 1}:"
         if len(name) > _HEADER_NAME_CHARS:
-            name = name[: _HEADER_NAME_CHARS // 2] + "…"
+            name = name[: _HEADER_NAME_CHARS - 1] + "…"
         return f"Document {k + 1} ({name}):"
 
     def localize_passage(self, passage: Passage) -> Passage:
@@ -170,6 +167,11 @@ class DocumentMap:
             char_end=passage.char_end - c,
             context_id=self.names[k],
         )
+
+    def within_one(self, citation: Citation) -> bool:
+        """Whether a cited run lies inside one document (facts read white space as one space, so a
+        run of words could match across the seam between two documents; such a run cites neither)."""
+        return self.of_char(citation.char_start) == self.of_char(max(citation.char_start, citation.char_end - 1))
 
     def localize_citation(self, citation: Citation) -> Citation:
         k = self.of_char(citation.char_start)

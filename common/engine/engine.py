@@ -210,10 +210,8 @@ class Engine:
         if n > self.limits.max_document_tokens:
             raise InvalidInput(f"document has {n} tokens; the limit is {self.limits.max_document_tokens}")
 
-    def check_joined(self, context_ids: Sequence[str], n_tokens: Sequence[int], n_chunks: Sequence[int]) -> None:
-        """Several contexts read by one question (documents.py) must fit where one document would:
-        their tokens together within max_document_tokens, their chunks together within the chunk
-        positions that allows (the range the adapter was trained and checked for)."""
+    def check_context_list(self, context_ids: Sequence[str]) -> None:
+        """A list of contexts for one question: not empty, within the count, each once."""
         limit = self.limits.max_contexts_per_question
         if not context_ids:
             raise InvalidInput("no context id given")
@@ -222,6 +220,12 @@ class Engine:
         repeated = sorted({c for c in context_ids if context_ids.count(c) > 1})
         if repeated:
             raise InvalidInput(f"context {repeated[0]!r} is given more than once")
+
+    def check_joined(self, context_ids: Sequence[str], n_tokens: Sequence[int], n_chunks: Sequence[int]) -> None:
+        """Several contexts read by one question (documents.py) must fit where one document would:
+        their tokens together within max_document_tokens, their chunks together within the chunk
+        positions that allows (the range the adapter was trained and checked for)."""
+        self.check_context_list(context_ids)
         tokens, chunks = sum(n_tokens), sum(n_chunks)
         if tokens > self.limits.max_document_tokens:
             raise InvalidInput(
@@ -474,7 +478,9 @@ class Engine:
                 citations = cite(event.text, plan.facts, evidence) if plan.facts is not None else ()
                 if plan.documents is not None:  # each in its own document's offsets, naming its context
                     evidence = tuple(map(plan.documents.localize_passage, evidence))
-                    citations = tuple(map(plan.documents.localize_citation, citations))
+                    citations = tuple(
+                        plan.documents.localize_citation(c) for c in citations if plan.documents.within_one(c)
+                    )
                 yield dataclasses.replace(
                     event, timings=plan.timings.plus(event.timings), evidence=evidence, citations=citations
                 )

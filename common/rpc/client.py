@@ -89,6 +89,8 @@ def call_metadata(api_key: str | None) -> list[tuple[str, str]]:
 # Replicas: calls spread round-robin over the addresses a target resolves to, and a call refused
 # with UNAVAILABLE (a replica stopping, restarting or still loading its model) is retried on
 # another, with backoff, before any response arrived. Streams too large to buffer are not retried.
+# AppendContext is never retried by the channel: it is not idempotent (an append that went through
+# before its reply was lost would be applied twice), so its caller decides.
 SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
@@ -102,7 +104,8 @@ SERVICE_CONFIG = json.dumps(
                     "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
-            }
+            },
+            {"name": [{"service": "sharedllm.v1.CompressorService", "method": "AppendContext"}]},
         ],
     }
 )

@@ -195,8 +195,10 @@ def extend(
     kept ones are the base version's (EncodedContext.kept_nodes), so an append writes the
     manifest, the index part and the new nodes, never the document's earlier chunks again."""
     n = base.nodes_per_chunk
-    if not 0 <= kept_chunks <= base.n_chunks or tail.config != tree_config(base):
-        raise InvalidInput(f"cannot extend a context of {base.n_chunks} chunks keeping {kept_chunks} with this tree")
+    if not 0 <= kept_chunks <= base.n_chunks:
+        raise InvalidInput(f"cannot extend a context of {base.n_chunks} chunks keeping {kept_chunks}")
+    if tail.config != tree_config(base):
+        raise IncompatibleContext(f"the context was built with {tree_config(base)}, the new chunks with {tail.config}")
     if DTYPES.get(tail.keys.dtype) != base.dtype:
         raise IncompatibleContext(f"the context is stored as {torch_dtype(base)}, the new chunks are {tail.keys.dtype}")
     fingerprints = Fingerprints(base.model_fingerprint, base.adapter_fingerprint)

@@ -15,6 +15,13 @@ pointer, so they never see a partly written tree, and two writers of one id neve
 last to publish wins whole. The replaced generation expires after a grace period, so a reader
 that already holds its manifest can still fetch its nodes; `delete` removes it at once.
 
+Appends (`put(..., replaces=version)`): an appended version keeps the earlier chunks' nodes where
+the generation that wrote them has them, and its manifest key's `layout` field names the
+generation of each chunk (absent: every part is the current generation's). Its publish goes
+through only if the current manifest is still the version it extends (else ContextChanged, and
+the appender reads the newer version and appends again); the grace period after it spares the
+parts it keeps; a failed append puts the version it extended back.
+
 Expiry: the manifest key expires after the context's lifetime and its parts PART_MARGIN_MS
 later, so parts exist whenever the manifest does; every use restarts all of them in one script,
 and pinning removes the expiry of all of them. Run Redis with `maxmemory-policy noeviction`:
@@ -172,27 +179,32 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return {1, count, total, old or false}
 """
 
-# KEYS[1] the usage hash; ARGV: context id, the value expected, the new value ('': remove).
-# Changes the entry only if it still holds the value expected, so a writer never undoes or
-# prunes what a concurrent writer of the same id recorded since. Returns 1 if it changed.
 # Undo a write that was not acknowledged: its staged parts go, and its manifest too if it was
 # published (the reply may have been lost after the script ran) and is still the current one. An
 # append puts back the version it extended instead (ARGV[2..4]: its generation, manifest frame and
 # layout), whose parts it never touched, so a failed append loses nothing that was stored.
+# If a newer version already keeps chunks of this write (an append read it before the undo), its
+# parts stay: removing them would break that version.
 # KEYS[1] manifest key, KEYS[2..] staged parts; ARGV[1] the write's generation.
 _UNDO = """
-if redis.call('HGET', KEYS[1], 'gen') == ARGV[1] then
+local current = redis.call('HMGET', KEYS[1], 'gen', 'layout')
+if current[1] == ARGV[1] then
   if ARGV[2] ~= '' then
     redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'manifest', ARGV[3])
     if ARGV[4] == '' then redis.call('HDEL', KEYS[1], 'layout') else redis.call('HSET', KEYS[1], 'layout', ARGV[4]) end
   else
     redis.call('UNLINK', KEYS[1])
   end
+elseif current[2] and string.find(current[2], ARGV[1], 1, true) then
+  return 0
 end
 if #KEYS > 1 then redis.call('UNLINK', unpack(KEYS, 2)) end
 return 1
 """
 
+# KEYS[1] the usage hash; ARGV: context id, the value expected, the new value ('': remove).
+# Changes the entry only if it still holds the value expected, so a writer never undoes or
+# prunes what a concurrent writer of the same id recorded since. Returns 1 if it changed.
 _SWAP = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
@@ -289,7 +301,11 @@ class _Version:
     layout: tuple[str, ...] | None = None
 
     def chunk_generation(self, chunk: int) -> str:
-        return self.gen if self.layout is None else self.layout[chunk]
+        if self.layout is None:
+            return self.gen
+        if chunk >= len(self.layout):
+            raise DataCorruption(f"a context's layout names {len(self.layout)} chunks; its manifest has more")
+        return self.layout[chunk]
 
     @staticmethod
     def parse_layout(raw: bytes | None) -> tuple[str, ...] | None:
@@ -413,10 +429,12 @@ class RedisStore(ContextStore):
     def _put(self, key: ContextKey, encoded: EncodedContext, quota: Quota, replaces: bytes | None) -> None:
         keys, manifest, gen = _Keys.of(key), encoded.manifest, secrets.token_hex(8)
         version, base = _Version(gen), None
-        if encoded.kept_nodes:  # an append: the kept chunks stay where the version it extends has them
+        if replaces is not None:  # an append: a failed write puts this version back
             base = self._current_version(key, keys)
             if base.frame[: codec.DIGEST_BYTES] != replaces:
                 raise ContextChanged(f"context {key.context_id!r} was replaced meanwhile")
+        if encoded.kept_nodes:  # the kept chunks stay where the version it extends has them
+            assert base is not None
             kept_chunks = encoded.kept_nodes // manifest.nodes_per_chunk
             layout = [base.chunk_generation(c) for c in range(kept_chunks)]
             version = _Version(gen, layout=(*layout, *[gen] * (manifest.n_chunks - kept_chunks)))
@@ -444,7 +462,7 @@ class RedisStore(ContextStore):
                 )
             except _TooFewReplicas as exc:
                 self._undo(keys, gen, staged, base)  # published on the primary alone: undone
-                self._swap_usage(key, pending, b"")
+                self._swap_usage(key, pending, (replaced or b"") if base is not None else b"")
                 raise StoreUnavailable(str(exc)) from None
             except BaseException:
                 # Not acknowledged, so not stored: a full Redis must not stay full of it, and a
@@ -452,7 +470,10 @@ class RedisStore(ContextStore):
                 self._undo(keys, gen, staged, base)
                 self._swap_usage(key, pending, replaced or b"")  # unless another writer recorded since
                 raise
-            self._swap_usage(key, pending, pending.removesuffix(b":pending"))  # published: no longer pending
+        # Published: what follows only tidies up, so a failure here is logged, never reported as a
+        # failed write (a caller told so would write again: an append would be applied twice).
+        self._swap_usage(key, pending, pending.removesuffix(b":pending"))  # published: no longer pending
+        try:
             old_gen, old_frame, old_layout = old
             if old_gen is not None and old_gen != gen.encode():
                 kept = set(parts)
@@ -461,8 +482,11 @@ class RedisStore(ContextStore):
                     if name not in kept:
                         pipe.pexpire(name, GRACE_MS)
                 pipe.execute()
-        if not quota.limited:
-            self._prune_usage(key.tenant, sample=USAGE_SAMPLE)  # keeps the index from growing with expiries
+            if not quota.limited:
+                self._prune_usage(key.tenant, sample=USAGE_SAMPLE)  # keeps the index from growing with expiries
+        except (redis.RedisError, StoreUnavailable) as exc:
+            log.warning("context %s stored; tidying up after it failed (%s): old parts expire with their TTL",
+                        key.context_id, exc)  # fmt: skip
 
     def _current_version(self, key: ContextKey, keys: _Keys) -> _Version:
         with self._errors():
@@ -621,7 +645,7 @@ class RedisStore(ContextStore):
         try:
             version = _Version(gen.decode(), frame or b"", _Version.parse_layout(layout))
             return keys.parts(version, codec.decode_manifest(frame or b""))
-        except (DataCorruption, IncompatibleContext, IndexError):
+        except (DataCorruption, IncompatibleContext):
             return [k.decode() for k in self._redis.scan_iter(match=f"{keys.prefix}:{gen.decode()}:*", count=1000)]
 
 

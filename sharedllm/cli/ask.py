@@ -88,6 +88,10 @@ def _ask(args: argparse.Namespace) -> int:
         )
     documents = [engine.tokenize_document(text) for text in texts]
     if len(documents) > 1:
+        first_of = {}
+        for path, text in zip(paths, texts, strict=True):
+            if first_of.setdefault(text, path) != path:
+                raise InvalidInput(f"{first_of[text]} and {path} hold the same text; give each document once")
         names = [str(path) for path in paths]
         engine.check_joined(
             names, [len(ids) for ids in documents], [len(engine.compressor.chunk(ids)) for ids in documents]
@@ -128,9 +132,10 @@ def _ask(args: argparse.Namespace) -> int:
         "chunks": sum(c.chunks for c in compressed),
         "stored_bytes": stored,
         "bytes_per_token": round(stored / sum(c.n_tokens for c in compressed), 1),
-        "kv_cache_ratio": round(sum(c.kv_cache_ratio * c.stored_bytes for c in compressed) / stored, 4),
+        # Of all the documents together: stored bytes over their full KV caches', tokens over entries.
+        "kv_cache_ratio": round(stored / sum(c.stored_bytes / c.kv_cache_ratio for c in compressed), 4),
         "compression_ratio": round(
-            sum(c.compression_ratio * c.n_tokens for c in compressed) / sum(c.n_tokens for c in compressed), 2
+            sum(c.n_tokens for c in compressed) / sum(c.n_tokens / c.compression_ratio for c in compressed), 2
         ),
         "bytes_read": finished.context.bytes_read if finished.context else 0,
         "compression_s": round(sum(c.timings.compress_s for c in compressed), 3),
