@@ -195,13 +195,17 @@ def main() -> None:
     args = parser.parse_args()
     engine = Engine.load()
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"protocol": {k: v for k, v in vars(args).items() if k != "out"}}
+    path = args.out / "report.json"
+    # A part skipped keeps its last recorded result; the protocol is recorded per part.
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    protocol = {k: v for k, v in vars(args).items() if k not in ("out", "skip")}
+    report.pop("protocol", None)  # (files written before the protocol was recorded per part)
     if "growing" not in args.skip:
-        report["growing"] = growing(engine, args)
-        (args.out / "report.json").write_text(json.dumps(report, indent=2))
+        report["growing"] = {"protocol": protocol, **growing(engine, args)}
+        path.write_text(json.dumps(report, indent=2))
     if "across" not in args.skip:
-        report["across"] = across_documents(engine, args)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+        report["across"] = {"protocol": protocol, **across_documents(engine, args)}
+    path.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -216,51 +216,64 @@ class ContextRuntime:
         validate_name(context_id, "context id")
         self.engine.check_addition(text=text, ids=ids)  # before any read: a bad addition touches nothing
         for _ in range(APPEND_ATTEMPTS):
-            info = self.store.info(context_id, tenant=tenant)  # not a use: a refused append changes nothing
-            if context_id == self._content_id(tenant, info.manifest.source_sha256):
-                raise InvalidInput(
-                    f"context {context_id!r} is named by its document's content (it was compressed without an "
-                    "id), and another document under that name would break deduplication; compress it with "
-                    "a context id of your own to grow it"
-                )
-            base = self.store.open(context_id, self.fingerprints, tenant=tenant)
-            stored = base.token_ids.tolist()
-            plan = self.engine.plan_append(stored, base.chunk_lengths, text=text, ids=ids)
-            self.store.ping(writes=True)
-            quota = self.quotas.of(tenant)
-            if quota.limited:
-                quota.check(tenant, self.store.usage(tenant, excluding=context_id), 0)
-            with tracing.span("append", tenant=tenant, context_id=context_id, tokens=len(plan.tail_ids)):
-                with tracing.span("lower model and pooling", tokens=len(plan.tail_ids)):
-                    compressed = self.engine.compress(plan.tail_ids, progress)
-                t_store = time.perf_counter()
-                lifetime_ms = codec.lifetime_ms(base.manifest)
-                encoded = codec.extend(
-                    base.manifest,
-                    base.retrieval_keys,
-                    base.token_ids,
-                    plan.kept_chunks,
-                    compressed.tree,
-                    source_sha256=source_digest(stored[: plan.kept_tokens] + plan.tail_ids),
-                    ttl_s=None if info.expires_in_s is None or lifetime_ms is None else lifetime_ms / 1000,
-                )
-                try:
-                    with tracing.span("store write", bytes=encoded.written_bytes):
-                        self.store.put(context_id, encoded, quota, replaces=base.version)
-                except ContextChanged:
-                    continue  # another append (or a replace) won the race: read its version, append to it
-            done = time.perf_counter()
-            timings = CompressTimings(compress_s=compressed.seconds, store_s=done - t_store, total_s=done - started)
-            outcome = self._outcome(context_id, False, encoded.manifest, encoded.nbytes, timings)
-            return AppendOutcome(
-                context=outcome,
-                encoded_tokens=len(plan.tail_ids),
-                kept_chunks=plan.kept_chunks,
-                encoded_chunks=compressed.tree.n_chunks,
-                bytes_written=encoded.written_bytes,
-            )
+            outcome = self._append_once(context_id, tenant, text, ids, progress, started)
+            if outcome is not None:
+                return outcome
         raise ContextChanged(
             f"context {context_id!r} changed under {APPEND_ATTEMPTS} appends in a row (other writers); try again"
+        )
+
+    def _append_once(
+        self,
+        context_id: str,
+        tenant: str,
+        text: str | None,
+        ids: list[int] | None,
+        progress: ProgressFn | None,
+        started: float,
+    ) -> AppendOutcome | None:
+        """One try of _append on the current version; None when another writer replaced it first."""
+        info = self.store.info(context_id, tenant=tenant)  # not a use: a refused append changes nothing
+        if context_id == self._content_id(tenant, info.manifest.source_sha256):
+            raise InvalidInput(
+                f"context {context_id!r} is named by its document's content (it was compressed without an "
+                "id), and another document under that name would break deduplication; compress it with "
+                "a context id of your own to grow it"
+            )
+        base = self.store.open(context_id, self.fingerprints, tenant=tenant)
+        stored = base.token_ids.tolist()
+        plan = self.engine.plan_append(stored, base.chunk_lengths, text=text, ids=ids)
+        self.store.ping(writes=True)
+        quota = self.quotas.of(tenant)
+        if quota.limited:
+            quota.check(tenant, self.store.usage(tenant, excluding=context_id), 0)
+        with tracing.span("append", tenant=tenant, context_id=context_id, tokens=len(plan.tail_ids)):
+            with tracing.span("lower model and pooling", tokens=len(plan.tail_ids)):
+                compressed = self.engine.compress(plan.tail_ids, progress)
+            t_store = time.perf_counter()
+            lifetime_ms = codec.lifetime_ms(base.manifest)
+            encoded = codec.extend(
+                base.manifest,
+                base.retrieval_keys,
+                base.token_ids,
+                plan.kept_chunks,
+                compressed.tree,
+                source_sha256=source_digest(stored[: plan.kept_tokens] + plan.tail_ids),
+                ttl_s=None if info.expires_in_s is None or lifetime_ms is None else lifetime_ms / 1000,
+            )
+            try:
+                with tracing.span("store write", bytes=encoded.written_bytes):
+                    self.store.put(context_id, encoded, quota, replaces=base.version)
+            except ContextChanged:
+                return None  # another append (or a replace) won the race: read its version, append to it
+        done = time.perf_counter()
+        timings = CompressTimings(compress_s=compressed.seconds, store_s=done - t_store, total_s=done - started)
+        return AppendOutcome(
+            context=self._outcome(context_id, False, encoded.manifest, encoded.nbytes, timings),
+            encoded_tokens=len(plan.tail_ids),
+            kept_chunks=plan.kept_chunks,
+            encoded_chunks=compressed.tree.n_chunks,
+            bytes_written=encoded.written_bytes,
         )
 
     def _content_id(self, tenant: str, digest: bytes) -> str:

@@ -82,7 +82,7 @@ def quote_spans(
 def _quote_best(text: str, passage: Passage, asked: set[str], max_chars: int, spans: list[tuple[int, int]]) -> bool:
     """Add to `spans` the sentence over `passage` sharing most words with `asked` (unless quoted
     already); whether one was added."""
-    sentences = _sentences_over(text, passage.char_start, passage.char_end, max_chars)
+    sentences = _sentences_over(text, passage.char_start, passage.char_end, max_chars, asked)
     if not sentences:
         return False
     best = max(sentences, key=lambda s: (len(asked & set(terms([text[s[0] : s[1]]])[0])), -s[0]))
@@ -96,8 +96,11 @@ def _covered(text: str, spans: Sequence[tuple[int, int]]) -> set[str]:
     return {t for a, b in spans for t in terms([text[a:b]])[0]}
 
 
-def _sentences_over(text: str, start: int, end: int, max_chars: int) -> list[tuple[int, int]]:
-    """The sentences that overlap [start, end), stripped, each at most max_chars long."""
+def _sentences_over(
+    text: str, start: int, end: int, max_chars: int, asked: set[str] = frozenset()
+) -> list[tuple[int, int]]:
+    """The sentences that overlap [start, end), stripped, each at most max_chars long (a longer one
+    is cut to the part of it that holds most of the `asked` words: _best_part)."""
     low, high = max(0, start - MAX_QUOTE_CHARS), min(len(text), end + MAX_QUOTE_CHARS)
     ends = (m.end() for m in _CLOSING.finditer(text, low, high))
     cuts = [low, *(e for e in ends if text[e - 1] == "\n" or ends_sentence(_line_before(text, e), True)), high]
@@ -107,10 +110,20 @@ def _sentences_over(text: str, start: int, end: int, max_chars: int) -> list[tup
             continue
         a, b = _strip(text, a, b)
         if b - a > max_chars:
-            a, b = _strip(text, *_words_within(text, max(a, min(start, b - max_chars) - max_chars // 4), max_chars, b))
+            a, b = _best_part(text, a, b, max(a, min(start, b - max_chars) - max_chars // 4), max_chars, asked)
         if b > a:
             found.append((a, b))
     return found
+
+
+def _best_part(text: str, a: int, b: int, default: int, max_chars: int, asked: set[str]) -> tuple[int, int]:
+    """max_chars of the sentence [a, b), cut at words: from `default` (a little before the excerpt),
+    or from one of the sentence's line starts where that part holds more of the asked words. Why:
+    a sentence can run on over line breaks (verses, list items, a line that states one fact), and
+    the part from the excerpt's start cut such a fact off before its value."""
+    starts = [default] + [a + m.end() for m in re.finditer(r"\n[ \t]*", text[a:b])]
+    parts = [_strip(text, *_words_within(text, s, max_chars, b)) for s in starts if a <= s < b]
+    return max(parts, key=lambda part: (len(asked & set(terms([text[part[0] : part[1]]])[0])), part == parts[0]))
 
 
 def _line_before(text: str, at: int) -> str:
