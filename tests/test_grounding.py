@@ -249,3 +249,49 @@ def test_a_long_sentence_is_quoted_around_its_excerpt():
     ((start, end),) = spans
     assert end - start <= 400 and start <= at and at + 18 <= end
     assert text[start:end].split()[0] == "word" and not text[start - 1].isalnum()
+
+
+def test_a_sentence_running_over_lines_is_quoted_from_the_line_that_answers():
+    """A fact on a line of its own after a clause with no closing mark is one "sentence" with it;
+    cut to the cap, the quote keeps the line that holds the question's words and its value."""
+    text = (
+        "In the days of old the river ran, the shepherds fed their flocks upon the hills and sang;\n"
+        "The special code of marble is 1940882.\n"
+        "and the evening came."
+    )
+    at = text.index("the shepherds")
+    excerpt = Passage(0, 0, at, len(text), text[at:], 1.0)
+    quoted = quote_text(text, quote_spans("What is the special code of marble?", text, [excerpt], max_chars=96))
+    assert "1940882" in quoted and quoted.startswith("The special code of marble")
+    # As many of the question's words either way: the part that runs to the sentence's end wins.
+    text = (
+        "Woe to the bloody city! it is all full of lies and robbery; the prey departeth not;\n"
+        "The special code of marble is 1940882.\nThe noise of a whip."
+    )
+    at = text.index("it is all")
+    excerpt = Passage(0, 0, at, len(text), text[at:], 1.0)
+    quoted = quote_text(text, quote_spans("What is the special code of marble?", text, [excerpt], max_chars=96))
+    assert quoted == "The special code of marble is 1940882."
+
+
+def test_a_question_about_two_things_quotes_a_sentence_for_each():
+    text = (
+        "The door code of the archive is 4817. The weather was fine.\n\n"
+        "The harbour master of Port Wren is Ingrid Fallow."
+    )
+    door, harbour = text.index("The door"), text.index("The harbour")
+    evidence = [
+        Passage(0, 0, door, door + 37, text[door : door + 37], 1.0),
+        Passage(0, 0, harbour, len(text), text[harbour:], 0.6),  # below the tie: not quoted for its score
+    ]
+    quoted = quote_text(
+        text,
+        quote_spans(
+            "What is the door code of the archive, and who is the harbour master of Port Wren?", text, evidence
+        ),
+    )
+    assert "4817" in quoted and "Ingrid Fallow" in quoted
+    # A question about one thing gets one sentence.
+    assert (
+        quote_text(text, quote_spans("What is the door code of the archive?", text, evidence)) == text[door : door + 37]
+    )

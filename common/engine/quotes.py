@@ -118,12 +118,18 @@ def _sentences_over(
 
 def _best_part(text: str, a: int, b: int, default: int, max_chars: int, asked: set[str]) -> tuple[int, int]:
     """max_chars of the sentence [a, b), cut at words: from `default` (a little before the excerpt),
-    or from one of the sentence's line starts where that part holds more of the asked words. Why:
-    a sentence can run on over line breaks (verses, list items, a line that states one fact), and
-    the part from the excerpt's start cut such a fact off before its value."""
+    or from one of the sentence's line starts where that part holds more of the asked words, or as
+    many and runs to the sentence's end (where its statement completes). Why: a sentence can run on
+    over line breaks (verses, list items, a line that states one fact), and the part from the
+    excerpt's start cut such a fact off before its value."""
     starts = [default] + [a + m.end() for m in re.finditer(r"\n[ \t]*", text[a:b])]
     parts = [_strip(text, *_words_within(text, s, max_chars, b)) for s in starts if a <= s < b]
-    return max(parts, key=lambda part: (len(asked & set(terms([text[part[0] : part[1]]])[0])), part == parts[0]))
+    end = _strip(text, a, b)[1]
+
+    def worth(part: tuple[int, int]) -> tuple[int, bool, bool]:
+        return len(asked & set(terms([text[part[0] : part[1]]])[0])), part[1] == end, part == parts[0]
+
+    return max(parts, key=worth)
 
 
 def _line_before(text: str, at: int) -> str:
