@@ -183,7 +183,7 @@ def growing(engine: Engine, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--samples", type=int, default=3, help="samples per document count")
+    parser.add_argument("--samples", type=int, default=6, help="samples per document count")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--grow-tokens", type=int, default=32768)
     parser.add_argument("--append-tokens", type=int, default=1024)

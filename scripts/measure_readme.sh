@@ -138,5 +138,5 @@ $BIN/python bench/grounding_overhead.py --tokens 32768 --repeats 5 --out "$GR" |
 #     a 32K-token context against compressing it again, in memory and on a private redis-server.
 REDIS_DIR=$(mktemp -d)
 redis-server --port 6399 --save '' --appendonly no --dir "$REDIS_DIR" --daemonize yes
-$BIN/python bench/multi_document.py --redis-url redis://127.0.0.1:6399/0 --out "$OUT/documents"
+$BIN/python bench/multi_document.py --redis-url redis://127.0.0.1:6399/0 --samples 6 --out "$OUT/documents"
 redis-cli -p 6399 shutdown nosave || true
