@@ -295,3 +295,18 @@ def test_a_question_about_two_things_quotes_a_sentence_for_each():
     assert (
         quote_text(text, quote_spans("What is the door code of the archive?", text, evidence)) == text[door : door + 37]
     )
+
+
+def test_of_excerpts_ranked_alike_the_one_with_the_questions_words_is_quoted_first():
+    """A multi-hop excerpt takes the best excerpt's score; the quote still opens with the sentence
+    that answers the question, not with the hop's, which comes first in the document."""
+    text = (
+        "A lying tongue hateth those that are afflicted by it.\n\nChapter 27\n\nThe special code of nectar is 1008968."
+    )
+    hop, fact = text.index("A lying"), text.index("The special")
+    evidence = [
+        Passage(0, 0, hop, hop + 53, text[hop : hop + 53], 1.1),
+        Passage(0, 0, fact, len(text), text[fact:], 1.1),
+    ]
+    quoted = quote_text(text, quote_spans("What is the special code of nectar?", text, evidence))
+    assert quoted.startswith("The special code of nectar is 1008968.")

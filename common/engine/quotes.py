@@ -54,10 +54,15 @@ def quote_spans(
     best = max(p.score for p in evidence)
     if best <= 0:
         return []  # nothing in the window matches the question: no sentence of it answers
-    chosen = sorted((p for p in evidence if p.score >= QUOTE_TIE * best), key=lambda p: -p.score)
+    asked = set(terms([question])[0])
+    # Best first; of excerpts ranked alike, the one sharing more of the question's words (a hop of
+    # the evidence ranking takes the best passage's score, and the best is the one that was asked for).
+    chosen = sorted(
+        (p for p in evidence if p.score >= QUOTE_TIE * best),
+        key=lambda p: (-p.score, -len(asked & set(terms([p.text])[0]))),
+    )
     if len(chosen) > MAX_QUOTES:
         return []  # the question asks for several things (values, keys, a chain): a written list says them better
-    asked = set(terms([question])[0])
     limit = min(max_chars, MAX_QUOTE_CHARS)
     spans: list[tuple[int, int]] = []
     for passage in chosen:
