@@ -9,8 +9,9 @@ better: scoring the three best sentences by the likelihood of the question given
 the answer 21 times. So a question about a document is answered with a quote, and the model
 writes only where asked to (grounding "facts" or "off").
 
-What is quoted: for the best-ranked excerpt, and every excerpt scoring at least QUOTE_TIE of it,
-the sentence around the excerpt that shares the most content words with the question; then, for a
+What is quoted: for the best-ranked excerpt, and every excerpt scoring at least QUOTE_TIE of it
+(of excerpts ranked alike, the one sharing more of the question's words first), the sentence
+around the excerpt that shares the most content words with the question; then, for a
 question that names several things (two facts, in one document or in two: documents.py), while
 at least two of its content words, and half of those left, are in no quoted sentence, the
 sentence of the excerpt holding most of them (`sharedllm eval qa`: 28/48 before and after this
