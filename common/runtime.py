@@ -34,6 +34,7 @@ from sharedllm.common.store import (
     DEFAULT_TENANT,
     ContextStore,
     Fingerprints,
+    Quota,
     TenantQuotas,
     codec,
     content_context_id,
@@ -161,12 +162,7 @@ class ContextRuntime:
             reused = self._reuse(context_id, tenant, digest, lifetime_s, started)
             if reused is not None:
                 return reused
-        # Before spending the computation: a store that is gone or full, or a tenant at its quota,
-        # would refuse the write anyway.
-        self.store.ping(writes=True)
-        quota = self.quotas.of(tenant)
-        if quota.limited:  # the context this one replaces, if any, does not count
-            quota.check(tenant, self.store.usage(tenant, excluding=context_id), 0)
+        quota = self._room_for(tenant, context_id)
         with tracing.span("compress", tenant=tenant, tokens=len(token_ids)) as current:
             with tracing.span("lower model and pooling", tokens=len(token_ids)):
                 compressed = self.engine.compress(token_ids, progress)
@@ -243,10 +239,7 @@ class ContextRuntime:
         base = self.store.open(context_id, self.fingerprints, tenant=tenant)
         stored = base.token_ids.tolist()
         plan = self.engine.plan_append(stored, base.chunk_lengths, text=text, ids=ids)
-        self.store.ping(writes=True)
-        quota = self.quotas.of(tenant)
-        if quota.limited:
-            quota.check(tenant, self.store.usage(tenant, excluding=context_id), 0)
+        quota = self._room_for(tenant, context_id)
         with tracing.span("append", tenant=tenant, context_id=context_id, tokens=len(plan.tail_ids)):
             with tracing.span("lower model and pooling", tokens=len(plan.tail_ids)):
                 compressed = self.engine.compress(plan.tail_ids, progress)
@@ -275,6 +268,16 @@ class ContextRuntime:
             encoded_chunks=compressed.tree.n_chunks,
             bytes_written=encoded.written_bytes,
         )
+
+    def _room_for(self, tenant: str, context_id: str) -> Quota:
+        """The tenant's quota, checked before spending a compression: a store that is gone or full,
+        or a tenant at its quota, would refuse the write anyway (the context this write replaces,
+        if any, does not count)."""
+        self.store.ping(writes=True)
+        quota = self.quotas.of(tenant)
+        if quota.limited:
+            quota.check(tenant, self.store.usage(tenant, excluding=context_id), 0)
+        return quota
 
     def _content_id(self, tenant: str, digest: bytes) -> str:
         """The id of a document as this runtime stores it: everything the stored bytes depend on
@@ -334,13 +337,7 @@ class ContextRuntime:
         self.engine.check_context_list(ids)  # count and repeats, before any read
         manifests = [self.store.info(context_id, tenant=tenant).manifest for context_id in ids]
         for context_id, manifest in zip(ids, manifests, strict=True):
-            stored = Fingerprints(manifest.model_fingerprint, manifest.adapter_fingerprint)
-            if stored != self.fingerprints:
-                raise IncompatibleContext(
-                    f"context {context_id!r} was built for model {stored.model!r} with adapter {stored.adapter!r}; "
-                    f"this server runs model {self.fingerprints.model!r} with adapter {self.fingerprints.adapter!r}, "
-                    "and one question reads contexts of one model and adapter"
-                )
+            codec.check_fingerprints(manifest, self.fingerprints, context_id)
         self.engine.check_joined(ids, [m.n_tokens for m in manifests], [m.n_chunks for m in manifests])
         parts = [self.store.open(c, self.fingerprints, tenant=tenant, cache=self.cache) for c in ids]
         # Again on what was opened: an append may have landed between the two reads.

@@ -112,7 +112,7 @@ def test_lists_past_the_limits_unknown_ids_and_mixed_models_change_nothing(engin
             run_to_end(runtime.generate(ids, "What?", QUOTE))
 
     refused([a, "nope"], ContextNotFound, "nope")
-    refused([a, "foreign"], IncompatibleContext, "'foreign'.*one model and adapter")
+    refused([a, "foreign"], IncompatibleContext, "context 'foreign' was built for model")
     refused([a, b, a], InvalidInput, "more than once")
     refused([a] * 65, InvalidInput, "at most 64")
     big = runtime.compress_text(prose(7, 450), context_id="big").context_id  # ~3.6K tokens of the 4K limit

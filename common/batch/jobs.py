@@ -237,12 +237,6 @@ class JobStore:
                 self._settle(job_id)
         return job_id
 
-    def across_index(self, job_id: str) -> int | None:
-        """The entry that holds a job's answers across its documents (None: the job asks each)."""
-        if not self.spec(job_id).across:
-            return None
-        return int(self.client.hget(self._job(job_id), "documents")) - 1
-
     def pass_watch(self, job_id: str, index: int, holder: str, successor: str, lease_s: float) -> bool:
         """Hand the watch over a job's question across its documents from `holder` to `successor`
         (the next poll's task id), its lease renewed; False, and nothing changed, when another poll
@@ -261,10 +255,10 @@ class JobStore:
         pipe.hdel(self._doc(job_id, index), "watch")
         pipe.execute()
 
-    def documents_waited_for(self, job_id: str) -> list[int]:
-        """The documents a question across the job waits for: neither compressed yet nor finished."""
-        index = self.across_index(job_id)
-        docs = [self.document(job_id, i) for i in range(index or 0)]
+    def documents_waited_for(self, job_id: str, across: int) -> list[int]:
+        """The documents (those before entry `across`) that the job's question across them waits
+        for: neither compressed yet nor finished."""
+        docs = [self.document(job_id, i) for i in range(across)]
         return [d.index for d in docs if d.context_id is None and d.state not in TERMINAL]
 
     def text(self, job_id: str, index: int) -> str:

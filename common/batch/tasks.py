@@ -201,7 +201,7 @@ def across(self: Task, job_id: str, index: int) -> None:
     me = self.request.id or "eager"
     if store.document(job_id, index).state in TERMINAL or store.leased_elsewhere(job_id, index, stages.ACROSS, me):
         return
-    if store.documents_waited_for(job_id) and not store.cancelled(job_id):
+    if store.documents_waited_for(job_id, index) and not store.cancelled(job_id):
         successor = uuid.uuid4().hex
         if store.pass_watch(job_id, index, me, successor, self.app.settings.lease_s):
             stages.send(self.app, job_id, index, stages.ACROSS, countdown=ACROSS_WAIT_S, task_id=successor)

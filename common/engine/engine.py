@@ -7,6 +7,7 @@ here; it speaks in token ids, text and engine types, never in protobuf or gRPC.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -268,9 +269,8 @@ class Engine:
         text: str | None = None,
         ids: list[int] | None = None,
     ) -> AppendPlan:
-        """What appending `text` (or token ids) to a stored document encodes (append.py), within
-        the document limit."""
-        self.check_addition(text=text, ids=ids)
+        """What appending `text` (or token ids, checked first with check_addition) to a stored
+        document encodes (append.py), within the document limit."""
         plan = plan_append(
             stored_ids, chunk_lengths, self.adapter.config.chunk_size, self.tokenizer, text=text, ids=ids
         )
@@ -397,7 +397,7 @@ class Engine:
         texts, joined as a passage index joins them, and where each starts."""
         ids, starts = source.token_ids.tolist(), token_starts_of(source)
         texts = self.tokenizer.batch_decode(
-            [ids[a:b] for a, b in zip(starts, [*starts[1:], len(ids)], strict=True)],
+            [ids[a:b] for a, b in itertools.pairwise([*starts, len(ids)])],
             skip_special_tokens=True,
             clean_up_tokenization_spaces=False,
         )

@@ -60,7 +60,7 @@ def quote_spans(
     # the evidence ranking takes the best passage's score, and the best is the one that was asked for).
     chosen = sorted(
         (p for p in evidence if p.score >= QUOTE_TIE * best),
-        key=lambda p: (-p.score, -len(asked & set(terms([p.text])[0]))),
+        key=lambda p: (-p.score, -_shared(asked, p.text)),
     )
     if len(chosen) > MAX_QUOTES:
         return []  # the question asks for several things (values, keys, a chain): a written list says them better
@@ -73,7 +73,7 @@ def quote_spans(
     # the excerpt holding most of them adds its sentence.
     missing = asked - _covered(text, spans)
     while missing and len(spans) < MAX_QUOTES:
-        holds = [(len(missing & set(terms([p.text])[0])), p.score, p) for p in evidence if p.score > 0]
+        holds = [(_shared(missing, p.text), p.score, p) for p in evidence if p.score > 0]
         count, _, passage = max(holds, key=lambda h: h[:2], default=(0, 0.0, None))
         if (
             passage is None
@@ -91,11 +91,16 @@ def _quote_best(text: str, passage: Passage, asked: set[str], max_chars: int, sp
     sentences = _sentences_over(text, passage.char_start, passage.char_end, max_chars, asked)
     if not sentences:
         return False
-    best = max(sentences, key=lambda s: (len(asked & set(terms([text[s[0] : s[1]]])[0])), -s[0]))
+    best = max(sentences, key=lambda s: (_shared(asked, text[s[0] : s[1]]), -s[0]))
     if any(a < best[1] and best[0] < b for a, b in spans):  # quoted already
         return False
     spans.append(best)
     return True
+
+
+def _shared(asked: set[str], text: str) -> int:
+    """How many of the question's words `text` holds."""
+    return len(asked & set(terms([text])[0]))
 
 
 def _covered(text: str, spans: Sequence[tuple[int, int]]) -> set[str]:
@@ -130,10 +135,9 @@ def _best_part(text: str, a: int, b: int, default: int, max_chars: int, asked: s
     excerpt's start cut such a fact off before its value."""
     starts = [default] + [a + m.end() for m in re.finditer(r"\n[ \t]*", text[a:b])]
     parts = [_strip(text, *_words_within(text, s, max_chars, b)) for s in starts if a <= s < b]
-    end = _strip(text, a, b)[1]
 
     def worth(part: tuple[int, int]) -> tuple[int, bool, bool]:
-        return len(asked & set(terms([text[part[0] : part[1]]])[0])), part[1] == end, part == parts[0]
+        return _shared(asked, text[part[0] : part[1]]), part[1] == b, part == parts[0]
 
     return max(parts, key=worth)
 

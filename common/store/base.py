@@ -140,6 +140,7 @@ class StoredContext:
         counters: _Counters,
         bytes_read: int,
         cache: DecodedCache | None = None,
+        version: bytes = b"",
     ) -> None:
         self.context_id = context_id
         self.manifest = manifest
@@ -152,7 +153,7 @@ class StoredContext:
         self._cache = cache
         self.bytes_read = bytes_read
         self.cached_nodes = 0  # nodes the last fetches took from the decoded cache
-        self.version = b""  # the version opened (its manifest frame's digest): what an append replaces
+        self.version = version  # the version opened (its manifest frame's digest): what an append replaces
 
     @property
     def config(self) -> TreeConfig:
@@ -302,9 +303,9 @@ class ContextStore(ABC):
                     cache.put(tenant, digest, {"retrieval_keys": index[0], "token_ids": index[1]})
         read = len(frame) + len(payload or b"")
         self._counters.add(bytes_read=read)
-        stored = StoredContext(context_id, manifest, *index, reader, self._counters, read, cache)
-        stored.version = frame[: codec.DIGEST_BYTES]
-        return stored
+        return StoredContext(
+            context_id, manifest, *index, reader, self._counters, read, cache, version=frame[: codec.DIGEST_BYTES]
+        )
 
     def info(self, context_id: str, *, tenant: str = DEFAULT_TENANT) -> ContextInfo:
         """The verified manifest, stored size and current expiry; not a use (no refresh)."""

@@ -269,13 +269,19 @@ def decode_manifest(frame: bytes, expected: Fingerprints | None = None) -> pb.Co
         )
     _check_consistent(manifest)
     if expected is not None:
-        stored = Fingerprints(manifest.model_fingerprint, manifest.adapter_fingerprint)
-        if stored != expected:
-            raise IncompatibleContext(
-                f"context was built for model {stored.model!r} with adapter {stored.adapter!r}; "
-                f"this server runs model {expected.model!r} with adapter {expected.adapter!r}"
-            )
+        check_fingerprints(manifest, expected)
     return manifest
+
+
+def check_fingerprints(manifest: pb.ContextManifest, expected: Fingerprints, context_id: str | None = None) -> None:
+    """IncompatibleContext unless the context was built for the `expected` model and adapter."""
+    stored = Fingerprints(manifest.model_fingerprint, manifest.adapter_fingerprint)
+    if stored != expected:
+        which = "context" if context_id is None else f"context {context_id!r}"
+        raise IncompatibleContext(
+            f"{which} was built for model {stored.model!r} with adapter {stored.adapter!r}; "
+            f"this server runs model {expected.model!r} with adapter {expected.adapter!r}"
+        )
 
 
 def decode_retrieval_keys(manifest: pb.ContextManifest, payload: bytes) -> tuple[torch.Tensor, torch.Tensor]:

@@ -122,12 +122,23 @@ def service_model_flags(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(part for flag, value in flags if value for part in (flag, value))
 
 
+def _at_least(minimum: int, **flags: int) -> None:
+    """A one-line error naming the first flag below `minimum` (its name with dashes)."""
+    for name, value in flags.items():
+        if value < minimum:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
 def load_config(args: argparse.Namespace) -> LoadConfig:
-    for flag, value in (("--concurrency", min(args.concurrency)), ("--load-tokens", args.load_tokens),
-                        ("--documents", args.documents), ("--questions", args.questions),
-                        ("--max-new-tokens", args.max_new_tokens), ("--max-batch", args.max_batch)):  # fmt: skip
-        if value < 1:
-            raise InvalidInput(f"{flag} must be >= 1, got {value}")
+    _at_least(
+        1,
+        concurrency=min(args.concurrency),
+        load_tokens=args.load_tokens,
+        documents=args.documents,
+        questions=args.questions,
+        max_new_tokens=args.max_new_tokens,
+        max_batch=args.max_batch,
+    )
     return LoadConfig(
         concurrency=tuple(sorted(set(args.concurrency))),
         tokens=args.load_tokens,
@@ -162,12 +173,8 @@ def run_concurrency(args: argparse.Namespace) -> int:
 def soak_config(args: argparse.Namespace) -> SoakConfig:
     if args.soak_s <= 0:
         raise InvalidInput(f"--soak-s must be > 0, got {args.soak_s}")
-    for flag, value in (("--soak-questions", args.soak_questions), ("--soak-tokens", args.soak_tokens),
-                        ("--max-new-tokens", args.max_new_tokens)):  # fmt: skip
-        if value < 1:
-            raise InvalidInput(f"{flag} must be >= 1, got {value}")
-    if args.soak_compressions < 0:
-        raise InvalidInput(f"--soak-compressions must be >= 0, got {args.soak_compressions}")
+    _at_least(1, soak_questions=args.soak_questions, soak_tokens=args.soak_tokens, max_new_tokens=args.max_new_tokens)
+    _at_least(0, soak_compressions=args.soak_compressions)
     return SoakConfig(
         seconds=args.soak_s,
         questions=args.soak_questions,
