@@ -91,11 +91,15 @@ class Engine:
         self.scheduler: Scheduler | None = None  # set by start_batching: answers share model steps
         self.lower_only = False
 
-    def start_batching(self, max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+    def start_batching(
+        self, max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, threads: int | None = None
+    ) -> None:
         """From now on, answers running at once share batched model steps (scheduler.py); for a
-        server or worker that answers several questions at a time, not for one-shot commands."""
+        server or worker that answers several questions at a time, not for one-shot commands.
+        threads: torch threads of the scheduler's thread, the only one left multi-threaded
+        (threads.py); None: it keeps the process's setting."""
         if self.scheduler is None:
-            self.scheduler = Scheduler(self.decoder, max_batch=max_batch, prefill_chunk=prefill_chunk)
+            self.scheduler = Scheduler(self.decoder, max_batch=max_batch, prefill_chunk=prefill_chunk, threads=threads)
 
     def _check_positions(self, config: TreeConfig) -> None:
         """Nothing may sit at a position the base model was not trained on (docs/method.md §1):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sharedllm.common.engine import threads as torch_threads
 from sharedllm.common.engine.decoder import Decoder, Injection
 from sharedllm.common.engine.generation import decode
 from sharedllm.common.engine.grounding import GroundedAnswer
@@ -75,10 +76,20 @@ class Scheduler:
     """Runs the decoder's steps for every answer in flight, in one thread (see the module doc)."""
 
     def __init__(
-        self, decoder: Decoder, *, max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+        self,
+        decoder: Decoder,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        threads: int | None = None,
     ) -> None:
+        """threads: torch threads of the scheduler's thread, which then keeps the only OpenMP pool
+        of the process (threads.py): every thread that starts torch work afterwards runs
+        single-threaded. None: the scheduler's thread runs with the process's setting."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.decoder = decoder
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -89,8 +100,12 @@ class Scheduler:
         self._steps = 0
         self._step_s = 0.0
         self._prefill_chunks = 0
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(threads, ready), name="scheduler", daemon=True)
         self._thread.start()
+        ready.wait()
+        if threads is not None:  # `use` set the process-wide count too: put it back to one
+            torch_threads.keep_single_threaded()
 
     def generate(
         self,
@@ -141,7 +156,10 @@ class Scheduler:
         return row.result
 
     @torch.inference_mode()
-    def _run(self) -> None:
+    def _run(self, threads: int | None, ready: threading.Event) -> None:
+        if threads is not None:
+            torch_threads.use(threads)
+        ready.set()
         while True:
             with self._lock:
                 while not self._stopped and not any(r.pending for r in self._rows):

@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sharedllm.common.engine import threads as torch_threads
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.rpc.config import NetworkSettings, ServerConfig
 from sharedllm.common.rpc.errors import ServiceUnavailable
@@ -78,10 +79,14 @@ def load_runtime(config: ServerConfig, lower_only: bool = False) -> ContextRunti
     lower_only: load just the layers the compressor runs. Loads in one process take turns:
     transformers' from_pretrained patches global state while it builds the model.
     """
+    batching = not lower_only and config.batching.max_batch > 0
+    # A batching decoder's model work runs in the scheduler's thread: it alone keeps torch's
+    # threads, and no other thread (this one included) may keep a pool that slows its steps.
+    model_threads = torch_threads.keep_single_threaded() if batching else None
     with _LOADING:
         engine = Engine.from_choice(config.model, lower_only=lower_only)
-    if not lower_only and config.batching.max_batch:
-        engine.start_batching(config.batching.max_batch, config.batching.prefill_chunk)
+    if batching:
+        engine.start_batching(config.batching.max_batch, config.batching.prefill_chunk, threads=model_threads)
     return serving_runtime(engine, config)
 
 
