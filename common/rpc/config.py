@@ -125,8 +125,8 @@ class StoreSettings:
 @dataclass(frozen=True)
 class BatchingSettings:
     """The decoder's continuous batching (engine/scheduler.py): how many answers one model step
-    carries, and the largest piece of a prompt read between two steps. max_batch 0: no scheduler,
-    each answer steps the model on its own."""
+    carries, and how many prompt tokens a step reads while answers decode. max_batch 0: no
+    scheduler, each answer steps the model on its own."""
 
     max_batch: int = DEFAULT_MAX_BATCH
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK

@@ -199,7 +199,9 @@ class ServerArguments:
             "--max-batch", type=int, help="answers one model step carries (continuous batching); 0: none"
         )
         batching.add_argument(
-            "--prefill-chunk", type=int, help="largest piece of a prompt read between two decode steps (tokens)"
+            "--prefill-chunk",
+            type=int,
+            help="prompt tokens read per model step while answers decode (tokens; default 512)",
         )
         self.evidence.add_arguments(parser.add_argument_group("evidence (decoder defaults; requests may override)"))
         ObservabilityArguments().add_arguments(parser.add_argument_group("telemetry"))
