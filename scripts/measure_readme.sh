@@ -109,10 +109,13 @@ $BIN/sharedllm eval summary --json "$BA/summary.json" | tee "$BA/summary.txt"
 $BIN/python bench/batch_throughput.py --documents 2 --tokens 32768 --json "$BA/throughput.json" | tee "$BA/throughput.txt"
 
 # 6b. One decoder under many clients (continuous batching), with one client against a decoder
-#     without batching first, in the same run.
+#     without batching first, in the same run; a decode step by batch size, and with a second
+#     OpenMP pool alive beside the model's thread.
 mkdir -p "$OUT/concurrency"
-$BIN/sharedllm bench --concurrency 1 2 4 8 16 --load-tokens 8192 --documents 4 --questions 2 \
-  --max-new-tokens 64 --threads 2 --json "$OUT/concurrency/cpu-64.json" | tee "$OUT/concurrency/cpu-64.txt"
+$BIN/sharedllm bench --concurrency 1 2 4 8 16 --load-tokens 8192 --documents 4 --questions 1 \
+  --max-new-tokens 256 --threads 2 --json "$OUT/concurrency/cpu-256.json" | tee "$OUT/concurrency/cpu-256.txt"
+$BIN/python bench/batch_step.py --json "$OUT/concurrency/step.json" | tee "$OUT/concurrency/step.txt"
+$BIN/python bench/thread_pools.py --json "$OUT/concurrency/thread-pools.json" | tee "$OUT/concurrency/thread-pools.txt"
 
 # 7. Tracing (the observability issue): its cost on a repeat question, and one question's spans.
 mkdir -p "$OUT/telemetry"

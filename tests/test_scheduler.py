@@ -15,6 +15,7 @@ import pytest
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import Finished, TokenDelta
+from sharedllm.common.engine.scheduler import Scheduler
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import open_store
 
@@ -119,3 +120,27 @@ def test_a_failing_step_is_raised_to_its_caller_and_the_scheduler_goes_on(runtim
     work = requests(runtime)[0]
     assert answer(runtime, work)[0]
     assert engine.scheduler.stats().rows == 0
+
+
+def test_prompts_waiting_together_are_read_in_one_step(runtime, monkeypatch):
+    """With a budget larger than the prompts, those waiting at once share steps (oldest first),
+    beside the answers decoding, and every answer is still the answer alone."""
+    engine = runtime.engine
+    work = requests(runtime)
+    alone = [answer(runtime, r) for r in work]
+    prompts_per_step: list[int] = []
+    step_rows = engine.decoder.step_rows
+
+    def counted(pieces, caches, injections):
+        prompts_per_step.append(sum(len(piece) > 1 for piece in pieces))
+        return step_rows(pieces, caches, injections)
+
+    monkeypatch.setattr(engine.decoder, "step_rows", counted)
+    monkeypatch.setattr(engine, "scheduler", Scheduler(engine.decoder, max_batch=len(work), prefill_chunk=4096))
+    try:
+        with ThreadPoolExecutor(len(work)) as pool:
+            together = list(pool.map(lambda r: answer(runtime, r), work))
+    finally:
+        engine.scheduler.close()
+    assert together == alone
+    assert max(prompts_per_step) >= 2

@@ -12,9 +12,13 @@ arrives and leaves when its loop ends or its caller stops listening; its KV cach
 goes with it.
 
 Rows are independent: a row's attention and injection read only its own cache and tree, and the
-batched projections compute each row's output from that row alone, so an answer is the same
-whether it ran alone or beside others (the suite checks greedy answers token for token, on the
-CPU in fp32; in bf16 or on a GPU, products of different sizes may round differently).
+batched projections compute each row's output from that row alone. With 4 or more tokens in a
+step (Decoder.step_rows pads to that), the products give a row the same bits whatever shares
+its step, so a batched answer never depends on its companions. An answer alone (one token a
+step) uses the one-row products, which round differently in the last bit: the suite checks
+greedy and seeded answers token for token, alone and batched, on its tiny model, where they
+agree; with the default model's larger matrices an answer alone and batched can part where
+two tokens nearly tie.
 """
 
 from __future__ import annotations
