@@ -41,9 +41,9 @@ from sharedllm.common.telemetry import metrics
 
 DEFAULT_MAX_BATCH = 16
 # Prompt tokens per step while answers decode. Measured with 8 clients asking at once (256-token
-# answers, 600-token prompts, 2 cores): 512 against 64 gave 14% more tokens/s, first token p95
-# 8.0 s against 13.1 s and inter-token p95 113 against 193 ms (pieces of 64 made many slow steps,
-# pieces of 512 few); 1024 no better at 16 clients.
+# answers, 600-token prompts, 2 cores; bench/prefill_chunk.py): 512 against 64 gave 59.4 against
+# 43.4 tokens/s, first token p95 8.0 against 16.4 s and inter-token p95 123 against 245 ms
+# (pieces of 64 made many slow steps, pieces of 512 few).
 DEFAULT_PREFILL_CHUNK = 512
 MAX_PIECE = 4096  # the most prompt tokens one step reads when nothing else is decoding
 # How long an iteration waits for answers that are between two steps (sampling their last token)
