@@ -107,6 +107,8 @@ BA="$OUT/batch"
 mkdir -p "$BA"
 $BIN/sharedllm eval summary --json "$BA/summary.json" | tee "$BA/summary.txt"
 $BIN/python bench/batch_throughput.py --documents 2 --tokens 32768 --json "$BA/throughput.json" | tee "$BA/throughput.txt"
+$BIN/python bench/batch_throughput.py --documents 8 --tokens 8192 --modes embedded --in-flight 1 2 4 8 \
+  --json "$BA/in-flight.json" | tee "$BA/in-flight.txt"
 
 # 6b. One decoder under many clients (continuous batching), with one client against a decoder
 #     without batching first, in the same run; a decode step by batch size, and with a second
