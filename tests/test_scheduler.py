@@ -8,6 +8,7 @@ with excerpts in the window (the answer's steps read no tree) and without (every
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import Finished, TokenDelta
-from sharedllm.common.engine.scheduler import Scheduler
+from sharedllm.common.engine.scheduler import Scheduler, _Row
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import open_store
 
@@ -130,13 +131,19 @@ def test_prompts_waiting_together_are_read_in_one_step(runtime, monkeypatch):
     alone = [answer(runtime, r) for r in work]
     prompts_per_step: list[int] = []
     step_rows = engine.decoder.step_rows
+    scheduler = Scheduler(engine.decoder, max_batch=len(work), prefill_chunk=4096)
 
     def counted(pieces, caches, injections):
+        if not prompts_per_step:  # the first step waits for every answer to ask, so prompts queue up
+            deadline = time.monotonic() + 30
+            while scheduler.stats().rows < len(work) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # each has handed in its prompt
         prompts_per_step.append(sum(len(piece) > 1 for piece in pieces))
         return step_rows(pieces, caches, injections)
 
     monkeypatch.setattr(engine.decoder, "step_rows", counted)
-    monkeypatch.setattr(engine, "scheduler", Scheduler(engine.decoder, max_batch=len(work), prefill_chunk=4096))
+    monkeypatch.setattr(engine, "scheduler", scheduler)
     try:
         with ThreadPoolExecutor(len(work)) as pool:
             together = list(pool.map(lambda r: answer(runtime, r), work))
@@ -144,3 +151,32 @@ def test_prompts_waiting_together_are_read_in_one_step(runtime, monkeypatch):
         engine.scheduler.close()
     assert together == alone
     assert max(prompts_per_step) >= 2
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "expected_pieces"),
+    [
+        (4, [30]),  # 3 answers decode: the prompts share the one row left
+        (8, [30, 30, 30, 10]),  # room for all: oldest first until the 100-token budget is spent
+    ],
+)
+def test_a_step_keeps_decoding_rows_and_shares_the_prompt_budget(runtime, max_batch, expected_pieces):
+    engine = runtime.engine
+    scheduler = Scheduler(engine.decoder, max_batch=max_batch, prefill_chunk=100)
+
+    def row(past: int, pending: int, arrived: float) -> _Row:
+        made = _Row(engine.body.new_cache(64), None, pending=[1] * pending, arrived=arrived)
+        made.cache.length = past
+        return made
+
+    decoding = [row(10, 1, t) for t in (3.0, 4.0, 5.0)]
+    prompts = [row(0, 30, t) for t in (0.0, 1.0, 2.0, 6.0)]  # three of them older than every answer
+    try:
+        with scheduler._lock:  # the scheduler's thread is not woken: these rows are only looked at
+            scheduler._rows.extend(decoding + prompts)
+            chosen, reading = scheduler._choose()
+            scheduler._rows.clear()
+    finally:
+        scheduler.close()
+    assert chosen == decoding[: max_batch - len(expected_pieces)]
+    assert reading == list(zip(prompts, expected_pieces, strict=False))

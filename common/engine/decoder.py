@@ -22,9 +22,9 @@ from sharedllm.common.kernels import gather_injection
 # A packed step of more than one token is padded to a multiple of this many (padding tokens
 # attend to nothing and are dropped): with MKL on this project's 2-core CPU, a product of 2, 3, 6,
 # 7 or 11 rows by a weight matrix took up to 3x as long as one of 4, 8 or 12 (the head: 21, 32
-# and 31 ms for 2, 3 and 7 rows against 16 and 15 ms for 4 and 8), and every row's result is
-# the same bits in any product of 4 rows or more, so a row's answer never depends on how many
-# others shared its steps.
+# and 31 ms for 2, 3 and 7 rows against 16 and 15 ms for 4 and 8), and in any product of 4 rows
+# or more a row's result is the same bits, whatever the other rows (scheduler.py says where
+# that stops).
 PACK_MULTIPLE = 4
 
 
@@ -143,7 +143,7 @@ class Decoder:
         sequence (padded to a multiple of PACK_MULTIPLE tokens) for the projections, MLPs and the
         head, so the weights are read once per step for every row (what batching buys); attention
         and the injection's cross-attention run row by row over each row's own cache and tree,
-        exactly as the row would alone, with no padding.
+        exactly as the row would alone (attention never sees the padding).
         """
         body = self.body
         device = body.device

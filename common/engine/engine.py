@@ -96,8 +96,9 @@ class Engine:
     ) -> None:
         """From now on, answers running at once share batched model steps (scheduler.py); for a
         server or worker that answers several questions at a time, not for one-shot commands.
-        threads: torch threads of the scheduler's thread, the only one left multi-threaded
-        (threads.py); None: it keeps the process's setting."""
+        threads: torch threads of the scheduler's thread; every other thread is then made
+        single-threaded (scheduler.Scheduler, threads.py), as a batching decoder wants once it
+        loaded its model single-threaded; None: nothing changes."""
         if self.scheduler is None:
             self.scheduler = Scheduler(self.decoder, max_batch=max_batch, prefill_chunk=prefill_chunk, threads=threads)
 

@@ -12,13 +12,13 @@ arrives and leaves when its loop ends or its caller stops listening; its KV cach
 goes with it.
 
 Rows are independent: a row's attention and injection read only its own cache and tree, and the
-batched projections compute each row's output from that row alone. With 4 or more tokens in a
-step (Decoder.step_rows pads to that), the products give a row the same bits whatever shares
-its step, so a batched answer never depends on its companions. An answer alone (one token a
-step) uses the one-row products, which round differently in the last bit: the suite checks
-greedy and seeded answers token for token, alone and batched, on its tiny model, where they
-agree; with the default model's larger matrices an answer alone and batched can part where
-two tokens nearly tie (bench/same_answers.py found 18 of 18 the same).
+batched projections compute each row's output from that row alone. On the CPU in fp32 (MKL), a
+product of 4 rows or more gives a row the same bits whatever else it holds (Decoder.step_rows
+pads steps of 2 or 3 tokens to 4); a step of one token (an answer alone, or one left alone for
+a step) uses the one-row product, which rounds differently in the last bit. So an answer alone
+and batched can part where two tokens nearly tie: the suite checks greedy and seeded answers
+token for token on its tiny model, and bench/same_answers.py found 18 of 18 the same with the
+default model. On a GPU, kernels may change with the number of rows.
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ class SchedulerStats:
     """What the scheduler is doing, for GetServerInfo and the metrics."""
 
     rows: int  # answers in flight (decoding, reading their prompt, or between steps)
-    last_batch: int  # rows in the last batched step (answers decoding, and a prompt being read)
+    last_batch: int  # rows in the last batched step (answers decoding, and prompts being read)
     steps: int  # batched steps run
     step_seconds: float  # the last batched step's duration
-    prefill_chunks: int
+    prefill_chunks: int  # batched steps that read prompt tokens
 
 
 @dataclass(eq=False)
@@ -91,9 +91,12 @@ class Scheduler:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         threads: int | None = None,
     ) -> None:
-        """threads: torch threads of the scheduler's thread, which then keeps the only OpenMP pool
-        of the process (threads.py): every thread that starts torch work afterwards runs
-        single-threaded. None: the scheduler's thread runs with the process's setting."""
+        """threads: torch threads of the scheduler's thread. Given, this constructor also makes
+        the calling thread and every thread that starts torch work afterwards single-threaded
+        (threads.py), for good (close() does not undo it): for a process that made torch
+        single-threaded before loading the model, so that the scheduler's thread keeps its only
+        OpenMP pool. None: the scheduler's thread runs with the process's setting, nothing else
+        changes."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         if threads is not None and threads < 1:
@@ -109,9 +112,12 @@ class Scheduler:
         self._step_s = 0.0
         self._prefill_chunks = 0
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(threads, ready), name="scheduler", daemon=True)
+        started: list[BaseException] = []  # what stopped the thread before its loop, if anything
+        self._thread = threading.Thread(target=self._run, args=(threads, ready, started), name="scheduler", daemon=True)
         self._thread.start()
         ready.wait()
+        if started:
+            raise started[0]
         if threads is not None:  # `use` set the process-wide count too: put it back to one
             torch_threads.keep_single_threaded()
 
@@ -164,10 +170,15 @@ class Scheduler:
         return row.result
 
     @torch.inference_mode()
-    def _run(self, threads: int | None, ready: threading.Event) -> None:
-        if threads is not None:
-            torch_threads.use(threads)
-        ready.set()
+    def _run(self, threads: int | None, ready: threading.Event, started: list[BaseException]) -> None:
+        try:
+            if threads is not None:
+                torch_threads.use(threads)
+        except BaseException as exc:  # raised by the constructor, which waits for `ready`
+            started.append(exc)
+            return
+        finally:
+            ready.set()
         while True:
             with self._lock:
                 while not self._stopped and not any(r.pending for r in self._rows):
@@ -195,15 +206,16 @@ class Scheduler:
         prompts = [r for r in waiting if not _decodes(r)]
         if not any(r.cache.length > 0 and len(r.pending) <= 1 for r in self._rows):
             return [], [(prompts[0], min(len(prompts[0].pending), MAX_PIECE))] if prompts else []
+        decoding = [r for r in waiting if _decodes(r)]
         reading: list[tuple[_Row, int]] = []
         budget = self.prefill_chunk
-        for row in prompts[: self.max_batch]:
+        # Answers decoding keep their rows; prompts take what is left, always at least one.
+        for row in prompts[: max(1, self.max_batch - len(decoding))]:
             if budget == 0:
                 break
             reading.append((row, min(len(row.pending), budget)))
             budget -= reading[-1][1]
-        decoding = [r for r in waiting if _decodes(r)][: self.max_batch - len(reading)]
-        return decoding, reading
+        return decoding[: self.max_batch - len(reading)], reading
 
     def _fail_all(self, error: BaseException) -> None:
         for row in self._rows:

@@ -193,7 +193,11 @@ class ServerArguments:
         self.store.add_arguments(parser.add_argument_group("store"))
         model = parser.add_argument_group("model")
         self.model.add_arguments(model)
-        model.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's choice)")
+        model.add_argument(
+            "--torch-threads",
+            type=int,
+            help="CPU threads for torch (default: torch's choice); a batching decoder gives them to its scheduler",
+        )
         batching = parser.add_argument_group("batching (decoder)")
         batching.add_argument(
             "--max-batch", type=int, help="answers one model step carries (continuous batching); 0: none"
