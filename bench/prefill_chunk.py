@@ -7,67 +7,43 @@ One engine with the default model, set up as the batching decoder service sets i
 the scheduler's thread keeps torch's threads); an 8K-token document compressed once; at each
 chunk size, C threads ask a question each at the same moment through the runtime, every answer
 decoded freely to 256 tokens. No gRPC and no client processes: the scheduler's trade alone
-(aggregate tokens/s, time to first token and inter-token latency, p50 and p95).
+(the figures `sharedllm bench --concurrency` reports: aggregate tokens/s, time to first token
+and inter-token latency, p50 and p95).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from sharedllm.benchmark.load import percentile
+from sharedllm.benchmark.load import Answered, level_figures, timed
 from sharedllm.benchmark.report import write_json
 from sharedllm.benchmark.workload import QUESTIONS, document_tokens
 from sharedllm.common.engine import threads as torch_threads
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.params import SamplingParams, free_generation
-from sharedllm.common.engine.results import TokenDelta
 from sharedllm.common.engine.scheduler import Scheduler
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store.memory import MemoryStore
 
 
-def level(runtime: ContextRuntime, context_id: str, clients: int, params: SamplingParams) -> dict[str, float]:
-    ttfts: list[float] = []
-    gaps: list[float] = []
-    tokens: list[int] = []
+def level(runtime: ContextRuntime, context_id: str, clients: int, params: SamplingParams) -> dict[str, Any]:
+    """`clients` threads asking at once through the runtime; the level's figures, as over gRPC."""
+    answers = [Answered() for _ in range(clients)]
 
     def client(index: int) -> None:
-        started = last = time.perf_counter()
-        first = None
-        count = 0
-        for event in runtime.generate(context_id, QUESTIONS[index % len(QUESTIONS)], params):
-            if isinstance(event, TokenDelta) and event.token_id is not None:
-                now = time.perf_counter()
-                count += 1
-                if first is None:
-                    first = now - started
-                else:
-                    gaps.append(now - last)
-                last = now
-        ttfts.append(first if first is not None else time.perf_counter() - started)
-        tokens.append(count)
+        timed(runtime.generate(context_id, QUESTIONS[index % len(QUESTIONS)], params), answers[index])
 
     started = time.perf_counter()
-    workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    wall = time.perf_counter() - started
-    return {
-        "clients": clients,
-        "tokens_per_s": round(sum(tokens) / wall, 1),
-        "ttft_p50_s": round(percentile(ttfts, 0.5), 2),
-        "ttft_p95_s": round(percentile(ttfts, 0.95), 2),
-        "itl_p50_ms": round(1000 * (percentile(gaps, 0.5) or 0), 1),
-        "itl_p95_ms": round(1000 * (percentile(gaps, 0.95) or 0), 1),
-    }
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return level_figures(clients, answers, time.perf_counter() - started)
 
 
 def main() -> None:

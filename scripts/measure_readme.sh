@@ -121,6 +121,7 @@ $BIN/python bench/thread_pools.py --json "$OUT/concurrency/thread-pools.json" | 
 $BIN/python bench/prefill_chunk.py --chunks 64 512 --clients 8 --json "$OUT/concurrency/prefill-chunk.json" \
   | tee "$OUT/concurrency/prefill-chunk.txt"
 $BIN/python bench/same_answers.py --json "$OUT/concurrency/same-answers.json" | tee "$OUT/concurrency/same-answers.txt"
+$BIN/python bench/row_products.py --json "$OUT/concurrency/row-products.json" | tee "$OUT/concurrency/row-products.txt"
 
 # 7. Tracing (the observability issue): its cost on a repeat question, and one question's spans.
 mkdir -p "$OUT/telemetry"

@@ -20,11 +20,11 @@ from sharedllm.common.errors import IncompatibleContext
 from sharedllm.common.kernels import gather_injection
 
 # A packed step of more than one token is padded to a multiple of this many (padding tokens
-# attend to nothing and are dropped): with MKL on this project's 2-core CPU, a product of 2, 3, 6,
-# 7 or 11 rows by a weight matrix took up to 3x as long as one of 4, 8 or 12 (the head: 21, 32
-# and 31 ms for 2, 3 and 7 rows against 16 and 15 ms for 4 and 8), and in any product of 4 rows
-# or more a row's result is the same bits, whatever the other rows (scheduler.py says where
-# that stops).
+# attend to nothing and are dropped). With MKL on this project's 2-core CPU (bench/row_products.py),
+# a product of 2, 3, 7 or 11 rows by a weight matrix took up to twice as long as one of 4, 8 or
+# 12 (the head: 23, 37 and 35 ms for 2, 3 and 7 rows against 19 ms for 4 and 8), and in any
+# product of 4 to 40 rows a row's result is the same bits, whatever the other rows (scheduler.py
+# says where that stops).
 PACK_MULTIPLE = 4
 
 

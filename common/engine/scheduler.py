@@ -41,9 +41,9 @@ from sharedllm.common.telemetry import metrics
 
 DEFAULT_MAX_BATCH = 16
 # Prompt tokens per step while answers decode. Measured with 8 clients asking at once (256-token
-# answers, 600-token prompts, 2 cores; bench/prefill_chunk.py): 512 against 64 gave 59.4 against
-# 43.4 tokens/s, first token p95 8.0 against 16.4 s and inter-token p95 123 against 245 ms
-# (pieces of 64 made many slow steps, pieces of 512 few).
+# answers, 600-token prompts, 2 cores; bench/prefill_chunk.py, two runs): 512 against 64 gave
+# 58.2 against 50.3 tokens/s (the first run: 59.4 against 43.4), first token p95 8.3 against
+# 13.9 s and inter-token p95 130 against 198 ms (pieces of 64 made many slow steps, 512 few).
 DEFAULT_PREFILL_CHUNK = 512
 MAX_PIECE = 4096  # the most prompt tokens one step reads when nothing else is decoding
 # How long an iteration waits for answers that are between two steps (sampling their last token)
@@ -51,9 +51,9 @@ MAX_PIECE = 4096  # the most prompt tokens one step reads when nothing else is d
 GATHER_S = 0.002
 
 
-def _decodes(row: _Row) -> bool:
-    """The row waits for the next token of its answer (not for a piece of its prompt)."""
-    return len(row.pending) == 1 and row.cache.length > 0
+def _past_prompt(row: _Row) -> bool:
+    """The row's prompt is read: it waits for the next token of its answer, or is sampling one."""
+    return row.cache.length > 0 and len(row.pending) <= 1
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,6 @@ class Scheduler:
         changes."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
         self.decoder = decoder
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -174,7 +172,7 @@ class Scheduler:
         try:
             if threads is not None:
                 torch_threads.use(threads)
-        except BaseException as exc:  # raised by the constructor, which waits for `ready`
+        except BaseException as exc:  # e.g. threads < 1: raised by the constructor, which waits for `ready`
             started.append(exc)
             return
         finally:
@@ -203,10 +201,10 @@ class Scheduler:
         tokens in all; the oldest prompt whole (up to MAX_PIECE) while no answer is past its
         prompt, for no one waits for it then."""
         waiting = sorted((r for r in self._rows if r.pending), key=lambda r: r.arrived)
-        prompts = [r for r in waiting if not _decodes(r)]
-        if not any(r.cache.length > 0 and len(r.pending) <= 1 for r in self._rows):
+        prompts = [r for r in waiting if not _past_prompt(r)]
+        if not any(map(_past_prompt, self._rows)):
             return [], [(prompts[0], min(len(prompts[0].pending), MAX_PIECE))] if prompts else []
-        decoding = [r for r in waiting if _decodes(r)]
+        decoding = [r for r in waiting if _past_prompt(r)]
         reading: list[tuple[_Row, int]] = []
         budget = self.prefill_chunk
         # Answers decoding keep their rows; prompts take what is left, always at least one.

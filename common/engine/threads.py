@@ -1,9 +1,11 @@
 """Which threads of a process run torch's CPU work in parallel.
 
 On Linux, torch parallelises an operation with OpenMP, and every thread that has run a
-parallel region keeps its own pool of OpenMP workers for as long as it lives. Once two pools
-are alive on 2 cores, the runtime throttles them: their workers sleep between operations
-instead of spinning, and a decode step, hundreds of small operations, pays a wake-up for each.
+parallel region keeps its own pool of OpenMP workers for as long as it lives. With two pools
+alive on 2 cores there are more OpenMP threads than cores, and a decode step, hundreds of small
+operations each a parallel region, gets much slower (the likely cause, not measured here:
+libgomp then lets idle workers spin only briefly before they sleep, so each operation pays a
+wake-up).
 A batching decoder runs nearly all its model work in one thread (the scheduler's), but it
 loaded the model in another and plans questions in many more (the gRPC workers). Measured on
 2 cores (`python bench/thread_pools.py`, `bench/results/concurrency/thread-pools.json`): a

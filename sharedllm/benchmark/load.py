@@ -19,7 +19,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,22 +62,28 @@ class Answered:
 
 def ask(decoder: DecoderClient, context_id: str, question: str, params: SamplingParams) -> Answered:
     answered = Answered()
-    started = last = time.perf_counter()
     try:
-        for event in decoder.generate(context_id, question, params):
-            if isinstance(event, TokenDelta) and event.token_id is not None:
-                now = time.perf_counter()
-                if answered.ttft_s is None:
-                    answered.ttft_s = now - started
-                else:
-                    answered.gaps_s.append(now - last)
-                last = now
-                answered.tokens += 1
-            elif isinstance(event, Finished):
-                break
+        timed(decoder.generate(context_id, question, params), answered)
     except RemoteError as exc:
         answered.refused = exc.code.name
     return answered
+
+
+def timed(events: Iterable[TokenDelta | Finished], answered: Answered) -> None:
+    """Read an answer's events as they come: the time to its first token, the gaps between its
+    tokens and their count. The events are produced lazily, so the clock starts at the request."""
+    started = last = time.perf_counter()
+    for event in events:
+        if isinstance(event, TokenDelta) and event.token_id is not None:
+            now = time.perf_counter()
+            if answered.ttft_s is None:
+                answered.ttft_s = now - started
+            else:
+                answered.gaps_s.append(now - last)
+            last = now
+            answered.tokens += 1
+        elif isinstance(event, Finished):
+            break
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -103,7 +109,11 @@ def run_level(target: str, api_key: str, contexts: Sequence[str], clients: int, 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         answers = [a for per_client in pool.map(client, range(clients)) for a in per_client]
-    wall = time.perf_counter() - started
+    return level_figures(clients, answers, time.perf_counter() - started)
+
+
+def level_figures(clients: int, answers: Sequence[Answered], wall: float) -> dict[str, Any]:
+    """A level's figures from its answers and its wall time."""
     served = [a for a in answers if a.refused is None]
     ttfts = [a.ttft_s for a in served if a.ttft_s is not None]
     gaps = [g for a in served for g in a.gaps_s]
