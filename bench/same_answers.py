@@ -3,10 +3,10 @@
     python bench/same_answers.py --json bench/results/concurrency/same-answers.json
 
 Three training-split Bible books cut to 8,192 tokens, three questions each; every answer is
-asked first alone (one at a time through the scheduler: one-row products at every decode step)
-and then all nine at once (batched steps), greedy, free and grounded, up to 96 tokens. The suite
-checks the same on its tiny model; this checks the default model, whose larger matrices round a
-one-row product differently from a batched one.
+asked first alone (one at a time through the scheduler: prompts read whole, one row a step)
+and then all nine at once (prompts in pieces, batched steps), greedy, free and grounded, up to
+96 tokens. The suite checks the logits bit for bit on its tiny model; this checks the default
+model's answers, with its own shapes and kernels.
 """
 
 from __future__ import annotations

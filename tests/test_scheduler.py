@@ -3,6 +3,8 @@
 The tiny model with an adapter whose injection changes the output, several documents of
 different lengths at once (so rows differ in prompt length, cache length and tree), questions
 with excerpts in the window (the answer's steps read no tree) and without (every step reads it).
+Attention blocks of 16 tokens (the tiny prompts would fit one block of the default 128), so
+prompts are cut into several pieces.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
+import torch
 
 from sharedllm.common.engine.engine import Engine
 from sharedllm.common.engine.params import SamplingParams
 from sharedllm.common.engine.results import Finished, TokenDelta
 from sharedllm.common.engine.scheduler import Scheduler, _Row
+from sharedllm.common.kernels.packed_linear import PackedLinear
 from sharedllm.common.runtime import ContextRuntime
 from sharedllm.common.store import open_store
 
@@ -25,12 +30,14 @@ DOCUMENTS = [
     "Ruth gleaned in the field of Boaz until the end of the barley harvest. " * 25,
     "A short note: the meeting moved to Thursday at nine. " * 4,
 ]
+BLOCK = 16
 QUESTIONS = ["Where is the cat?", "Who gleaned in the field?", "When is the meeting?", "What happened?"]
 
 
 @pytest.fixture(scope="module")
 def runtime(tiny_model_dir, tiny_adapter):
     engine = Engine.load(model=str(tiny_model_dir), adapter=tiny_adapter)
+    engine.decoder.block = BLOCK
     runtime = ContextRuntime(engine, open_store("memory://"), default_ttl_s=None)
     runtime.context_ids = [runtime.compress_text(text).context_id for text in DOCUMENTS]
     yield runtime
@@ -156,8 +163,10 @@ def test_prompts_waiting_together_are_read_in_one_step(runtime, monkeypatch):
 @pytest.mark.parametrize(
     ("max_batch", "expected_pieces"),
     [
-        (4, [30]),  # 3 answers decode: the prompts share the one row left
-        (8, [30, 30, 30, 10]),  # room for all: oldest first until the 100-token budget is spent
+        (4, [70]),  # 3 answers decode: the prompts share the one row left
+        # Room for all, oldest first: the second prompt's piece ends at the last block end
+        # within the 100-token budget (16 tokens), and the third waits (no block end within 14).
+        (8, [70, 16]),
     ],
 )
 def test_a_step_keeps_decoding_rows_and_shares_the_prompt_budget(runtime, max_batch, expected_pieces):
@@ -165,12 +174,12 @@ def test_a_step_keeps_decoding_rows_and_shares_the_prompt_budget(runtime, max_ba
     scheduler = Scheduler(engine.decoder, max_batch=max_batch, prefill_chunk=100)
 
     def row(past: int, pending: int, arrived: float) -> _Row:
-        made = _Row(engine.body.new_cache(64), None, pending=[1] * pending, arrived=arrived)
+        made = _Row(engine.body.new_cache(128), None, pending=[1] * pending, arrived=arrived)
         made.cache.length = past
         return made
 
     decoding = [row(10, 1, t) for t in (3.0, 4.0, 5.0)]
-    prompts = [row(0, 30, t) for t in (0.0, 1.0, 2.0, 6.0)]  # three of them older than every answer
+    prompts = [row(0, 70, t) for t in (0.0, 1.0, 2.0, 6.0)]  # three of them older than every answer
     try:
         with scheduler._lock:  # the scheduler's thread is not woken: these rows are only looked at
             scheduler._rows.extend(decoding + prompts)
@@ -180,3 +189,29 @@ def test_a_step_keeps_decoding_rows_and_shares_the_prompt_budget(runtime, max_ba
         scheduler.close()
     assert chosen == decoding[: max_batch - len(expected_pieces)]
     assert reading == list(zip(prompts, expected_pieces, strict=False))
+
+
+def test_a_row_has_the_same_bits_alone_and_batched_with_its_prompt_in_pieces(runtime):
+    """The logits of a prompt read whole, alone, and read in pieces (cut at block ends) beside
+    another answer's prompt and decoding steps are the same bits, and so are the steps after."""
+    engine = runtime.engine
+    decoder = engine.decoder
+    if not isinstance(engine.body.layers[0].self_attn.q_proj, PackedLinear):
+        pytest.skip("rows are independent to the bit only with the packed linears (CPU, oneDNN)")
+    injection, _ = decoder.prepare(engine.compress([(13 * i) % 400 + 3 for i in range(300)]).tree, None)
+    injection = replace(injection, shielded=((20, 50),))  # some prompt tokens read the tree, some not
+    prompt = [(7 * i) % 500 + 3 for i in range(90)]
+    other = [(11 * i) % 500 + 3 for i in range(40)]
+    answer = [5, 9, 13]
+
+    cache = engine.body.new_cache(128)
+    alone = [decoder.step_rows([prompt], [cache], [injection])[0]]
+    alone += [decoder.step_rows([[token]], [cache], [injection])[0] for token in answer]
+
+    cache, beside = engine.body.new_cache(128), engine.body.new_cache(128)
+    pairs = [decoder.step_rows([prompt[:BLOCK], other[: 2 * BLOCK]], [cache, beside], [injection, None])]
+    pairs.append(decoder.step_rows([prompt[BLOCK : 4 * BLOCK], other[2 * BLOCK :]], [cache, beside], [injection, None]))
+    pairs.append(decoder.step_rows([prompt[4 * BLOCK :], [21]], [cache, beside], [injection, None]))
+    batched = [pairs[-1][0]]
+    batched += [decoder.step_rows([[t], [21]], [cache, beside], [injection, None])[0] for t in answer]
+    assert all(torch.equal(a, b) for a, b in zip(alone, batched, strict=True))

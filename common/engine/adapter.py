@@ -22,6 +22,7 @@ from torch import nn
 from sharedllm.common.config import TreeConfig
 from sharedllm.common.engine.llama import LlamaBody, apply_rope
 from sharedllm.common.errors import InvalidInput, ModelUnavailable
+from sharedllm.common.kernels.packed_linear import plain
 
 ADAPTER_FORMAT = "sharedllm-adapter/1"
 
@@ -85,12 +86,12 @@ class InjectionAdapter(nn.Module):
         for i in range(config.n_layers):
             layer = body.layers[i]
             attn = layer.self_attn
-            o_proj = copy.deepcopy(attn.o_proj)
+            o_proj = plain(attn.o_proj)
             nn.init.zeros_(o_proj.weight)
             if o_proj.bias is not None:
                 nn.init.zeros_(o_proj.bias)
             block = CrossAttention(
-                copy.deepcopy(layer.input_layernorm), copy.deepcopy(attn.q_proj), o_proj, body.head_dim, attn.scaling
+                copy.deepcopy(layer.input_layernorm), plain(attn.q_proj), o_proj, body.head_dim, attn.scaling
             )
             blocks.append(block)
         adapter = cls(config, blocks, {"trained": False})

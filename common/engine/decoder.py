@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -19,13 +20,19 @@ from sharedllm.common.engine.tree import ContextSource
 from sharedllm.common.errors import IncompatibleContext
 from sharedllm.common.kernels import gather_injection
 
-# A packed step of more than one token is padded to a multiple of this many (padding tokens
-# attend to nothing and are dropped). With MKL on this project's 2-core CPU (bench/row_products.py),
-# a product of 2, 3, 7 or 11 rows by a weight matrix took up to twice as long as one of 4, 8 or
-# 12 (the head: 23, 37 and 35 ms for 2, 3 and 7 rows against 19 ms for 4 and 8), and in any
-# product of 4 to 40 rows a row's result is the same bits, whatever the other rows (scheduler.py
-# says where that stops).
-PACK_MULTIPLE = 4
+# A prompt's queries attend, and read the injection, in blocks that end where positions reach a
+# multiple of this, however the prompt is cut into steps (Decoder.step_rows); the scheduler cuts
+# prompts only there. The CPU's attention kernel splits its queries into tiles by their number,
+# so a query read in a piece of another length can round differently in the last bit; with fixed
+# blocks every answer goes through the same arithmetic alone, batched or in pieces
+# (bench/packed_linear.py: pieces of a 1,200-token prompt mostly differ from the whole).
+ATTENTION_BLOCK = 128
+
+
+def attention_blocks(start: int, length: int, block: int) -> list[tuple[int, int]]:
+    """[lo, hi) offsets, within a piece of `length` tokens at positions start.., of its blocks."""
+    cuts = range(start - start % block + block, start + length, block)
+    return [(lo - start, hi - start) for lo, hi in pairwise([start, *cuts, start + length])]
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class Decoder:
         self.body = body
         self.adapter = adapter
         self.eos_ids = eos_ids
+        self.block = ATTENTION_BLOCK  # fixed while answers are in flight: it is part of their arithmetic
 
     @torch.inference_mode()
     def query_vector(self, query_ids: list[int]) -> torch.Tensor:
@@ -140,10 +148,11 @@ class Decoder:
 
         Row b feeds pieces[b] (one token while it decodes, a piece of its prompt while it reads it)
         at the next positions of caches[b], reading injections[b]. The pieces are packed into one
-        sequence (padded to a multiple of PACK_MULTIPLE tokens) for the projections, MLPs and the
-        head, so the weights are read once per step for every row (what batching buys); attention
-        and the injection's cross-attention run row by row over each row's own cache and tree,
-        exactly as the row would alone (attention never sees the padding).
+        sequence for the projections, MLPs and the head, so the weights are read once per step for
+        every row (what batching buys); attention and the injection's cross-attention run row by
+        row, block by block (ATTENTION_BLOCK), over each row's own cache and tree. On the CPU the
+        packed projections give a row the same bits whatever the other rows
+        (kernels/packed_linear.py), so a row's result is the one it gets alone.
         """
         body = self.body
         device = body.device
@@ -151,33 +160,38 @@ class Decoder:
         bounds = [0]
         for piece in pieces:
             bounds.append(bounds[-1] + len(piece))
-        padding = -bounds[-1] % PACK_MULTIPLE if bounds[-1] > 1 else 0
-        ids = torch.tensor([t for piece in pieces for t in piece] + [0] * padding, dtype=torch.long, device=device)
+        ids = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long, device=device)
         positions = torch.cat(
             [
-                *(
-                    torch.arange(start, start + len(piece), device=device)
-                    for start, piece in zip(starts, pieces, strict=True)
-                ),
-                torch.zeros(padding, dtype=torch.long, device=device),
+                torch.arange(start, start + len(piece), device=device)
+                for start, piece in zip(starts, pieces, strict=True)
             ]
         )
-        h = body.embed(ids).unsqueeze(0)  # [1, T + padding, hidden]: every row's tokens, one after another
+        h = body.embed(ids).unsqueeze(0)  # [1, T, hidden]: every row's tokens, one after another
         cos, sin = body.rope(positions.unsqueeze(0))
-        rows = list(zip(bounds, bounds[1:], starts, caches, strict=False))
-        hooks = [
-            self._hook(inj, start, len(piece)) for inj, start, piece in zip(injections, starts, pieces, strict=True)
-        ]
-        reading = [(lo, hi, hook) for (lo, hi, _, _), hook in zip(rows, hooks, strict=True) if hook is not None]
+        # Per row: its span [lo, hi) of the sequence, its cache, and its blocks (offset, end) with their hooks.
+        rows = []
+        reading = []  # (lo, hi, hook): the blocks that read an injection
+        for lo, hi, start, cache, injection in zip(bounds, bounds[1:], starts, caches, injections, strict=False):
+            blocks = attention_blocks(start, hi - lo, self.block)
+            rows.append((lo, hi, start, cache, blocks))
+            for a, b in blocks:
+                hook = self._hook(injection, start + a, b - a)
+                if hook is not None:
+                    reading.append((lo + a, lo + b, hook))
         for i in range(body.n_layers):
             q, k, v = body.project(i, h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             heads = []
-            for lo, hi, start, cache in rows:
+            for lo, hi, start, cache, blocks in rows:
                 keys, values = cache.update(i, k[:, :, lo:hi], v[:, :, lo:hi])
-                heads.append(body.attention_heads(i, q[:, :, lo:hi], keys, values, start))
-            if padding:  # padding tokens attend to nothing
-                heads.append(q.new_zeros(1, body.n_heads, padding, body.head_dim))
+                for a, b in blocks:
+                    seen = start + b  # a block's queries see the cache up to its own last token
+                    heads.append(
+                        body.attention_heads(
+                            i, q[:, :, lo + a : lo + b], keys[:, :, :seen], values[:, :, :seen], start + a
+                        )
+                    )
             h = h + body.layers[i].self_attn.o_proj(torch.cat(heads, dim=2).transpose(1, 2).reshape(1, h.shape[1], -1))
             for lo, hi, hook in reading:
                 extra = hook(i, h[:, lo:hi])

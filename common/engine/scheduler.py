@@ -6,19 +6,18 @@ thread takes, per iteration, the next token of every answer waiting for one and 
 prompts waiting to be read, oldest first, `prefill_chunk` tokens of them in all (at most
 `max_batch` rows), and runs them as one step (Decoder.step_rows: the rows' tokens packed into one
 sequence, so the weights are read once for all of them). A prompt is read a piece per step
-(chunked prefill), so it stalls the answers already decoding for one piece at a time; with
-nothing decoding, the oldest prompt is read at once. An answer joins when its first step
+(chunked prefill, cut where an attention block ends), so it stalls the answers already decoding
+for one piece at a time; with nothing decoding, the oldest prompt is read at once. An answer joins when its first step
 arrives and leaves when its loop ends or its caller stops listening; its KV cache is its own and
 goes with it.
 
 Rows are independent: a row's attention and injection read only its own cache and tree, and the
-batched projections compute each row's output from that row alone. On the CPU in fp32 (MKL), a
-product of 4 rows or more gives a row the same bits whatever else it holds (Decoder.step_rows
-pads steps of 2 or 3 tokens to 4); a step of one token (an answer alone, or one left alone for
-a step) uses the one-row product, which rounds differently in the last bit. So an answer alone
-and batched can part where two tokens nearly tie: the suite checks greedy and seeded answers
-token for token on its tiny model, and bench/same_answers.py found 18 of 18 the same with the
-default model. On a GPU, kernels may change with the number of rows.
+batched projections compute each row's output from that row alone. On the CPU the projections
+are oneDNN's packed products (kernels/packed_linear.py), which give a row the same bits whatever
+else the step holds, and a prompt attends in fixed blocks of positions (Decoder.step_rows), at
+whose ends alone the scheduler cuts it; so an answer is the same to the bit alone, batched, and
+from the one-answer decoder (the suite checks the logits bit for bit and answers token for
+token). On a GPU, kernels may change with the number of rows.
 """
 
 from __future__ import annotations
@@ -49,6 +48,17 @@ MAX_PIECE = 4096  # the most prompt tokens one step reads when nothing else is d
 # How long an iteration waits for answers that are between two steps (sampling their last token)
 # before it runs without them: long enough for a sampler, short against a step.
 GATHER_S = 0.002
+
+
+def _piece(row: _Row, budget: int, block: int) -> int:
+    """How many of `row`'s prompt tokens a step with `budget` tokens left reads: up to the last end
+    of an attention block within the budget, or the whole rest; 0 when neither fits. Decoder.step_rows
+    attends in those blocks, so where a prompt is cut never changes its arithmetic."""
+    rest = len(row.pending)
+    if rest <= budget:
+        return rest
+    start = row.cache.length
+    return max(0, (start + budget) // block * block - start)
 
 
 def _past_prompt(row: _Row) -> bool:
@@ -198,21 +208,23 @@ class Scheduler:
     def _choose(self) -> tuple[list[_Row], list[tuple[_Row, int]]]:
         """The next step's rows (the lock held): every answer waiting for its next token, oldest
         first, and pieces of the prompts waiting to be read, oldest first, of `prefill_chunk`
-        tokens in all; the oldest prompt whole (up to MAX_PIECE) while no answer is past its
-        prompt, for no one waits for it then."""
+        tokens in all (the oldest always reads at least an attention block); the oldest prompt
+        whole (up to MAX_PIECE) while no answer is past its prompt, for no one waits for it then."""
         waiting = sorted((r for r in self._rows if r.pending), key=lambda r: r.arrived)
         prompts = [r for r in waiting if not _past_prompt(r)]
+        block = self.decoder.block
         if not any(map(_past_prompt, self._rows)):
-            return [], [(prompts[0], min(len(prompts[0].pending), MAX_PIECE))] if prompts else []
+            return [], [(prompts[0], _piece(prompts[0], MAX_PIECE, block))] if prompts else []
         decoding = [r for r in waiting if _past_prompt(r)]
         reading: list[tuple[_Row, int]] = []
-        budget = self.prefill_chunk
+        budget = max(self.prefill_chunk, block)
         # Answers decoding keep their rows; prompts take what is left, always at least one.
         for row in prompts[: max(1, self.max_batch - len(decoding))]:
-            if budget == 0:
+            n = _piece(row, budget, block)
+            if n == 0:
                 break
-            reading.append((row, min(len(row.pending), budget)))
-            budget -= reading[-1][1]
+            reading.append((row, n))
+            budget -= n
         return decoding[: self.max_batch - len(reading)], reading
 
     def _fail_all(self, error: BaseException) -> None:
