@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import accumulate, pairwise
 
 import torch
 
@@ -157,49 +157,44 @@ class Decoder:
         body = self.body
         device = body.device
         starts = [cache.length for cache in caches]
-        bounds = [0]
-        for piece in pieces:
-            bounds.append(bounds[-1] + len(piece))
+        lengths = [len(piece) for piece in pieces]
+        bounds = [0, *accumulate(lengths)]
         ids = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long, device=device)
-        positions = torch.cat(
-            [
-                torch.arange(start, start + len(piece), device=device)
-                for start, piece in zip(starts, pieces, strict=True)
-            ]
-        )
+        positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths, strict=True)])
         h = body.embed(ids).unsqueeze(0)  # [1, T, hidden]: every row's tokens, one after another
         cos, sin = body.rope(positions.unsqueeze(0))
-        # Per row: its span [lo, hi) of the sequence, its cache, and its blocks (offset, end) with their hooks.
-        rows = []
-        reading = []  # (lo, hi, hook): the blocks that read an injection
-        for lo, hi, start, cache, injection in zip(bounds, bounds[1:], starts, caches, injections, strict=False):
-            blocks = attention_blocks(start, hi - lo, self.block)
-            rows.append((lo, hi, start, cache, blocks))
-            for a, b in blocks:
+        # Views made once per step, so a layer costs few operations per row: where each row's new
+        # keys and values go, and the cache each of its attention blocks sees (layer by layer).
+        new_keys, new_values, seen, queries, reading = [], [], [], [], []
+        for lo, start, cache, injection, n in zip(bounds, starts, caches, injections, lengths, strict=False):
+            if start + n > cache.capacity:
+                raise ValueError(f"KV cache overflow: {start + n} > capacity {cache.capacity}")
+            new_keys.append(cache.keys[:, 0, :, start : start + n].unbind(0))
+            new_values.append(cache.values[:, 0, :, start : start + n].unbind(0))
+            for a, b in attention_blocks(start, n, self.block):
+                queries.append(b - a)
+                end = start + b  # a block's queries see the cache up to its own last token
+                seen.append((cache.keys[:, :, :, :end].unbind(0), cache.values[:, :, :, :end].unbind(0), start + a))
                 hook = self._hook(injection, start + a, b - a)
                 if hook is not None:
                     reading.append((lo + a, lo + b, hook))
         for i in range(body.n_layers):
             q, k, v = body.project(i, h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            heads = []
-            for lo, hi, start, cache, blocks in rows:
-                keys, values = cache.update(i, k[:, :, lo:hi], v[:, :, lo:hi])
-                for a, b in blocks:
-                    seen = start + b  # a block's queries see the cache up to its own last token
-                    heads.append(
-                        body.attention_heads(
-                            i, q[:, :, lo + a : lo + b], keys[:, :, :seen], values[:, :, :seen], start + a
-                        )
-                    )
+            torch._foreach_copy_([row[i] for row in new_keys], k[0].split(lengths, dim=1))
+            torch._foreach_copy_([row[i] for row in new_values], v[0].split(lengths, dim=1))
+            heads = [
+                body.attention_heads(i, block, keys[i], values[i], past)
+                for block, (keys, values, past) in zip(q.split(queries, dim=2), seen, strict=True)
+            ]
             h = h + body.layers[i].self_attn.o_proj(torch.cat(heads, dim=2).transpose(1, 2).reshape(1, h.shape[1], -1))
             for lo, hi, hook in reading:
                 extra = hook(i, h[:, lo:hi])
                 if extra is not None:
                     h[:, lo:hi] += extra
             h = h + body.mlp(i, h)
-        for cache, piece in zip(caches, pieces, strict=True):
-            cache.advance(len(piece))
+        for cache, n in zip(caches, lengths, strict=True):
+            cache.advance(n)
         return body.logits(h[0, [hi - 1 for hi in bounds[1:]]])
 
     def generate(
