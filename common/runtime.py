@@ -389,7 +389,9 @@ class ContextRuntime:
                 )
                 index_s = time.perf_counter() - started - opened
             first_token_s: float | None = None
-            events = self.engine.generate(source, question, params, retrieval=retrieval, evidence=evidence, index=index)
+            events = self.engine.generate(
+                source, question, params, retrieval=retrieval, evidence=evidence, index=index, scope=tenant
+            )
             for event in events:
                 if isinstance(event, TokenDelta):
                     if first_token_s is None:

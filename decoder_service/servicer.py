@@ -118,6 +118,8 @@ def batch_counters(stats: SchedulerStats | None) -> dict[str, int | float]:
         "last_batch_size": stats.last_batch,
         "last_step_seconds": stats.step_seconds,
         "batch_steps_total": stats.steps,
+        "prefix_cache_bytes": stats.prefix_cache_bytes,
+        "prefix_blocks_reused_total": stats.prefix_blocks_reused,
     }
 
 

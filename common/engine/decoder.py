@@ -51,6 +51,13 @@ class Injection:
     shielded: tuple[tuple[int, int], ...] = ()
 
 
+def uninjected_prefix(injection: Injection | None, length: int) -> int:
+    """How many leading positions of a prompt of `length` tokens read no injection (see _hook)."""
+    if injection is None:
+        return length
+    return min(length, max((end for start, end in injection.shielded if start == 0), default=0))
+
+
 class Decoder:
     def __init__(self, body: LlamaBody, adapter: InjectionAdapter, eos_ids: set[int]) -> None:
         self.body = body

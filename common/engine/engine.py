@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from sharedllm.common.engine.generation import replay
 from sharedllm.common.engine.grounding import DocumentFacts, GroundedAnswer
 from sharedllm.common.engine.llama import LlamaBody
 from sharedllm.common.engine.params import EvidenceSettings, SamplingParams
+from sharedllm.common.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from sharedllm.common.engine.quotes import quote_spans, quote_text
 from sharedllm.common.engine.results import Finished, GenerateTimings, Passage, TokenDelta
 from sharedllm.common.engine.retrieval import node_similarity
@@ -92,15 +93,26 @@ class Engine:
         self.lower_only = False
 
     def start_batching(
-        self, max_batch: int = DEFAULT_MAX_BATCH, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, threads: int | None = None
+        self,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        threads: int | None = None,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         """From now on, answers running at once share batched model steps (scheduler.py); for a
         server or worker that answers several questions at a time, not for one-shot commands.
         threads: torch threads of the scheduler's thread; every other thread is then made
         single-threaded (scheduler.Scheduler, threads.py), as a batching decoder wants once it
-        loaded its model single-threaded; None: nothing changes."""
+        loaded its model single-threaded; None: nothing changes. prefix_cache_bytes: what it keeps
+        of prompts read, for prompts that begin the same way (prefix_cache.py; 0: nothing)."""
         if self.scheduler is None:
-            self.scheduler = Scheduler(self.decoder, max_batch=max_batch, prefill_chunk=prefill_chunk, threads=threads)
+            self.scheduler = Scheduler(
+                self.decoder,
+                max_batch=max_batch,
+                prefill_chunk=prefill_chunk,
+                threads=threads,
+                prefix_cache_bytes=prefix_cache_bytes,
+            )
 
     def _check_positions(self, config: TreeConfig) -> None:
         """Nothing may sit at a position the base model was not trained on (docs/method.md §1):
@@ -446,11 +458,13 @@ class Engine:
         retrieval: bool = True,
         evidence: EvidenceSettings | None = None,
         index: PassageIndex | None = None,
+        scope: Hashable = "",
     ) -> Iterator[TokenDelta | Finished]:
         """Answer `question` about the compressed context `source` (None: no document).
 
         evidence: how much of the window holds excerpts chosen for the question (None: the
-        default settings); index: the document's passage index, if the caller keeps one.
+        default settings); index: the document's passage index, if the caller keeps one; scope:
+        whose earlier prompts this one may reuse read blocks of (the tenant; scheduler.py).
         """
         self.check_request(question, params)
         evidence = evidence or EvidenceSettings()
@@ -463,9 +477,11 @@ class Engine:
             index=index,
             quote=params.grounding == "quote",
         )
-        return self.decode(plan, params)
+        return self.decode(plan, params, scope)
 
-    def decode(self, plan: QuestionPlan, params: SamplingParams) -> Iterator[TokenDelta | Finished]:
+    def decode(
+        self, plan: QuestionPlan, params: SamplingParams, scope: Hashable = ""
+    ) -> Iterator[TokenDelta | Finished]:
         """Answer from a plan, as params.grounding asks: a quote of the plan's document (replayed),
         or decoded (generation.decode) with its facts copied from the document, or free. The
         Finished carries the plan's timings and evidence and the answer's citations."""
@@ -475,8 +491,12 @@ class Engine:
             grounding = None
             if params.grounding != "off" and plan.facts is not None:
                 grounding = GroundedAnswer(plan.facts, self.decode_text, self.decoder.eos_ids, plan.answer_prefix)
-            generate = self.scheduler.generate if self.scheduler is not None else self.decoder.generate
-            events = generate(plan.prompt_ids, plan.injection, params, self.decode_text, grounding)
+            if self.scheduler is not None:
+                events = self.scheduler.generate(
+                    plan.prompt_ids, plan.injection, params, self.decode_text, grounding, scope=scope
+                )
+            else:
+                events = self.decoder.generate(plan.prompt_ids, plan.injection, params, self.decode_text, grounding)
         for event in events:
             if isinstance(event, Finished):
                 evidence = plan.evidence

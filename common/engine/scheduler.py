@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from sharedllm.common.engine import threads as torch_threads
-from sharedllm.common.engine.decoder import Decoder, Injection
+from sharedllm.common.engine.decoder import Decoder, Injection, uninjected_prefix
 from sharedllm.common.engine.generation import decode
 from sharedllm.common.engine.grounding import GroundedAnswer
 from sharedllm.common.engine.llama import KVCache
 from sharedllm.common.engine.params import SamplingParams
+from sharedllm.common.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, CachedBlock, PrefixCache
 from sharedllm.common.engine.results import Finished, TokenDelta
 from sharedllm.common.telemetry import metrics
 
@@ -75,6 +76,8 @@ class SchedulerStats:
     steps: int  # batched steps run
     step_seconds: float  # the last batched step's duration
     prefill_chunks: int  # batched steps that read prompt tokens
+    prefix_cache_bytes: int  # prompt blocks kept for prompts that begin the same way (prefix_cache.py)
+    prefix_blocks_reused: int  # blocks a prompt started from instead of reading them
 
 
 @dataclass(eq=False)
@@ -88,6 +91,10 @@ class _Row:
     done: threading.Event = field(default_factory=threading.Event)
     result: torch.Tensor | None = None
     error: BaseException | None = None
+    scope: Hashable = ""  # whose prompts may share blocks with this one's (prefix_cache.py)
+    prompt: list[int] = field(default_factory=list)
+    reusable: int = 0  # leading prompt tokens whose blocks may be shared
+    shared: int = 0  # leading prompt tokens taken from, or given to, the prefix cache
 
 
 class Scheduler:
@@ -100,8 +107,10 @@ class Scheduler:
         max_batch: int = DEFAULT_MAX_BATCH,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         threads: int | None = None,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
-        """threads: torch threads of the scheduler's thread. Given, this constructor also makes
+        """prefix_cache_bytes: the budget of prompt blocks kept for later prompts (0: none).
+        threads: torch threads of the scheduler's thread. Given, this constructor also makes
         the calling thread and every thread that starts torch work afterwards single-threaded
         (threads.py), for good (close() does not undo it): for a process that made torch
         single-threaded before loading the model, so that the scheduler's thread keeps its only
@@ -119,6 +128,7 @@ class Scheduler:
         self._steps = 0
         self._step_s = 0.0
         self._prefill_chunks = 0
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         ready = threading.Event()
         started: list[BaseException] = []  # what stopped the thread before its loop, if anything
         self._thread = threading.Thread(target=self._run, args=(threads, ready, started), name="scheduler", daemon=True)
@@ -136,9 +146,11 @@ class Scheduler:
         params: SamplingParams,
         decode_text: Callable[[list[int]], str],
         grounding: GroundedAnswer | None = None,
+        scope: Hashable = "",
     ) -> Iterator[TokenDelta | Finished]:
-        """Decoder.generate's answer, its model steps batched with the other answers in flight."""
-        row = _Row(self.decoder.body.new_cache(len(prompt_ids) + params.max_new_tokens), injection)
+        """Decoder.generate's answer, its model steps batched with the other answers in flight.
+        scope: prompts of the same scope (a tenant) may share read blocks (prefix_cache.py)."""
+        row = _Row(self.decoder.body.new_cache(len(prompt_ids) + params.max_new_tokens), injection, scope=scope)
         with self._lock:
             self._rows.append(row)
         try:
@@ -152,7 +164,15 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         with self._lock:
-            return SchedulerStats(len(self._rows), self._last_batch, self._steps, self._step_s, self._prefill_chunks)
+            return SchedulerStats(
+                len(self._rows),
+                self._last_batch,
+                self._steps,
+                self._step_s,
+                self._prefill_chunks,
+                self.prefix_cache.bytes,
+                self.prefix_cache.reused_blocks,
+            )
 
     def close(self) -> None:
         """Stop the thread; answers still waiting for a step get an error."""
@@ -165,6 +185,8 @@ class Scheduler:
         """Hand `ids` to the scheduler and wait for the logits after the last of them."""
         if not ids:
             raise ValueError("a model step needs at least one token")
+        if row.cache.length == 0 and not row.prompt:
+            ids = self._reuse(row, list(ids))
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the scheduler has stopped")
@@ -176,6 +198,36 @@ class Scheduler:
             raise row.error
         assert row.result is not None
         return row.result
+
+    def _reuse(self, row: _Row, prompt: list[int]) -> list[int]:
+        """Start the row's cache with the cached blocks its prompt begins with; what is left to read."""
+        row.prompt = prompt
+        row.reusable = min(len(prompt) - 1, uninjected_prefix(row.injection, len(prompt)))
+        block = self.decoder.block
+        with self._lock:
+            found = self.prefix_cache.lookup(row.scope, prompt, row.reusable, block)
+        metrics.PREFIX_BLOCKS_REUSED.inc(len(found))
+        for n, cached in enumerate(found):
+            row.cache.keys[:, 0, :, n * block : (n + 1) * block] = cached.keys
+            row.cache.values[:, 0, :, n * block : (n + 1) * block] = cached.values
+        row.shared = len(found) * block
+        row.cache.advance(row.shared)
+        return prompt[row.shared :]
+
+    def _share(self, row: _Row) -> None:
+        """Keep the whole blocks the row's prompt has read since it last gave some (scheduler's thread)."""
+        block = self.decoder.block
+        while row.shared + block <= min(row.cache.length, row.reusable):
+            start, end = row.shared, row.shared + block
+            with self._lock:
+                kept = (row.scope, row.prompt[:end]) in self.prefix_cache
+            if not kept:
+                keys = row.cache.keys[:, 0, :, start:end].clone()
+                cached = CachedBlock(keys, row.cache.values[:, 0, :, start:end].clone())
+                with self._lock:
+                    self.prefix_cache.add(row.scope, row.prompt[:end], cached)
+                    metrics.PREFIX_CACHE_BYTES.set(self.prefix_cache.bytes)
+            row.shared = end
 
     @torch.inference_mode()
     def _run(self, threads: int | None, ready: threading.Event, started: list[BaseException]) -> None:
@@ -263,6 +315,8 @@ class Scheduler:
             self._last_batch, self._steps, self._step_s = len(rows), self._steps + 1, seconds
             self._prefill_chunks += bool(reading)
         for index, (row, piece) in enumerate(zip(rows, pieces, strict=True)):
+            if self.prefix_cache.max_bytes:
+                self._share(row)
             rest = row.pending[len(piece) :]
             if rest:  # the prompt goes on: its logits so far mean nothing yet
                 with self._lock:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sharedllm.common.config import ConfigError, ModelChoice
 from sharedllm.common.engine.params import EvidenceSettings
+from sharedllm.common.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from sharedllm.common.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK
 from sharedllm.common.rpc.auth import ApiKeys
 from sharedllm.common.rpc.tls import check_key_pair
@@ -125,15 +126,19 @@ class StoreSettings:
 @dataclass(frozen=True)
 class BatchingSettings:
     """The decoder's continuous batching (engine/scheduler.py): how many answers one model step
-    carries, and how many prompt tokens a step reads while answers decode. max_batch 0: no
-    scheduler, each answer steps the model on its own."""
+    carries, how many prompt tokens a step reads while answers decode, and the memory kept of
+    prompts read for prompts that begin the same way (0: none). max_batch 0: no scheduler, each
+    answer steps the model on its own."""
 
     max_batch: int = DEFAULT_MAX_BATCH
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_BYTES >> 20
 
     def __post_init__(self) -> None:
         if self.max_batch < 0:
             raise ConfigError(f"max_batch must be >= 0, got {self.max_batch}")
+        if self.prefix_cache_mib < 0:
+            raise ConfigError(f"prefix_cache_mib must be >= 0, got {self.prefix_cache_mib}")
         _check_positive(prefill_chunk=self.prefill_chunk)
 
 

@@ -86,7 +86,13 @@ def load_runtime(config: ServerConfig, lower_only: bool = False) -> ContextRunti
     with _LOADING:
         engine = Engine.from_choice(config.model, lower_only=lower_only)
     if batching:
-        engine.start_batching(config.batching.max_batch, config.batching.prefill_chunk, threads=model_threads)
+        batching = config.batching
+        engine.start_batching(
+            batching.max_batch,
+            batching.prefill_chunk,
+            threads=model_threads,
+            prefix_cache_bytes=batching.prefix_cache_mib << 20,
+        )
     return serving_runtime(engine, config)
 
 

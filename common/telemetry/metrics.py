@@ -30,6 +30,10 @@ BATCH_ROWS = Gauge("sharedllm_batch_rows", "answers in the decoder's last batche
 STEP_SECONDS = Histogram(
     "sharedllm_batch_step_seconds", "one batched decode step of every answer in flight", buckets=_TOKEN
 )
+PREFIX_BLOCKS_REUSED = Counter(
+    "sharedllm_prefix_blocks_reused_total", "prompt blocks a prompt started from instead of reading them"
+)
+PREFIX_CACHE_BYTES = Gauge("sharedllm_prefix_cache_bytes", "prompt blocks kept for prompts that begin the same way")
 TTFT_SECONDS = Histogram(
     "sharedllm_time_to_first_token_seconds", "Generate: from the request to its first token", buckets=_LATENCY
 )

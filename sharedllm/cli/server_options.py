@@ -207,6 +207,11 @@ class ServerArguments:
             type=int,
             help="prompt tokens read per model step while answers decode (tokens; default 512)",
         )
+        batching.add_argument(
+            "--prefix-cache-mib",
+            type=int,
+            help="memory kept of prompts read, for later prompts that begin the same way (MiB; default 256; 0: none)",
+        )
         self.evidence.add_arguments(parser.add_argument_group("evidence (decoder defaults; requests may override)"))
         ObservabilityArguments().add_arguments(parser.add_argument_group("telemetry"))
         apply_env_defaults(parser, environ)
@@ -220,7 +225,11 @@ class ServerArguments:
             model=self.model.from_args(args),
             evidence=self.evidence.from_args(args),
             torch_threads=args.torch_threads,
-            batching=BatchingSettings(**_given(args, max_batch="max_batch", prefill_chunk="prefill_chunk")),
+            batching=BatchingSettings(
+                **_given(
+                    args, max_batch="max_batch", prefill_chunk="prefill_chunk", prefix_cache_mib="prefix_cache_mib"
+                )
+            ),
         )
 
 

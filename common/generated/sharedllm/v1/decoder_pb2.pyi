@@ -189,7 +189,7 @@ class ServerLimits(_message.Message):
     def __init__(self, window_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_chars: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., queue_timeout_seconds: _Optional[float] = ..., max_batch: _Optional[int] = ..., max_contexts_per_question: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("active_requests", "requests_total", "generated_tokens_total", "decoded_cache_bytes", "decoded_cache_capacity_bytes", "decoded_cache_hits", "decoded_cache_misses", "queued_requests", "refused_requests_total", "batch_rows", "last_batch_size", "last_step_seconds", "batch_steps_total")
+    __slots__ = ("active_requests", "requests_total", "generated_tokens_total", "decoded_cache_bytes", "decoded_cache_capacity_bytes", "decoded_cache_hits", "decoded_cache_misses", "queued_requests", "refused_requests_total", "batch_rows", "last_batch_size", "last_step_seconds", "batch_steps_total", "prefix_cache_bytes", "prefix_blocks_reused_total")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,8 @@ class ServerStats(_message.Message):
     LAST_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BATCH_STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_REUSED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     requests_total: int
     generated_tokens_total: int
@@ -216,7 +218,9 @@ class ServerStats(_message.Message):
     last_batch_size: int
     last_step_seconds: float
     batch_steps_total: int
-    def __init__(self, active_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., decoded_cache_bytes: _Optional[int] = ..., decoded_cache_capacity_bytes: _Optional[int] = ..., decoded_cache_hits: _Optional[int] = ..., decoded_cache_misses: _Optional[int] = ..., queued_requests: _Optional[int] = ..., refused_requests_total: _Optional[int] = ..., batch_rows: _Optional[int] = ..., last_batch_size: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., batch_steps_total: _Optional[int] = ...) -> None: ...
+    prefix_cache_bytes: int
+    prefix_blocks_reused_total: int
+    def __init__(self, active_requests: _Optional[int] = ..., requests_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., decoded_cache_bytes: _Optional[int] = ..., decoded_cache_capacity_bytes: _Optional[int] = ..., decoded_cache_hits: _Optional[int] = ..., decoded_cache_misses: _Optional[int] = ..., queued_requests: _Optional[int] = ..., refused_requests_total: _Optional[int] = ..., batch_rows: _Optional[int] = ..., last_batch_size: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., batch_steps_total: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_blocks_reused_total: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("model_name", "model_fingerprint", "adapter_fingerprint", "adapter_trained", "tree_config", "limits", "stats", "store_url", "usage")
