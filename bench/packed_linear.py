@@ -8,9 +8,10 @@ The facts behind common/kernels/packed_linear.py and the scheduler's exactness, 
    packed (median of 5 passes);
 2. which row counts give row 0 other bits than a product of one row, plain and packed;
 3. attention (the CPU's scaled_dot_product_attention): whether a prompt's queries get the same
-   bits read whole, cut into pieces, and as a single query; how far a padded batch moves a row;
+   bits read whole and from a later position on; how far a padded batch moves a row; the decode
+   attention of 16 rows row by row against one padded call;
 4. the default model itself: a decode step of 1, 8 and 16 rows (700-token caches) and a
-   600-token prompt, with its linears packed and then unpacked again (the same weights);
+   600-token prompt, with its linears packed and plain (the same weights), taking turns;
 5. the resident memory of a process that loaded the model and ran it, packed and plain.
 """
 
@@ -66,6 +67,19 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
     return round(statistics.median(times) * 1000, 2)
 
 
+def alternating_ms(cases: dict[str, tuple[Callable[[], None], Callable[[], object]]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each case's run (after its untimed setup), the cases taking turns."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for n in range(repeats + 1):
+        for name, (setup, run) in cases.items():
+            setup()
+            started = time.perf_counter()
+            run()
+            if n:  # the first turn warms up
+                times[name].append(time.perf_counter() - started)
+    return {name: round(statistics.median(t) * 1000, 2) for name, t in times.items()}
+
+
 def per_rows(run: Callable[[dict[int, torch.Tensor]], object], inputs: dict, repeats: int) -> dict[int, float]:
     return {m: median_ms(lambda x=x: run(x), repeats) for m, x in inputs.items()}
 
@@ -88,22 +102,30 @@ def products(repeats: int) -> dict[str, dict[str, dict[int, float]]]:
 
 
 def differing_rows() -> dict[str, list[int]]:
-    """Row counts whose product gives row 0 other bits than a product of that row alone."""
+    """Row counts whose product gives a row other bits than a product of that row alone (rows 0
+    and the last, up to the scheduler's largest prompt piece)."""
     weight = torch.randn(MLP, HIDDEN) * 0.02
     packed = packed_of(weight)
-    x = torch.randn(600, HIDDEN)
-    counts = [*range(1, 41), 64, 512, 600]
+    x = torch.randn(4096, HIDDEN)
+    counts = [*range(1, 41), 64, 512, 600, 1100, 2048, 4096]
     found = {}
     for name, product in (("plain", lambda rows: F.linear(rows, weight)), ("packed", packed)):
-        alone = product(x[:1])
-        found[name] = [m for m in counts if not torch.equal(product(x[:m])[:1], alone)]
+        alone = {m: product(x[m - 1 : m]) for m in counts}
+        first = product(x[:1])
+        found[name] = [
+            m
+            for m in counts
+            if not (torch.equal(product(x[:m])[:1], first) and torch.equal(product(x[:m])[-1:], alone[m]))
+        ]
     return found
 
 
-def attention_bits() -> dict[str, object]:
-    """A 600-token prompt's attention read whole against read in pieces; one padded row."""
-    q = torch.randn(1, HEADS, 600, HEAD_DIM)
-    k, v = torch.randn(1, KV_HEADS, 600, HEAD_DIM), torch.randn(1, KV_HEADS, 600, HEAD_DIM)
+def attention_bits(repeats: int) -> dict[str, object]:
+    """A 1,200-token prompt's attention read whole against pieces [start, end) of it; how far a
+    padded batch moves one row; and the decode attention of 16 rows (700 to 1,000 cached tokens,
+    30 layers) row by row against one padded call (ms)."""
+    q = torch.randn(1, HEADS, 1200, HEAD_DIM)
+    k, v = torch.randn(1, KV_HEADS, 1200, HEAD_DIM), torch.randn(1, KV_HEADS, 1200, HEAD_DIM)
 
     def read(start: int, end: int) -> torch.Tensor:
         mask = torch.ones(end - start, end, dtype=torch.bool).tril(start)
@@ -112,53 +134,88 @@ def attention_bits() -> dict[str, object]:
         )
 
     whole = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    cuts = {
-        f"{s}-{e}": torch.equal(read(s, e), whole[:, :, s:e])
-        for s, e in ((64, 600), (100, 600), (512, 600), (598, 600), (599, 600))
-    }
+    cuts = ((0, 600), (128, 256), (200, 500), (512, 640), (600, 637), (37, 1200), (512, 1200), (1100, 1200))
+    pieces = {f"{s}-{e}": torch.equal(read(s, e) if s else read_first(q, k, v, e), whole[:, :, s:e]) for s, e in cuts}
     qp = torch.randn(4, HEADS, 1, HEAD_DIM)
     kp, vp = torch.randn(4, KV_HEADS, 650, HEAD_DIM), torch.randn(4, KV_HEADS, 650, HEAD_DIM)
     mask = torch.zeros(4, 1, 1, 650, dtype=torch.bool)
     mask[..., :600] = True
     batched = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)[2]
     alone = F.scaled_dot_product_attention(qp[2:3], kp[2:3, :, :600], vp[2:3, :, :600], enable_gqa=True)[0]
-    return {"same bits as whole, by piece": cuts, "padded batch shift": float((batched - alone).abs().max())}
+    lengths = [700 + 20 * row for row in range(16)]
+    caches = [torch.randn(2, 16, KV_HEADS, 1000, HEAD_DIM) for _ in range(LAYERS)]  # keys, values
+    rows = torch.randn(16, HEADS, 1, HEAD_DIM)
+    padded = torch.zeros(16, 1, 1, max(lengths), dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        padded[row, ..., :n] = True
+
+    def row_by_row() -> None:
+        for kv in caches:
+            for row, n in enumerate(lengths):
+                F.scaled_dot_product_attention(
+                    rows[row : row + 1], kv[0, row : row + 1, :, :n], kv[1, row : row + 1, :, :n], enable_gqa=True
+                )
+
+    def one_call() -> None:
+        for kv in caches:
+            n = max(lengths)
+            F.scaled_dot_product_attention(rows, kv[0, :, :, :n], kv[1, :, :, :n], attn_mask=padded, enable_gqa=True)
+
+    return {
+        "same bits as whole, by piece": pieces,
+        "padded batch shift": float((batched - alone).abs().max()),
+        "decode attention of 16 rows, ms": alternating_ms(
+            {"row by row": (lambda: None, row_by_row), "one padded call": (lambda: None, one_call)}, repeats
+        ),
+    }
 
 
-def unpack(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, PackedLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.to_linear())
+def read_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int) -> torch.Tensor:
+    """The first `end` queries as a prompt of that length reads them (causal, no mask)."""
+    return F.scaled_dot_product_attention(q[:, :, :end], k[:, :, :end], v[:, :, :end], is_causal=True, enable_gqa=True)
 
 
 def model_steps(repeats: int) -> dict[str, dict[str, float]]:
+    """The default model's step times with its linears packed and plain (the same weights), the
+    two taking turns so that the machine's drift falls on both alike."""
     from sharedllm.common.engine.engine import Engine
 
     engine = Engine.load(device="cpu")
-    decoder = engine.decoder
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 40000, (600,), generator=generator).tolist()
+    model, decoder = engine.loaded.model, engine.decoder
+    packed = {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    plain = {name: m.to_linear() for name, m in packed.items()}
 
-    def timings() -> dict[str, float]:
-        figures = {}
-        with torch.inference_mode():
-            figures["prompt 600"] = median_ms(
-                lambda: decoder.step_rows([prompt], [engine.body.new_cache(600)], [None]), 3
+    def use(modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+
+    prompt = torch.randint(0, 40000, (600,), generator=torch.Generator().manual_seed(0)).tolist()
+    figures: dict[str, dict[str, float]] = {"packed": {}, "plain": {}}
+    with torch.inference_mode():
+        cases: dict[str, Callable[[], object]] = {
+            "prompt 600": lambda: decoder.step_rows([prompt], [engine.body.new_cache(600)], [None])
+        }
+        for rows in (1, 8, 16):
+            caches = [engine.body.new_cache(701) for _ in range(rows)]
+            for cache in caches:
+                decoder.step_rows([prompt + prompt[:100]], [cache], [None])
+
+            def step(caches: list = caches) -> object:
+                for cache in caches:
+                    cache.length = 700
+                return decoder.step_rows([[17]] * len(caches), caches, [None] * len(caches))
+
+            cases[f"step {rows}"] = step
+        for name, run in cases.items():
+            taken = alternating_ms(
+                {kind: (lambda m=modules: use(m), run) for kind, modules in (("packed", packed), ("plain", plain))},
+                repeats,
             )
-            for rows in (1, 8, 16):
-                caches = []
-                for _ in range(rows):
-                    caches.append(engine.body.new_cache(700 + repeats + 2))
-                    decoder.step_rows([prompt + prompt[:100]], caches[-1:], [None])
-                figures[f"step {rows}"] = median_ms(
-                    lambda c=caches: decoder.step_rows([[17]] * len(c), c, [None] * len(c)), repeats
-                )
-        return figures
-
-    packed = timings()
-    unpack(engine.loaded.model)
-    return {"packed": packed, "plain": timings()}
+            for kind, ms in taken.items():
+                figures[kind][name] = ms
+    use(packed)
+    return figures
 
 
 def memory() -> dict[str, int]:
@@ -184,7 +241,7 @@ def main() -> None:
     report = {"threads": args.threads, "products_ms": products(args.repeats)}
     print(json.dumps(report["products_ms"]), flush=True)
     report["rows_with_other_bits"] = differing_rows()
-    report["attention"] = attention_bits()
+    report["attention"] = attention_bits(args.repeats)
     print(json.dumps({k: report[k] for k in ("rows_with_other_bits", "attention")}), flush=True)
     report["model_ms"] = model_steps(args.repeats)
     print(json.dumps(report["model_ms"]), flush=True)

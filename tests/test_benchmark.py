@@ -127,7 +127,7 @@ def test_bench_concurrency_end_to_end(tiny_model_dir, tiny_adapter, tmp_path, ca
     report_path = tmp_path / "load.json"
     argv = ["bench", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--concurrency", "1", "3"]
     argv += ["--load-tokens", "256", "--documents", "2", "--questions", "1", "--max-new-tokens", "6"]
-    argv += ["--max-batch", "2", "--threads", "1", "--json", str(report_path)]
+    argv += ["--max-batch", "2", "--prefix-cache-mib", "0", "--threads", "1", "--json", str(report_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     report = json.loads(report_path.read_text())
@@ -140,6 +140,7 @@ def test_bench_concurrency_end_to_end(tiny_model_dir, tiny_adapter, tmp_path, ca
         assert report["ratios"][workload]["1"]["tokens_per_s"] == 1.0
         assert report["ratios"][workload]["one client, batched / unbatched tokens/s"] > 0
     assert "| same document | 3 |" in out and "no batching" in out
+    assert report["setup"]["prefix_cache_mib"] == 0  # handed to the decoder, which started with it
 
 
 def test_a_refused_request_is_a_counted_result():

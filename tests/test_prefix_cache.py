@@ -21,6 +21,8 @@ def block(value: float, size: int = BLOCK) -> CachedBlock:
 
 
 def test_a_lookup_finds_the_leading_blocks_in_order_and_stops_at_the_first_missing_one():
+    """And marks them used last to first: a prompt's first block, without which the others
+    cannot be found, is the last of them to go."""
     cache = PrefixCache(1 << 20)
     tokens = list(range(20))
     cache.add("t", tokens[:4], block(1))
@@ -32,6 +34,9 @@ def test_a_lookup_finds_the_leading_blocks_in_order_and_stops_at_the_first_missi
     assert len(cache.lookup("t", tokens, usable=7, block=BLOCK)) == 1  # only blocks within the usable tokens
     assert cache.lookup("t", [0, 1, 2, 9, 4, 5, 6, 7], usable=8, block=BLOCK) == []  # other tokens
     assert cache.lookup("another tenant", tokens, usable=19, block=BLOCK) == []
+    cache.max_bytes = cache.bytes - 1  # one must go at the next add: the least recently used
+    cache.add("t", [7] * BLOCK, block(7))
+    assert cache.touch("t", tokens[:4]) and not cache.touch("t", tokens[:16])  # the orphan went first
 
 
 def test_the_least_recently_used_blocks_go_first_when_the_budget_is_passed():
@@ -41,10 +46,10 @@ def test_the_least_recently_used_blocks_go_first_when_the_budget_is_passed():
         cache.add("t", [n] * BLOCK, block(n))
     cache.lookup("t", [0] * BLOCK, usable=BLOCK, block=BLOCK)  # used again: now the most recent
     cache.add("t", [3] * BLOCK, block(3))
-    assert ("t", [1] * BLOCK) not in cache and ("t", [0] * BLOCK) in cache
+    assert not cache.touch("t", [1] * BLOCK) and cache.touch("t", [0] * BLOCK)
     assert cache.bytes == 3 * one and len(cache) == 3
     cache.add("t", [9] * 8, block(9, size=BLOCK * 4))  # larger than the whole budget: not kept
-    assert ("t", [9] * 8) not in cache and cache.bytes == 3 * one
+    assert not cache.touch("t", [9] * 8) and cache.bytes == 3 * one
     with pytest.raises(ValueError):
         PrefixCache(-1)
 
@@ -101,5 +106,36 @@ def test_blocks_that_read_the_injection_are_never_kept(engine):
         for _ in range(2):
             answer(scheduler.generate(plan.prompt_ids, plan.injection, params, engine.decode_text))
         assert scheduler.stats().prefix_cache_bytes == 0 and scheduler.stats().prefix_blocks_reused == 0
+    finally:
+        scheduler.close()
+
+
+FREE = SamplingParams(max_new_tokens=3, grounding="off", loop_guard=0, max_sentences=0)
+
+
+@pytest.mark.parametrize("length", [1, 32, 33, 48])  # blocks of 16 here: one token, 2 blocks, 2 blocks + 1, 3
+def test_a_prompt_reuses_the_whole_blocks_before_its_last_token(engine, length):
+    prompt = [(7 * i) % 300 + 3 for i in range(length)]
+    alone = answer(engine.decoder.generate(prompt, None, FREE, engine.decode_text))
+    scheduler = Scheduler(engine.decoder, max_batch=2, prefill_chunk=16)
+    try:
+        for _ in range(2):
+            assert answer(scheduler.generate(prompt, None, FREE, engine.decode_text)) == alone
+        assert scheduler.stats().prefix_blocks_reused == (length - 1) // 16
+    finally:
+        scheduler.close()
+
+
+def test_a_block_that_cannot_be_kept_fails_no_answer(engine, monkeypatch):
+    def out_of_memory(*args):
+        raise MemoryError("no room for the copy")
+
+    monkeypatch.setattr(CachedBlock, "read", out_of_memory)
+    prompt = [(5 * i) % 300 + 3 for i in range(40)]
+    alone = answer(engine.decoder.generate(prompt, None, FREE, engine.decode_text))
+    scheduler = Scheduler(engine.decoder, max_batch=2, prefill_chunk=16)
+    try:
+        assert answer(scheduler.generate(prompt, None, FREE, engine.decode_text)) == alone
+        assert scheduler.stats().prefix_cache_bytes == 0
     finally:
         scheduler.close()

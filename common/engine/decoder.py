@@ -173,7 +173,7 @@ class Decoder:
         # Views made once per step, so a layer costs few operations per row: where each row's new
         # keys and values go, and the cache each of its attention blocks sees (layer by layer).
         new_keys, new_values, seen, queries, reading = [], [], [], [], []
-        for lo, start, cache, injection, n in zip(bounds, starts, caches, injections, lengths, strict=False):
+        for lo, start, cache, injection, n in zip(bounds[:-1], starts, caches, injections, lengths, strict=True):
             if start + n > cache.capacity:
                 raise ValueError(f"KV cache overflow: {start + n} > capacity {cache.capacity}")
             new_keys.append(cache.keys[:, 0, :, start : start + n].unbind(0))

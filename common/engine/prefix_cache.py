@@ -10,9 +10,13 @@ A block is kept and reused only when it is whole, lies before the prompt's last 
 logits the answer needs) and reads no injection (Decoder._hook: before the question, with
 excerpts in the window). Its keys and values then depend on its tokens and the tokens before
 it, nothing else, and step_rows computes them in the same blocks whoever reads the prompt, so an
-answer that reuses them is the same to the bit as one that does not. Entries are found by their
-exact tokens (no hash to collide), within a scope (the tenant: one tenant's prompts never answer
-for another's), and the least recently used go first when their bytes pass the budget.
+answer that reuses them is, on the CPU, the same to the bit as one that does not (on a GPU,
+within the rounding of its kernels). Entries are found by their exact tokens (no hash to
+collide), within a scope (the tenant: one tenant's prompts never answer for another's), and the
+least recently used go first when their bytes pass the budget. A lookup marks the blocks it
+found as used from the last to the first, so a prompt's first block outlives the blocks after
+it (they cannot be found without it); blocks left unreachable are the least recently used, the
+next to go.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from sharedllm.common.engine.llama import KVCache
 
 DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
 
@@ -33,6 +39,17 @@ class CachedBlock:
     keys: torch.Tensor
     values: torch.Tensor
 
+    @classmethod
+    def read(cls, cache: KVCache, start: int, end: int) -> CachedBlock:
+        """A copy of positions [start, end) of a one-row cache."""
+        return cls(cache.keys[:, 0, :, start:end].clone(), cache.values[:, 0, :, start:end].clone())
+
+    def write(self, cache: KVCache, start: int) -> None:
+        """Put the block at positions start.. of a one-row cache."""
+        end = start + self.keys.shape[2]
+        cache.keys[:, 0, :, start:end] = self.keys
+        cache.values[:, 0, :, start:end] = self.values
+
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
@@ -41,7 +58,8 @@ class CachedBlock:
 class PrefixCache:
     """Whole prompt blocks by their leading tokens, least recently used first out (see the module doc).
 
-    Not thread-safe: the scheduler's thread alone adds, the answers' threads read under its lock.
+    Not thread-safe: the scheduler calls it under its lock (a lookup moves what it finds to the
+    recent end, so it changes the order too).
     """
 
     def __init__(self, max_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
@@ -57,16 +75,17 @@ class PrefixCache:
 
     def lookup(self, scope: Hashable, tokens: Sequence[int], usable: int, block: int) -> list[CachedBlock]:
         """The cached blocks that start `tokens`, in order, all within its first `usable` tokens."""
-        found: list[CachedBlock] = []
+        found: list[tuple[tuple[Hashable, tuple[int, ...]], CachedBlock]] = []
         for end in range(block, usable + 1, block):
             key = (scope, tuple(tokens[:end]))
             cached = self._blocks.get(key)
             if cached is None:
                 break
+            found.append((key, cached))
+        for key, _ in reversed(found):  # the first block most recently used: it goes last
             self._blocks.move_to_end(key)
-            found.append(cached)
         self.reused_blocks += len(found)
-        return found
+        return [cached for _, cached in found]
 
     def add(self, scope: Hashable, tokens: Sequence[int], cached: CachedBlock) -> None:
         """Keep the block that ends `tokens` (all of them: its own and those before it)."""
@@ -82,6 +101,10 @@ class PrefixCache:
             _, evicted = self._blocks.popitem(last=False)
             self.bytes -= evicted.nbytes
 
-    def __contains__(self, item: tuple[Hashable, Sequence[int]]) -> bool:
-        scope, tokens = item
-        return (scope, tuple(tokens)) in self._blocks
+    def touch(self, scope: Hashable, tokens: Sequence[int]) -> bool:
+        """Mark the block that ends `tokens` as used; whether it is kept."""
+        key = (scope, tuple(tokens))
+        if key not in self._blocks:
+            return False
+        self._blocks.move_to_end(key)
+        return True

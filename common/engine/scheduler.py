@@ -22,6 +22,7 @@ token). On a GPU, kernels may change with the number of rows.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -39,11 +40,15 @@ from sharedllm.common.engine.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, Cac
 from sharedllm.common.engine.results import Finished, TokenDelta
 from sharedllm.common.telemetry import metrics
 
+_log = logging.getLogger(__name__)
+
 DEFAULT_MAX_BATCH = 16
-# Prompt tokens per step while answers decode. Measured with 8 clients asking at once (256-token
-# answers, 600-token prompts, 2 cores; bench/prefill_chunk.py, two runs): 512 against 64 gave
-# 58.2 against 50.3 tokens/s (the first run: 59.4 against 43.4), first token p95 8.3 against
-# 13.9 s and inter-token p95 130 against 198 ms (pieces of 64 made many slow steps, 512 few).
+# Prompt tokens per step while answers decode (at least one attention block: a smaller budget
+# reads one block). Measured with 8 clients asking at once (256-token answers, 600-token
+# prompts, 2 cores; bench/prefill_chunk.py): 512 against 64 gave 58.2 against 50.3 tokens/s,
+# first token p95 8.3 against 13.9 s (before attention blocks and packed linears); with both,
+# 512, 1024 and 2048 gave 81.0, 71.5 and 75.3 tokens/s at 8 clients and 86.7, 94.3 and 94.8 at
+# 16, within the noise of such runs on a shared machine.
 DEFAULT_PREFILL_CHUNK = 512
 MAX_PIECE = 4096  # the most prompt tokens one step reads when nothing else is decoding
 # How long an iteration waits for answers that are between two steps (sampling their last token)
@@ -185,11 +190,12 @@ class Scheduler:
         """Hand `ids` to the scheduler and wait for the logits after the last of them."""
         if not ids:
             raise ValueError("a model step needs at least one token")
-        if row.cache.length == 0 and not row.prompt:
-            ids = self._reuse(row, list(ids))
+        reused = self._reuse(row, list(ids)) if row.cache.length == 0 and not row.prompt else 0
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the scheduler has stopped")
+            row.cache.advance(reused)  # with `pending`, so the row never looks past its prompt before it is
+            ids = ids[reused:]
             row.pending, row.arrived, row.result, row.error = list(ids), time.perf_counter(), None, None
             row.done.clear()
             self._lock.notify_all()
@@ -199,20 +205,20 @@ class Scheduler:
         assert row.result is not None
         return row.result
 
-    def _reuse(self, row: _Row, prompt: list[int]) -> list[int]:
-        """Start the row's cache with the cached blocks its prompt begins with; what is left to read."""
+    def _reuse(self, row: _Row, prompt: list[int]) -> int:
+        """Copy into the row's cache the cached blocks its prompt begins with; how many tokens they hold."""
         row.prompt = prompt
         row.reusable = min(len(prompt) - 1, uninjected_prefix(row.injection, len(prompt)))
+        if not self.prefix_cache.max_bytes:
+            return 0
         block = self.decoder.block
         with self._lock:
             found = self.prefix_cache.lookup(row.scope, prompt, row.reusable, block)
-        metrics.PREFIX_BLOCKS_REUSED.inc(len(found))
         for n, cached in enumerate(found):
-            row.cache.keys[:, 0, :, n * block : (n + 1) * block] = cached.keys
-            row.cache.values[:, 0, :, n * block : (n + 1) * block] = cached.values
+            cached.write(row.cache, n * block)
+        metrics.PREFIX_BLOCKS_REUSED.inc(len(found))
         row.shared = len(found) * block
-        row.cache.advance(row.shared)
-        return prompt[row.shared :]
+        return row.shared
 
     def _share(self, row: _Row) -> None:
         """Keep the whole blocks the row's prompt has read since it last gave some (scheduler's thread)."""
@@ -220,10 +226,9 @@ class Scheduler:
         while row.shared + block <= min(row.cache.length, row.reusable):
             start, end = row.shared, row.shared + block
             with self._lock:
-                kept = (row.scope, row.prompt[:end]) in self.prefix_cache
+                kept = self.prefix_cache.touch(row.scope, row.prompt[:end])
             if not kept:
-                keys = row.cache.keys[:, 0, :, start:end].clone()
-                cached = CachedBlock(keys, row.cache.values[:, 0, :, start:end].clone())
+                cached = CachedBlock.read(row.cache, start, end)
                 with self._lock:
                     self.prefix_cache.add(row.scope, row.prompt[:end], cached)
                     metrics.PREFIX_CACHE_BYTES.set(self.prefix_cache.bytes)
@@ -273,9 +278,8 @@ class Scheduler:
         # Answers decoding keep their rows; prompts take what is left, always at least one.
         for row in prompts[: max(1, self.max_batch - len(decoding))]:
             n = _piece(row, budget, block)
-            if n == 0:
-                break
-            reading.append((row, n))
+            if n:  # else the budget left holds no block end of this prompt; a later one may fit
+                reading.append((row, n))
             budget -= n
         return decoding[: self.max_batch - len(reading)], reading
 
@@ -314,9 +318,14 @@ class Scheduler:
         with self._lock:
             self._last_batch, self._steps, self._step_s = len(rows), self._steps + 1, seconds
             self._prefill_chunks += bool(reading)
+        if self.prefix_cache.max_bytes:
+            for row in rows:
+                try:
+                    self._share(row)
+                except Exception:  # keeping blocks is an optimisation: it never fails an answer
+                    _log.warning("could not keep a prompt's blocks; the prompt goes on without", exc_info=True)
+                    row.reusable = row.shared
         for index, (row, piece) in enumerate(zip(rows, pieces, strict=True)):
-            if self.prefix_cache.max_bytes:
-                self._share(row)
             rest = row.pending[len(piece) :]
             if rest:  # the prompt goes on: its logits so far mean nothing yet
                 with self._lock:

@@ -1,14 +1,15 @@
 """The base model's linear layers with their weights laid out once for oneDNN (CPU only).
 
 Why: on the CPU, torch's plain `F.linear` in fp32 goes to MKL, which on this project's 2-core
-machines runs the products of a decode step (1 to 16 rows against a weight matrix) on one core
-and streams the weights at about half the memory bandwidth two cores reach; a decode step is
-mostly that streaming. oneDNN with the weight reordered once ahead of time (what torch's own
-compiler does for frozen CPU models) uses both cores and was 1.6 to 2x faster for 1 to 16 rows,
-1.4x for a 600-token prompt and 2 to 3x for the head (`python bench/packed_linear.py`). It also
-gives every row of a product the same bits whatever the other rows and however many there are
-(1 to 1,100 rows checked), so an answer computed alone, batched with others or with its prompt
-read in pieces goes through the same arithmetic in every projection.
+machines runs the products of a decode step (1 to 16 rows against a weight matrix) on one core;
+a decode step is mostly streaming the weights. oneDNN with the weight reordered once ahead of
+time (what torch's own compiler does for frozen CPU models) uses both cores: a pass of 1 to 16
+rows through the layers' weights took 1.5 to 2.8x less time, through the head 2.6 to 9.5x, a
+600-token prompt 1.3x; a decode step of the model 1.2 to 1.3x (`python bench/packed_linear.py`).
+It also gives every row of a product the same bits whatever the other rows and however many
+there are (1 to 4,096 rows checked, the scheduler's largest prompt piece), so an answer computed
+alone, batched with others or with its prompt read in pieces goes through the same arithmetic in
+every projection.
 
 The base model is frozen (model_loading.load_model), so only the gradient with respect to the
 input is needed (training the adapter back-propagates through the upper layers); it is computed
@@ -20,6 +21,7 @@ keeps `nn.Linear`.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,11 +52,13 @@ class _PackedProduct(torch.autograd.Function):
         return _product(x, packed, bias)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         ctx.packed = inputs[1]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # The plain weight is rebuilt for each backward rather than kept: serving never needs it,
+        # and training on the CPU is the rare case that pays for it.
         return grad @ ctx.packed.to_dense(), None, None
 
 
@@ -67,7 +71,7 @@ class PackedLinear(nn.Module):
         self.out_features = linear.out_features
         # An opaque tensor, not a Parameter: it cannot be saved, copied or trained, only multiplied.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

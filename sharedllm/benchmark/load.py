@@ -6,6 +6,10 @@ once; then, at each concurrency C, C clients each ask `questions` questions one 
 (closed loop: a client asks again as soon as its answer ends), every answer decoded freely to
 `max_new_tokens` tokens (greedy, no grounding: the same work per answer whatever it says).
 Two workloads per C: every client on the same document, and client i on document i mod D.
+Client i asks the two benchmark questions in turn starting with question i mod 2, so prompts
+repeat across clients and levels: with the decoder's prefix cache on (`prefix_cache_mib` None:
+its default) a repeated prompt starts from the blocks kept, and `prefix_cache_mib` 0 measures
+every prompt read in full. The warm-up asks a question no level asks.
 
 Measured on the client, per level: aggregate generated tokens/s and questions/s over the wall
 time of the level, time to first token and inter-token latency (p50, p95), and refusals
@@ -33,6 +37,7 @@ from sharedllm.common.engine.results import Finished, TokenDelta
 from sharedllm.common.rpc.client import CompressorClient, DecoderClient, RemoteError
 
 TENANT = "load"
+WARM_UP_QUESTION = "What is the first thing this text tells?"
 WORKLOADS = ("same document", "different documents")
 
 
@@ -48,6 +53,7 @@ class LoadConfig:
     model: str | None = None  # the tokenizer's; model_flags pass it (and the rest) to the services
     model_flags: tuple[str, ...] = ()
     unbatched_baseline: bool = True
+    prefix_cache_mib: int | None = None  # the decoder's --prefix-cache-mib; None: its default
 
 
 @dataclass
@@ -149,11 +155,14 @@ def measure_stack(
     """Start the services with this batch size, store the documents, run every level of both workloads."""
     concurrent = max(levels)
     flags = ["--max-batch", str(max_batch), "--max-concurrent", str(concurrent), "--max-queued", str(concurrent)]
+    if config.prefix_cache_mib is not None:
+        flags += ["--prefix-cache-mib", str(config.prefix_cache_mib)]
     with grpc_stack(workdir, config.model_flags, config.threads, [TENANT], flags) as targets:
         api_key = targets.api_keys[TENANT]
         with CompressorClient(targets.compressor, api_key=api_key, timeout_s=1800) as compressor:
             contexts = [compressor.compress(ids, pin=True).context_id for ids in documents]
-        run_level(targets.decoder, api_key, contexts[:1], 1, LoadConfig(concurrency=(1,), questions=1))  # warm-up
+        with DecoderClient(targets.decoder, api_key=api_key, timeout_s=600) as decoder:
+            ask(decoder, contexts[0], WARM_UP_QUESTION, free_generation(SamplingParams(max_new_tokens=32)))
         results: dict[str, list[dict[str, Any]]] = {workload: [] for workload in WORKLOADS}
         for clients in levels:
             for workload in WORKLOADS:

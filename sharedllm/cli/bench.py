@@ -68,6 +68,11 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> N
     load.add_argument("--questions", type=int, default=2, help="questions each client asks per level")
     load.add_argument("--max-batch", type=int, default=16, help="the decoder's --max-batch (default: %(default)s)")
     load.add_argument(
+        "--prefix-cache-mib",
+        type=int,
+        help="the decoder's --prefix-cache-mib (default: the decoder's); 0: every prompt is read in full",
+    )
+    load.add_argument(
         "--unbatched-baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -139,6 +144,8 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
         max_new_tokens=args.max_new_tokens,
         max_batch=args.max_batch,
     )
+    if args.prefix_cache_mib is not None:
+        _at_least(0, prefix_cache_mib=args.prefix_cache_mib)
     return LoadConfig(
         concurrency=tuple(sorted(set(args.concurrency))),
         tokens=args.load_tokens,
@@ -150,6 +157,7 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
         model=args.model,
         model_flags=service_model_flags(args),
         unbatched_baseline=args.unbatched_baseline,
+        prefix_cache_mib=args.prefix_cache_mib,
     )
 
 

@@ -205,7 +205,7 @@ class ServerArguments:
         batching.add_argument(
             "--prefill-chunk",
             type=int,
-            help="prompt tokens read per model step while answers decode (tokens; default 512)",
+            help="prompt tokens a model step reads while answers decode (at least one 128-token block; default 512)",
         )
         batching.add_argument(
             "--prefix-cache-mib",
