@@ -12,7 +12,8 @@ The facts behind common/kernels/packed_linear.py and the scheduler's exactness, 
    attention of 16 rows row by row against one padded call;
 4. the default model itself: a decode step of 1, 8 and 16 rows (700-token caches) and a
    600-token prompt, with its linears packed and plain (the same weights), taking turns;
-5. the resident memory of a process that loaded the model and ran it, packed and plain.
+5. the resident memory of a process that loaded the model and ran it, packed and plain, and what
+   the products compiled for 600 prompt lengths keep, with oneDNN's caches bounded and not.
 """
 
 from __future__ import annotations
@@ -55,6 +56,27 @@ def packed_of(weight: torch.Tensor) -> PackedLinear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight.data = weight
     return PackedLinear(linear.requires_grad_(False))
+
+
+# The default model's four layer shapes through prompts of 1 to 600 tokens, one product each: how
+# much the products compiled for each new shape keep (oneDNN's caches, bounded by packed_linear).
+SHAPES_PROBE = """
+import os, sys, torch
+from torch import nn
+if sys.argv[1] != "bounded":
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = os.environ["LRU_CACHE_CAPACITY"] = "1024"
+from sharedllm.common.kernels.packed_linear import PackedLinear
+def resident():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
+layers = [PackedLinear(nn.Linear(i, o, bias=False).requires_grad_(False)) for i, o in shapes]
+before = resident()
+with torch.inference_mode():
+    for rows in range(1, 601):
+        for layer in layers:
+            layer(torch.zeros(1, rows, layer.in_features))
+print(resident() - before)
+"""
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
@@ -218,15 +240,18 @@ def model_steps(repeats: int) -> dict[str, dict[str, float]]:
     return figures
 
 
-def memory() -> dict[str, int]:
-    """Resident MiB after loading the model and one forward, in a fresh process each."""
+def memory() -> dict[str, dict[str, int]]:
+    """Resident MiB after loading the model and one forward, plain and packed; and what 600 prompt
+    lengths add through the packed layer shapes, with oneDNN's caches as bounded and at their
+    default of 1,024 entries. A fresh process each."""
+
+    def probe(script: str, kind: str) -> int:
+        run = subprocess.run([sys.executable, "-c", script, kind], check=True, capture_output=True, text=True)
+        return int(run.stdout)
+
     return {
-        kind: int(
-            subprocess.run(
-                [sys.executable, "-c", MEMORY_PROBE, kind], check=True, capture_output=True, text=True
-            ).stdout
-        )
-        for kind in ("plain", "packed")
+        "after loading and one forward": {kind: probe(MEMORY_PROBE, kind) for kind in ("plain", "packed")},
+        "added by 600 prompt lengths": {kind: probe(SHAPES_PROBE, kind) for kind in ("bounded", "default caches")},
     }
 
 

@@ -116,12 +116,15 @@ $BIN/python bench/batch_throughput.py --documents 8 --tokens 8192 --modes embedd
 mkdir -p "$OUT/concurrency"
 $BIN/sharedllm bench --concurrency 1 2 4 8 16 --load-tokens 8192 --documents 4 --questions 1 \
   --max-new-tokens 256 --threads 2 --json "$OUT/concurrency/cpu-256.json" | tee "$OUT/concurrency/cpu-256.txt"
+$BIN/sharedllm bench --concurrency 1 2 4 8 16 --load-tokens 8192 --documents 4 --questions 1 \
+  --max-new-tokens 256 --threads 2 --prefix-cache-mib 0 --json "$OUT/concurrency/cpu-256-no-prefix-cache.json" \
+  | tee "$OUT/concurrency/cpu-256-no-prefix-cache.txt"
 $BIN/python bench/batch_step.py --json "$OUT/concurrency/step.json" | tee "$OUT/concurrency/step.txt"
 $BIN/python bench/thread_pools.py --json "$OUT/concurrency/thread-pools.json" | tee "$OUT/concurrency/thread-pools.txt"
 $BIN/python bench/prefill_chunk.py --chunks 64 512 --clients 8 --json "$OUT/concurrency/prefill-chunk.json" \
   | tee "$OUT/concurrency/prefill-chunk.txt"
 $BIN/python bench/same_answers.py --json "$OUT/concurrency/same-answers.json" | tee "$OUT/concurrency/same-answers.txt"
-$BIN/python bench/packed_linear.py --json "$OUT/concurrency/packed-linear.json" | tee "$OUT/concurrency/packed-linear.txt"
+$BIN/python bench/packed_linear.py --repeats 9 --json "$OUT/concurrency/packed-linear.json" | tee "$OUT/concurrency/packed-linear.txt"
 
 # 7. Tracing (the observability issue): its cost on a repeat question, and one question's spans.
 mkdir -p "$OUT/telemetry"
