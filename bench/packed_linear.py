@@ -65,11 +65,12 @@ import os, sys, torch
 from torch import nn
 if sys.argv[1] != "bounded":
     os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = os.environ["LRU_CACHE_CAPACITY"] = "1024"
-from sharedllm.common.kernels.packed_linear import PackedLinear
+from sharedllm.common.kernels.packed_linear import pack_linears
 def resident():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
 shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
-layers = [PackedLinear(nn.Linear(i, o, bias=False).requires_grad_(False)) for i, o in shapes]
+layers = nn.ModuleList(nn.Linear(i, o, bias=False) for i, o in shapes).requires_grad_(False)
+pack_linears(layers)
 before = resident()
 with torch.inference_mode():
     for rows in range(1, 601):

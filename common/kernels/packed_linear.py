@@ -32,13 +32,12 @@ _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # oneDNN's own) of 1,024 entries each by default, an entry holding up to several MB for a long
 # prompt: 600 prompt lengths through the model's 4 layer shapes added 1,438 MiB, and a decoder
 # that meets many prompt lengths grew round after round (tests/test_soak.py caught it). Both
-# are read at their first use, so bounding them here, before any packed product runs, holds
-# that to 88 MiB (`python bench/packed_linear.py`). A shape built again costs about 0.6 ms, once
-# per step and weight shape (a step's 30 layers share 4); 8 clients in process gave 72.0 and
-# 75.1 tokens/s with 32 entries against 76.8 with 1,024 (bench/prefill_chunk.py, within noise).
+# are read at their first use, so pack_linears bounds them before its first product: 88 MiB for
+# the same 600 lengths (`python bench/packed_linear.py`). A shape built again costs about 0.6
+# ms, once per step and weight shape (a step's 30 layers share 4); 8 clients in process gave
+# 72.0 and 75.1 tokens/s with 32 entries against 76.8 with 1,024 (bench/prefill_chunk.py).
 PRODUCT_CACHE_ENTRIES = "32"
-for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-    os.environ.setdefault(_variable, PRODUCT_CACHE_ENTRIES)
+PRODUCT_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -122,6 +121,8 @@ def pack_linears(model: nn.Module) -> int:
     weight = linears[0][1].weight
     if not available(weight.device, weight.dtype):
         return 0
+    for variable in PRODUCT_CACHE_VARIABLES:  # before the first product (see PRODUCT_CACHE_ENTRIES); set: kept
+        os.environ.setdefault(variable, PRODUCT_CACHE_ENTRIES)
     for name, module in linears:
         if module.weight.requires_grad:
             raise ValueError(f"{name} is trainable; only a frozen model's linears can be packed")
