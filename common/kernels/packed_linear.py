@@ -3,9 +3,9 @@
 Why: on the CPU, torch's plain `F.linear` in fp32 goes to MKL, which on this project's 2-core
 machines runs the products of a decode step (1 to 16 rows against a weight matrix) on one core;
 a decode step is mostly streaming the weights. oneDNN with the weight reordered once ahead of
-time (what torch's own compiler does for frozen CPU models) uses both cores: a pass of 1 to 16
-rows through the layers' weights took 1.5 to 2.8x less time, through the head 2.6 to 9.5x, a
-600-token prompt 1.3x; a decode step of the model 1.2 to 1.3x (`python bench/packed_linear.py`).
+time (what torch's own compiler does for frozen CPU models) uses both cores: in two runs a pass
+of 1 to 16 rows through the layers' weights took 1.2 to 2.8x less time, through the head 1.4 to
+9.5x, a 600-token prompt 1.3x; a decode step of the model 1.1 to 1.3x (`bench/packed_linear.py`).
 It also gives every row of a product the same bits whatever the other rows and however many
 there are (1 to 4,096 rows checked, the scheduler's largest prompt piece), so an answer computed
 alone, batched with others or with its prompt read in pieces goes through the same arithmetic in
@@ -30,10 +30,10 @@ from torch import nn
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # oneDNN keeps a compiled product for every shape it meets, in two caches (torch's ideep and
 # oneDNN's own) of 1,024 entries each by default, an entry holding up to several MB for a long
-# prompt: 600 prompt lengths through the model's 4 layer shapes added 1,438 MiB, and a decoder
+# prompt: 600 prompt lengths through the model's 4 layer shapes added 1,444 MiB, and a decoder
 # that meets many prompt lengths grew round after round (tests/test_soak.py caught it). Both
-# are read at their first use, so pack_linears bounds them before its first product: 88 MiB for
-# the same 600 lengths (`python bench/packed_linear.py`). A shape built again costs about 0.6
+# are read at their first use, so pack_linears bounds them before its first product: 67 to 88
+# MiB for the same 600 lengths in three runs (`python bench/packed_linear.py`). A shape built again costs about 0.6
 # ms, once per step and weight shape (a step's 30 layers share 4); 8 clients in process gave
 # 72.0 and 75.1 tokens/s with 32 entries against 76.8 with 1,024 (bench/prefill_chunk.py).
 PRODUCT_CACHE_ENTRIES = "32"
