@@ -111,10 +111,6 @@ class Decoder:
     def _hook(self, injection: Injection | None, start: int, length: int):
         if injection is None:
             return None
-        m = self.adapter.config.n_layers
-        rope = None
-        if self.adapter.config.positions == "chunk":
-            rope = self.body.rope(torch.full((1, length), injection.n_chunks, device=self.body.device))
         reads = None  # [1, L, 1]: 0 where a position reads no injection
         for span in injection.shielded:
             low, high = (min(max(0, p - start), length) for p in span)
@@ -124,6 +120,10 @@ class Decoder:
                 if reads is None:
                     reads = torch.ones(1, length, 1, device=self.body.device, dtype=self.body.dtype)
                 reads[:, low:high] = 0
+        m = self.adapter.config.n_layers
+        rope = None
+        if self.adapter.config.positions == "chunk":
+            rope = self.body.rope(torch.full((1, length), injection.n_chunks, device=self.body.device))
 
         def inject(i: int, h: torch.Tensor) -> torch.Tensor | None:
             if i >= m:

@@ -7,9 +7,9 @@ prompts waiting to be read, oldest first, `prefill_chunk` tokens of them in all 
 `max_batch` rows), and runs them as one step (Decoder.step_rows: the rows' tokens packed into one
 sequence, so the weights are read once for all of them). A prompt is read a piece per step
 (chunked prefill, cut where an attention block ends), so it stalls the answers already decoding
-for one piece at a time; with nothing decoding, the oldest prompt is read at once. An answer joins when its first step
-arrives and leaves when its loop ends or its caller stops listening; its KV cache is its own and
-goes with it.
+for one piece at a time; with nothing decoding, the oldest prompt is read at once. An answer
+joins when its first step arrives and leaves when its loop ends or its caller stops listening;
+its KV cache is its own and goes with it.
 
 Rows are independent: a row's attention and injection read only its own cache and tree, and the
 batched projections compute each row's output from that row alone. On the CPU the projections
