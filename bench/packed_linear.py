@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharedllm.benchmark.report import write_json
+from sharedllm.benchmark.timing import alternating_ms, median_ms
 from sharedllm.common.kernels.packed_linear import PackedLinear
 
 HIDDEN, MLP, VOCAB, LAYERS = 576, 1536, 49152, 30
@@ -78,29 +77,6 @@ with torch.inference_mode():
             layer(torch.zeros(1, rows, layer.in_features))
 print(resident() - before)
 """
-
-
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times) * 1000, 2)
-
-
-def alternating_ms(cases: dict[str, tuple[Callable[[], None], Callable[[], object]]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each case's run (after its untimed setup), the cases taking turns."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for n in range(repeats + 1):
-        for name, (setup, run) in cases.items():
-            setup()
-            started = time.perf_counter()
-            run()
-            if n:  # the first turn warms up
-                times[name].append(time.perf_counter() - started)
-    return {name: round(statistics.median(t) * 1000, 2) for name, t in times.items()}
 
 
 def per_rows(run: Callable[[dict[int, torch.Tensor]], object], inputs: dict, repeats: int) -> dict[int, float]:

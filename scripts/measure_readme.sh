@@ -125,6 +125,9 @@ $BIN/python bench/prefill_chunk.py --chunks 64 512 --clients 8 --json "$OUT/conc
   | tee "$OUT/concurrency/prefill-chunk.txt"
 $BIN/python bench/same_answers.py --json "$OUT/concurrency/same-answers.json" | tee "$OUT/concurrency/same-answers.txt"
 $BIN/python bench/packed_linear.py --repeats 9 --json "$OUT/concurrency/packed-linear.json" | tee "$OUT/concurrency/packed-linear.txt"
+$BIN/python bench/step_roofline.py --json "$OUT/concurrency/step-roofline.json" | tee "$OUT/concurrency/step-roofline.txt"
+$BIN/python bench/step_roofline.py --dtype bfloat16 --json "$OUT/concurrency/step-roofline-bf16.json" \
+  | tee "$OUT/concurrency/step-roofline-bf16.txt"
 
 # 7. Tracing (the observability issue): its cost on a repeat question, and one question's spans.
 mkdir -p "$OUT/telemetry"

@@ -10,6 +10,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the CPU decode-attention kernel before any test needs it: the first build on a
+    machine takes about 25 s, which would otherwise fall inside the start-up timeout of whichever
+    test's server warms up first. Later processes, the servers the tests start included, load it."""
+    from sharedllm.common.kernels import decode_attention
+
+    decode_attention.load()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from tiny_model import make_tiny_model_dir

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
+from types import ModuleType
 
 import torch
 
@@ -18,7 +20,8 @@ from sharedllm.common.engine.results import Finished, GenerateTimings, TokenDelt
 from sharedllm.common.engine.retrieval import select_nodes
 from sharedllm.common.engine.tree import ContextSource
 from sharedllm.common.errors import IncompatibleContext
-from sharedllm.common.kernels import gather_injection
+from sharedllm.common.kernels import decode_attention, gather_injection
+from sharedllm.common.kernels.dispatch import requested_backend
 
 # A prompt's queries attend, and read the injection, in blocks that end where positions reach a
 # multiple of this, however the prompt is cut into steps (Decoder.step_rows); the scheduler cuts
@@ -148,6 +151,18 @@ class Decoder:
             cache.advance(ids.shape[1])
         return h
 
+    @functools.cached_property
+    def decode_kernel(self) -> ModuleType | None:
+        """The compiled CPU attention for decoding rows (kernels/decode_attention.py) where it
+        applies and builds, else None. Resolved at the first step and fixed after, since it is
+        part of every answer's arithmetic; `SHAREDLLM_KERNELS=torch` keeps torch's attention."""
+        body = self.body
+        if requested_backend() == "torch":
+            return None
+        if not decode_attention.supports(body.device, body.dtype, body.n_heads, body.n_kv, body.head_dim):
+            return None
+        return decode_attention.load()
+
     def step_rows(
         self, pieces: Sequence[Sequence[int]], caches: Sequence[KVCache], injections: Sequence[Injection | None]
     ) -> torch.Tensor:
@@ -156,13 +171,16 @@ class Decoder:
         Row b feeds pieces[b] (one token while it decodes, a piece of its prompt while it reads it)
         at the next positions of caches[b], reading injections[b]. The pieces are packed into one
         sequence for the projections, MLPs and the head, so the weights are read once per step for
-        every row (what batching buys); attention and the injection's cross-attention run row by
-        row, block by block (ATTENTION_BLOCK), over each row's own cache and tree. On the CPU the
-        packed projections give a row the same bits whatever the other rows
-        (kernels/packed_linear.py), so a row's result is the one it gets alone.
+        every row (what batching buys). Attention and the injection's cross-attention run block by
+        block (ATTENTION_BLOCK) over each row's own cache and tree: row by row for blocks of a
+        prompt, and for all blocks of one query (the decoding rows) in one call of the compiled
+        kernel where there is one (decode_kernel). On the CPU the packed projections give a row the
+        same bits whatever the other rows (kernels/packed_linear.py), and so does the kernel, so a
+        row's result is the one it gets alone.
         """
         body = self.body
         device = body.device
+        kernel = self.decode_kernel
         starts = [cache.length for cache in caches]
         lengths = [len(piece) for piece in pieces]
         bounds = [0, *accumulate(lengths)]
@@ -171,30 +189,55 @@ class Decoder:
         h = body.embed(ids).unsqueeze(0)  # [1, T, hidden]: every row's tokens, one after another
         cos, sin = body.rope(positions.unsqueeze(0))
         # Views made once per step, so a layer costs few operations per row: where each row's new
-        # keys and values go, and the cache each of its attention blocks sees (layer by layer).
-        new_keys, new_values, seen, queries, reading = [], [], [], [], []
+        # keys and values go, and what each attention block reads (layer by layer): the cache up to
+        # the block's last token, or, for a block of one query the kernel takes, its whole cache.
+        new_keys, new_values, queries, seen, reading, single = [], [], [], [], [], []
         for lo, start, cache, injection, n in zip(bounds[:-1], starts, caches, injections, lengths, strict=True):
             if start + n > cache.capacity:
                 raise ValueError(f"KV cache overflow: {start + n} > capacity {cache.capacity}")
             new_keys.append(cache.keys[:, 0, :, start : start + n].unbind(0))
             new_values.append(cache.values[:, 0, :, start : start + n].unbind(0))
             for a, b in attention_blocks(start, n, self.block):
-                queries.append(b - a)
                 end = start + b  # a block's queries see the cache up to its own last token
-                seen.append((cache.keys[:, :, :, :end].unbind(0), cache.values[:, :, :, :end].unbind(0), start + a))
+                if kernel is not None and b - a == 1:
+                    single.append((len(queries), lo + a, cache, end))
+                    seen.append(None)
+                else:
+                    seen.append((cache.keys[:, :, :, :end].unbind(0), cache.values[:, :, :, :end].unbind(0), start + a))
+                queries.append(b - a)
                 hook = self._hook(injection, start + a, b - a)
                 if hook is not None:
                     reading.append((lo + a, lo + b, hook))
+        tokens = bounds[-1]
+        if single:
+            single_at = torch.tensor([t for _, t, _, _ in single], device=device)
+            single_keys = [cache.keys for _, _, cache, _ in single]
+            single_values = [cache.values for _, _, cache, _ in single]
+            single_lengths = [end for _, _, _, end in single]
         for i in range(body.n_layers):
             q, k, v = body.project(i, h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             torch._foreach_copy_([row[i] for row in new_keys], k[0].split(lengths, dim=1))
             torch._foreach_copy_([row[i] for row in new_values], v[0].split(lengths, dim=1))
-            heads = [
-                body.attention_heads(i, block, keys[i], values[i], past)
-                for block, (keys, values, past) in zip(q.split(queries, dim=2), seen, strict=True)
-            ]
-            h = h + body.layers[i].self_attn.o_proj(torch.cat(heads, dim=2).transpose(1, 2).reshape(1, h.shape[1], -1))
+            scale = body.layers[i].self_attn.scaling
+            if len(single) == len(queries):  # only decoding rows: one kernel call is the whole attention
+                heads = kernel.decode_attention(
+                    q[0].transpose(0, 1).contiguous(), single_keys, single_values, single_lengths, i, scale
+                )
+                attended = heads.view(1, tokens, -1)
+            else:
+                blocks = list(q.split(queries, dim=2))
+                if single:
+                    rows = q[0, :, single_at].transpose(0, 1).contiguous()
+                    outs = kernel.decode_attention(rows, single_keys, single_values, single_lengths, i, scale)
+                    for (index, *_), out in zip(single, outs.unsqueeze(2).unsqueeze(1).unbind(0), strict=True):
+                        blocks[index] = out
+                for index, read in enumerate(seen):
+                    if read is not None:
+                        keys, values, past = read
+                        blocks[index] = body.attention_heads(i, blocks[index], keys[i], values[i], past)
+                attended = torch.cat(blocks, dim=2).transpose(1, 2).reshape(1, tokens, -1)
+            h = h + body.layers[i].self_attn.o_proj(attended)
             for lo, hi, hook in reading:
                 extra = hook(i, h[:, lo:hi])
                 if extra is not None:

@@ -1,0 +1,91 @@
+"""The compiled CPU kernel for the attention of decoding rows (decode_attention.cpp).
+
+Why: in a decode step of 8 or 16 rows on the CPU, torch's attention, called row by row over each
+row's own cache, was 43 to 50% of the step and read the caches at about a third of the machine's
+read bandwidth (`python bench/step_roofline.py`). The kernel takes every decoding row of a layer
+in one call and reads each cached key and value once for all the query heads that share it.
+
+It is built by torch's extension builder (ninja and a C++ compiler) the first time a process
+asks for it, for this machine's CPU (`-march=native`), into torch's extensions directory
+(`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). The build's name holds a hash
+of the source, the flags, torch's version and the CPU's features, so a directory shared by
+machines of different CPUs never loads another's build, and a later process loads it in well
+under a second. Where it cannot be built (no compiler), `load` logs why once and returns None,
+and the decoder keeps torch's attention: slower, and answers that may differ in the last bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_attention.cpp")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
+HEAD_DIMS = (8, 16, 32, 64, 128)  # the sizes the source is compiled for
+MAX_GROUP = 8  # query heads per key/value head
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags, which `-march=native` compiles for."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_name() -> str:
+    """The extension's name: changes with anything that changes the machine code."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_features().encode()):
+        digest.update(part)
+    return f"sharedllm_decode_attention_{digest.hexdigest()[:16]}"
+
+
+_LOADING = threading.Lock()
+
+
+def load() -> ModuleType | None:
+    """The compiled kernel, built on the first call in a process if no build is there yet; None
+    (and a warning, once) where it cannot be built. Callers in several threads wait for one build."""
+    with _LOADING:
+        return _build()
+
+
+@functools.cache
+def _build() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    started = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            name=build_name(), sources=[str(SOURCE)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"]
+        )
+    except (RuntimeError, OSError, ImportError) as error:  # no compiler or ninja, a failed build
+        log.warning("the CPU decode-attention kernel could not be built, decoding uses torch's attention: %s", error)
+        return None
+    log.info("CPU decode-attention kernel ready in %.1f s", time.perf_counter() - started)
+    return module
+
+
+def supports(device: torch.device, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int) -> bool:
+    """Whether the kernel computes this model's decode attention (fp32 on the CPU, its shapes)."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and head_dim in HEAD_DIMS
+        and n_heads % n_kv == 0
+        and n_heads // n_kv <= MAX_GROUP
+    )
