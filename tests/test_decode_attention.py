@@ -88,6 +88,32 @@ def test_a_row_has_the_same_bits_alone_batched_and_on_any_number_of_threads(kern
     assert torch.equal(one_thread, batched)
 
 
+def test_the_kernel_leaves_the_threads_of_a_batching_decoder_alone():
+    """As in a batching decoder (engine/threads.py): every thread runs torch single-threaded but
+    the model's, which keeps two. The kernel must not put the model's thread back to one (an
+    at::parallel_for compiled into it did: the decoder then read prompts 1.8 times slower)."""
+    script = (
+        "import threading, torch\n"
+        "from sharedllm.common.engine import threads\n"
+        "from sharedllm.common.kernels import decode_attention\n"
+        "kernel = decode_attention.load()\n"
+        "count = threads.keep_single_threaded()\n"
+        "taken, reset, seen = threading.Event(), threading.Event(), []\n"
+        "def model():\n"
+        "    threads.use(count); taken.set(); reset.wait()\n"
+        "    cache = torch.randn(1, 1, 3, 100, 64)\n"
+        "    kernel.decode_attention(torch.randn(2, 9, 64), [cache] * 2, [cache] * 2, [10, 20], 0, 0.125)\n"
+        "    seen.append(torch.get_num_threads())\n"
+        "worker = threading.Thread(target=model); worker.start(); taken.wait()\n"
+        "threads.keep_single_threaded(); reset.set(); worker.join()\n"
+        "print(seen[0])\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2"]
+
+
 def test_what_the_kernel_does_not_take_is_a_clear_error(kernel):
     keys, values = caches(2, 3, 32, 64)
     q = torch.randn(2, 9, 64)

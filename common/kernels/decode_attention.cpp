@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -136,9 +137,17 @@ torch::Tensor decode_attention(const torch::Tensor& queries, const std::vector<t
   torch::Tensor out = torch::empty_like(queries);
   const float* q = queries.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // OpenMP itself, not at::parallel_for: that template, compiled into this library, keeps its own
+  // "threads initialised" flag per thread and on its first call resets the calling thread to the
+  // process-wide count, which a batching decoder sets to 1 for every thread but the scheduler's
+  // (engine/threads.py). at::get_num_threads is torch's count for this thread.
+  const int64_t items = rows * kv_heads;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
     std::vector<float> scores;
-    for (int64_t item = begin; item < end; ++item) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
       const int64_t r = item / kv_heads, g = item % kv_heads;
       const int64_t n = lengths[r], head_stride = keys[r].stride(2), position_stride = keys[r].stride(3);
       scores.resize(group * n);
@@ -146,7 +155,7 @@ torch::Tensor decode_attention(const torch::Tensor& queries, const std::vector<t
       attend(q + first, key_base[r] + g * head_stride, value_base[r] + g * head_stride, n, position_stride,
              static_cast<int>(group), static_cast<float>(scale), scores.data(), o + first);
     }
-  });
+  }
   return out;
 }
 
