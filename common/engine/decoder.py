@@ -61,6 +61,59 @@ def uninjected_prefix(injection: Injection | None, length: int) -> int:
     return min(length, max((end for start, end in injection.shielded if start == 0), default=0))
 
 
+class StepAttention:
+    """The self-attention of one model step's blocks (Decoder.step_rows), set up once per step so
+    that a layer costs few operations: each block of a prompt row by row over its row's cache up
+    to its own last token, and every block of one query (the decoding rows) in one call of the
+    compiled kernel where there is one (kernels/decode_attention.py)."""
+
+    def __init__(self, body: LlamaBody, kernel: ModuleType | None) -> None:
+        self.body = body
+        self.kernel = kernel
+        self.queries: list[int] = []  # each block's number of queries, in token order
+        self.reads: list[tuple | None] = []  # each block's cache (keys, values by layer; past), None: the kernel's
+        self.single: list[int] = []  # which blocks the kernel takes
+        self.single_tokens: list[int] = []  # and their tokens' places in the step
+        self.single_keys: list[torch.Tensor] = []  # their rows' whole caches
+        self.single_values: list[torch.Tensor] = []
+        self.single_lengths: list[int] = []  # and how many positions of them each reads
+
+    def add(self, cache: KVCache, start: int, end: int, token: int) -> None:
+        """A block of queries at cache positions [start, end), the first at `token` in the step."""
+        if self.kernel is not None and end - start == 1:
+            self.single.append(len(self.queries))
+            self.single_tokens.append(token)
+            self.single_keys.append(cache.keys)
+            self.single_values.append(cache.values)
+            self.single_lengths.append(end)
+            self.reads.append(None)
+        else:
+            self.reads.append((cache.keys[:, :, :, :end].unbind(0), cache.values[:, :, :, :end].unbind(0), start))
+        self.queries.append(end - start)
+
+    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs [1, T, H * Dh] of layer `layer` for the step's queries q [1, H, T, Dh]."""
+        tokens = q.shape[2]
+        if len(self.single) == len(self.queries):  # decoding rows only: the kernel does all of it
+            return self._single_heads(layer, q[0].transpose(0, 1)).view(1, tokens, -1)
+        blocks = list(q.split(self.queries, dim=2))
+        if self.single:
+            heads = self._single_heads(layer, q[0, :, self.single_tokens].transpose(0, 1))
+            for index, out in zip(self.single, heads.unsqueeze(2).unsqueeze(1).unbind(0), strict=True):
+                blocks[index] = out
+        for index, read in enumerate(self.reads):
+            if read is not None:
+                keys, values, past = read
+                blocks[index] = self.body.attention_heads(layer, blocks[index], keys[layer], values[layer], past)
+        return torch.cat(blocks, dim=2).transpose(1, 2).reshape(1, tokens, -1)
+
+    def _single_heads(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """The kernel's heads [R, H, Dh] for the one-query blocks' queries rows [R, H, Dh]."""
+        scale = self.body.layers[layer].self_attn.scaling
+        keys, values, lengths = self.single_keys, self.single_values, self.single_lengths
+        return self.kernel.decode_attention(rows.contiguous(), keys, values, lengths, layer, scale)
+
+
 class Decoder:
     def __init__(self, body: LlamaBody, adapter: InjectionAdapter, eos_ids: set[int]) -> None:
         self.body = body
@@ -180,7 +233,6 @@ class Decoder:
         """
         body = self.body
         device = body.device
-        kernel = self.decode_kernel
         starts = [cache.length for cache in caches]
         lengths = [len(piece) for piece in pieces]
         bounds = [0, *accumulate(lengths)]
@@ -189,54 +241,25 @@ class Decoder:
         h = body.embed(ids).unsqueeze(0)  # [1, T, hidden]: every row's tokens, one after another
         cos, sin = body.rope(positions.unsqueeze(0))
         # Views made once per step, so a layer costs few operations per row: where each row's new
-        # keys and values go, and what each attention block reads (layer by layer): the cache up to
-        # the block's last token, or, for a block of one query the kernel takes, its whole cache.
-        new_keys, new_values, queries, seen, reading, single = [], [], [], [], [], []
+        # keys and values go, what each attention block reads, and the injection's readers.
+        new_keys, new_values, reading = [], [], []
+        attention = StepAttention(body, self.decode_kernel)
         for lo, start, cache, injection, n in zip(bounds[:-1], starts, caches, injections, lengths, strict=True):
             if start + n > cache.capacity:
                 raise ValueError(f"KV cache overflow: {start + n} > capacity {cache.capacity}")
             new_keys.append(cache.keys[:, 0, :, start : start + n].unbind(0))
             new_values.append(cache.values[:, 0, :, start : start + n].unbind(0))
             for a, b in attention_blocks(start, n, self.block):
-                end = start + b  # a block's queries see the cache up to its own last token
-                if kernel is not None and b - a == 1:
-                    single.append((len(queries), lo + a, cache, end))
-                    seen.append(None)
-                else:
-                    seen.append((cache.keys[:, :, :, :end].unbind(0), cache.values[:, :, :, :end].unbind(0), start + a))
-                queries.append(b - a)
+                attention.add(cache, start + a, start + b, lo + a)  # a block sees the cache up to its last token
                 hook = self._hook(injection, start + a, b - a)
                 if hook is not None:
                     reading.append((lo + a, lo + b, hook))
-        tokens = bounds[-1]
-        if single:
-            single_at = torch.tensor([t for _, t, _, _ in single], device=device)
-            single_keys = [cache.keys for _, _, cache, _ in single]
-            single_values = [cache.values for _, _, cache, _ in single]
-            single_lengths = [end for _, _, _, end in single]
         for i in range(body.n_layers):
             q, k, v = body.project(i, h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             torch._foreach_copy_([row[i] for row in new_keys], k[0].split(lengths, dim=1))
             torch._foreach_copy_([row[i] for row in new_values], v[0].split(lengths, dim=1))
-            scale = body.layers[i].self_attn.scaling
-            if len(single) == len(queries):  # only decoding rows: one kernel call is the whole attention
-                heads = kernel.decode_attention(
-                    q[0].transpose(0, 1).contiguous(), single_keys, single_values, single_lengths, i, scale
-                )
-                attended = heads.view(1, tokens, -1)
-            else:
-                blocks = list(q.split(queries, dim=2))
-                if single:
-                    rows = q[0, :, single_at].transpose(0, 1).contiguous()
-                    outs = kernel.decode_attention(rows, single_keys, single_values, single_lengths, i, scale)
-                    for (index, *_), out in zip(single, outs.unsqueeze(2).unsqueeze(1).unbind(0), strict=True):
-                        blocks[index] = out
-                for index, read in enumerate(seen):
-                    if read is not None:
-                        keys, values, past = read
-                        blocks[index] = body.attention_heads(i, blocks[index], keys[i], values[i], past)
-                attended = torch.cat(blocks, dim=2).transpose(1, 2).reshape(1, tokens, -1)
+            attended = attention(i, q)
             h = h + body.layers[i].self_attn.o_proj(attended)
             for lo, hi, hook in reading:
                 extra = hook(i, h[:, lo:hi])
