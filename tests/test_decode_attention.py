@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -147,6 +149,29 @@ def test_without_a_compiler_the_kernel_is_none_and_the_log_says_why(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("could not be built, decoding uses torch's attention") == 1
+
+
+def test_a_lock_left_by_a_dead_build_is_removed_and_a_live_one_waited_for(tmp_path):
+    """torch's builder waits forever on its lock file; a lock older than any build is removed,
+    and a younger one is waited for until its builder removes it."""
+    abandoned = tmp_path / "abandoned" / "lock"
+    abandoned.parent.mkdir()
+    abandoned.touch()
+    old = time.time() - decode_attention.BUILD_TIMEOUT_S - 60
+    os.utime(abandoned, (old, old))
+    decode_attention.clear_abandoned_lock(abandoned)
+    assert not abandoned.exists()
+
+    live = tmp_path / "live" / "lock"
+    live.parent.mkdir()
+    live.touch()
+    builder = threading.Timer(0.3, live.unlink)
+    builder.start()
+    started = time.perf_counter()
+    decode_attention.clear_abandoned_lock(live, poll_s=0.05)
+    assert 0.25 < time.perf_counter() - started < 5
+    builder.join()
+    decode_attention.clear_abandoned_lock(live)  # no lock: returns at once
 
 
 def test_supports_only_what_it_was_compiled_for():

@@ -10,8 +10,9 @@ asks for it, for this machine's CPU (`-march=native`), into torch's extensions d
 (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). The build's name holds a hash
 of the source, the flags, torch's version and the CPU's features, so a directory shared by
 machines of different CPUs never loads another's build, and a later process loads it in well
-under a second. Where it cannot be built (no compiler), `load` logs why once and returns None,
-and the decoder keeps torch's attention: slower, and answers that may differ in the last bits.
+under a second. Where it cannot be built (no compiler, a directory it cannot write), `load` logs
+why once and returns None, and the decoder keeps torch's attention: slower, and answers that may
+differ in the last bits.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SOURCE = Path(__file__).with_name("decode_attention.cpp")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
 HEAD_DIMS = (8, 16, 32, 64, 128)  # the sizes the source is compiled for
 MAX_GROUP = 8  # query heads per key/value head
+BUILD_TIMEOUT_S = 300.0  # a build takes about 25 s on 2 cores; a lock older than this was abandoned
 
 
 def _cpu_features() -> str:
@@ -64,14 +66,38 @@ def load() -> ModuleType | None:
         return _build()
 
 
+def clear_abandoned_lock(lock: Path, timeout_s: float = BUILD_TIMEOUT_S, poll_s: float = 1.0) -> None:
+    """Wait for a build another process is running, and remove its lock if it is older than any
+    build takes: torch's builder waits forever on the lock of a process that died building (a
+    server killed while it warmed up, in a volume that outlives it)."""
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > timeout_s:
+            log.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll_s)
+
+
 @functools.cache
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     started = time.perf_counter()
+    name = build_name()
     try:
+        directory = Path(cpp_extension.get_default_build_root()) / name
+        directory.mkdir(parents=True, exist_ok=True)
+        clear_abandoned_lock(directory / "lock")
         module = cpp_extension.load(
-            name=build_name(), sources=[str(SOURCE)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"]
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=list(FLAGS),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
         )
     except (RuntimeError, OSError, ImportError) as error:  # no compiler or ninja, a failed build
         log.warning("the CPU decode-attention kernel could not be built, decoding uses torch's attention: %s", error)
