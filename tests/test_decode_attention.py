@@ -4,7 +4,9 @@ clear errors for what it does not take, and the decoder's use of it."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -53,6 +55,17 @@ def test_the_kernel_gives_torchs_attention(kernel, heads, kv, head_dim):
     for layer in range(LAYERS):
         got = kernel.decode_attention(q, keys, values, lengths, layer, scale)
         torch.testing.assert_close(got, reference(q, keys, values, lengths, layer, scale), rtol=1e-5, atol=1e-6)
+
+
+def test_rows_with_caches_of_different_capacities(kernel):
+    """As served: each row's cache holds its own prompt and answer, so capacities differ."""
+    capacities, lengths = [40, 900, 130, 7], [40, 512, 129, 1]
+    generator = torch.Generator().manual_seed(3)
+    keys = [torch.randn(LAYERS, 1, 3, c, 64, generator=generator) for c in capacities]
+    values = [torch.randn(LAYERS, 1, 3, c, 64, generator=generator) for c in capacities]
+    q = torch.randn(len(lengths), 9, 64, generator=generator)
+    got = kernel.decode_attention(q, keys, values, lengths, 2, 0.125)
+    torch.testing.assert_close(got, reference(q, keys, values, lengths, 2, 0.125), rtol=1e-5, atol=1e-6)
 
 
 def test_scores_far_apart_neither_overflow_nor_vanish(kernel):
@@ -151,6 +164,23 @@ def test_without_a_compiler_the_kernel_is_none_and_the_log_says_why(tmp_path):
     assert done.stderr.count("could not be built, decoding uses torch's attention") == 1
 
 
+def test_the_kernel_builds_with_ninja_off_the_path(tmp_path):
+    """`make test` runs the environment's Python without activating it, so the ninja package's
+    program need not be on PATH: the loader finds it. PATH here holds the compiler's tools only,
+    and the build root is fresh, so it really builds."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("c++", "g++", "gcc", "cc", "as", "ld"):
+        if found := shutil.which(tool):
+            (tools / tool).symlink_to(found)
+    assert shutil.which("ninja", path=str(tools)) is None
+    script = "from sharedllm.common.kernels import decode_attention\nassert decode_attention.load() is not None\n"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "build"), "PATH": str(tools)}
+    env.pop("CXX", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_a_lock_left_by_a_dead_build_is_removed_and_a_live_one_waited_for(tmp_path):
     """torch's builder waits forever on its lock file; a lock older than any build is removed,
     and a younger one is waited for until its builder removes it."""
@@ -172,6 +202,10 @@ def test_a_lock_left_by_a_dead_build_is_removed_and_a_live_one_waited_for(tmp_pa
     assert 0.25 < time.perf_counter() - started < 5
     builder.join()
     decode_attention.clear_abandoned_lock(live)  # no lock: returns at once
+    # The lock is the one torch's builder takes: <build directory>/lock.
+    from torch.utils import cpp_extension
+
+    assert "os.path.join(build_directory, 'lock')" in inspect.getsource(cpp_extension._jit_compile)
 
 
 def test_supports_only_what_it_was_compiled_for():
@@ -203,7 +237,7 @@ def test_the_decoder_steps_with_the_kernel_as_with_torchs_attention(tiny_model_d
             decoder.step_rows([prompt[:100]], [second], [None])
             return [
                 decoder.step_rows([[17], [18]], [first, second], [None, None]),  # decoding rows only
-                decoder.step_rows([[19], prompt[100:228]], [first, second], [None, None]),  # with a prompt block
+                decoder.step_rows([prompt[100:228], [19]], [second, first], [None, None]),  # a prompt block first
                 decoder.step_rows([[20], [21]], [first, second], [None, None]),
             ]
 

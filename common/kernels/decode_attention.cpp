@@ -13,10 +13,11 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -39,22 +40,44 @@ inline float exp_nonpositive(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// x[l] = exp(x[l] - top) for every l, x's maximum being top.
+void exp_shifted(float* __restrict x, int64_t n, float top) {
+  for (int64_t l = 0; l < n; ++l) x[l] = exp_nonpositive(x[l] - top);
+}
+
+// Sum of x[0..n) in a fixed order: lane k adds x[k], x[k + kLanes], ... in turn, then the lanes
+// are added first to last. Written out, not left to the compiler's reduction, so the order never
+// depends on the vector width it picks or on the buffer's alignment (a row's bits stay its own).
+constexpr int kLanes = 16;
+
+inline float ordered_sum(const float* x, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t l = 0;
+  for (; l + kLanes <= n; l += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += x[l + k];
+  for (int k = 0; l < n; ++l, ++k) lanes[k] += x[l];
+  float total = 0.f;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
 }
 
 // `group` queries q [group, D] over n keys and values (rows `stride` floats apart); out [group, D].
 template <int D>
 void attend_head(const float* q, const float* k, const float* v, int64_t n, int64_t stride, int group, float scale,
                  float* scores, float* out) {
+  constexpr int W = D < kLanes ? D : kLanes;  // the dot product's lanes, as ordered_sum's
   for (int64_t l = 0; l < n; ++l) {
     const float* key = k + l * stride;
     for (int j = 0; j < group; ++j) {
       const float* qj = q + j * D;
+      float lanes[W] = {};
+      for (int d = 0; d < D; d += W)
+        for (int w = 0; w < W; ++w) lanes[w] += qj[d + w] * key[d + w];
       float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int d = 0; d < D; ++d) dot += qj[d] * key[d];
+      for (int w = 0; w < W; ++w) dot += lanes[w];
       scores[j * n + l] = dot * scale;
     }
   }
@@ -62,22 +85,16 @@ void attend_head(const float* q, const float* k, const float* v, int64_t n, int6
   for (int j = 0; j < group; ++j) {
     float* s = scores + j * n;
     float top = -INFINITY;
-#pragma omp simd reduction(max : top)
+#pragma omp simd reduction(max : top)  // a maximum is exact in any order
     for (int64_t l = 0; l < n; ++l) top = s[l] > top ? s[l] : top;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t l = 0; l < n; ++l) {
-      s[l] = exp_nonpositive(s[l] - top);
-      sum += s[l];
-    }
-    total[j] = sum;
+    exp_shifted(s, n, top);
+    total[j] = ordered_sum(s, n);
   }
   float acc[kMaxGroup][D] = {};
   for (int64_t l = 0; l < n; ++l) {
     const float* value = v + l * stride;
     for (int j = 0; j < group; ++j) {
       const float w = scores[j * n + l];
-#pragma omp simd
       for (int d = 0; d < D; ++d) acc[j][d] += w * value[d];
     }
   }
@@ -105,9 +122,10 @@ HeadFn head_fn(int64_t head_dim) {
 torch::Tensor decode_attention(const torch::Tensor& queries, const std::vector<torch::Tensor>& keys,
                                const std::vector<torch::Tensor>& values, const std::vector<int64_t>& lengths,
                                int64_t layer, double scale) {
+  TORCH_CHECK(queries.dim() == 3 && queries.scalar_type() == torch::kFloat && queries.is_contiguous() &&
+                  queries.device().is_cpu(),
+              "queries must be a contiguous float32 [rows, heads, head_dim] tensor on the CPU");
   const int64_t rows = queries.size(0);
-  TORCH_CHECK(queries.dim() == 3 && queries.scalar_type() == torch::kFloat && queries.is_contiguous(),
-              "queries must be a contiguous float32 [rows, heads, head_dim] tensor");
   TORCH_CHECK(static_cast<int64_t>(keys.size()) == rows && static_cast<int64_t>(values.size()) == rows &&
                   static_cast<int64_t>(lengths.size()) == rows,
               "one cache and one length per row");
@@ -118,8 +136,9 @@ torch::Tensor decode_attention(const torch::Tensor& queries, const std::vector<t
   std::vector<const float*> key_base(rows), value_base(rows);
   for (int64_t r = 0; r < rows; ++r) {
     for (const torch::Tensor* cache : {&keys[r], &values[r]}) {
-      TORCH_CHECK(cache->dim() == 5 && cache->scalar_type() == torch::kFloat && cache->is_contiguous(),
-                  "caches must be contiguous float32 [layers, 1, kv_heads, capacity, head_dim] tensors");
+      TORCH_CHECK(cache->dim() == 5 && cache->scalar_type() == torch::kFloat && cache->is_contiguous() &&
+                      cache->device().is_cpu() && cache->size(2) > 0,
+                  "caches must be contiguous float32 [layers, 1, kv_heads, capacity, head_dim] tensors on the CPU");
       TORCH_CHECK(cache->size(4) == head_dim && cache->size(1) == 1, "a cache's shape does not match the queries");
       TORCH_CHECK(layer >= 0 && layer < cache->size(0), "layer ", layer, " is outside the cache");
       TORCH_CHECK(lengths[r] >= 1 && lengths[r] <= cache->size(3), "row ", r, " reads ", lengths[r],
@@ -143,17 +162,22 @@ torch::Tensor decode_attention(const torch::Tensor& queries, const std::vector<t
   // (engine/threads.py). at::get_num_threads is torch's count for this thread.
   const int64_t items = rows * kv_heads;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items)));
-#pragma omp parallel num_threads(threads) if (threads > 1)
+  // Every thread's scores, allocated here: an exception inside the parallel region would end the process.
+  const int64_t longest = rows ? *std::max_element(lengths.begin(), lengths.end()) : 0;
+  std::vector<float> scores(static_cast<size_t>(threads) * group * longest);
   {
-    std::vector<float> scores;
+    py::gil_scoped_release released;  // torch's own operations release it too; nothing below touches Python
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      float* mine = scores.data() + static_cast<int64_t>(omp_get_thread_num()) * group * longest;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t r = item / kv_heads, g = item % kv_heads;
-      const int64_t n = lengths[r], head_stride = keys[r].stride(2), position_stride = keys[r].stride(3);
-      scores.resize(group * n);
-      const int64_t first = (r * heads + g * group) * head_dim;
-      attend(q + first, key_base[r] + g * head_stride, value_base[r] + g * head_stride, n, position_stride,
-             static_cast<int>(group), static_cast<float>(scale), scores.data(), o + first);
+      for (int64_t item = 0; item < items; ++item) {
+        const int64_t r = item / kv_heads, g = item % kv_heads;
+        const int64_t n = lengths[r], head_stride = keys[r].stride(2), position_stride = keys[r].stride(3);
+        const int64_t first = (r * heads + g * group) * head_dim;
+        attend(q + first, key_base[r] + g * head_stride, value_base[r] + g * head_stride, n, position_stride,
+               static_cast<int>(group), static_cast<float>(scale), mine, o + first);
+      }
     }
   }
   return out;

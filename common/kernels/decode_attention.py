@@ -1,7 +1,7 @@
 """The compiled CPU kernel for the attention of decoding rows (decode_attention.cpp).
 
 Why: in a decode step of 8 or 16 rows on the CPU, torch's attention, called row by row over each
-row's own cache, was 43 to 50% of the step and read the caches at about a third of the machine's
+row's own cache, was 42 to 52% of the step and read the caches at about a third of the machine's
 read bandwidth (`python bench/step_roofline.py`). The kernel takes every decoding row of a layer
 in one call and reads each cached key and value once for all the query heads that share it.
 
@@ -20,7 +20,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
+import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,10 +34,12 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
+# -fno-trapping-math lets the compiler vectorise the softmax's exp; not -ffast-math, whose
+# start-up code can set flush-to-zero for the whole process that loads the library.
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp")
 HEAD_DIMS = (8, 16, 32, 64, 128)  # the sizes the source is compiled for
 MAX_GROUP = 8  # query heads per key/value head
-BUILD_TIMEOUT_S = 300.0  # a build takes about 25 s on 2 cores; a lock older than this was abandoned
+BUILD_TIMEOUT_S = 120.0  # a build takes about 25 s on 2 cores; a lock older than this was abandoned
 
 
 def _cpu_features() -> str:
@@ -49,11 +54,24 @@ def _cpu_features() -> str:
 
 
 def build_name() -> str:
-    """The extension's name: changes with anything that changes the machine code."""
+    """The extension's name: changes with anything that changes the machine code or what it links
+    to (the source, the flags, torch and where it is installed, Python, the CPU), so two
+    environments sharing a build root never load or overwrite each other's build."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_features().encode()):
-        digest.update(part)
+    parts = (SOURCE.read_bytes(), " ".join(FLAGS), torch.__version__, torch.__file__, sys.version, _cpu_features())
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else part.encode())
     return f"sharedllm_decode_attention_{digest.hexdigest()[:16]}"
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the ninja package (a dependency) installs it in its
+    environment's scripts folder, which a caller's PATH may not hold (a virtual environment used
+    without activating it, as `make test` does)."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
 _LOADING = threading.Lock()
@@ -87,8 +105,9 @@ def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     started = time.perf_counter()
-    name = build_name()
     try:
+        name = build_name()
+        _ninja_on_path()
         directory = Path(cpp_extension.get_default_build_root()) / name
         directory.mkdir(parents=True, exist_ok=True)
         clear_abandoned_lock(directory / "lock")
