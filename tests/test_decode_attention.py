@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -164,21 +163,16 @@ def test_without_a_compiler_the_kernel_is_none_and_the_log_says_why(tmp_path):
     assert done.stderr.count("could not be built, decoding uses torch's attention") == 1
 
 
-def test_the_kernel_builds_with_ninja_off_the_path(tmp_path):
+def test_ninja_is_found_off_the_path(tmp_path, monkeypatch):
     """`make test` runs the environment's Python without activating it, so the ninja package's
-    program need not be on PATH: the loader finds it. PATH here holds the compiler's tools only,
-    and the build root is fresh, so it really builds."""
-    tools = tmp_path / "bin"
-    tools.mkdir()
-    for tool in ("c++", "g++", "gcc", "cc", "as", "ld"):
-        if found := shutil.which(tool):
-            (tools / tool).symlink_to(found)
-    assert shutil.which("ninja", path=str(tools)) is None
-    script = "from sharedllm.common.kernels import decode_attention\nassert decode_attention.load() is not None\n"
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "build"), "PATH": str(tools)}
-    env.pop("CXX", None)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    program need not be on PATH, where torch's builder looks: the loader puts it there."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="Ninja is required"):
+        cpp_extension.verify_ninja_availability()
+    decode_attention._ninja_on_path()
+    cpp_extension.verify_ninja_availability()
 
 
 def test_a_lock_left_by_a_dead_build_is_removed_and_a_live_one_waited_for(tmp_path):
