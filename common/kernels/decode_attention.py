@@ -8,9 +8,9 @@ in one call and reads each cached key and value once for all the query heads tha
 It is built by torch's extension builder (ninja and a C++ compiler) the first time a process
 asks for it, for this machine's CPU (`-march=native`), into torch's extensions directory
 (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). The build's name holds a hash
-of the source, the flags, torch's version and the CPU's features, so a directory shared by
-machines of different CPUs never loads another's build, and a later process loads it in well
-under a second. Where it cannot be built (no compiler, a directory it cannot write), `load` logs
+of the source, the flags, torch, Python and the CPU's features (`build_name`), so a directory
+shared by machines or environments never loads another's build, and a later process loads it in
+well under a second. Where it cannot be built (no compiler, a directory it cannot write), `load` logs
 why once and returns None, and the decoder keeps torch's attention: slower, and answers that may
 differ in the last bits.
 """
