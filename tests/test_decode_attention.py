@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,6 +201,17 @@ def test_a_lock_left_by_a_dead_build_is_removed_and_a_live_one_waited_for(tmp_pa
     from torch.utils import cpp_extension
 
     assert "os.path.join(build_directory, 'lock')" in inspect.getsource(cpp_extension._jit_compile)
+
+
+def test_builds_go_where_torch_extensions_dir_says(tmp_path, monkeypatch):
+    """The image sets TORCH_EXTENSIONS_DIR to the cache volume; without it, torch's default root."""
+    from torch.utils import cpp_extension
+
+    name = decode_attention.build_name()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert decode_attention.build_directory(name) == tmp_path / name
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert decode_attention.build_directory(name) == Path(cpp_extension.get_default_build_root()) / name
 
 
 def test_supports_only_what_it_was_compiled_for():

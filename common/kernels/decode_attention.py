@@ -64,6 +64,15 @@ def build_name() -> str:
     return f"sharedllm_decode_attention_{digest.hexdigest()[:16]}"
 
 
+def build_directory(name: str) -> Path:
+    """Where the build goes: `TORCH_EXTENSIONS_DIR` if set (the image points it at the cache
+    volume), else torch's default root. torch reads that variable only when it picks the folder
+    itself; this module names the folder, so it must read it too."""
+    from torch.utils import cpp_extension
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+
+
 def _ninja_on_path() -> None:
     """torch's builder runs `ninja` from PATH; the ninja package (a dependency) installs it in its
     environment's scripts folder, which a caller's PATH may not hold (a virtual environment used
@@ -108,9 +117,11 @@ def _build() -> ModuleType | None:
     try:
         name = build_name()
         _ninja_on_path()
-        directory = Path(cpp_extension.get_default_build_root()) / name
+        directory = build_directory(name)
         directory.mkdir(parents=True, exist_ok=True)
         clear_abandoned_lock(directory / "lock")
+        if not (directory / f"{name}.so").exists():  # said at warning level: the embedded CLI shows no info
+            log.warning("compiling the CPU decode-attention kernel for this machine, once (about 25 s): %s", directory)
         module = cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],

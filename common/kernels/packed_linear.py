@@ -33,9 +33,10 @@ _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # prompt: 600 prompt lengths through the model's 4 layer shapes added 1,444 MiB, and a decoder
 # that meets many prompt lengths grew round after round (tests/test_soak.py caught it). Both
 # are read at their first use, so pack_linears bounds them before its first product: 67 to 88
-# MiB for the same 600 lengths in three runs (`python bench/packed_linear.py`). A shape built again costs about 0.6
-# ms, once per step and weight shape (a step's 30 layers share 4); 8 clients in process gave
-# 72.0 and 75.1 tokens/s with 32 entries against 76.8 with 1,024 (bench/prefill_chunk.py).
+# MiB for the same 600 lengths in three runs (`python bench/packed_linear.py`). A shape built
+# again costs about 0.6 ms, once per step and weight shape (a step's 30 layers share 4); 8
+# clients in process gave 72.0 and 75.1 tokens/s with 32 entries against 76.8 with 1,024
+# (bench/prefill_chunk.py).
 PRODUCT_CACHE_ENTRIES = "32"
 PRODUCT_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
